@@ -1,0 +1,401 @@
+"""Async Python client for rccs protocol v1 (over picows).
+
+    async with Client(url, token, {"type": "desktop", "capabilities": ["file_sync"]}) as client:
+        receipts = await client.send({"type": "mobile"}, "notify", {"text": "hi"}, ack=True)
+        async for message in client.messages():
+            ...
+
+Incoming messages are acked automatically when the application takes them
+(from ``messages()``/``next_message()``, or after an ``on_message`` callback
+returns) unless ``auto_ack=False``. The client reconnects with exponential
+backoff and full jitter after a connection is lost, except when the server
+refused it for good (bad token, forbidden device, replaced by a newer
+connection) or ``close()`` was called.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import logging
+import random
+import secrets
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+from picows import WSFrame, WSListener, WSMsgType, WSTransport, ws_connect
+
+from .errors import CloseCode
+from .protocol import JSON, MSGPACK
+
+log = logging.getLogger("rccs.client")
+
+# Close codes after which reconnecting cannot help.
+FATAL_CLOSE_CODES = frozenset({
+    int(CloseCode.BAD_HELLO), int(CloseCode.UNAUTHORIZED), int(CloseCode.FORBIDDEN), int(CloseCode.REPLACED),
+})
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    seq: int
+    id: str | int
+    sender: str
+    type: str
+    body: Any
+    ts: int
+    ack: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Receipt:
+    id: str | int
+    status: str
+    device: str | None = None
+    reason: str | None = None
+
+
+class ClientError(Exception):
+    """The server answered with an ``error`` envelope."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+class ConnectionClosed(Exception):
+    """The connection ended and will not be re-established."""
+
+    def __init__(self, code: int | None, reason: str):
+        super().__init__(f"connection closed ({code}): {reason}")
+        self.code = code
+        self.reason = reason
+
+
+class ReceiptTimeout(asyncio.TimeoutError):
+    """Not every expected receipt arrived in time; ``receipts`` holds those that did."""
+
+    def __init__(self, receipts: list[Receipt]):
+        super().__init__(f"timed out waiting for receipts ({len(receipts)} received)")
+        self.receipts = receipts
+
+
+@dataclass
+class _ReceiptWaiter:
+    future: asyncio.Future[list[Receipt]]
+    receipts: list[Receipt] = field(default_factory=list)
+    expected: set[str] | None = None  # devices the message was routed to, once known
+    settled: set[str] = field(default_factory=set)
+
+    def add(self, envelope: dict[str, Any]) -> None:
+        if self.future.done():
+            return
+        status = envelope.get("status")
+        if status == "routed":
+            self.expected = set(envelope.get("devices") or ())
+        else:
+            receipt = Receipt(envelope["id"], str(status), envelope.get("device"), envelope.get("reason"))
+            self.receipts.append(receipt)
+            if receipt.device is not None and status in ("delivered", "failed"):
+                self.settled.add(receipt.device)
+        if self.expected is not None and self.expected <= self.settled:
+            self.future.set_result(self.receipts)
+
+
+class _Listener(WSListener):  # type: ignore[misc]
+    def __init__(self, client: Client):
+        super().__init__()
+        self.client = client
+        self.close_code: int | None = None
+        self.close_reason = ""
+
+    def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
+        msg_type = frame.msg_type
+        if msg_type == WSMsgType.BINARY:
+            self.client._on_envelope(msgpack.unpackb(frame.get_payload_as_bytes(), raw=False, strict_map_key=False))
+        elif msg_type == WSMsgType.TEXT:
+            self.client._on_envelope(json.loads(frame.get_payload_as_bytes()))
+        elif msg_type == WSMsgType.CLOSE:
+            self.close_code = int(frame.get_close_code())
+            self.close_reason = frame.get_close_reason() or ""
+            if not transport.is_close_frame_sent:
+                transport.send_close(frame.get_close_code())
+            transport.disconnect()
+
+    def on_ws_disconnected(self, transport: WSTransport) -> None:
+        self.client._on_disconnected(self)
+
+
+class Client:
+    """A device's connection to rccs. Create, then ``await connect()`` (or ``async with``)."""
+
+    def __init__(
+        self,
+        url: str,
+        token: str,
+        device: Mapping[str, Any],
+        *,
+        encoding: str = MSGPACK,
+        auto_ack: bool = True,
+        reconnect: bool = True,
+        backoff_initial: float = 0.2,
+        backoff_max: float = 15.0,
+        receipt_timeout: float = 30.0,
+        on_message: Callable[[Message], Awaitable[None] | None] | None = None,
+    ):
+        if encoding not in (MSGPACK, JSON):
+            raise ValueError("encoding must be 'msgpack' or 'json'")
+        self.url = url
+        self.token = token
+        self.device = dict(device)
+        self.encoding = encoding
+        self.auto_ack = auto_ack
+        self.reconnect = reconnect
+        self.backoff_initial = backoff_initial
+        self.backoff_max = backoff_max
+        self.receipt_timeout = receipt_timeout
+        self.on_message = on_message
+        self.welcome: dict[str, Any] | None = None
+        self.errors: asyncio.Queue[ClientError] = asyncio.Queue()
+        self.reconnects = 0
+        self._inbox: asyncio.Queue[Message | ConnectionClosed] = asyncio.Queue()
+        self._waiters: dict[str | int, _ReceiptWaiter] = {}
+        self._pings: dict[str, asyncio.Future[int]] = {}
+        self._ids = itertools.count(1)
+        self._id_prefix = secrets.token_hex(4)
+        self._transport: WSTransport | None = None
+        self._listener: _Listener | None = None
+        self._connected = asyncio.Event()
+        self._welcomed: asyncio.Future[dict[str, Any]] | None = None
+        self._runner: asyncio.Task[None] | None = None
+        self._closing = False
+        self.closed: asyncio.Future[ConnectionClosed] = asyncio.get_running_loop().create_future()
+
+    # ---- lifecycle ----------------------------------------------------
+
+    async def connect(self) -> dict[str, Any]:
+        """Connect and say hello; returns the ``welcome``. Raises ConnectionClosed if refused."""
+        welcome = await self._connect_once()
+        self._runner = asyncio.get_running_loop().create_task(self._supervise())
+        return welcome
+
+    async def _connect_once(self) -> dict[str, Any]:
+        loop = asyncio.get_running_loop()
+        self._welcomed = loop.create_future()
+        transport, listener = await ws_connect(lambda: _Listener(self), self.url, enable_auto_ping=False)
+        self._transport, self._listener = transport, listener
+        self._send({"op": "hello", "token": self.token, "device": self.device})
+        try:
+            welcome = await asyncio.wait_for(asyncio.shield(self._welcomed), 30)
+        except BaseException:
+            transport.disconnect()
+            raise
+        self.welcome = welcome
+        self._connected.set()
+        return welcome
+
+    async def _supervise(self) -> None:
+        """Wait for each connection to end; reconnect with backoff unless that cannot help."""
+        delay = self.backoff_initial
+        while True:
+            listener = self._listener
+            assert self._transport is not None and listener is not None
+            await self._transport.wait_disconnected()
+            self._connected.clear()
+            code = listener.close_code
+            if self._closing or not self.reconnect or (code is not None and code in FATAL_CLOSE_CODES):
+                self._finish(ConnectionClosed(code, listener.close_reason or "closed"))
+                return
+            while True:
+                await asyncio.sleep(random.uniform(0, delay))
+                try:
+                    await self._connect_once()
+                except ConnectionClosed as exc:
+                    if exc.code in FATAL_CLOSE_CODES:
+                        self._finish(exc)
+                        return
+                except (OSError, asyncio.TimeoutError, Exception) as exc:  # noqa: BLE001 - any failure retries
+                    log.debug("reconnect to %s failed: %s", self.url, exc)
+                else:
+                    self.reconnects += 1
+                    delay = self.backoff_initial
+                    break
+                if self._closing:
+                    self._finish(ConnectionClosed(None, "closed"))
+                    return
+                delay = min(delay * 2, self.backoff_max)
+
+    def _finish(self, reason: ConnectionClosed) -> None:
+        if not self.closed.done():
+            self.closed.set_result(reason)
+        self._inbox.put_nowait(reason)
+        for waiter in self._waiters.values():
+            if not waiter.future.done():
+                waiter.future.set_exception(reason)
+        for ping in self._pings.values():
+            if not ping.done():
+                ping.set_exception(reason)
+
+    async def close(self) -> None:
+        """Close the connection for good (1000) and stop reconnecting."""
+        self._closing = True
+        transport = self._transport
+        if transport is not None and not transport.is_disconnected:
+            if not transport.is_close_frame_sent:
+                transport.send_close(1000)  # type: ignore[arg-type]
+            transport.disconnect()
+            await transport.wait_disconnected()
+        if self._runner is not None:
+            with contextlib.suppress(asyncio.CancelledError, ConnectionClosed):
+                await self._runner
+        self._finish(ConnectionClosed(1000, "closed by client"))
+
+    async def __aenter__(self) -> Client:
+        await self.connect()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # ---- output -------------------------------------------------------
+
+    def _send(self, envelope: dict[str, Any]) -> None:
+        transport = self._transport
+        if transport is None or transport.is_disconnected:
+            raise ConnectionError("not connected")
+        if self.encoding == MSGPACK:
+            transport.send(WSMsgType.BINARY, msgpack.packb(envelope, use_bin_type=True))
+        else:
+            transport.send(WSMsgType.TEXT, json.dumps(envelope, separators=(",", ":")).encode())
+
+    async def _send_when_connected(self, envelope: dict[str, Any]) -> None:
+        if not self._connected.is_set():
+            if self.closed.done():
+                raise self.closed.result()
+            await asyncio.wait_for(self._connected.wait(), self.receipt_timeout)
+        self._send(envelope)
+
+    def new_id(self) -> str:
+        return f"{self._id_prefix}-{next(self._ids)}"
+
+    async def send(
+        self,
+        to: Mapping[str, Any],
+        type: str,  # noqa: A002 - the protocol's field name
+        body: Any = None,
+        *,
+        ack: bool = False,
+        id: str | int | None = None,  # noqa: A002
+        timeout: float | None = None,
+    ) -> list[Receipt]:
+        """Send a message. With ``ack=True``, wait for one receipt per device it was routed to
+        (``delivered`` or ``failed``) plus failures for devices it could not reach, and return them.
+        Raises ClientError if the server refuses the send, ReceiptTimeout after ``timeout``.
+        """
+        msg_id = self.new_id() if id is None else id
+        envelope: dict[str, Any] = {"op": "send", "id": msg_id, "to": dict(to), "type": type, "body": body}
+        if not ack:
+            await self._send_when_connected(envelope)
+            return []
+        envelope["ack"] = True
+        waiter = _ReceiptWaiter(asyncio.get_running_loop().create_future())
+        self._waiters[msg_id] = waiter
+        try:
+            await self._send_when_connected(envelope)
+            try:
+                return await asyncio.wait_for(asyncio.shield(waiter.future), timeout or self.receipt_timeout)
+            except asyncio.TimeoutError:
+                raise ReceiptTimeout(list(waiter.receipts)) from None
+        finally:
+            self._waiters.pop(msg_id, None)
+
+    async def ack(self, seq: int | list[int]) -> None:
+        await self._send_when_connected({"op": "ack", "seq": seq})
+
+    async def ping(self) -> int:
+        """Round trip to the server; returns its clock (ms since the epoch)."""
+        ping_id = f"ping-{self.new_id()}"
+        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._pings[ping_id] = future
+        try:
+            await self._send_when_connected({"op": "ping", "id": ping_id})
+            return await asyncio.wait_for(future, self.receipt_timeout)
+        finally:
+            self._pings.pop(ping_id, None)
+
+    # ---- input --------------------------------------------------------
+
+    async def next_message(self, timeout: float | None = None) -> Message:
+        """The next incoming message (acked now if it asked for an ack and auto_ack is on)."""
+        item = await asyncio.wait_for(self._inbox.get(), timeout)
+        if isinstance(item, ConnectionClosed):
+            self._inbox.put_nowait(item)
+            raise item
+        await self._auto_ack(item)
+        return item
+
+    async def messages(self) -> AsyncIterator[Message]:
+        """Iterate incoming messages until the client is closed for good."""
+        while True:
+            try:
+                yield await self.next_message()
+            except ConnectionClosed:
+                return
+
+    async def _auto_ack(self, message: Message) -> None:
+        if self.auto_ack and message.ack:
+            with contextlib.suppress(ConnectionError):
+                self._send({"op": "ack", "seq": message.seq})
+
+    def _on_envelope(self, envelope: Any) -> None:
+        if not isinstance(envelope, dict):
+            log.warning("ignoring a non-map envelope from the server")
+            return
+        op = envelope.get("op")
+        if op == "msg":
+            message = Message(envelope["seq"], envelope["id"], envelope["from"], envelope["type"],
+                              envelope.get("body"), envelope["ts"], bool(envelope.get("ack")))
+            if self.on_message is not None:
+                asyncio.get_running_loop().create_task(self._dispatch(message))
+            else:
+                self._inbox.put_nowait(message)
+        elif op == "receipt":
+            waiter = self._waiters.get(envelope.get("id"))  # type: ignore[arg-type]
+            if waiter is not None:
+                waiter.add(envelope)
+        elif op == "welcome":
+            if self._welcomed is not None and not self._welcomed.done():
+                self._welcomed.set_result(envelope)
+        elif op == "pong":
+            future = self._pings.get(envelope.get("id"))  # type: ignore[arg-type]
+            if future is not None and not future.done():
+                future.set_result(envelope["server_time"])
+        elif op == "error":
+            error = ClientError(str(envelope.get("code")), str(envelope.get("message")))
+            waiter = self._waiters.get(envelope.get("id"))  # type: ignore[arg-type]
+            if waiter is not None and not waiter.future.done():
+                waiter.future.set_exception(error)
+            else:
+                self.errors.put_nowait(error)
+        else:
+            log.debug("ignoring unknown op %r", op)
+
+    async def _dispatch(self, message: Message) -> None:
+        assert self.on_message is not None
+        try:
+            result = self.on_message(message)
+            if result is not None:
+                await result
+        except Exception:
+            log.exception("on_message callback failed for message %r", message.id)
+            return
+        await self._auto_ack(message)
+
+    def _on_disconnected(self, listener: _Listener) -> None:
+        if self._welcomed is not None and not self._welcomed.done():
+            self._welcomed.set_exception(ConnectionClosed(listener.close_code, listener.close_reason or "refused"))

@@ -1,0 +1,101 @@
+"""Server settings: one frozen object built from defaults, a TOML file, the
+environment and command-line flags, in that order of increasing precedence.
+
+Environment variables are ``RCCS_`` plus the upper-case field name
+(``RCCS_PORT=9000``); the TOML file is chosen with ``--config`` or
+``RCCS_CONFIG`` and holds the same field names at top level or under
+``[server]``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    host: str = "127.0.0.1"
+    port: int = 8765
+    http_host: str = "127.0.0.1"
+    http_port: int = 8766
+    data_dir: str = "rccs-data"
+    token_secret: str = ""  # empty: generated into <data_dir>/token.key on first use
+    heartbeat: float = 30.0  # seconds of silence before the server pings; as long again for the pong
+    hello_timeout: float = 10.0
+    max_message_bytes: int = 1024 * 1024
+    max_connections: int = 10000
+    log_level: str = "INFO"
+
+    def replace(self, **changes: Any) -> Settings:
+        return dataclasses.replace(self, **changes)
+
+
+class ConfigError(ValueError):
+    """A setting that cannot be used; the message names it."""
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(Settings)}
+
+
+def _coerce(name: str, value: Any) -> Any:
+    kind = _FIELDS[name].type
+    try:
+        if kind == "int":
+            if isinstance(value, bool):
+                raise ValueError
+            result: Any = int(value)
+        elif kind == "float":
+            result = float(value)
+        else:
+            result = str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"setting {name!r}: {value!r} is not a valid {kind}") from None
+    if kind in ("int", "float") and result < 0:
+        raise ConfigError(f"setting {name!r} must not be negative")
+    return result
+
+
+def load_settings(
+    flags: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+    config_file: str | None = None,
+) -> Settings:
+    """Build settings: defaults < TOML file < environment < flags (``None`` flags are unset)."""
+    environ = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    path = config_file or environ.get("RCCS_CONFIG")
+    if path:
+        try:
+            with Path(path).open("rb") as fh:
+                document = tomllib.load(fh)
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+        section = document.get("server", document)
+        for key, value in section.items():
+            if key == "server" and isinstance(value, dict):
+                continue
+            if key not in _FIELDS:
+                raise ConfigError(f"config file {path}: unknown setting {key!r}")
+            values[key] = _coerce(key, value)
+    for name in _FIELDS:
+        env_value = environ.get("RCCS_" + name.upper())
+        if env_value is not None and env_value != "":
+            values[name] = _coerce(name, env_value)
+    for name, value in (flags or {}).items():
+        if value is not None:
+            if name not in _FIELDS:
+                raise ConfigError(f"unknown setting {name!r}")
+            values[name] = _coerce(name, value)
+    settings = Settings(**values)
+    if settings.max_message_bytes < 1024:
+        raise ConfigError("setting 'max_message_bytes' must be at least 1024")
+    if settings.heartbeat <= 0 or settings.hello_timeout <= 0:
+        raise ConfigError("settings 'heartbeat' and 'hello_timeout' must be positive")
+    return settings

@@ -1,0 +1,58 @@
+"""Every error code and close code rccs sends, in one table each.
+
+``docs/protocol.md`` documents the same tables; keep them in step.
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum, StrEnum
+
+
+class ErrorCode(StrEnum):
+    """Values of ``code`` in an ``{"op":"error"}`` envelope."""
+
+    BAD_REQUEST = "bad_request"  # malformed frame, wrong field types, second hello
+    UNKNOWN_OP = "unknown_op"  # "op" names no operation of this protocol version
+    UNAUTHORIZED = "unauthorized"  # token missing, forged, expired; op before hello
+    FORBIDDEN = "forbidden"  # a selector names a device of another user
+    NOT_FOUND = "not_found"  # reserved: an op names a resource that does not exist
+    TOO_LARGE = "too_large"  # a field is longer than its documented limit
+    RATE_LIMITED = "rate_limited"  # reserved: the sender exceeded its rate limit
+    OVERLOADED = "overloaded"  # reserved: the server sheds load
+    NO_ROUTE = "no_route"  # a send without ack reached no device
+    UNCONVERTIBLE = "unconvertible"  # a JSON body that msgpack cannot carry
+    INTERNAL = "internal"  # a bug in the server; the connection stays usable
+
+
+class CloseCode(IntEnum):
+    """WebSocket close codes the server uses."""
+
+    NORMAL = 1000
+    GOING_AWAY = 1001  # the server is shutting down: reconnect later
+    PROTOCOL_ERROR = 1002  # WebSocket-level violation (bad framing)
+    MESSAGE_TOO_BIG = 1009  # a message exceeds max_message_bytes
+    INTERNAL_ERROR = 1011
+    TRY_AGAIN_LATER = 1013  # the server is full (max_connections)
+    BAD_HELLO = 4400  # the first message was not a valid hello, or an op came before it
+    UNAUTHORIZED = 4401  # the token is missing, malformed, forged or expired
+    FORBIDDEN = 4403  # the token's device is registered to another user
+    HELLO_TIMEOUT = 4408  # no hello within hello_timeout seconds
+    REPLACED = 4409  # the same device connected again; the older connection is closed
+
+
+class ReceiptReason(StrEnum):
+    """Values of ``reason`` in a receipt with status ``failed``."""
+
+    OFFLINE = "offline"  # the named device is not connected
+    NO_ROUTE = "no_route"  # the selector matched no online device
+    DISCONNECTED = "disconnected"  # the device disconnected before it acked
+    UNCONVERTIBLE = "unconvertible"  # the body cannot be expressed in the receiver's encoding
+
+
+class ProtocolError(Exception):
+    """An envelope the server answers with an ``error`` (the connection stays open)."""
+
+    def __init__(self, code: ErrorCode, message: str):
+        super().__init__(message)
+        self.code = code
+        self.message = message

@@ -1,0 +1,99 @@
+"""Every Prometheus metric rccs exports, read from plain counters at scrape time.
+
+The hot path never calls prometheus-client: it bumps the fast path's
+``RouteStats`` counters and the hub's dict counters; ``HubCollector`` turns
+them into metric families when ``/metrics`` is scraped.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.platform_collector import PlatformCollector
+from prometheus_client.process_collector import ProcessCollector
+
+from ._fastpath import routing as fast_routing
+
+if TYPE_CHECKING:
+    from .hub import Hub
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+class HubCollector:
+    """A prometheus-client custom collector over one hub."""
+
+    def __init__(self, hub: Hub):
+        self.hub = hub
+
+    def collect(self) -> Iterator[Any]:
+        hub = self.hub
+        info = GaugeMetricFamily("rccs_info", "Server version and fast-path implementation",
+                                 labels=["version", "implementation"])
+        server = hub.server_info()
+        info.add_metric([server["version"], server["implementation"]], 1)
+        yield info
+
+        connections = GaugeMetricFamily("rccs_connections", "Authenticated connections by device type",
+                                        labels=["device_type"])
+        for device_type, count in sorted(hub.routing.count_by_type().items()):
+            connections.add_metric([device_type], count)
+        yield connections
+        yield GaugeMetricFamily("rccs_connections_open", "Open WebSocket connections, with or without hello",
+                                value=hub.connection_count)
+
+        snapshot: dict[str, Any] = hub.stats.snapshot()
+        routed = CounterMetricFamily("rccs_messages_routed", "send operations by routing result",
+                                     labels=["result"])
+        for result, count in snapshot["results"].items():
+            routed.add_metric([result], count)
+        yield routed
+
+        buckets = []
+        cumulative = 0
+        for bound, count in zip(fast_routing.LATENCY_BUCKETS_US, snapshot["latency_buckets"]):
+            cumulative += count
+            buckets.append((repr(bound / 1e6), cumulative))
+        cumulative += snapshot["latency_buckets"][-1]
+        buckets.append(("+Inf", cumulative))
+        yield HistogramMetricFamily("rccs_routing_latency_seconds",
+                                    "Server-side time from a send frame's arrival to its last receiver write",
+                                    buckets=buckets, sum_value=snapshot["latency_sum_ns"] / 1e9)
+
+        frames = CounterMetricFamily("rccs_messages", "Messages counted by the router", labels=["direction"])
+        frames.add_metric(["in"], snapshot["frames_in"])
+        frames.add_metric(["out"], snapshot["frames_out"])
+        yield frames
+
+        errors = CounterMetricFamily("rccs_errors", "error envelopes sent, by code", labels=["code"])
+        for code, count in sorted(hub.errors_sent.items()):
+            errors.add_metric([code], count)
+        yield errors
+
+        closes = CounterMetricFamily("rccs_closes", "Connections closed by the server, by close code",
+                                     labels=["code"])
+        for close_code, count in sorted(hub.closes_sent.items()):
+            closes.add_metric([str(close_code)], count)
+        yield closes
+
+        yield CounterMetricFamily("rccs_receipts_undeliverable",
+                                  "Receipts dropped because the sender device was offline",
+                                  value=hub.receipts_undeliverable)
+        yield GaugeMetricFamily("rccs_uptime_seconds", "Seconds since the server started",
+                                value=time.time() - hub.started_at)
+
+
+def build_registry(hub: Hub) -> CollectorRegistry:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(HubCollector(hub))  # type: ignore[arg-type]
+    ProcessCollector(registry=registry)
+    PlatformCollector(registry=registry)
+    return registry
+
+
+def render(registry: CollectorRegistry) -> bytes:
+    return generate_latest(registry)  # type: ignore[no-any-return]

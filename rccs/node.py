@@ -1,0 +1,110 @@
+"""Composition root: builds the hub, the WebSocket and HTTP listeners, starts and stops them."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from picows import WSAutoPingStrategy, ws_create_server
+
+from . import __version__
+from ._fastpath import IMPLEMENTATION
+from .auth import TokenAuthority, load_or_create_secret
+from .config import Settings
+from .errors import CloseCode
+from .hub import Hub
+from .metrics import build_registry
+from .protocol import WS_PATH
+from .transport.http import http_router
+from .transport.ws import ServerConnection
+
+log = logging.getLogger("rccs.node")
+
+
+class Node:
+    """One rccs server process: ``await start()``, then ``await stop()``."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        secret = settings.token_secret.encode() if settings.token_secret else load_or_create_secret(settings.data_dir)
+        self.tokens = TokenAuthority(secret)
+        self.hub = Hub(settings, self.tokens)
+        self.registry = build_registry(self.hub)
+        self._ws_server: asyncio.Server | None = None
+        self._http_server: asyncio.Server | None = None
+        self._ready = False
+
+    @property
+    def ws_port(self) -> int:
+        assert self._ws_server is not None
+        return int(self._ws_server.sockets[0].getsockname()[1])
+
+    @property
+    def http_port(self) -> int:
+        assert self._http_server is not None
+        return int(self._http_server.sockets[0].getsockname()[1])
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://{self.settings.host}:{self.ws_port}{WS_PATH}"
+
+    @property
+    def http_url(self) -> str:
+        return f"http://{self.settings.http_host}:{self.http_port}"
+
+    def is_ready(self) -> bool:
+        return self._ready and self.hub.accepting
+
+    def _accept(self, request: Any) -> ServerConnection | None:
+        if request.path.split(b"?", 1)[0] != WS_PATH.encode():
+            return None  # picows answers 404
+        return ServerConnection(self.hub)
+
+    async def start(self) -> None:
+        settings = self.settings
+        self._ws_server = await ws_create_server(
+            self._accept,
+            settings.host,
+            settings.port,
+            max_frame_size=settings.max_message_bytes,
+            websocket_handshake_timeout=settings.hello_timeout,
+            enable_auto_ping=True,
+            auto_ping_idle_timeout=settings.heartbeat,
+            auto_ping_reply_timeout=settings.heartbeat,
+            auto_ping_strategy=WSAutoPingStrategy.PING_WHEN_IDLE,
+            logger_name="rccs.picows",
+        )
+        self._http_server = await ws_create_server(
+            http_router(self.hub, self.registry, self.is_ready),
+            settings.http_host,
+            settings.http_port,
+            websocket_handshake_timeout=10,
+            logger_name="rccs.picows.http",
+        )
+        self._ready = True
+        log.info(
+            "rccs %s fastpath=%s listening on %s, http on %s, data dir %s",
+            __version__, IMPLEMENTATION, self.ws_url, self.http_url, settings.data_dir,
+        )
+
+    async def stop(self) -> None:
+        """Stop accepting, close every connection with 1001 (going away), close the listeners."""
+        self._ready = False
+        self.hub.accepting = False
+        if self._ws_server is not None:
+            self._ws_server.close()
+        self.hub.close_all(CloseCode.GOING_AWAY, "server shutting down")
+        if self._ws_server is not None:
+            await self._ws_server.wait_closed()
+        if self._http_server is not None:
+            self._http_server.close()
+            await self._http_server.wait_closed()
+        log.info("rccs stopped")
+
+    async def __aenter__(self) -> Node:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()

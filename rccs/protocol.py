@@ -1,0 +1,205 @@
+"""Protocol v1 vocabulary shared by the server and the client: ops, limits,
+encodings, selector parsing and body conversion between msgpack and JSON.
+
+``docs/protocol.md`` is the contract; this module is its executable form.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+
+from .errors import ErrorCode, ProtocolError
+
+PROTOCOL_VERSION = 1
+WS_PATH = "/v1"
+
+MSGPACK = "msgpack"
+JSON = "json"
+
+MAX_ID_CHARS = 128  # client message ids (str) and application types
+MAX_DEVICE_TEXT_CHARS = 256  # device name, platform, version
+MAX_CAPABILITIES = 64
+MAX_CAPABILITY_CHARS = 64
+MAX_SELECTOR_DEVICES = 256
+MAX_ACK_BATCH = 4096
+
+SELECTOR_KEYS = ("device", "devices", "all", "type", "capability")
+
+# msgpack ext types have no JSON form; a JSON receiver gets this object instead.
+EXT_MARKER = "$ext"
+EXT_DATA = "data"
+
+NIL = b"\xc0"
+
+
+def json_dumps(value: Any) -> bytes:
+    """Compact UTF-8 JSON; the server only emits standard JSON (no NaN)."""
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode("utf-8")
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def json_loads(data: bytes) -> Any:
+    """Parse a text frame; raises ProtocolError(bad_request) for anything that is not strict JSON."""
+    try:
+        return json.loads(data, parse_constant=_reject_constant)
+    except UnicodeDecodeError:
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "text frame is not valid UTF-8") from None
+    except (ValueError, RecursionError) as exc:
+        raise ProtocolError(ErrorCode.BAD_REQUEST, f"malformed JSON: {exc}") from None
+
+
+def _json_key(key: Any) -> str:
+    if isinstance(key, str):
+        return key
+    if isinstance(key, bytes | bytearray):
+        return base64.b64encode(key).decode("ascii")
+    return json.dumps(to_json_value(key), separators=(",", ":"))
+
+
+def to_json_value(value: Any) -> Any:
+    """Turn a decoded msgpack value into one JSON can carry (see docs/protocol.md, "Encodings").
+
+    bin -> base64 string; ext (incl. timestamps) -> {"$ext": type, "data": base64};
+    non-string map keys -> their JSON text; NaN and infinities -> null.
+    """
+    if value is None or isinstance(value, bool | int | str):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, bytes | bytearray):
+        return base64.b64encode(value).decode("ascii")
+    if isinstance(value, msgpack.ExtType):  # a tuple subclass: test it before tuples
+        return {EXT_MARKER: value.code, EXT_DATA: base64.b64encode(value.data).decode("ascii")}
+    if isinstance(value, list | tuple):
+        return [to_json_value(item) for item in value]
+    if isinstance(value, dict):
+        return {_json_key(k): to_json_value(v) for k, v in value.items()}
+    if isinstance(value, msgpack.Timestamp):
+        return {EXT_MARKER: -1, EXT_DATA: base64.b64encode(value.to_bytes()).decode("ascii")}
+    raise TypeError(f"unexpected msgpack value of type {type(value).__name__}")
+
+
+def msgpack_body_to_json_value(raw: bytes) -> Any:
+    """Decode a msgpack body (already validated by the codec) into a JSON-safe value."""
+    value = msgpack.unpackb(raw, raw=False, strict_map_key=False, use_list=True)
+    return to_json_value(value)
+
+
+def json_value_to_msgpack(value: Any) -> bytes:
+    """Encode a JSON body for a msgpack receiver; integers beyond 64 bits cannot go."""
+    try:
+        packed: bytes = msgpack.packb(value, use_bin_type=True)
+    except (OverflowError, ValueError, TypeError) as exc:
+        raise ProtocolError(ErrorCode.UNCONVERTIBLE, f"body cannot be encoded as msgpack: {exc}") from None
+    return packed
+
+
+@dataclass(frozen=True, slots=True)
+class Selector:
+    """A parsed ``to``. ``kind`` is one of SELECTOR_KEYS; ``value`` a device id, list, True or a name."""
+
+    kind: str
+    value: Any
+    pick_one: bool
+    include_self: bool
+
+
+def _text(value: Any, field: str, limit: int) -> str:
+    if not isinstance(value, str) or not value:
+        raise ProtocolError(ErrorCode.BAD_REQUEST, f"'{field}' must be a non-empty string")
+    if len(value) > limit:
+        raise ProtocolError(ErrorCode.TOO_LARGE, f"'{field}' is longer than {limit} characters")
+    return value
+
+
+def parse_selector(to: Any) -> Selector:
+    if not isinstance(to, dict):
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "'to' must be a map naming a selector")
+    present = [key for key in SELECTOR_KEYS if key in to]
+    if len(present) != 1:
+        raise ProtocolError(
+            ErrorCode.BAD_REQUEST, "'to' must hold exactly one of 'device', 'devices', 'all', 'type', 'capability'"
+        )
+    kind = present[0]
+    value = to[kind]
+    if kind == "device":
+        value = _text(value, "to.device", MAX_ID_CHARS)
+    elif kind == "devices":
+        if not isinstance(value, list) or not value:
+            raise ProtocolError(ErrorCode.BAD_REQUEST, "'to.devices' must be a non-empty list of device ids")
+        if len(value) > MAX_SELECTOR_DEVICES:
+            raise ProtocolError(ErrorCode.TOO_LARGE, f"'to.devices' lists more than {MAX_SELECTOR_DEVICES} devices")
+        value = list(dict.fromkeys(_text(item, "to.devices[]", MAX_ID_CHARS) for item in value))
+    elif kind == "all":
+        if value is not True:
+            raise ProtocolError(ErrorCode.BAD_REQUEST, "'to.all' must be true")
+    elif kind == "type":
+        value = _text(value, "to.type", MAX_ID_CHARS)
+    else:
+        value = _text(value, "to.capability", MAX_CAPABILITY_CHARS)
+    pick = to.get("pick", "all")
+    if pick not in ("all", "one"):
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "'to.pick' must be \"all\" or \"one\"")
+    include_self = to.get("self", False)
+    if not isinstance(include_self, bool):
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "'to.self' must be a boolean")
+    return Selector(kind, value, pick == "one", include_self)
+
+
+def check_message_id(value: Any) -> str | int:
+    """Client ids: a non-empty string of at most 128 characters, or a 64-bit integer."""
+    if isinstance(value, bool) or value is None:
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "'id' is required: a string or an integer")
+    if isinstance(value, int):
+        if not -(2**63) <= value < 2**64:
+            raise ProtocolError(ErrorCode.BAD_REQUEST, "'id' integer out of 64-bit range")
+        return value
+    return _text(value, "id", MAX_ID_CHARS)
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceInfo:
+    type: str
+    name: str
+    platform: str
+    version: str
+    capabilities: tuple[str, ...]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "type": self.type,
+            "name": self.name,
+            "platform": self.platform,
+            "version": self.version,
+            "capabilities": list(self.capabilities),
+        }
+
+
+def parse_device_info(device: Any) -> DeviceInfo:
+    if not isinstance(device, dict):
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "'device' must be a map with at least 'type'")
+    device_type = _text(device.get("type"), "device.type", MAX_ID_CHARS)
+    texts = []
+    for field in ("name", "platform", "version"):
+        value = device.get(field, "")
+        if not isinstance(value, str):
+            raise ProtocolError(ErrorCode.BAD_REQUEST, f"'device.{field}' must be a string")
+        if len(value) > MAX_DEVICE_TEXT_CHARS:
+            raise ProtocolError(ErrorCode.TOO_LARGE, f"'device.{field}' is longer than {MAX_DEVICE_TEXT_CHARS}")
+        texts.append(value)
+    capabilities = device.get("capabilities", [])
+    if not isinstance(capabilities, list):
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "'device.capabilities' must be a list of strings")
+    if len(capabilities) > MAX_CAPABILITIES:
+        raise ProtocolError(ErrorCode.TOO_LARGE, f"more than {MAX_CAPABILITIES} capabilities")
+    caps = tuple(dict.fromkeys(_text(cap, "device.capabilities[]", MAX_CAPABILITY_CHARS) for cap in capabilities))
+    return DeviceInfo(device_type, texts[0], texts[1], texts[2], caps)

@@ -1,0 +1,1 @@
+"""I/O layers: the picows WebSocket listener and the HTTP side (health, metrics)."""
