@@ -1,0 +1,649 @@
+"""Envelope codec, compiled twin of ``codec.py``.
+
+Same names, same results, same exceptions (class and message) as the
+pure-Python module; read its docstring for the theory of operation. This
+module walks a ``const unsigned char*`` into the frame with explicit length
+checks (it is compiled without bounds checking), decodes header values
+straight from the raw bytes and only validates the ``body`` value.
+
+Every check happens in the same order as in ``codec.py`` so that a malformed
+frame is reported with the same message by both implementations.
+"""
+
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from cpython.float cimport PyFloat_FromDouble
+from cpython.long cimport (
+    PyLong_AsLongLongAndOverflow,
+    PyLong_AsUnsignedLongLong,
+    PyLong_FromLong,
+    PyLong_FromLongLong,
+    PyLong_FromUnsignedLongLong,
+)
+from cpython.unicode cimport PyUnicode_AsUTF8AndSize
+from libc.stdint cimport int8_t, int16_t, int32_t, int64_t, uint64_t
+from libc.string cimport memcmp, memcpy
+
+from rccs._fastpath.errors import EnvelopeError
+
+cdef extern from "Python.h":
+    # Public since CPython 3.11; the same conversions ``struct`` uses for '>f' and '>d'.
+    double PyFloat_Unpack4(const char* p, int le) except? -1.0
+    double PyFloat_Unpack8(const char* p, int le) except? -1.0
+    str PyUnicode_DecodeUTF8(const char* s, Py_ssize_t size, const char* errors)
+
+cdef extern from *:
+    # Branch hint macro from Cython's own C preamble.
+    bint unlikely(bint)
+
+MAX_DEPTH = 32
+
+ERR_TRUNCATED = "truncated msgpack data"
+ERR_DEPTH = "msgpack nesting deeper than 32 levels"
+ERR_TRAILING = "trailing bytes after the envelope"
+ERR_NOT_MAP = "envelope must be a map"
+ERR_KEY_TYPE = "envelope keys must be strings"
+ERR_UTF8 = "invalid UTF-8 in a msgpack string"
+ERR_EXT_IN_HEADER = "ext types are only allowed inside body"
+ERR_HEADER_MAP_KEY = "map keys outside body must be strings"
+ERR_BIN_IN_HEADER = "binary values are only allowed inside body"
+
+cdef enum:
+    C_MAX_DEPTH = 32
+    KIND_NONE = 0
+    KIND_MAP = 1
+    KIND_ARRAY = 2
+
+ctypedef const unsigned char* cbuf
+
+
+# ---- errors -----------------------------------------------------------------
+
+cdef int _fail(object message) except -1:
+    raise EnvelopeError(message)
+
+
+cdef int _fail_byte(unsigned char b) except -1:
+    raise EnvelopeError(f"invalid msgpack type byte 0x{b:02x}")
+
+
+cdef inline int _need(Py_ssize_t size, Py_ssize_t pos, Py_ssize_t n) except -1:
+    if unlikely(pos + n > size):
+        _fail(ERR_TRUNCATED)
+    return 0
+
+
+# ---- raw readers ------------------------------------------------------------
+
+cdef inline uint64_t _be(cbuf p, int width) noexcept nogil:
+    """Big-endian unsigned integer of ``width`` (1, 2, 4 or 8) bytes at ``p``."""
+    if width == 1:
+        return p[0]
+    if width == 2:
+        return (<uint64_t>p[0] << 8) | p[1]
+    if width == 4:
+        return (<uint64_t>p[0] << 24) | (<uint64_t>p[1] << 16) | (<uint64_t>p[2] << 8) | p[3]
+    return ((<uint64_t>p[0] << 56) | (<uint64_t>p[1] << 48) | (<uint64_t>p[2] << 40) | (<uint64_t>p[3] << 32)
+            | (<uint64_t>p[4] << 24) | (<uint64_t>p[5] << 16) | (<uint64_t>p[6] << 8) | p[7])
+
+
+cdef inline bint _utf8_ok(cbuf s, Py_ssize_t n) noexcept nogil:
+    """True if ``s[0:n]`` is what CPython's strict UTF-8 decoder accepts (no surrogates, no overlongs)."""
+    cdef Py_ssize_t i = 0
+    cdef uint64_t chunk
+    cdef unsigned char c, c1
+    while i < n:
+        if i + 8 <= n:
+            memcpy(&chunk, s + i, 8)
+            if (chunk & <uint64_t>0x8080808080808080ULL) == 0:
+                i += 8
+                continue
+        c = s[i]
+        if c < 0x80:
+            i += 1
+        elif c < 0xC2:
+            return False
+        elif c < 0xE0:
+            if i + 1 >= n or (s[i + 1] & 0xC0) != 0x80:
+                return False
+            i += 2
+        elif c < 0xF0:
+            if i + 2 >= n:
+                return False
+            c1 = s[i + 1]
+            if c == 0xE0:
+                if c1 < 0xA0 or c1 > 0xBF:
+                    return False
+            elif c == 0xED:
+                if c1 < 0x80 or c1 > 0x9F:
+                    return False
+            elif (c1 & 0xC0) != 0x80:
+                return False
+            if (s[i + 2] & 0xC0) != 0x80:
+                return False
+            i += 3
+        elif c < 0xF5:
+            if i + 3 >= n:
+                return False
+            c1 = s[i + 1]
+            if c == 0xF0:
+                if c1 < 0x90 or c1 > 0xBF:
+                    return False
+            elif c == 0xF4:
+                if c1 < 0x80 or c1 > 0x8F:
+                    return False
+            elif (c1 & 0xC0) != 0x80:
+                return False
+            if (s[i + 2] & 0xC0) != 0x80 or (s[i + 3] & 0xC0) != 0x80:
+                return False
+            i += 4
+        else:
+            return False
+    return True
+
+
+cdef str _decode_utf8(cbuf s, Py_ssize_t n):
+    try:
+        return PyUnicode_DecodeUTF8(<const char*>s, n, NULL)
+    except UnicodeDecodeError:
+        raise EnvelopeError(ERR_UTF8) from None
+
+
+cdef inline str _read_str(cbuf data, Py_ssize_t size, Py_ssize_t pos, Py_ssize_t n):
+    _need(size, pos, n)
+    return _decode_utf8(data + pos, n)
+
+
+cdef inline Py_ssize_t _str_len(cbuf data, Py_ssize_t size, Py_ssize_t* pos, unsigned char b) except -2:
+    """For a str type byte: its length, with ``pos[0]`` moved past the length bytes; -1 if not a str."""
+    cdef Py_ssize_t p = pos[0]
+    if 0xA0 <= b <= 0xBF:
+        return b & 0x1F
+    if b == 0xD9:
+        _need(size, p, 1)
+        pos[0] = p + 1
+        return data[p]
+    if b == 0xDA:
+        _need(size, p, 2)
+        pos[0] = p + 2
+        return <Py_ssize_t>_be(data + p, 2)
+    if b == 0xDB:
+        _need(size, p, 4)
+        pos[0] = p + 4
+        return <Py_ssize_t>_be(data + p, 4)
+    return -1
+
+
+cdef inline int _container(cbuf data, Py_ssize_t size, Py_ssize_t* pos, unsigned char b,
+                           Py_ssize_t* count) except -1:
+    """For a map/array type byte: KIND_MAP or KIND_ARRAY with ``count`` set and ``pos[0]`` moved
+    past the length bytes; KIND_NONE for any other type byte."""
+    cdef Py_ssize_t p = pos[0]
+    if 0x80 <= b <= 0x8F:
+        count[0] = b & 0x0F
+        return KIND_MAP
+    if 0x90 <= b <= 0x9F:
+        count[0] = b & 0x0F
+        return KIND_ARRAY
+    if b == 0xDC or b == 0xDE:
+        _need(size, p, 2)
+        count[0] = <Py_ssize_t>_be(data + p, 2)
+        pos[0] = p + 2
+        return KIND_ARRAY if b == 0xDC else KIND_MAP
+    if b == 0xDD or b == 0xDF:
+        _need(size, p, 4)
+        count[0] = <Py_ssize_t>_be(data + p, 4)
+        pos[0] = p + 4
+        return KIND_ARRAY if b == 0xDD else KIND_MAP
+    return KIND_NONE
+
+
+cdef inline bint _is_one_byte_value(unsigned char b) noexcept nogil:
+    return b <= 0x7F or b >= 0xE0 or b == 0xC0 or b == 0xC2 or b == 0xC3
+
+
+# ---- validation (body) ------------------------------------------------------
+
+cdef Py_ssize_t skip_raw(cbuf data, Py_ssize_t size, Py_ssize_t pos, int depth) except -1:
+    cdef unsigned char b
+    cdef Py_ssize_t p, n, count, items, i
+    cdef int kind, width
+    if depth > C_MAX_DEPTH:
+        _fail(ERR_DEPTH)
+    _need(size, pos, 1)
+    b = data[pos]
+    pos += 1
+    if _is_one_byte_value(b):
+        return pos
+    p = pos
+    n = _str_len(data, size, &p, b)
+    if n >= 0:
+        _need(size, p, n)
+        if not _utf8_ok(data + p, n):
+            _fail(ERR_UTF8)
+        return p + n
+    kind = _container(data, size, &p, b, &count)
+    if kind != KIND_NONE:
+        items = count * 2 if kind == KIND_MAP else count
+        if items > 0 and depth + 1 > C_MAX_DEPTH:
+            _fail(ERR_DEPTH)
+        for i in range(items):
+            # One-byte items inline; anything else recurses (same checks, same order).
+            _need(size, p, 1)
+            if _is_one_byte_value(data[p]):
+                p += 1
+            else:
+                p = skip_raw(data, size, p, depth + 1)
+        return p
+    if 0xC4 <= b <= 0xC6:
+        width = 1 << (b - 0xC4)
+        _need(size, pos, width)
+        n = <Py_ssize_t>_be(data + pos, width)
+        _need(size, pos + width, n)
+        return pos + width + n
+    if 0xC7 <= b <= 0xC9:
+        width = 1 << (b - 0xC7)
+        _need(size, pos, width)
+        n = <Py_ssize_t>_be(data + pos, width)
+        _need(size, pos + width, n + 1)
+        return pos + width + 1 + n
+    if 0xD4 <= b <= 0xD8:
+        n = 1 << (b - 0xD4)
+        _need(size, pos, n + 1)
+        return pos + 1 + n
+    if b == 0xCA or b == 0xCE or b == 0xD2:
+        n = 4
+    elif b == 0xCB or b == 0xCF or b == 0xD3:
+        n = 8
+    elif b == 0xCC or b == 0xD0:
+        n = 1
+    elif b == 0xCD or b == 0xD1:
+        n = 2
+    else:
+        _fail_byte(b)
+    _need(size, pos, n)
+    return pos + n
+
+
+def skip_value(data, pos, depth):
+    """Validate the msgpack value at ``pos`` and return the position after it.
+
+    Arguments outside the compiled domain (``data`` not exactly bytes, ``pos``
+    or ``depth`` not an int, or negative) go to ``codec.skip_value`` so that
+    both implementations keep answering alike.
+    """
+    cdef Py_ssize_t size, p
+    cdef int d
+    if (type(data) is bytes and (type(pos) is int or type(pos) is bool)
+            and (type(depth) is int or type(depth) is bool) and pos >= 0 and depth >= 0):
+        size = PyBytes_GET_SIZE(data)
+        # Any start at or past the end is "truncated" (after the depth check), as is any depth over the limit.
+        p = size if pos > size else <Py_ssize_t>pos
+        d = C_MAX_DEPTH + 1 if depth > C_MAX_DEPTH else <int>depth
+        return skip_raw(<cbuf>PyBytes_AS_STRING(data), size, p, d)
+    from rccs._fastpath import codec as reference
+
+    return reference.skip_value(data, pos, depth)
+
+
+# ---- decoding (header) ------------------------------------------------------
+
+cdef object _decode_value(cbuf data, Py_ssize_t size, Py_ssize_t* ppos, int depth):
+    """Decode the header value at ``ppos[0]`` and move ``ppos[0]`` past it."""
+    cdef unsigned char b
+    cdef Py_ssize_t pos = ppos[0]
+    cdef Py_ssize_t p, n, count, i, kp, kn
+    cdef int kind, width
+    cdef list items
+    cdef dict mapping
+    cdef str key
+    cdef uint64_t raw
+    if depth > C_MAX_DEPTH:
+        _fail(ERR_DEPTH)
+    _need(size, pos, 1)
+    b = data[pos]
+    pos += 1
+    ppos[0] = pos
+    if b <= 0x7F:
+        return PyLong_FromLong(b)
+    if b >= 0xE0:
+        return PyLong_FromLong(<long>b - 0x100)
+    if b == 0xC0:
+        return None
+    if b == 0xC2:
+        return False
+    if b == 0xC3:
+        return True
+    p = pos
+    n = _str_len(data, size, &p, b)
+    if n >= 0:
+        key = _read_str(data, size, p, n)
+        ppos[0] = p + n
+        return key
+    kind = _container(data, size, &p, b, &count)
+    if kind == KIND_ARRAY:
+        items = []
+        for i in range(count):
+            items.append(_decode_value(data, size, &p, depth + 1))
+        ppos[0] = p
+        return items
+    if kind == KIND_MAP:
+        mapping = {}
+        for i in range(count):
+            _need(size, p, 1)
+            kp = p + 1
+            kn = _str_len(data, size, &kp, data[p])
+            if kn < 0:
+                _fail(ERR_HEADER_MAP_KEY)
+            key = _read_str(data, size, kp, kn)
+            p = kp + kn
+            mapping[key] = _decode_value(data, size, &p, depth + 1)
+        ppos[0] = p
+        return mapping
+    if 0xCC <= b <= 0xCF:
+        width = 1 << (b - 0xCC)
+        _need(size, pos, width)
+        ppos[0] = pos + width
+        return PyLong_FromUnsignedLongLong(_be(data + pos, width))
+    if 0xD0 <= b <= 0xD3:
+        width = 1 << (b - 0xD0)
+        _need(size, pos, width)
+        ppos[0] = pos + width
+        raw = _be(data + pos, width)
+        if width == 1:
+            return PyLong_FromLong(<int8_t>raw)
+        if width == 2:
+            return PyLong_FromLong(<int16_t>raw)
+        if width == 4:
+            return PyLong_FromLong(<int32_t>raw)
+        return PyLong_FromLongLong(<int64_t>raw)
+    if b == 0xCA:
+        _need(size, pos, 4)
+        ppos[0] = pos + 4
+        return PyFloat_FromDouble(PyFloat_Unpack4(<const char*>(data + pos), 0))
+    if b == 0xCB:
+        _need(size, pos, 8)
+        ppos[0] = pos + 8
+        return PyFloat_FromDouble(PyFloat_Unpack8(<const char*>(data + pos), 0))
+    if 0xC4 <= b <= 0xC6:
+        _fail(ERR_BIN_IN_HEADER)
+    if 0xC7 <= b <= 0xC9 or 0xD4 <= b <= 0xD8:
+        _fail(ERR_EXT_IN_HEADER)
+    _fail_byte(b)
+
+
+cpdef tuple decode_envelope(object data):
+    """Decode a msgpack envelope.
+
+    Returns ``(header, body_start, body_end)``: ``header`` holds every
+    top-level field except ``body``; ``data[body_start:body_end]`` is the
+    ``body`` value's msgpack encoding, untouched (``-1, -1`` when absent).
+    Raises ``EnvelopeError`` for anything that is not one well-formed map.
+    """
+    cdef cbuf buf
+    cdef Py_ssize_t size, pos, count, i, kp, kn
+    cdef Py_ssize_t body_start = -1
+    cdef Py_ssize_t body_end = -1
+    cdef dict header
+    cdef str key
+    if not isinstance(data, bytes):
+        raise TypeError("decode_envelope() needs bytes")
+    buf = <cbuf>PyBytes_AS_STRING(data)
+    size = PyBytes_GET_SIZE(data)
+    _need(size, 0, 1)
+    pos = 1
+    if _container(buf, size, &pos, buf[0], &count) != KIND_MAP:
+        _fail(ERR_NOT_MAP)
+    header = {}
+    for i in range(count):
+        _need(size, pos, 1)
+        kp = pos + 1
+        kn = _str_len(buf, size, &kp, buf[pos])
+        if kn < 0:
+            _fail(ERR_KEY_TYPE)
+        if kn == 4 and kp + 4 <= size and memcmp(buf + kp, b"body", 4) == 0:
+            pos = kp + 4
+            body_start = pos
+            pos = skip_raw(buf, size, pos, 1)
+            body_end = pos
+        else:
+            key = _read_str(buf, size, kp, kn)
+            pos = kp + kn
+            header[key] = _decode_value(buf, size, &pos, 1)
+    if pos != size:
+        _fail(ERR_TRAILING)
+    return header, body_start, body_end
+
+
+# ---- encoding ---------------------------------------------------------------
+
+cdef struct _IntEnc:
+    unsigned char tag   # 0: the value is a one-byte fixint held in ``bits``
+    int width           # bytes after the tag
+    uint64_t bits
+
+
+cdef struct _StrEnc:
+    const char* data
+    Py_ssize_t size
+
+
+cdef int _prep_int(object value, _IntEnc* e) except -1:
+    """Choose the smallest msgpack int encoding of the exact int ``value`` (same choices as codec.py)."""
+    cdef int overflow = 0
+    cdef long long v = PyLong_AsLongLongAndOverflow(value, &overflow)
+    if overflow == 0:
+        e.bits = <uint64_t>v
+        if 0 <= v <= 0x7F or -32 <= v < 0:
+            e.tag = 0
+            e.width = 0
+            e.bits &= 0xFF
+        elif v > 0:
+            if v <= 0xFF:
+                e.tag = 0xCC
+                e.width = 1
+            elif v <= 0xFFFF:
+                e.tag = 0xCD
+                e.width = 2
+            elif v <= 0xFFFFFFFF:
+                e.tag = 0xCE
+                e.width = 4
+            else:
+                e.tag = 0xCF
+                e.width = 8
+        elif v >= -0x80:
+            e.tag = 0xD0
+            e.width = 1
+        elif v >= -0x8000:
+            e.tag = 0xD1
+            e.width = 2
+        elif v >= -0x80000000:
+            e.tag = 0xD2
+            e.width = 4
+        else:
+            e.tag = 0xD3
+            e.width = 8
+        return 0
+    if overflow > 0 and value <= 0xFFFFFFFFFFFFFFFF:
+        e.tag = 0xCF
+        e.width = 8
+        e.bits = PyLong_AsUnsignedLongLong(value)
+        return 0
+    raise OverflowError("integer out of msgpack range")
+
+
+cdef inline Py_ssize_t _int_size(const _IntEnc* e) noexcept nogil:
+    return 1 + e.width
+
+
+cdef inline char* _write_int(char* w, const _IntEnc* e) noexcept nogil:
+    cdef int i
+    if e.tag == 0:
+        w[0] = <char>e.bits
+        return w + 1
+    w[0] = <char>e.tag
+    for i in range(e.width):
+        w[1 + i] = <char>(e.bits >> (8 * (e.width - 1 - i)))
+    return w + 1 + e.width
+
+
+cdef int _prep_str(object value, _StrEnc* s) except -1:
+    """UTF-8 of the exact str ``value`` (same errors as ``value.encode("utf-8")``)."""
+    s.data = PyUnicode_AsUTF8AndSize(value, &s.size)
+    if s.size > 0xFFFFFFFF:
+        raise ValueError("string too long for msgpack")
+    return 0
+
+
+cdef inline Py_ssize_t _str_size(const _StrEnc* s) noexcept nogil:
+    if s.size <= 31:
+        return 1 + s.size
+    if s.size <= 0xFF:
+        return 2 + s.size
+    if s.size <= 0xFFFF:
+        return 3 + s.size
+    return 5 + s.size
+
+
+cdef inline char* _write_str(char* w, const _StrEnc* s) noexcept nogil:
+    cdef Py_ssize_t n = s.size
+    if n <= 31:
+        w[0] = <char>(0xA0 | n)
+        w += 1
+    elif n <= 0xFF:
+        w[0] = <char>0xD9
+        w[1] = <char>n
+        w += 2
+    elif n <= 0xFFFF:
+        w[0] = <char>0xDA
+        w[1] = <char>(n >> 8)
+        w[2] = <char>n
+        w += 3
+    else:
+        w[0] = <char>0xDB
+        w[1] = <char>(n >> 24)
+        w[2] = <char>(n >> 16)
+        w[3] = <char>(n >> 8)
+        w[4] = <char>n
+        w += 5
+    memcpy(w, s.data, n)
+    return w + n
+
+
+cdef enum:
+    SCALAR_NIL = 0
+    SCALAR_TRUE = 1
+    SCALAR_FALSE = 2
+    SCALAR_INT = 3
+    SCALAR_STR = 4
+
+# Sizes of the fixed parts of a "msg" envelope, in key order op, id, from, type, body, ts, ack, seq.
+cdef enum:
+    HEAD_SIZE = 11    # \x88 (map of 8) \xa2op \xa3msg \xa2id
+    FROM_SIZE = 5     # \xa4from
+    TYPE_SIZE = 5     # \xa4type
+    BODY_SIZE = 5     # \xa4body
+    TS_SIZE = 3       # \xa2ts
+    ACK_SIZE = 4      # \xa3ack
+    SEQ_SIZE = 4      # \xa3seq
+
+
+cpdef bytes encode_msg_prefix(object msg_id, object sender, object app_type, object body, object ts, object ack):
+    """Encode a ``msg`` envelope without its ``seq``, once for every receiver.
+
+    ``body`` is an already-encoded msgpack value and is copied untouched.
+    The map header announces 8 entries; ``append_seq`` adds the last one.
+    """
+    cdef int id_kind
+    cdef _IntEnc id_int, ts_int
+    cdef _StrEnc id_str, sender_str, type_str
+    cdef Py_ssize_t body_size, total
+    cdef bint ack_flag
+    cdef bytes out
+    cdef char* w
+    if type(sender) is not str or type(app_type) is not str:
+        raise TypeError("sender and app_type must be str")
+    if type(ts) is not int:
+        raise TypeError("ts must be int")
+    if type(body) is not bytes:
+        raise TypeError("body must be bytes")
+    # Every check and conversion that can raise happens before the buffer exists, in codec.py's order.
+    total = HEAD_SIZE
+    if msg_id is None:
+        id_kind = SCALAR_NIL
+        total += 1
+    elif msg_id is True:
+        id_kind = SCALAR_TRUE
+        total += 1
+    elif msg_id is False:
+        id_kind = SCALAR_FALSE
+        total += 1
+    elif type(msg_id) is int:
+        id_kind = SCALAR_INT
+        _prep_int(msg_id, &id_int)
+        total += _int_size(&id_int)
+    elif type(msg_id) is str:
+        id_kind = SCALAR_STR
+        _prep_str(msg_id, &id_str)
+        total += _str_size(&id_str)
+    else:
+        raise TypeError("only None, bool, int and str can be packed here")
+    _prep_str(sender, &sender_str)
+    _prep_str(app_type, &type_str)
+    _prep_int(ts, &ts_int)
+    ack_flag = ack
+    body_size = PyBytes_GET_SIZE(body)
+    total += (FROM_SIZE + _str_size(&sender_str) + TYPE_SIZE + _str_size(&type_str) + BODY_SIZE + body_size
+              + TS_SIZE + _int_size(&ts_int) + ACK_SIZE + 1)
+
+    out = PyBytes_FromStringAndSize(NULL, total)
+    w = PyBytes_AS_STRING(out)
+    memcpy(w, b"\x88\xa2op\xa3msg\xa2id", HEAD_SIZE)
+    w += HEAD_SIZE
+    if id_kind == SCALAR_NIL:
+        w[0] = <char>0xC0
+        w += 1
+    elif id_kind == SCALAR_TRUE:
+        w[0] = <char>0xC3
+        w += 1
+    elif id_kind == SCALAR_FALSE:
+        w[0] = <char>0xC2
+        w += 1
+    elif id_kind == SCALAR_INT:
+        w = _write_int(w, &id_int)
+    else:
+        w = _write_str(w, &id_str)
+    memcpy(w, b"\xa4from", FROM_SIZE)
+    w = _write_str(w + FROM_SIZE, &sender_str)
+    memcpy(w, b"\xa4type", TYPE_SIZE)
+    w = _write_str(w + TYPE_SIZE, &type_str)
+    memcpy(w, b"\xa4body", BODY_SIZE)
+    w += BODY_SIZE
+    memcpy(w, PyBytes_AS_STRING(body), body_size)
+    w += body_size
+    memcpy(w, b"\xa2ts", TS_SIZE)
+    w = _write_int(w + TS_SIZE, &ts_int)
+    memcpy(w, b"\xa3ack", ACK_SIZE)
+    w[ACK_SIZE] = <char>(0xC3 if ack_flag else 0xC2)
+    return out
+
+
+cpdef bytes append_seq(object prefix, object seq):
+    """Complete a ``msg`` envelope from ``encode_msg_prefix`` with its per-session ``seq``."""
+    cdef _IntEnc seq_int
+    cdef Py_ssize_t prefix_size
+    cdef bytes out
+    cdef char* w
+    if type(seq) is not int or seq < 0:
+        raise ValueError("seq must be a non-negative int")
+    if type(prefix) is not bytes:
+        # Whatever bytearray() accepts (and the errors it raises), as codec.py does.
+        prefix = bytes(bytearray(prefix))
+    _prep_int(seq, &seq_int)
+    prefix_size = PyBytes_GET_SIZE(prefix)
+    out = PyBytes_FromStringAndSize(NULL, prefix_size + SEQ_SIZE + _int_size(&seq_int))
+    w = PyBytes_AS_STRING(out)
+    memcpy(w, PyBytes_AS_STRING(prefix), prefix_size)
+    w += prefix_size
+    memcpy(w, b"\xa3seq", SEQ_SIZE)
+    _write_int(w + SEQ_SIZE, &seq_int)
+    return out
