@@ -60,7 +60,9 @@ class ServerConnection(WSListener):  # type: ignore[misc]
 
     def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
         session = self.session
-        if session is None:
+        if session is None or transport.is_close_frame_sent:
+            # picows keeps parsing after it refused an oversized frame and may
+            # still deliver that frame; nothing is accepted once we are closing.
             return
         msg_type = frame.msg_type
         if msg_type == _BINARY or msg_type == _TEXT:
