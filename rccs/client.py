@@ -163,6 +163,7 @@ class Client:
         self.welcome: dict[str, Any] | None = None
         self.errors: asyncio.Queue[ClientError] = asyncio.Queue()
         self.reconnects = 0
+        self.reconnected = asyncio.Event()  # set after every successful reconnect; clear it to wait again
         self._inbox: asyncio.Queue[Message | ConnectionClosed] = asyncio.Queue()
         self._waiters: dict[str | int, _ReceiptWaiter] = {}
         self._pings: dict[str, asyncio.Future[int]] = {}
@@ -223,6 +224,7 @@ class Client:
                     log.debug("reconnect to %s failed: %s", self.url, exc)
                 else:
                     self.reconnects += 1
+                    self.reconnected.set()
                     delay = self.backoff_initial
                     break
                 if self._closing:

@@ -1,0 +1,56 @@
+"""The Python client SDK against a real server: reconnect, callbacks, refusal."""
+
+import asyncio
+
+import pytest
+
+from rccs.client import Client, ConnectionClosed
+from rccs.errors import CloseCode
+
+
+async def test_client_reconnects_after_the_server_drops_it(server, connect):
+    phone = await connect("alice", "phone", backoff_initial=0.01)
+    desktop = await connect("alice", "desktop")
+    first_session = phone.welcome["session"]
+    server.hub.online("alice", "phone").close(CloseCode.INTERNAL_ERROR, "injected")
+    await asyncio.wait_for(phone.reconnected.wait(), 5)
+    assert phone.reconnects == 1
+    assert phone.welcome["session"] != first_session
+    receipts, message = await asyncio.gather(
+        desktop.send({"device": "phone"}, "t", "after reconnect", ack=True), phone.next_message(timeout=5)
+    )
+    assert message.body == "after reconnect"
+    assert receipts[0].status == "delivered"
+
+
+async def test_on_message_callback_acks_after_it_returns(server, connect):
+    seen = asyncio.Queue()
+
+    async def handle(message):
+        await seen.put(message.body)
+
+    await connect("alice", "cb", on_message=handle)
+    sender = await connect("alice", "sender")
+    receipts = await sender.send({"device": "cb"}, "t", {"k": 1}, ack=True)
+    assert receipts[0].status == "delivered"
+    assert await seen.get() == {"k": 1}
+
+
+async def test_refused_token_raises_connection_closed(server):
+    client = Client(server.ws_url, "garbage", {"type": "web"})
+    with pytest.raises(ConnectionClosed) as info:
+        await client.connect()
+    assert info.value.code == 4401
+
+
+async def test_messages_iterator_ends_when_closed(server, connect):
+    a = await connect("alice", "a")
+    b = await connect("alice", "b")
+    await a.send({"device": "b"}, "t", 1)
+    await a.send({"device": "b"}, "t", 2)
+    received = []
+    async for message in b.messages():
+        received.append(message.body)
+        if len(received) == 2:
+            await b.close()
+    assert received == [1, 2]
