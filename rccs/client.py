@@ -107,7 +107,7 @@ class _ReceiptWaiter:
             self.future.set_result(self.receipts)
 
 
-class _Listener(WSListener):  # type: ignore[misc]
+class _Listener(WSListener):
     def __init__(self, client: Client):
         super().__init__()
         self.client = client
@@ -121,7 +121,8 @@ class _Listener(WSListener):  # type: ignore[misc]
         elif msg_type == WSMsgType.TEXT:
             self.client._on_envelope(json.loads(frame.get_payload_as_bytes()))
         elif msg_type == WSMsgType.CLOSE:
-            self.close_code = int(frame.get_close_code())
+            close_code: Any = frame.get_close_code()  # a plain int for codes picows has no name for
+            self.close_code = int(close_code)
             self.close_reason = frame.get_close_reason() or ""
             if not transport.is_close_frame_sent:
                 transport.send_close(frame.get_close_code())
@@ -189,6 +190,7 @@ class Client:
         loop = asyncio.get_running_loop()
         self._welcomed = loop.create_future()
         transport, listener = await ws_connect(lambda: _Listener(self), self.url, enable_auto_ping=False)
+        assert isinstance(listener, _Listener)
         self._transport, self._listener = transport, listener
         self._send({"op": "hello", "token": self.token, "device": self.device})
         try:
@@ -220,7 +222,7 @@ class Client:
                     if exc.code in FATAL_CLOSE_CODES:
                         self._finish(exc)
                         return
-                except (OSError, asyncio.TimeoutError, Exception) as exc:  # noqa: BLE001 - any failure retries
+                except (TimeoutError, OSError, Exception) as exc:
                     log.debug("reconnect to %s failed: %s", self.url, exc)
                 else:
                     self.reconnects += 1
@@ -288,11 +290,11 @@ class Client:
     async def send(
         self,
         to: Mapping[str, Any],
-        type: str,  # noqa: A002 - the protocol's field name
+        type: str,
         body: Any = None,
         *,
         ack: bool = False,
-        id: str | int | None = None,  # noqa: A002
+        id: str | int | None = None,
         timeout: float | None = None,
     ) -> list[Receipt]:
         """Send a message. With ``ack=True``, wait for one receipt per device it was routed to
@@ -311,7 +313,7 @@ class Client:
             await self._send_when_connected(envelope)
             try:
                 return await asyncio.wait_for(asyncio.shield(waiter.future), timeout or self.receipt_timeout)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 raise ReceiptTimeout(list(waiter.receipts)) from None
         finally:
             self._waiters.pop(msg_id, None)

@@ -55,7 +55,7 @@ class HubCollector:
 
         buckets = []
         cumulative = 0
-        for bound, count in zip(fast_routing.LATENCY_BUCKETS_US, snapshot["latency_buckets"]):
+        for bound, count in zip(fast_routing.LATENCY_BUCKETS_US, snapshot["latency_buckets"], strict=False):
             cumulative += count
             buckets.append((repr(bound / 1e6), cumulative))
         cumulative += snapshot["latency_buckets"][-1]
@@ -89,11 +89,11 @@ class HubCollector:
 
 def build_registry(hub: Hub) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(HubCollector(hub))  # type: ignore[arg-type]
+    registry.register(HubCollector(hub))
     ProcessCollector(registry=registry)
     PlatformCollector(registry=registry)
     return registry
 
 
 def render(registry: CollectorRegistry) -> bytes:
-    return generate_latest(registry)  # type: ignore[no-any-return]
+    return generate_latest(registry)

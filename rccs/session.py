@@ -342,6 +342,7 @@ class Session:
                 if owner is not None and owner != user:
                     raise ProtocolError(ErrorCode.FORBIDDEN, f"device {name!r} belongs to another user")
             targets: list[Session] = []
+            online: list[str] = []
             failures: list[tuple[str | None, ReceiptReason]] = []
             for name in names:
                 if name == exclude:
@@ -352,9 +353,9 @@ class Session:
                     failures.append((name, ReceiptReason.OFFLINE))
                 else:
                     targets.append(session)
+                    online.append(name)
             if selector.pick_one and len(targets) > 1:
-                chosen = hub.routing.most_recent(user, [t.device for t in targets])
-                targets = [chosen]  # type: ignore[list-item]
+                targets = [hub.routing.most_recent(user, online)]  # type: ignore[list-item]
             return targets, failures
         found: list[Session] = hub.routing.select(  # type: ignore[assignment]
             user, _SELECT_KIND[selector.kind], selector.value, selector.pick_one, exclude

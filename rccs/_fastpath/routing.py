@@ -28,7 +28,7 @@ LATENCY_BUCKETS_US = (5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 250
 
 
 class _Entry:
-    __slots__ = ("handle", "device", "device_type", "capabilities", "stamp")
+    __slots__ = ("capabilities", "device", "device_type", "handle", "stamp")
 
     def __init__(self, handle: object, device: str, device_type: str, capabilities: tuple[str, ...], stamp: int):
         self.handle = handle
@@ -211,7 +211,7 @@ class RouteStats:
     def snapshot(self) -> dict[str, object]:
         """A consistent copy: results by name, latency buckets (non-cumulative), sums, frames."""
         return {
-            "results": dict(zip(RESULT_NAMES, self._results)),
+            "results": dict(zip(RESULT_NAMES, self._results, strict=True)),
             "latency_buckets": list(self._buckets),
             "latency_sum_ns": self._latency_sum_ns,
             "frames_in": self._frames_in,

@@ -28,7 +28,7 @@ _CONTINUATION = WSMsgType.CONTINUATION
 _CLOSE = WSMsgType.CLOSE
 
 
-class ServerConnection(WSListener):  # type: ignore[misc]
+class ServerConnection(WSListener):
     """One accepted WebSocket connection; the Sink of its Session."""
 
     def __init__(self, hub: Hub):
@@ -65,7 +65,7 @@ class ServerConnection(WSListener):  # type: ignore[misc]
             # still deliver that frame; nothing is accepted once we are closing.
             return
         msg_type = frame.msg_type
-        if msg_type == _BINARY or msg_type == _TEXT:
+        if msg_type in (_BINARY, _TEXT):
             if self._fragments is not None:
                 self.close(CloseCode.PROTOCOL_ERROR, "new message inside a fragmented message")
                 return

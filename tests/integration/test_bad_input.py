@@ -9,6 +9,7 @@ import msgpack
 import picows
 import pytest
 import websockets
+import websockets.exceptions
 
 from rccs.auth import TokenAuthority
 from rccs.session import Session
@@ -298,7 +299,7 @@ async def test_exception_in_a_handler_is_contained(server, connect, monkeypatch)
     assert error.code == "internal"
     assert server.hub.errors_sent["internal"] == 1
     monkeypatch.undo()
-    receipts, message = await asyncio.gather(a.send({"device": "jo-b"}, "t", 1, ack=True), b.next_message(timeout=5))
+    receipts, _message = await asyncio.gather(a.send({"device": "jo-b"}, "t", 1, ack=True), b.next_message(timeout=5))
     assert receipts[0].status == "delivered"
 
 

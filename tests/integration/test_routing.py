@@ -128,7 +128,7 @@ async def test_devices_selector_pick_one_prefers_most_recent(connect):
     b = await connect("alice", "b")
     await b.ping()
     await a.ping()
-    receipts, message = await asyncio.gather(
+    receipts, _message = await asyncio.gather(
         sender.send({"devices": ["b", "a"], "pick": "one"}, "t", 1, ack=True),
         a.next_message(timeout=5),
     )

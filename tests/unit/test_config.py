@@ -50,5 +50,5 @@ def test_missing_config_file():
 
 
 def test_bad_environment_value():
-    with pytest.raises(ConfigError, match="RCCS|port"):
+    with pytest.raises(ConfigError, match=r"RCCS|port"):
         load_settings(environ={"RCCS_PORT": "eighty"})
