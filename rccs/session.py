@@ -18,6 +18,7 @@ it acks (the sender gets ``delivered``) or disconnects (``failed``).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import secrets
 import time
@@ -163,8 +164,9 @@ class Session:
     def send_error(self, code: ErrorCode, message: str, msg_id: Any = None) -> None:
         self.hub.errors_sent[code.value] += 1
         envelope: dict[str, Any] = {"op": "error", "code": code.value, "message": message}
-        if msg_id is not None and isinstance(msg_id, str | int) and not isinstance(msg_id, bool):
-            envelope["id"] = msg_id
+        if msg_id is not None:
+            with contextlib.suppress(ProtocolError):  # an invalid id is not echoed
+                envelope["id"] = check_message_id(msg_id)
         self.send_control(envelope)
 
     def close(self, code: int, reason: str) -> None:
@@ -346,7 +348,6 @@ class Session:
             failures: list[tuple[str | None, ReceiptReason]] = []
             for name in names:
                 if name == exclude:
-                    failures.append((name, ReceiptReason.NO_ROUTE))
                     continue
                 session = hub.online(user, name)
                 if session is None:
@@ -356,6 +357,8 @@ class Session:
                     online.append(name)
             if selector.pick_one and len(targets) > 1:
                 targets = [hub.routing.most_recent(user, online)]  # type: ignore[list-item]
+            if not targets and not failures:
+                failures.append((None, ReceiptReason.NO_ROUTE))
             return targets, failures
         found: list[Session] = hub.routing.select(  # type: ignore[assignment]
             user, _SELECT_KIND[selector.kind], selector.value, selector.pick_one, exclude

@@ -28,7 +28,8 @@ else:
     else:
         IMPLEMENTATION = "cython"
 
-from .errors import EnvelopeError  # noqa: E402
+from .errors import EnvelopeError
+
 decode_envelope = codec.decode_envelope
 encode_msg_prefix = codec.encode_msg_prefix
 append_seq = codec.append_seq
