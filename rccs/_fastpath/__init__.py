@@ -4,37 +4,48 @@ The compiled modules (``_codec``, ``_routing``) are used when importable; the
 pure-Python twins (``codec``, ``routing``) when not, or when the environment
 sets ``RCCS_PUREPYTHON=1``. Both expose the same names with the same results
 and exceptions. ``IMPLEMENTATION`` says which one is in use: ``"cython"`` or
-``"python"``.
+``"python"``. Module constants (selector kinds, result codes, bucket bounds)
+are the same in both; import them from the twin ``rccs._fastpath.routing``.
+
+The chosen modules are bound to ``codec_impl`` and ``routing_impl``, never to
+``codec``/``routing``, so that importing a twin by name always gives the twin.
 """
 
 from __future__ import annotations
 
+import importlib
 import os
+from types import ModuleType
 from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from . import codec, routing
-    IMPLEMENTATION: str
-elif os.environ.get("RCCS_PUREPYTHON") == "1":
-    from . import codec, routing
-    IMPLEMENTATION = "python"
-else:
-    try:
-        from . import _codec as codec
-        from . import _routing as routing
-    except ImportError:
-        from . import codec, routing
-        IMPLEMENTATION = "python"
-    else:
-        IMPLEMENTATION = "cython"
 
 from .errors import EnvelopeError
 
-decode_envelope = codec.decode_envelope
-encode_msg_prefix = codec.encode_msg_prefix
-append_seq = codec.append_seq
-RoutingTable = routing.RoutingTable
-RouteStats = routing.RouteStats
+
+def _load() -> tuple[ModuleType, ModuleType, str]:
+    if os.environ.get("RCCS_PUREPYTHON") != "1":
+        try:
+            compiled_codec = importlib.import_module("._codec", __name__)
+            compiled_routing = importlib.import_module("._routing", __name__)
+        except ImportError:
+            pass
+        else:
+            return compiled_codec, compiled_routing, "cython"
+    from . import codec, routing
+
+    return codec, routing, "python"
+
+
+codec_impl, routing_impl, IMPLEMENTATION = _load()
+
+if TYPE_CHECKING:  # both implementations share the twins' signatures
+    from .codec import append_seq, decode_envelope, encode_msg_prefix
+    from .routing import RouteStats, RoutingTable
+else:
+    decode_envelope = codec_impl.decode_envelope
+    encode_msg_prefix = codec_impl.encode_msg_prefix
+    append_seq = codec_impl.append_seq
+    RoutingTable = routing_impl.RoutingTable
+    RouteStats = routing_impl.RouteStats
 
 __all__ = [
     "IMPLEMENTATION",
@@ -42,8 +53,8 @@ __all__ = [
     "RouteStats",
     "RoutingTable",
     "append_seq",
-    "codec",
+    "codec_impl",
     "decode_envelope",
     "encode_msg_prefix",
-    "routing",
+    "routing_impl",
 ]

@@ -11,6 +11,7 @@ frame is reported with the same message by both implementations.
 """
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from cpython.exc cimport PyErr_SetObject
 from cpython.float cimport PyFloat_FromDouble
 from cpython.long cimport (
     PyLong_AsLongLongAndOverflow,
@@ -19,9 +20,10 @@ from cpython.long cimport (
     PyLong_FromLongLong,
     PyLong_FromUnsignedLongLong,
 )
+from cpython.object cimport PyObject
 from cpython.unicode cimport PyUnicode_AsUTF8AndSize
 from libc.stdint cimport int8_t, int16_t, int32_t, int64_t, uint64_t
-from libc.string cimport memcmp, memcpy
+from libc.string cimport memcpy
 
 from rccs._fastpath.errors import EnvelopeError
 
@@ -30,6 +32,8 @@ cdef extern from "Python.h":
     double PyFloat_Unpack4(const char* p, int le) except? -1.0
     double PyFloat_Unpack8(const char* p, int le) except? -1.0
     str PyUnicode_DecodeUTF8(const char* s, Py_ssize_t size, const char* errors)
+    int Py_EnterRecursiveCall(const char* where) except -1
+    void Py_LeaveRecursiveCall()
 
 cdef extern from *:
     # Branch hint macro from Cython's own C preamble.
@@ -66,9 +70,20 @@ cdef int _fail_byte(unsigned char b) except -1:
     raise EnvelopeError(f"invalid msgpack type byte 0x{b:02x}")
 
 
+cdef object _ENVELOPE_ERROR = EnvelopeError
+cdef object _TRUNCATED = ERR_TRUNCATED
+
+
+cdef int _set_truncated() noexcept:
+    # Sets the error without Cython's error-handling code, so that _need stays small enough to inline.
+    PyErr_SetObject(_ENVELOPE_ERROR, _TRUNCATED)
+    return -1
+
+
 cdef inline int _need(Py_ssize_t size, Py_ssize_t pos, Py_ssize_t n) except -1:
+    """``codec.py``'s ``_need``: EnvelopeError(ERR_TRUNCATED) unless ``n`` bytes are left at ``pos``."""
     if unlikely(pos + n > size):
-        _fail(ERR_TRUNCATED)
+        return _set_truncated()
     return 0
 
 
@@ -89,7 +104,7 @@ cdef inline uint64_t _be(cbuf p, int width) noexcept nogil:
 cdef inline bint _utf8_ok(cbuf s, Py_ssize_t n) noexcept nogil:
     """True if ``s[0:n]`` is what CPython's strict UTF-8 decoder accepts (no surrogates, no overlongs)."""
     cdef Py_ssize_t i = 0
-    cdef uint64_t chunk
+    cdef uint64_t chunk = 0
     cdef unsigned char c, c1
     while i < n:
         if i + 8 <= n:
@@ -148,8 +163,62 @@ cdef str _decode_utf8(cbuf s, Py_ssize_t n):
         raise EnvelopeError(ERR_UTF8) from None
 
 
+# Header keys and values that recur in every frame are returned as these shared str objects
+# instead of being decoded (and allocated and hashed) again. Equal strings: no visible difference.
+_COMMON_STRINGS = (
+    "op", "id", "to", "ts", "all", "ack", "seq", "body", "from", "type", "pick", "send", "ping", "name",
+    "acks", "hello", "token", "device", "devices", "version", "platform", "protocol", "encoding", "capability",
+    "capabilities", "msgpack", "json",
+)
+
+cdef enum:
+    CACHE_MAX_LEN = 15
+    CACHE_SLOTS = 128     # a power of two; direct-mapped, a string whose slot is taken is just not cached
+
+cdef PyObject* _cache_str[CACHE_SLOTS]
+cdef const char* _cache_utf8[CACHE_SLOTS]
+cdef Py_ssize_t _cache_len[CACHE_SLOTS]       # 0 for an empty slot
+
+
+cdef inline Py_ssize_t _cache_slot(cbuf s, Py_ssize_t n) noexcept nogil:
+    # n >= 1
+    return (n * 4 + s[0] * 11 + s[n - 1]) & (CACHE_SLOTS - 1)   # no collisions among _COMMON_STRINGS
+
+
+cdef int _init_cache() except -1:
+    cdef Py_ssize_t slot
+    cdef Py_ssize_t size = 0
+    cdef const char* data
+    for text in _COMMON_STRINGS:
+        data = PyUnicode_AsUTF8AndSize(text, &size)
+        if 0 < size <= CACHE_MAX_LEN:
+            slot = _cache_slot(<cbuf>data, size)
+            if _cache_len[slot] == 0:
+                _cache_str[slot] = <PyObject*>text   # kept alive by the module's _COMMON_STRINGS
+                _cache_utf8[slot] = data
+                _cache_len[slot] = size
+    return 0
+
+
+_init_cache()
+
+
+cdef inline bint _same(cbuf a, cbuf b, Py_ssize_t n) noexcept nogil:
+    """``memcmp(a, b, n) == 0`` for the few bytes of a key, without a libc call."""
+    cdef Py_ssize_t i
+    for i in range(n):
+        if a[i] != b[i]:
+            return False
+    return True
+
+
 cdef inline str _read_str(cbuf data, Py_ssize_t size, Py_ssize_t pos, Py_ssize_t n):
+    cdef Py_ssize_t i
     _need(size, pos, n)
+    if 0 < n <= CACHE_MAX_LEN:
+        i = _cache_slot(data + pos, n)
+        if _cache_len[i] == n and _same(<cbuf>_cache_utf8[i], data + pos, n):
+            return <str>_cache_str[i]
     return _decode_utf8(data + pos, n)
 
 
@@ -205,7 +274,8 @@ cdef inline bint _is_one_byte_value(unsigned char b) noexcept nogil:
 
 cdef Py_ssize_t skip_raw(cbuf data, Py_ssize_t size, Py_ssize_t pos, int depth) except -1:
     cdef unsigned char b
-    cdef Py_ssize_t p, n, count, items, i
+    cdef Py_ssize_t p, n, items, i
+    cdef Py_ssize_t count = 0
     cdef int kind, width
     if depth > C_MAX_DEPTH:
         _fail(ERR_DEPTH)
@@ -227,10 +297,17 @@ cdef Py_ssize_t skip_raw(cbuf data, Py_ssize_t size, Py_ssize_t pos, int depth) 
         if items > 0 and depth + 1 > C_MAX_DEPTH:
             _fail(ERR_DEPTH)
         for i in range(items):
-            # One-byte items inline; anything else recurses (same checks, same order).
+            # One-byte items and fixstr inline; anything else recurses (same checks, same order).
             _need(size, p, 1)
-            if _is_one_byte_value(data[p]):
+            b = data[p]
+            if _is_one_byte_value(b):
                 p += 1
+            elif 0xA0 <= b <= 0xBF:
+                n = b & 0x1F
+                _need(size, p + 1, n)
+                if not _utf8_ok(data + p + 1, n):
+                    _fail(ERR_UTF8)
+                p += 1 + n
             else:
                 p = skip_raw(data, size, p, depth + 1)
         return p
@@ -265,24 +342,18 @@ cdef Py_ssize_t skip_raw(cbuf data, Py_ssize_t size, Py_ssize_t pos, int depth) 
 
 
 def skip_value(data, pos, depth):
-    """Validate the msgpack value at ``pos`` and return the position after it.
-
-    Arguments outside the compiled domain (``data`` not exactly bytes, ``pos``
-    or ``depth`` not an int, or negative) go to ``codec.skip_value`` so that
-    both implementations keep answering alike.
-    """
+    """Validate the msgpack value at ``pos`` (nested ``depth`` levels deep) and return the position after it."""
     cdef Py_ssize_t size, p
     cdef int d
-    if (type(data) is bytes and (type(pos) is int or type(pos) is bool)
-            and (type(depth) is int or type(depth) is bool) and pos >= 0 and depth >= 0):
-        size = PyBytes_GET_SIZE(data)
-        # Any start at or past the end is "truncated" (after the depth check), as is any depth over the limit.
-        p = size if pos > size else <Py_ssize_t>pos
-        d = C_MAX_DEPTH + 1 if depth > C_MAX_DEPTH else <int>depth
-        return skip_raw(<cbuf>PyBytes_AS_STRING(data), size, p, d)
-    from rccs._fastpath import codec as reference
-
-    return reference.skip_value(data, pos, depth)
+    if type(data) is not bytes:
+        raise TypeError("skip_value() needs bytes")
+    if type(pos) is not int or type(depth) is not int or pos < 0 or depth < 0:
+        raise ValueError("pos and depth must be non-negative ints")
+    size = PyBytes_GET_SIZE(data)
+    # Any start at or past the end is "truncated" (after the depth check), as is any depth over the limit.
+    p = size if pos > size else <Py_ssize_t>pos
+    d = C_MAX_DEPTH + 1 if depth > C_MAX_DEPTH else <int>depth
+    return skip_raw(<cbuf>PyBytes_AS_STRING(data), size, p, d)
 
 
 # ---- decoding (header) ------------------------------------------------------
@@ -291,7 +362,8 @@ cdef object _decode_value(cbuf data, Py_ssize_t size, Py_ssize_t* ppos, int dept
     """Decode the header value at ``ppos[0]`` and move ``ppos[0]`` past it."""
     cdef unsigned char b
     cdef Py_ssize_t pos = ppos[0]
-    cdef Py_ssize_t p, n, count, i, kp, kn
+    cdef Py_ssize_t p, n, i, kp, kn
+    cdef Py_ssize_t count = 0
     cdef int kind, width
     cdef list items
     cdef dict mapping
@@ -380,7 +452,8 @@ cpdef tuple decode_envelope(object data):
     Raises ``EnvelopeError`` for anything that is not one well-formed map.
     """
     cdef cbuf buf
-    cdef Py_ssize_t size, pos, count, i, kp, kn
+    cdef Py_ssize_t size, pos, i, kp, kn
+    cdef Py_ssize_t count = 0
     cdef Py_ssize_t body_start = -1
     cdef Py_ssize_t body_end = -1
     cdef dict header
@@ -400,7 +473,7 @@ cpdef tuple decode_envelope(object data):
         kn = _str_len(buf, size, &kp, buf[pos])
         if kn < 0:
             _fail(ERR_KEY_TYPE)
-        if kn == 4 and kp + 4 <= size and memcmp(buf + kp, b"body", 4) == 0:
+        if kn == 4 and kp + 4 <= size and _same(buf + kp, <cbuf>b"body", 4):
             pos = kp + 4
             body_start = pos
             pos = skip_raw(buf, size, pos, 1)
@@ -636,8 +709,7 @@ cpdef bytes append_seq(object prefix, object seq):
     if type(seq) is not int or seq < 0:
         raise ValueError("seq must be a non-negative int")
     if type(prefix) is not bytes:
-        # Whatever bytearray() accepts (and the errors it raises), as codec.py does.
-        prefix = bytes(bytearray(prefix))
+        raise TypeError("prefix must be bytes")
     _prep_int(seq, &seq_int)
     prefix_size = PyBytes_GET_SIZE(prefix)
     out = PyBytes_FromStringAndSize(NULL, prefix_size + SEQ_SIZE + _int_size(&seq_int))

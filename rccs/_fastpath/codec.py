@@ -86,7 +86,15 @@ def _read_str(data: bytes, pos: int, n: int) -> str:
 
 
 def skip_value(data: bytes, pos: int, depth: int) -> int:
-    """Validate the msgpack value at ``pos`` and return the position after it."""
+    """Validate the msgpack value at ``pos`` (nested ``depth`` levels deep) and return the position after it."""
+    if type(data) is not bytes:
+        raise TypeError("skip_value() needs bytes")
+    if type(pos) is not int or type(depth) is not int or pos < 0 or depth < 0:
+        raise ValueError("pos and depth must be non-negative ints")
+    return _skip(data, pos, depth)
+
+
+def _skip(data: bytes, pos: int, depth: int) -> int:
     if depth > MAX_DEPTH:
         raise EnvelopeError(ERR_DEPTH)
     _need(data, pos, 1)
@@ -102,7 +110,7 @@ def skip_value(data: bytes, pos: int, depth: int) -> int:
     if kind:
         items = count * 2 if kind == 1 else count
         for _ in range(items):
-            p = skip_value(data, p, depth + 1)
+            p = _skip(data, p, depth + 1)
         return p
     if b in (0xC4, 0xC5, 0xC6):
         width = 1 << (b - 0xC4)
@@ -216,7 +224,7 @@ def decode_envelope(data: bytes) -> tuple[dict[str, object], int, int]:
         pos = kp + kn
         if key == "body":
             body_start = pos
-            pos = skip_value(data, pos, 1)
+            pos = _skip(data, pos, 1)
             body_end = pos
         else:
             header[key], pos = _decode_value(data, pos, 1)
@@ -326,6 +334,8 @@ def append_seq(prefix: bytes, seq: int) -> bytes:
     """Complete a ``msg`` envelope from ``encode_msg_prefix`` with its per-session ``seq``."""
     if type(seq) is not int or seq < 0:
         raise ValueError("seq must be a non-negative int")
+    if type(prefix) is not bytes:
+        raise TypeError("prefix must be bytes")
     out = bytearray(prefix)
     out += b"\xa3seq"
     _pack_int(out, seq)

@@ -25,6 +25,10 @@ RESULT_NAMES = ("routed", "no_route", "offline", "rejected")
 
 # Upper bounds, in microseconds, of the routing latency histogram buckets.
 LATENCY_BUCKETS_US = (5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 25000, 100000)
+# Latencies are clamped to [0, one minute] so every sum stays a small exact integer.
+MAX_LATENCY_NS = 60_000_000_000
+# Largest count accepted by one count_frames call.
+MAX_FRAMES_PER_CALL = 2**32 - 1
 
 
 class _Entry:
@@ -189,12 +193,13 @@ class RouteStats:
         self._frames_out = 0
 
     def record_route(self, result: int, latency_ns: int) -> None:
-        """Count one routed ``send`` with its result and server-side latency."""
-        if not 0 <= result < len(RESULT_NAMES):
-            raise ValueError(f"unknown result {result}")
+        """Count one routed ``send`` with its result and server-side latency (clamped to 0..MAX_LATENCY_NS)."""
+        if type(result) is not int or not 0 <= result < len(RESULT_NAMES):
+            raise ValueError(f"unknown result {result!r}")
+        if type(latency_ns) is not int:
+            raise TypeError("latency_ns must be an int")
+        latency_ns = min(max(latency_ns, 0), MAX_LATENCY_NS)
         self._results[result] += 1
-        if latency_ns < 0:
-            latency_ns = 0
         self._latency_sum_ns += latency_ns
         latency_us = latency_ns / 1000.0
         index = 0
@@ -205,6 +210,10 @@ class RouteStats:
         self._buckets[index] += 1
 
     def count_frames(self, frames_in: int, frames_out: int) -> None:
+        """Add to the messages-in and messages-out counters."""
+        for count in (frames_in, frames_out):
+            if type(count) is not int or not 0 <= count <= MAX_FRAMES_PER_CALL:
+                raise ValueError("frame counts must be ints in 0..2**32-1")
         self._frames_in += frames_in
         self._frames_out += frames_out
 
