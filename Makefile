@@ -17,7 +17,7 @@ serve: $(STAMP)
 	$(BIN)/rccs serve
 
 lint: $(STAMP)
-	$(BIN)/ruff check rccs tests benchmarks examples loadtest
+	$(BIN)/ruff check rccs tests benchmarks examples
 	$(BIN)/mypy rccs
 
 test-compiled: $(STAMP)
