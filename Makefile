@@ -30,7 +30,7 @@ test: lint test-compiled test-pure
 
 bench: $(STAMP)
 	$(BIN)/python -m pytest benchmarks -q --benchmark-only --benchmark-columns=min,median,mean,ops,rounds \
-		--benchmark-group-by=func --benchmark-sort=name -p no:randomly
+		--benchmark-group-by=group --benchmark-sort=name
 
 wheel: $(STAMP)
 	$(BIN)/python -m pip wheel --no-deps -w dist .

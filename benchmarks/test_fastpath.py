@@ -20,17 +20,20 @@ ENVELOPE = msgpack.packb({
 BODY = msgpack.packb({"task": "build", "progress": 0.42, "lines": ["compiling", "linking"], "ok": True})
 
 
+@pytest.mark.benchmark(group="decode_envelope")
 def test_decode_envelope(benchmark, fastpath):
     codec, _ = fastpath
     header, start, end = benchmark(codec.decode_envelope, ENVELOPE)
     assert header["op"] == "send" and ENVELOPE[start:end] == BODY
 
 
+@pytest.mark.benchmark(group="decode_envelope")
 def test_decode_envelope_baseline_msgpack_unpackb(benchmark):
     """Baseline: msgpack-python's C unpacker decoding the whole envelope, body included."""
     assert benchmark(msgpack.unpackb, ENVELOPE)["op"] == "send"
 
 
+@pytest.mark.benchmark(group="encode_msg")
 def test_encode_msg(benchmark, fastpath):
     codec, _ = fastpath
 
@@ -41,6 +44,7 @@ def test_encode_msg(benchmark, fastpath):
     assert msgpack.unpackb(benchmark(encode))["seq"] == 12345
 
 
+@pytest.mark.benchmark(group="encode_msg")
 def test_encode_msg_baseline_msgpack_packb(benchmark):
     """Baseline: msgpack-python's C packer encoding the same msg with an already-decoded body."""
     body = msgpack.unpackb(BODY)
@@ -59,6 +63,7 @@ def _populated(routing, users, devices_per_user):
     return table
 
 
+@pytest.mark.benchmark(group="routing_select_capability")
 @pytest.mark.parametrize("devices_per_user", [4, 100])
 def test_routing_select_capability(benchmark, fastpath, devices_per_user):
     _, routing = fastpath
@@ -67,24 +72,28 @@ def test_routing_select_capability(benchmark, fastpath, devices_per_user):
     assert len(found) == devices_per_user - 1
 
 
+@pytest.mark.benchmark(group="routing_select_type_pick_one")
 def test_routing_select_type_pick_one(benchmark, fastpath):
     _, routing = fastpath
     table = _populated(routing, 100, 8)
     assert len(benchmark(table.select, "user7", routing.SELECT_TYPE, "desktop", True, None)) == 1
 
 
+@pytest.mark.benchmark(group="routing_get")
 def test_routing_get(benchmark, fastpath):
     _, routing = fastpath
     table = _populated(routing, 1000, 4)
     assert benchmark(table.get, "user500", "user500-dev3") is not None
 
 
+@pytest.mark.benchmark(group="routing_touch")
 def test_routing_touch(benchmark, fastpath):
     _, routing = fastpath
     table = _populated(routing, 1000, 4)
     benchmark(table.touch, "user500", "user500-dev3")
 
 
+@pytest.mark.benchmark(group="routing_add_remove")
 def test_routing_add_remove(benchmark, fastpath):
     _, routing = fastpath
     table = _populated(routing, 1000, 4)
@@ -98,6 +107,7 @@ def test_routing_add_remove(benchmark, fastpath):
     assert len(table) == 4000
 
 
+@pytest.mark.benchmark(group="route_stats_record")
 def test_route_stats_record(benchmark, fastpath):
     _, routing = fastpath
     stats = routing.RouteStats()

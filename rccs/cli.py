@@ -53,6 +53,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
+        # picows logs every accepted connection at INFO; keep that for DEBUG runs.
+        logging.getLogger("picows").setLevel(logging.WARNING)
     uvloop.run(_serve(settings))
     return 0
 

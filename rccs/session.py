@@ -268,7 +268,7 @@ class Session:
             "encoding": self.encoding,
             "max_message_bytes": self.hub.settings.max_message_bytes,
         })
-        log.info("device %s of user %s connected from %s (%s)", self.device, self.user, self.sink.peer, info.type)
+        log.debug("device %s of user %s connected from %s (%s)", self.device, self.user, self.sink.peer, info.type)
 
     def on_hello_timeout(self) -> None:
         if self.state == AWAIT_HELLO:
@@ -418,4 +418,4 @@ class Session:
                 "op": "receipt", "id": item.msg_id, "status": "failed",
                 "reason": ReceiptReason.DISCONNECTED.value, "device": self.device,
             })
-        log.info("device %s of user %s disconnected", self.device, self.user)
+        log.debug("device %s of user %s disconnected", self.device, self.user)
