@@ -30,6 +30,7 @@ import asyncio
 import contextlib
 import functools
 import json
+import math
 import os
 import sys
 import time
@@ -52,7 +53,10 @@ _monotonic_ns = time.monotonic_ns
 
 def server_cpu_times(pid: int) -> tuple[float, float]:
     """(user, system) CPU seconds of a whole process (all threads), from /proc/<pid>/stat."""
-    text = Path(f"/proc/{pid}/stat").read_text()
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        raise SystemExit(f"loadgen: server process {pid} is gone (it exited during the run)") from None
     # The command name (field 2) may contain spaces; the fields after it start past its closing ")".
     fields = text[text.rindex(")") + 2:].split()
     utime, stime = int(fields[11]), int(fields[12])  # fields 14 and 15 of proc(5), 1-based
@@ -63,8 +67,8 @@ def percentile(sorted_values: list[int], q: float) -> int:
     """Nearest-rank percentile of already sorted values."""
     if not sorted_values:
         return 0
-    rank = max(0, min(len(sorted_values) - 1, int(-(-q * len(sorted_values) // 1)) - 1))
-    return sorted_values[rank]
+    rank = min(len(sorted_values), max(1, math.ceil(q * len(sorted_values))))
+    return sorted_values[rank - 1]
 
 
 class Shared:

@@ -32,6 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from loadgen import percentile  # run.py's directory is on sys.path when it runs as a script
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 LOADGEN = HERE / "loadgen.py"
@@ -152,6 +154,7 @@ class Server:
     def env(self) -> dict[str, str]:
         env = base_env()
         env["RCCS_TOKEN_SECRET"] = self.secret
+        env["PYTHONFAULTHANDLER"] = "1"  # a crash in compiled code then leaves a traceback in the log
         if self.scenario.pure_python:
             env["RCCS_PUREPYTHON"] = "1"
         return env
@@ -189,6 +192,17 @@ class Server:
                 raise BenchmarkError(f"{self.scenario.name}: port {self.port} is held by another process")
             await asyncio.sleep(0.05)
 
+    def report(self) -> str:
+        """The server's state and last output, for error messages."""
+        assert self.proc is not None
+        if self.proc.returncode is None:
+            state = "the server is still running"
+        elif self.proc.returncode < 0:
+            state = f"the server was killed by signal {-self.proc.returncode}"
+        else:
+            state = f"the server exited with code {self.proc.returncode}"
+        return f"{state}; server output:\n{tail(self.log_path)}"
+
     async def stop(self) -> None:
         if self.proc is not None:
             await stop_process(self.proc)
@@ -224,11 +238,11 @@ async def run_generators(scenario: Scenario, server: Server, args: argparse.Name
                 line = await asyncio.wait_for(stdout.readline(), timeout)
             except TimeoutError:
                 raise BenchmarkError(f"{scenario.name}: generator {i} gave no answer within {timeout:.0f} s; "
-                                     f"its stderr:\n{tail(logs[i])}\nserver output:\n{tail(server.log_path)}") from None
+                                     f"its stderr:\n{tail(logs[i])}\n{server.report()}") from None
             if not line:
                 await procs[i].wait()
                 raise BenchmarkError(f"{scenario.name}: generator {i} exited with code {procs[i].returncode}; "
-                                     f"its stderr:\n{tail(logs[i])}\nserver output:\n{tail(server.log_path)}")
+                                     f"its stderr:\n{tail(logs[i])}\n{server.report()}")
             result: dict[str, Any] = json.loads(line)
             return result
 
@@ -242,7 +256,7 @@ async def run_generators(scenario: Scenario, server: Server, args: argparse.Name
             if await proc.wait() != 0:
                 raise BenchmarkError(f"{scenario.name}: generator {i} exited with code {proc.returncode}: "
                                      f"errors={result['errors']} disconnects={result['unexpected_disconnects']} "
-                                     f"{result['problems'][:3]}\nserver output:\n{tail(server.log_path)}")
+                                     f"{result['problems'][:3]}\n{server.report()}")
         return list(results)
     finally:
         for proc in procs:
@@ -250,13 +264,6 @@ async def run_generators(scenario: Scenario, server: Server, args: argparse.Name
 
 
 # ---- one measurement --------------------------------------------------------
-
-
-def percentile(sorted_values: list[int], q: float) -> int:
-    if not sorted_values:
-        return 0
-    rank = max(0, min(len(sorted_values) - 1, int(-(-q * len(sorted_values) // 1)) - 1))
-    return sorted_values[rank]
 
 
 def combine(scenario: Scenario, results: list[dict[str, Any]], workdir: Path) -> dict[str, Any]:
@@ -299,6 +306,9 @@ async def measure(scenario: Scenario, args: argparse.Namespace) -> dict[str, Any
         try:
             await server.start()
             results = await run_generators(scenario, server, args, workdir)
+            assert server.proc is not None
+            if server.proc.returncode is not None:
+                raise BenchmarkError(f"{scenario.name}: the server ended before the run did; {server.report()}")
         finally:
             await server.stop()
         return combine(scenario, results, workdir)
@@ -399,6 +409,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, help="rounds over all scenarios (default 5, --quick 2)")
     parser.add_argument("--quick", action="store_true", help="short windows and 2 rounds, for a smoke test")
     parser.add_argument("--generators", type=int, default=1, help="load generator processes (default 1)")
+    parser.add_argument("--retries", type=int, default=1, help="retries of a failed run before giving up (default 1)")
     parser.add_argument("--scenarios", default=",".join(s.name for s in RCCS_SCENARIOS),
                         help="comma-separated rccs scenarios to run besides the baseline")
     parser.add_argument("--out", default=str(HERE / "results.json"), help="JSON results (default %(default)s)")
@@ -425,8 +436,19 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     print(f"{len(sequence)} runs of {args.warmup:g}+{args.seconds:g} s, {args.pairs} pairs x {args.inflight} "
           f"in flight, {args.generators} generator process(es), fast path: {fastpath['rccs']}", flush=True)
     runs: list[dict[str, Any]] = []
+    failures: list[dict[str, Any]] = []
     for index, (round_no, scenario) in enumerate(sequence, 1):
-        run = await measure(scenario, args)
+        for attempt in range(args.retries + 1):
+            try:
+                run = await measure(scenario, args)
+                break
+            except BenchmarkError as exc:
+                # On a shared machine a run can die of causes outside the benchmark (OOM killer, a stray
+                # kill); one retry keeps the schedule, and the failure stays in the results.
+                failures.append({"index": index, "scenario": scenario.name, "error": str(exc)})
+                if attempt == args.retries:
+                    raise
+                print(f"[{index:>2}/{len(sequence)}] {scenario.name} failed, retrying: {exc}", flush=True)
         run["round"] = round_no
         runs.append(run)
         lat = run["latency_us"]
@@ -439,17 +461,31 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")},
         "order": [s.name for _, s in sequence],
         "runs": runs,
+        "failures": failures,
         "summary": summarize(runs, args.scenario_list),
     }
+
+
+async def main_guarded(args: argparse.Namespace) -> dict[str, Any]:
+    # SIGTERM/SIGHUP cancel the run like Ctrl-C does, so the finally blocks still stop every child process.
+    task = asyncio.current_task()
+    assert task is not None
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        loop.add_signal_handler(signum, task.cancel)
+    return await main_async(args)
 
 
 def main() -> int:
     args = parse_args()
     try:
-        results = asyncio.run(main_async(args))
+        results = asyncio.run(main_guarded(args))
     except BenchmarkError as exc:
         print(f"run.py: error: {exc}", file=sys.stderr)
         return 1
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        print("run.py: interrupted", file=sys.stderr)
+        return 130
     print()
     print(table(results["summary"]))
     ack = results["summary"].get("rccs-ack")
