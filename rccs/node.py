@@ -17,7 +17,7 @@ from .hub import Hub
 from .metrics import build_registry
 from .protocol import WS_PATH
 from .transport.http import http_router
-from .transport.ws import ServerConnection
+from .transport.ws import ServerConnection, WriteCoalescer
 
 log = logging.getLogger("rccs.node")
 
@@ -34,6 +34,7 @@ class Node:
         self._ws_server: asyncio.Server | None = None
         self._http_server: asyncio.Server | None = None
         self._ready = False
+        self._coalescer = WriteCoalescer()
 
     @property
     def ws_port(self) -> int:
@@ -59,7 +60,7 @@ class Node:
     def _accept(self, request: Any) -> ServerConnection | None:
         if request.path.split(b"?", 1)[0] != WS_PATH.encode():
             return None  # picows answers 404
-        return ServerConnection(self.hub)
+        return ServerConnection(self.hub, self._coalescer)
 
     async def start(self) -> None:
         settings = self.settings

@@ -10,7 +10,7 @@ import base64
 import json
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgpack
 
@@ -103,8 +103,7 @@ def json_value_to_msgpack(value: Any) -> bytes:
     return packed
 
 
-@dataclass(frozen=True, slots=True)
-class Selector:
+class Selector(NamedTuple):
     """A parsed ``to``. ``kind`` is one of SELECTOR_KEYS; ``value`` a device id, list, True or a name."""
 
     kind: str

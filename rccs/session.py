@@ -279,6 +279,8 @@ class Session:
 
     def _on_send(self, header: dict[str, Any], payload: bytes, body_start: int, body_end: int, is_text: bool) -> None:
         started = time.perf_counter_ns()
+        if not is_text and self._send_direct(header, payload, body_start, body_end, started):
+            return
         stats = self.hub.stats
         try:
             msg_id = check_message_id(header.get("id"))
@@ -331,6 +333,48 @@ class Session:
                 raise ProtocolError(ErrorCode.UNCONVERTIBLE, "the body cannot be converted for any receiver")
             raise ProtocolError(ErrorCode.NO_ROUTE, "no online device matched 'to'")
 
+    def _send_direct(self, header: dict[str, Any], payload: bytes, body_start: int, body_end: int,
+                     started: int) -> bool:
+        """The common case, without the general machinery: a msgpack ``send`` to one named, online,
+        msgpack device with a string id. Returns False (having done nothing) for anything else,
+        which then takes the general path with the same checks and results.
+        """
+        to = header.get("to")
+        msg_id = header.get("id")
+        app_type = header.get("type")
+        ack = header.get("ack", False)
+        if not (type(to) is dict and len(to) == 1 and type(msg_id) is str and type(app_type) is str
+                and (ack is False or ack is True)):
+            return False
+        name = to.get("device")
+        if not (type(name) is str and 0 < len(name) <= MAX_ID_CHARS and 0 < len(msg_id) <= MAX_ID_CHARS
+                and 0 < len(app_type) <= MAX_ID_CHARS and name != self.device):
+            return False
+        hub = self.hub
+        # Online under this user means owned by this user: ownership is recorded at hello.
+        target: Session | None = hub.routing.get(self.user, name)  # type: ignore[assignment, arg-type]
+        if target is None or target.encoding != MSGPACK:
+            return False
+        assert self.device is not None and self.user is not None
+        raw = payload[body_start:body_end] if body_start >= 0 else NIL
+        target.deliver_msgpack(encode_msg_prefix(msg_id, self.device, app_type, raw, now_ms(), ack),
+                               ack, self.user, self.device, msg_id)
+        stats = hub.stats
+        stats.count_frames(1, 1)
+        stats.record_route(_RESULT_ROUTED, time.perf_counter_ns() - started)
+        if ack:
+            self.send_control({"op": "receipt", "id": msg_id, "status": "routed", "devices": [name]})
+        return True
+
+    def deliver_msgpack(self, prefix: bytes, ack: bool, sender_user: str, sender_device: str,
+                        msg_id: str | int) -> None:
+        """Write one msgpack ``msg`` (``prefix`` from encode_msg_prefix) with this session's next seq."""
+        seq = self.next_seq
+        self.sink.send_frame(append_seq(prefix, seq), False)
+        self.next_seq = seq + 1
+        if ack:
+            self.pending[seq] = PendingAck(sender_user, sender_device, msg_id)
+
     def _resolve(self, selector: Any) -> tuple[list[Session], list[tuple[str | None, ReceiptReason]]]:
         """Receivers of a selector and the devices it could not reach, with why."""
         hub = self.hub
@@ -369,13 +413,12 @@ class Session:
 
     def deliver(self, outgoing: _Outgoing, sender_user: str) -> None:
         """Write one ``msg`` to this receiver, remembering it if the sender wants a receipt."""
-        seq = self.next_seq
         if self.encoding == MSGPACK:
-            frame = append_seq(outgoing.msgpack_frame_prefix(), seq)
-            self.sink.send_frame(frame, False)
-        else:
-            frame = outgoing.json_frame_prefix() + str(seq).encode() + b"}"
-            self.sink.send_frame(frame, True)
+            self.deliver_msgpack(outgoing.msgpack_frame_prefix(), outgoing.ack, sender_user, outgoing.sender,
+                                 outgoing.msg_id)
+            return
+        seq = self.next_seq
+        self.sink.send_frame(outgoing.json_frame_prefix() + str(seq).encode() + b"}", True)
         self.next_seq = seq + 1
         if outgoing.ack:
             self.pending[seq] = PendingAck(sender_user, outgoing.sender, outgoing.msg_id)

@@ -4,6 +4,14 @@ picows hands over raw frames (its ``WSFrame`` is only valid inside
 ``on_ws_frame``), so this layer copies payloads, reassembles fragmented
 messages up to ``max_message_bytes``, answers CLOSE frames, and implements
 the session's ``Sink``.
+
+Write coalescing: outgoing data frames are not written one by one. Each
+connection collects the frames produced during one event-loop iteration and
+a single ``call_soon`` callback writes every connection's batch with one
+``writelines`` (one send syscall per connection per iteration instead of one
+per message). Server frames are unmasked, so framing them here is a header
+of 2, 4 or 10 bytes. Control frames (close, pong) still go through picows;
+a connection's batch is flushed before its close frame so order is kept.
 """
 
 from __future__ import annotations
@@ -27,13 +35,51 @@ _TEXT = WSMsgType.TEXT
 _CONTINUATION = WSMsgType.CONTINUATION
 _CLOSE = WSMsgType.CLOSE
 
+_FIN_TEXT = 0x81
+_FIN_BINARY = 0x82
+# Headers of unmasked final frames shorter than 126 bytes, by length.
+_SHORT_TEXT_HEADERS = [bytes((_FIN_TEXT, n)) for n in range(126)]
+_SHORT_BINARY_HEADERS = [bytes((_FIN_BINARY, n)) for n in range(126)]
+
+
+def frame_header(length: int, text: bool) -> bytes:
+    """RFC 6455 header of an unmasked, final text or binary frame carrying ``length`` bytes."""
+    if length < 126:
+        return (_SHORT_TEXT_HEADERS if text else _SHORT_BINARY_HEADERS)[length]
+    first = _FIN_TEXT if text else _FIN_BINARY
+    if length < 65536:
+        return bytes((first, 126)) + length.to_bytes(2, "big")
+    return bytes((first, 127)) + length.to_bytes(8, "big")
+
+
+class WriteCoalescer:
+    """Flushes every connection that queued frames during this loop iteration, once."""
+
+    def __init__(self) -> None:
+        self._dirty: list[ServerConnection] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def schedule(self, connection: ServerConnection) -> None:
+        if not self._dirty:
+            if self._loop is None:
+                self._loop = asyncio.get_running_loop()
+            self._loop.call_soon(self.flush)
+        self._dirty.append(connection)
+
+    def flush(self) -> None:
+        dirty, self._dirty = self._dirty, []
+        for connection in dirty:
+            connection.flush()
+
 
 class ServerConnection(WSListener):
     """One accepted WebSocket connection; the Sink of its Session."""
 
-    def __init__(self, hub: Hub):
+    def __init__(self, hub: Hub, coalescer: WriteCoalescer):
         super().__init__()
         self.hub = hub
+        self.coalescer = coalescer
+        self._outbox: list[bytes] | None = None
         self.transport: WSTransport | None = None
         self.session: Session | None = None
         self.peer = "?"
@@ -102,13 +148,31 @@ class ServerConnection(WSListener):
 
     def send_frame(self, data: bytes, text: bool) -> None:
         transport = self.transport
-        if transport is not None and not transport.is_close_frame_sent:
-            transport.send(_TEXT if text else _BINARY, data)
+        if transport is None or transport.is_close_frame_sent:
+            return
+        outbox = self._outbox
+        if outbox is None:
+            self._outbox = [frame_header(len(data), text), data]
+            self.coalescer.schedule(self)
+        else:
+            outbox.append(frame_header(len(data), text))
+            outbox.append(data)
+
+    def flush(self) -> None:
+        """Write the frames queued since the last flush in one go."""
+        outbox = self._outbox
+        if outbox is None:
+            return
+        self._outbox = None
+        transport = self.transport
+        if transport is not None and not transport.is_disconnected and not transport.is_close_frame_sent:
+            transport.underlying_transport.writelines(outbox)
 
     def close(self, code: int, reason: str) -> None:
         transport = self.transport
         if transport is None:
             return
+        self.flush()
         if not transport.is_close_frame_sent:
             transport.send_close(int(code), reason.encode("utf-8")[:123])  # type: ignore[arg-type]
         transport.disconnect()
