@@ -69,6 +69,9 @@ class Node:
             settings.host,
             settings.port,
             max_frame_size=settings.max_message_bytes,
+            # picows' per-connection receive buffer starts at 16 KiB; most envelopes are far smaller and
+            # the buffer grows on demand, so start small to keep idle devices cheap.
+            read_buffer_init_size=2048,
             websocket_handshake_timeout=settings.hello_timeout,
             enable_auto_ping=True,
             auto_ping_idle_timeout=settings.heartbeat,
