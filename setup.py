@@ -26,6 +26,9 @@ if os.environ.get("RCCS_PUREPYTHON") != "1":
         [
             Extension("rccs._fastpath._codec", ["rccs/_fastpath/_codec.pyx"]),
             Extension("rccs._fastpath._routing", ["rccs/_fastpath/_routing.pyx"]),
+            # Subclasses picows' cdef WSListener: needs picows (its .pxd) at build time, and the same
+            # picows version at run time (pinned in pyproject.toml).
+            Extension("rccs._fastpath._listener", ["rccs/_fastpath/_listener.pyx"]),
         ],
         compiler_directives=directives,
     )

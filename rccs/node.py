@@ -16,6 +16,7 @@ from .errors import CloseCode
 from .hub import Hub
 from .metrics import build_registry
 from .protocol import WS_PATH
+from .session import Session
 from .transport.http import http_router
 from .transport.ws import ServerConnection, WriteCoalescer
 
@@ -60,7 +61,7 @@ class Node:
     def _accept(self, request: Any) -> ServerConnection | None:
         if request.path.split(b"?", 1)[0] != WS_PATH.encode():
             return None  # picows answers 404
-        return ServerConnection(self.hub, self._coalescer)
+        return ServerConnection(self.hub, self._coalescer, Session)
 
     async def start(self) -> None:
         settings = self.settings

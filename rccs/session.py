@@ -83,13 +83,8 @@ def now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
-class PendingAck:
-    __slots__ = ("msg_id", "sender_device", "sender_user")
-
-    def __init__(self, sender_user: str, sender_device: str, msg_id: str | int):
-        self.sender_user = sender_user
-        self.sender_device = sender_device
-        self.msg_id = msg_id
+# A message awaiting the receiver's ack: (sender user, sender device, the sender's message id).
+PendingAck = tuple[str, str, str | int]
 
 
 class _Outgoing:
@@ -187,7 +182,6 @@ class Session:
         """Handle one whole WebSocket message. Never raises."""
         if self.state == CLOSED:
             return
-        header: Any = None
         try:
             if is_text:
                 header = json_loads(payload)
@@ -199,6 +193,18 @@ class Session:
                     header, body_start, body_end = decode_envelope(payload)
                 except EnvelopeError as exc:
                     raise ProtocolError(ErrorCode.BAD_REQUEST, f"malformed msgpack envelope: {exc}") from None
+        except ProtocolError as exc:
+            self._on_protocol_error(exc, None, is_text)
+            return
+        self.on_envelope(header, payload, body_start, body_end, is_text)
+
+    def on_envelope(self, header: dict[str, Any], payload: bytes, body_start: int, body_end: int,
+                    is_text: bool) -> None:
+        """Handle one decoded envelope (``body`` bytes at ``payload[body_start:body_end]`` for msgpack,
+        inside ``header`` for JSON). Never raises."""
+        if self.state == CLOSED:
+            return
+        try:
             op = header.get("op")
             if self.state == AWAIT_HELLO:
                 self._on_hello(op, header, is_text)
@@ -221,17 +227,18 @@ class Session:
             else:
                 raise ProtocolError(ErrorCode.BAD_REQUEST, "envelope needs an 'op' string")
         except ProtocolError as exc:
-            msg_id = header.get("id") if isinstance(header, dict) else None
-            if self.state == AWAIT_HELLO:
-                if is_text:
-                    self.encoding = JSON
-                self._refuse(exc.code, exc.message, CloseCode.BAD_HELLO)
-            else:
-                self.send_error(exc.code, exc.message, msg_id)
+            self._on_protocol_error(exc, header, is_text)
         except Exception:
             log.exception("internal error handling a frame from %s", self.sink.peer)
-            msg_id = header.get("id") if isinstance(header, dict) else None
-            self.send_error(ErrorCode.INTERNAL, "internal server error", msg_id)
+            self.send_error(ErrorCode.INTERNAL, "internal server error", header.get("id"))
+
+    def _on_protocol_error(self, exc: ProtocolError, header: dict[str, Any] | None, is_text: bool) -> None:
+        if self.state == AWAIT_HELLO:
+            if is_text:
+                self.encoding = JSON
+            self._refuse(exc.code, exc.message, CloseCode.BAD_HELLO)
+        else:
+            self.send_error(exc.code, exc.message, None if header is None else header.get("id"))
 
     def _on_hello(self, op: Any, header: dict[str, Any], is_text: bool) -> None:
         self.encoding = JSON if is_text else MSGPACK
@@ -279,8 +286,6 @@ class Session:
 
     def _on_send(self, header: dict[str, Any], payload: bytes, body_start: int, body_end: int, is_text: bool) -> None:
         started = time.perf_counter_ns()
-        if not is_text and self._send_direct(header, payload, body_start, body_end, started):
-            return
         stats = self.hub.stats
         try:
             msg_id = check_message_id(header.get("id"))
@@ -333,39 +338,6 @@ class Session:
                 raise ProtocolError(ErrorCode.UNCONVERTIBLE, "the body cannot be converted for any receiver")
             raise ProtocolError(ErrorCode.NO_ROUTE, "no online device matched 'to'")
 
-    def _send_direct(self, header: dict[str, Any], payload: bytes, body_start: int, body_end: int,
-                     started: int) -> bool:
-        """The common case, without the general machinery: a msgpack ``send`` to one named, online,
-        msgpack device with a string id. Returns False (having done nothing) for anything else,
-        which then takes the general path with the same checks and results.
-        """
-        to = header.get("to")
-        msg_id = header.get("id")
-        app_type = header.get("type")
-        ack = header.get("ack", False)
-        if not (type(to) is dict and len(to) == 1 and type(msg_id) is str and type(app_type) is str
-                and (ack is False or ack is True)):
-            return False
-        name = to.get("device")
-        if not (type(name) is str and 0 < len(name) <= MAX_ID_CHARS and 0 < len(msg_id) <= MAX_ID_CHARS
-                and 0 < len(app_type) <= MAX_ID_CHARS and name != self.device):
-            return False
-        hub = self.hub
-        # Online under this user means owned by this user: ownership is recorded at hello.
-        target: Session | None = hub.routing.get(self.user, name)  # type: ignore[assignment, arg-type]
-        if target is None or target.encoding != MSGPACK:
-            return False
-        assert self.device is not None and self.user is not None
-        raw = payload[body_start:body_end] if body_start >= 0 else NIL
-        target.deliver_msgpack(encode_msg_prefix(msg_id, self.device, app_type, raw, now_ms(), ack),
-                               ack, self.user, self.device, msg_id)
-        stats = hub.stats
-        stats.count_frames(1, 1)
-        stats.record_route(_RESULT_ROUTED, time.perf_counter_ns() - started)
-        if ack:
-            self.send_control({"op": "receipt", "id": msg_id, "status": "routed", "devices": [name]})
-        return True
-
     def deliver_msgpack(self, prefix: bytes, ack: bool, sender_user: str, sender_device: str,
                         msg_id: str | int) -> None:
         """Write one msgpack ``msg`` (``prefix`` from encode_msg_prefix) with this session's next seq."""
@@ -373,7 +345,7 @@ class Session:
         self.sink.send_frame(append_seq(prefix, seq), False)
         self.next_seq = seq + 1
         if ack:
-            self.pending[seq] = PendingAck(sender_user, sender_device, msg_id)
+            self.pending[seq] = (sender_user, sender_device, msg_id)
 
     def _resolve(self, selector: Any) -> tuple[list[Session], list[tuple[str | None, ReceiptReason]]]:
         """Receivers of a selector and the devices it could not reach, with why."""
@@ -421,7 +393,7 @@ class Session:
         self.sink.send_frame(outgoing.json_frame_prefix() + str(seq).encode() + b"}", True)
         self.next_seq = seq + 1
         if outgoing.ack:
-            self.pending[seq] = PendingAck(sender_user, outgoing.sender, outgoing.msg_id)
+            self.pending[seq] = (sender_user, outgoing.sender, outgoing.msg_id)
 
     # ---- ack ----------------------------------------------------------
 
@@ -439,8 +411,9 @@ class Session:
         for seq in seqs:
             pending = self.pending.pop(seq, None)
             if pending is not None:
-                self.hub.send_receipt(pending.sender_user, pending.sender_device, {
-                    "op": "receipt", "id": pending.msg_id, "status": "delivered", "device": self.device,
+                sender_user, sender_device, msg_id = pending
+                self.hub.send_receipt(sender_user, sender_device, {
+                    "op": "receipt", "id": msg_id, "status": "delivered", "device": self.device,
                 })
 
     # ---- end ----------------------------------------------------------
@@ -456,9 +429,9 @@ class Session:
             return
         self.hub.unregister(self)
         pending, self.pending = self.pending, {}
-        for item in pending.values():
-            self.hub.send_receipt(item.sender_user, item.sender_device, {
-                "op": "receipt", "id": item.msg_id, "status": "failed",
+        for sender_user, sender_device, msg_id in pending.values():
+            self.hub.send_receipt(sender_user, sender_device, {
+                "op": "receipt", "id": msg_id, "status": "failed",
                 "reason": ReceiptReason.DISCONNECTED.value, "device": self.device,
             })
         log.debug("device %s of user %s disconnected", self.device, self.user)

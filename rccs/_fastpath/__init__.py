@@ -1,14 +1,15 @@
 """The hot path: envelope codec and routing table.
 
-The compiled modules (``_codec``, ``_routing``) are used when importable; the
-pure-Python twins (``codec``, ``routing``) when not, or when the environment
+The compiled modules (``_codec``, ``_routing``, ``_listener``) are used when importable; the
+pure-Python twins (``codec``, ``routing``, ``listener``) when not, or when the environment
 sets ``RCCS_PUREPYTHON=1``. Both expose the same names with the same results
 and exceptions. ``IMPLEMENTATION`` says which one is in use: ``"cython"`` or
 ``"python"``. Module constants (selector kinds, result codes, bucket bounds)
 are the same in both; import them from the twin ``rccs._fastpath.routing``.
 
-The chosen modules are bound to ``codec_impl`` and ``routing_impl``, never to
-``codec``/``routing``, so that importing a twin by name always gives the twin.
+The chosen modules are bound to ``codec_impl``, ``routing_impl`` and
+``listener_impl``, never to ``codec``/``routing``/``listener``, so that
+importing a twin by name always gives the twin.
 """
 
 from __future__ import annotations
@@ -21,21 +22,20 @@ from typing import TYPE_CHECKING
 from .errors import EnvelopeError
 
 
-def _load() -> tuple[ModuleType, ModuleType, str]:
+def _load() -> tuple[ModuleType, ModuleType, ModuleType, str]:
     if os.environ.get("RCCS_PUREPYTHON") != "1":
         try:
-            compiled_codec = importlib.import_module("._codec", __name__)
-            compiled_routing = importlib.import_module("._routing", __name__)
+            compiled = [importlib.import_module(f"._{name}", __name__) for name in ("codec", "routing", "listener")]
         except ImportError:
             pass
         else:
-            return compiled_codec, compiled_routing, "cython"
-    from . import codec, routing
+            return compiled[0], compiled[1], compiled[2], "cython"
+    from . import codec, listener, routing
 
-    return codec, routing, "python"
+    return codec, routing, listener, "python"
 
 
-codec_impl, routing_impl, IMPLEMENTATION = _load()
+codec_impl, routing_impl, listener_impl, IMPLEMENTATION = _load()
 
 if TYPE_CHECKING:  # both implementations share the twins' signatures
     from .codec import append_seq, decode_envelope, encode_msg_prefix
@@ -56,5 +56,6 @@ __all__ = [
     "codec_impl",
     "decode_envelope",
     "encode_msg_prefix",
+    "listener_impl",
     "routing_impl",
 ]

@@ -857,3 +857,41 @@ def test_route_stats_clamps_latency_so_sums_stay_exact():
     assert canon(cy_stats.snapshot()) == canon(py_stats.snapshot())
     assert cy_stats.snapshot()["latency_sum_ns"] == 6 * py_routing.MAX_LATENCY_NS
     assert cy_stats.snapshot()["frames_in"] == 3 * (2**32 - 1)
+
+
+# ---- listener ---------------------------------------------------------------------
+
+py_listener = _pure_twin("listener")
+if os.environ.get("RCCS_PUREPYTHON") == "1":
+    cy_listener = pytest.importorskip("rccs._fastpath._listener")
+else:
+    from rccs._fastpath import _listener as cy_listener
+
+
+@pytest.mark.parametrize("length", [0, 1, 125, 126, 127, 65535, 65536, 2**32, 2**40])
+@pytest.mark.parametrize("text", [True, False])
+def test_frame_header_golden(length, text):
+    header = py_listener.frame_header(length, text)
+    assert cy_listener.frame_header(length, text) == header
+    assert header[0] == (0x81 if text else 0x82)
+    if length < 126:
+        assert header[1:] == bytes([length])
+    elif length < 65536:
+        assert header[1:] == b"\x7e" + length.to_bytes(2, "big")
+    else:
+        assert header[1:] == b"\x7f" + length.to_bytes(8, "big")
+
+
+@pytest.mark.parametrize("length", [-1, 1.0, None, "3"])
+def test_frame_header_refuses_bad_lengths(length):
+    for module in (py_listener, cy_listener):
+        with pytest.raises(ValueError, match="length must be a non-negative int"):
+            module.frame_header(length, True)
+
+
+def test_listener_twins_expose_the_same_names():
+    for name in ("ServerConnection", "WriteCoalescer", "frame_header"):
+        assert hasattr(py_listener, name) and hasattr(cy_listener, name)
+    for method in ("on_ws_connected", "on_ws_frame", "on_ws_disconnected", "send_frame", "flush", "close",
+                   "hello_done"):
+        assert hasattr(py_listener.ServerConnection, method) and hasattr(cy_listener.ServerConnection, method)

@@ -1,0 +1,308 @@
+"""picows listener, compiled twin of ``listener.py``.
+
+Same class and behaviour as the pure-Python module (read its docstring for
+the theory of operation). Compiled as a subclass of picows' cdef
+``WSListener``, so picows calls ``on_ws_frame`` without a Python-level
+dispatch, and the direct routing path runs as C with calls into the compiled
+codec. Built against picows' ``picows.pxd``; the package pins the picows
+version it was built with because the class layout is shared at C level.
+"""
+
+import asyncio
+
+from cpython.bytes cimport PyBytes_FromStringAndSize
+from libc.time cimport time_t
+from picows.picows cimport WSFrame, WSListener, WSMsgType, WSTransport
+
+from rccs._fastpath._codec cimport append_seq, decode_envelope, encode_msg_prefix
+from rccs._fastpath.errors import EnvelopeError
+from rccs.errors import CloseCode
+
+cdef extern from "<time.h>" nogil:
+    ctypedef int clockid_t
+    cdef struct timespec:
+        time_t tv_sec
+        long tv_nsec
+    int clock_gettime(clockid_t clk_id, timespec* tp)
+    clockid_t CLOCK_MONOTONIC
+    clockid_t CLOCK_REALTIME
+
+MAX_ID_CHARS = 128
+
+cdef enum:
+    C_MAX_ID_CHARS = 128
+    RESULT_ROUTED = 0
+
+cdef bytes _NIL = b"\xc0"
+cdef int _FIN_TEXT = 0x81
+cdef int _FIN_BINARY = 0x82
+cdef list _SHORT_TEXT_HEADERS = [bytes((0x81, n)) for n in range(126)]
+cdef list _SHORT_BINARY_HEADERS = [bytes((0x82, n)) for n in range(126)]
+cdef str _MSGPACK = "msgpack"
+cdef str _SEND = "send"
+
+
+cdef inline long long _monotonic_ns() noexcept nogil:
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return <long long>ts.tv_sec * 1000000000 + ts.tv_nsec
+
+
+cdef inline long long _now_ms() noexcept nogil:
+    cdef timespec ts
+    clock_gettime(CLOCK_REALTIME, &ts)
+    return <long long>ts.tv_sec * 1000 + ts.tv_nsec // 1000000
+
+
+cdef bytes _frame_header(Py_ssize_t length, bint text):
+    cdef int first
+    if length < 126:
+        return <bytes>(_SHORT_TEXT_HEADERS if text else _SHORT_BINARY_HEADERS)[length]
+    first = _FIN_TEXT if text else _FIN_BINARY
+    if length < 65536:
+        return bytes((first, 126)) + (<object>length).to_bytes(2, "big")
+    return bytes((first, 127)) + (<object>length).to_bytes(8, "big")
+
+
+def frame_header(length, text):
+    """RFC 6455 header of an unmasked, final text or binary frame carrying ``length`` bytes."""
+    if type(length) is not int or length < 0:
+        raise ValueError("length must be a non-negative int")
+    if length < 126:
+        return (_SHORT_TEXT_HEADERS if text else _SHORT_BINARY_HEADERS)[length]
+    first = _FIN_TEXT if text else _FIN_BINARY
+    if length < 65536:
+        return bytes((first, 126)) + length.to_bytes(2, "big")
+    return bytes((first, 127)) + length.to_bytes(8, "big")
+
+
+class WriteCoalescer:
+    """Flushes every connection that queued frames during this loop iteration, once."""
+
+    def __init__(self):
+        self._dirty = []
+        self._loop = None
+
+    def schedule(self, connection):
+        if not self._dirty:
+            if self._loop is None:
+                self._loop = asyncio.get_running_loop()
+            self._loop.call_soon(self.flush)
+        self._dirty.append(connection)
+
+    def flush(self):
+        dirty, self._dirty = self._dirty, []
+        for connection in dirty:
+            connection.flush()
+
+
+cdef class ServerConnection(WSListener):
+    """One accepted WebSocket connection; the Sink of its Session.
+
+    ``session_factory(hub, connection)`` builds the Session when the
+    WebSocket handshake completes (the connection does not import sessions).
+    """
+
+    cdef public object hub
+    cdef public object coalescer
+    cdef public object session_factory
+    cdef public object transport
+    cdef public object session
+    cdef public object peer
+    cdef list _outbox
+    cdef object _fragments
+    cdef bint _fragments_text
+    cdef object _hello_timer
+    cdef bint _direct
+    cdef object _user
+    cdef object _device
+    cdef object _routing
+    cdef object _stats
+
+    def __init__(self, hub, coalescer, session_factory):
+        self.hub = hub
+        self.coalescer = coalescer
+        self.session_factory = session_factory
+        self.transport = None
+        self.session = None
+        self.peer = "?"
+        self._outbox = None
+        self._fragments = None
+        self._fragments_text = False
+        self._hello_timer = None
+        self._direct = False
+        self._user = ""
+        self._device = ""
+        self._routing = None
+        self._stats = None
+
+    # ---- picows callbacks ----------------------------------------------
+
+    cpdef on_ws_connected(self, WSTransport transport):
+        self.transport = transport
+        peername = transport.underlying_transport.get_extra_info("peername")
+        if peername:
+            self.peer = f"{peername[0]}:{peername[1]}"
+        hub = self.hub
+        if hub.is_full() or not hub.accepting:
+            code = CloseCode.TRY_AGAIN_LATER if hub.accepting else CloseCode.GOING_AWAY
+            hub.closes_sent[int(code)] += 1
+            transport.send_close(int(code), b"server full" if hub.accepting else b"shutting down")
+            transport.disconnect()
+            return
+        self.session = self.session_factory(hub, self)
+        self._hello_timer = asyncio.get_running_loop().call_later(
+            hub.settings.hello_timeout, self.session.on_hello_timeout
+        )
+
+    cpdef on_ws_frame(self, WSTransport transport, WSFrame frame):
+        cdef WSMsgType msg_type
+        cdef bytes payload
+        session = self.session
+        if session is None or transport.is_close_frame_sent:
+            # picows keeps parsing after it refused an oversized frame and may
+            # still deliver that frame; nothing is accepted once we are closing.
+            return
+        msg_type = frame.msg_type
+        if msg_type == WSMsgType.BINARY or msg_type == WSMsgType.TEXT:
+            if self._fragments is not None:
+                self.close(CloseCode.PROTOCOL_ERROR, "new message inside a fragmented message")
+                return
+            if frame.fin:
+                payload = PyBytes_FromStringAndSize(frame.payload_ptr, frame.payload_size)
+                if self._direct and msg_type == WSMsgType.BINARY:
+                    self._on_binary(payload)
+                else:
+                    session.on_frame(payload, msg_type == WSMsgType.TEXT)
+            else:
+                self._fragments = bytearray(frame.get_payload_as_memoryview())
+                self._fragments_text = msg_type == WSMsgType.TEXT
+        elif msg_type == WSMsgType.CONTINUATION:
+            fragments = self._fragments
+            if fragments is None:
+                self.close(CloseCode.PROTOCOL_ERROR, "continuation frame without a message")
+                return
+            if len(fragments) + frame.payload_size > self.hub.settings.max_message_bytes:
+                self.close(CloseCode.MESSAGE_TOO_BIG, "message too big")
+                return
+            fragments += frame.get_payload_as_memoryview()
+            if frame.fin:
+                self._fragments = None
+                session.on_frame(bytes(fragments), self._fragments_text)
+        elif msg_type == WSMsgType.CLOSE:
+            if not transport.is_close_frame_sent:
+                transport.send_close(frame.get_close_code())
+            transport.disconnect()
+
+    cpdef on_ws_disconnected(self, WSTransport transport):
+        self._direct = False
+        if self._hello_timer is not None:
+            self._hello_timer.cancel()
+            self._hello_timer = None
+        if self.session is not None:
+            self.session.on_closed()
+
+    # ---- direct path --------------------------------------------------------
+
+    cdef _on_binary(self, bytes payload):
+        """A whole binary message on an open msgpack session."""
+        cdef long long started = _monotonic_ns()
+        cdef tuple decoded
+        try:
+            decoded = decode_envelope(payload)
+        except EnvelopeError:
+            self.session.on_frame(payload, False)  # the session reports the error
+            return
+        header = <dict>decoded[0]
+        if header.get("op") != _SEND or not self._send_direct(header, payload, decoded[1], decoded[2], started):
+            self.session.on_envelope(header, payload, decoded[1], decoded[2], False)
+
+    cdef bint _send_direct(self, dict header, bytes payload, Py_ssize_t body_start, Py_ssize_t body_end,
+                           long long started) except -1:
+        """Route the common ``send``; False (having done nothing) for anything else."""
+        cdef ServerConnection target_connection
+        cdef object ack
+        to = header.get("to")
+        msg_id = header.get("id")
+        app_type = header.get("type")
+        ack = header.get("ack", False)
+        if not (type(to) is dict and len(<dict>to) == 1 and type(msg_id) is str and type(app_type) is str
+                and (ack is False or ack is True)):
+            return False
+        name = (<dict>to).get("device")
+        if not (type(name) is str and 0 < len(<str>name) <= C_MAX_ID_CHARS
+                and 0 < len(<str>msg_id) <= C_MAX_ID_CHARS and 0 < len(<str>app_type) <= C_MAX_ID_CHARS
+                and name != self._device):
+            return False
+        # Online under this user means owned by this user: ownership is recorded at hello.
+        target = self._routing.get(self._user, name)
+        if target is None:
+            return False
+        sink = target.sink
+        if type(sink) is not ServerConnection or not (<ServerConnection>sink)._direct:
+            return False
+        target_connection = <ServerConnection>sink
+        self._routing.touch(self._user, self._device)
+        body = payload[body_start:body_end] if body_start >= 0 else _NIL
+        prefix = encode_msg_prefix(msg_id, self._device, app_type, body, _now_ms(), ack)
+        seq = target.next_seq
+        target.next_seq = seq + 1
+        target_connection.send_frame(append_seq(prefix, seq), False)
+        if ack is True:
+            target.pending[seq] = (self._user, self._device, msg_id)
+        stats = self._stats
+        stats.count_frames(1, 1)
+        stats.record_route(RESULT_ROUTED, _monotonic_ns() - started)
+        if ack is True:
+            self.session.send_control({"op": "receipt", "id": msg_id, "status": "routed", "devices": [name]})
+        return True
+
+    # ---- Sink ---------------------------------------------------------------
+
+    cpdef send_frame(self, bytes data, bint text):
+        transport = self.transport
+        if transport is None or (<WSTransport>transport).is_close_frame_sent:
+            return
+        if self._outbox is None:
+            self._outbox = [_frame_header(len(data), text), data]
+            self.coalescer.schedule(self)
+        else:
+            self._outbox.append(_frame_header(len(data), text))
+            self._outbox.append(data)
+
+    cpdef flush(self):
+        """Write the frames queued since the last flush in one go."""
+        cdef WSTransport transport
+        outbox = self._outbox
+        if outbox is None:
+            return
+        self._outbox = None
+        if self.transport is None:
+            return
+        transport = <WSTransport>self.transport
+        if not transport.is_disconnected and not transport.is_close_frame_sent:
+            transport.underlying_transport.writelines(outbox)
+
+    cpdef close(self, code, reason):
+        self._direct = False
+        transport = self.transport
+        if transport is None:
+            return
+        self.flush()
+        if not (<WSTransport>transport).is_close_frame_sent:
+            (<WSTransport>transport).send_close(int(code), reason.encode("utf-8")[:123])
+        (<WSTransport>transport).disconnect()
+        if self.session is not None:
+            self.session.on_closed()
+
+    cpdef hello_done(self):
+        """The session said welcome: stop the hello timer; enable the direct path on msgpack."""
+        if self._hello_timer is not None:
+            self._hello_timer.cancel()
+            self._hello_timer = None
+        session = self.session
+        self._user = session.user
+        self._device = session.device
+        self._routing = self.hub.routing
+        self._stats = self.hub.stats
+        self._direct = session.encoding == _MSGPACK

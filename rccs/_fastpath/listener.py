@@ -1,0 +1,269 @@
+"""picows listener, pure-Python twin of ``_listener.pyx``.
+
+Turns WebSocket frames into whole messages for a Session: copies payloads
+(a picows ``WSFrame`` is only valid inside ``on_ws_frame``), reassembles
+fragmented messages up to ``max_message_bytes``, answers CLOSE frames, and
+implements the session's ``Sink``.
+
+Direct path: once the session is open on msgpack, a binary ``send`` to one
+named, online msgpack device with a string id is routed here without the
+general session machinery (selector parsing, fan-out bookkeeping): decode,
+look up, encode once, queue. Anything else, and any doubt, goes to
+``Session.on_envelope`` with the already-decoded header, which applies the
+full rules. Both paths produce the same frames, receipts and counters.
+
+Write coalescing: outgoing data frames are queued per connection; the first
+frame queued in an event-loop iteration schedules one ``call_soon`` flush
+(``WriteCoalescer``) that writes every queued connection's batch with a
+single ``writelines``: one send syscall per connection per iteration instead
+of one per message. Server frames are unmasked, so framing them is a 2, 4 or
+10 byte header. Control frames (close, pong) go through picows; a
+connection's batch is flushed before its close frame.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from typing import Any
+
+from picows import WSFrame, WSListener, WSMsgType, WSTransport
+
+from ..errors import CloseCode
+from .codec import append_seq, decode_envelope, encode_msg_prefix
+from .errors import EnvelopeError
+from .routing import RESULT_ROUTED
+
+_BINARY = WSMsgType.BINARY
+_TEXT = WSMsgType.TEXT
+_CONTINUATION = WSMsgType.CONTINUATION
+_CLOSE = WSMsgType.CLOSE
+
+_FIN_TEXT = 0x81
+_FIN_BINARY = 0x82
+_SHORT_TEXT_HEADERS = [bytes((_FIN_TEXT, n)) for n in range(126)]
+_SHORT_BINARY_HEADERS = [bytes((_FIN_BINARY, n)) for n in range(126)]
+
+MAX_ID_CHARS = 128
+_NIL = b"\xc0"
+
+
+def frame_header(length: int, text: bool) -> bytes:
+    """RFC 6455 header of an unmasked, final text or binary frame carrying ``length`` bytes."""
+    if type(length) is not int or length < 0:
+        raise ValueError("length must be a non-negative int")
+    if length < 126:
+        return (_SHORT_TEXT_HEADERS if text else _SHORT_BINARY_HEADERS)[length]
+    first = _FIN_TEXT if text else _FIN_BINARY
+    if length < 65536:
+        return bytes((first, 126)) + length.to_bytes(2, "big")
+    return bytes((first, 127)) + length.to_bytes(8, "big")
+
+
+class WriteCoalescer:
+    """Flushes every connection that queued frames during this loop iteration, once."""
+
+    def __init__(self) -> None:
+        self._dirty: list[Any] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def schedule(self, connection: Any) -> None:
+        if not self._dirty:
+            if self._loop is None:
+                self._loop = asyncio.get_running_loop()
+            self._loop.call_soon(self.flush)
+        self._dirty.append(connection)
+
+    def flush(self) -> None:
+        dirty, self._dirty = self._dirty, []
+        for connection in dirty:
+            connection.flush()
+
+
+class ServerConnection(WSListener):
+    """One accepted WebSocket connection; the Sink of its Session.
+
+    ``session_factory(hub, connection)`` builds the Session when the
+    WebSocket handshake completes (the connection does not import sessions).
+    """
+
+    def __init__(self, hub: Any, coalescer: WriteCoalescer, session_factory: Callable[[Any, Any], Any]):
+        super().__init__()
+        self.hub = hub
+        self.coalescer = coalescer
+        self.session_factory = session_factory
+        self.transport: WSTransport | None = None
+        self.session: Any = None
+        self.peer = "?"
+        self._outbox: list[bytes] | None = None
+        self._fragments: bytearray | None = None
+        self._fragments_text = False
+        self._hello_timer: asyncio.TimerHandle | None = None
+        # Set by hello_done when the session is open on msgpack: the direct path's state.
+        self._direct = False
+        self._user: str = ""
+        self._device: str = ""
+        self._routing: Any = None
+        self._stats: Any = None
+
+    # ---- picows callbacks ----------------------------------------------
+
+    def on_ws_connected(self, transport: WSTransport) -> None:
+        self.transport = transport
+        peername = transport.underlying_transport.get_extra_info("peername")
+        if peername:
+            self.peer = f"{peername[0]}:{peername[1]}"
+        hub = self.hub
+        if hub.is_full() or not hub.accepting:
+            code = CloseCode.TRY_AGAIN_LATER if hub.accepting else CloseCode.GOING_AWAY
+            hub.closes_sent[int(code)] += 1
+            transport.send_close(int(code), b"server full" if hub.accepting else b"shutting down")  # type: ignore[arg-type]
+            transport.disconnect()
+            return
+        self.session = self.session_factory(hub, self)
+        self._hello_timer = asyncio.get_running_loop().call_later(
+            hub.settings.hello_timeout, self.session.on_hello_timeout
+        )
+
+    def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
+        session = self.session
+        if session is None or transport.is_close_frame_sent:
+            # picows keeps parsing after it refused an oversized frame and may
+            # still deliver that frame; nothing is accepted once we are closing.
+            return
+        msg_type = frame.msg_type
+        if msg_type in (_BINARY, _TEXT):
+            if self._fragments is not None:
+                self.close(CloseCode.PROTOCOL_ERROR, "new message inside a fragmented message")
+                return
+            if frame.fin:
+                payload = frame.get_payload_as_bytes()
+                if self._direct and msg_type == _BINARY:
+                    self._on_binary(payload)
+                else:
+                    session.on_frame(payload, msg_type == _TEXT)
+            else:
+                self._fragments = bytearray(frame.get_payload_as_memoryview())
+                self._fragments_text = msg_type == _TEXT
+        elif msg_type == _CONTINUATION:
+            fragments = self._fragments
+            if fragments is None:
+                self.close(CloseCode.PROTOCOL_ERROR, "continuation frame without a message")
+                return
+            if len(fragments) + frame.payload_size > self.hub.settings.max_message_bytes:
+                self.close(CloseCode.MESSAGE_TOO_BIG, "message too big")
+                return
+            fragments += frame.get_payload_as_memoryview()
+            if frame.fin:
+                self._fragments = None
+                session.on_frame(bytes(fragments), self._fragments_text)
+        elif msg_type == _CLOSE:
+            if not transport.is_close_frame_sent:
+                transport.send_close(frame.get_close_code())
+            transport.disconnect()
+
+    def on_ws_disconnected(self, transport: WSTransport) -> None:
+        self._direct = False
+        if self._hello_timer is not None:
+            self._hello_timer.cancel()
+            self._hello_timer = None
+        if self.session is not None:
+            self.session.on_closed()
+
+    # ---- direct path --------------------------------------------------------
+
+    def _on_binary(self, payload: bytes) -> None:
+        """A whole binary message on an open msgpack session."""
+        started = time.perf_counter_ns()
+        try:
+            header, body_start, body_end = decode_envelope(payload)
+        except EnvelopeError:
+            self.session.on_frame(payload, False)  # the session reports the error
+            return
+        if header.get("op") != "send" or not self._send_direct(header, payload, body_start, body_end, started):
+            self.session.on_envelope(header, payload, body_start, body_end, False)
+
+    def _send_direct(self, header: dict[str, Any], payload: bytes, body_start: int, body_end: int,
+                     started: int) -> bool:
+        """Route the common ``send``; False (having done nothing) for anything else."""
+        to = header.get("to")
+        msg_id = header.get("id")
+        app_type = header.get("type")
+        ack = header.get("ack", False)
+        if not (type(to) is dict and len(to) == 1 and type(msg_id) is str and type(app_type) is str
+                and (ack is False or ack is True)):
+            return False
+        name = to.get("device")
+        if not (type(name) is str and 0 < len(name) <= MAX_ID_CHARS and 0 < len(msg_id) <= MAX_ID_CHARS
+                and 0 < len(app_type) <= MAX_ID_CHARS and name != self._device):
+            return False
+        # Online under this user means owned by this user: ownership is recorded at hello.
+        target = self._routing.get(self._user, name)
+        if target is None:
+            return False
+        target_connection = target.sink
+        if not (type(target_connection) is ServerConnection and target_connection._direct):
+            return False
+        self._routing.touch(self._user, self._device)
+        body = payload[body_start:body_end] if body_start >= 0 else _NIL
+        prefix = encode_msg_prefix(msg_id, self._device, app_type, body, time.time_ns() // 1_000_000, ack)
+        seq = target.next_seq
+        target.next_seq = seq + 1
+        target_connection.send_frame(append_seq(prefix, seq), False)
+        if ack:
+            target.pending[seq] = (self._user, self._device, msg_id)
+        stats = self._stats
+        stats.count_frames(1, 1)
+        stats.record_route(RESULT_ROUTED, time.perf_counter_ns() - started)
+        if ack:
+            self.session.send_control({"op": "receipt", "id": msg_id, "status": "routed", "devices": [name]})
+        return True
+
+    # ---- Sink ---------------------------------------------------------------
+
+    def send_frame(self, data: bytes, text: bool) -> None:
+        transport = self.transport
+        if transport is None or transport.is_close_frame_sent:
+            return
+        outbox = self._outbox
+        if outbox is None:
+            self._outbox = [frame_header(len(data), text), data]
+            self.coalescer.schedule(self)
+        else:
+            outbox.append(frame_header(len(data), text))
+            outbox.append(data)
+
+    def flush(self) -> None:
+        """Write the frames queued since the last flush in one go."""
+        outbox = self._outbox
+        if outbox is None:
+            return
+        self._outbox = None
+        transport = self.transport
+        if transport is not None and not transport.is_disconnected and not transport.is_close_frame_sent:
+            transport.underlying_transport.writelines(outbox)
+
+    def close(self, code: int, reason: str) -> None:
+        self._direct = False
+        transport = self.transport
+        if transport is None:
+            return
+        self.flush()
+        if not transport.is_close_frame_sent:
+            transport.send_close(int(code), reason.encode("utf-8")[:123])  # type: ignore[arg-type]
+        transport.disconnect()
+        if self.session is not None:
+            self.session.on_closed()
+
+    def hello_done(self) -> None:
+        """The session said welcome: stop the hello timer; enable the direct path on msgpack."""
+        if self._hello_timer is not None:
+            self._hello_timer.cancel()
+            self._hello_timer = None
+        session = self.session
+        self._user = session.user
+        self._device = session.device
+        self._routing = self.hub.routing
+        self._stats = self.hub.stats
+        self._direct = session.encoding == "msgpack"
