@@ -53,6 +53,19 @@ def test_encode_msg_baseline_msgpack_packb(benchmark):
     assert benchmark(msgpack.packb, message)
 
 
+@pytest.mark.benchmark(group="fanout_encode_100")
+def test_fanout_encode_once_for_100_receivers(benchmark, fastpath):
+    """A message to 100 receivers: encoded once, then only each receiver's seq is appended."""
+    codec, _ = fastpath
+
+    def fan_out():
+        prefix = codec.encode_msg_prefix("7f3a9c1e-42", "alice-phone", "task_status", BODY, 1767225600000, False)
+        return [codec.append_seq(prefix, seq) for seq in range(1, 101)]
+
+    frames = benchmark(fan_out)
+    assert len(frames) == 100 and msgpack.unpackb(frames[-1])["seq"] == 100
+
+
 def _populated(routing, users, devices_per_user):
     table = routing.RoutingTable()
     types = ["mobile", "desktop", "extension", "web"]
