@@ -15,6 +15,7 @@ from libc.time cimport time_t
 from picows.picows cimport WSFrame, WSListener, WSMsgType, WSTransport
 
 from rccs._fastpath._codec cimport append_seq, decode_envelope, encode_msg_prefix
+from rccs._fastpath._routing cimport RoutingTable, RouteStats
 from rccs._fastpath.errors import EnvelopeError
 from rccs.errors import CloseCode
 
@@ -116,8 +117,8 @@ cdef class ServerConnection(WSListener):
     cdef bint _direct
     cdef object _user
     cdef object _device
-    cdef object _routing
-    cdef object _stats
+    cdef RoutingTable _routing
+    cdef RouteStats _stats
 
     def __init__(self, hub, coalescer, session_factory):
         self.hub = hub
@@ -250,9 +251,8 @@ cdef class ServerConnection(WSListener):
         target_connection.send_frame(append_seq(prefix, seq), False)
         if ack is True:
             target.pending[seq] = (self._user, self._device, msg_id)
-        stats = self._stats
-        stats.count_frames(1, 1)
-        stats.record_route(RESULT_ROUTED, _monotonic_ns() - started)
+        self._stats.count_frames(1, 1)
+        self._stats.record_route(RESULT_ROUTED, _monotonic_ns() - started)
         if ack is True:
             self.session.send_control({"op": "receipt", "id": msg_id, "status": "routed", "devices": [name]})
         return True

@@ -18,6 +18,8 @@ cdef class RoutingTable:
     cdef Py_ssize_t _size
 
     cdef object _unlink(self, object user, object device)
+    cpdef touch(self, object user, object device)
+    cpdef object get(self, object user, object device)
 
 
 cdef class RouteStats:
@@ -26,3 +28,6 @@ cdef class RouteStats:
     cdef unsigned long long _latency_sum_ns
     cdef unsigned long long _frames_in
     cdef unsigned long long _frames_out
+
+    cpdef record_route(self, object result, object latency_ns)
+    cpdef count_frames(self, object frames_in, object frames_out)

@@ -146,7 +146,7 @@ cdef class RoutingTable:
         self._size -= 1
         return entry.handle
 
-    def touch(self, user, device):
+    cpdef touch(self, object user, object device):
         """Mark (user, device) as the most recently active of its user's devices."""
         cdef object devices = self._users.get(user)
         cdef object entry
@@ -156,7 +156,7 @@ cdef class RoutingTable:
                 self._clock += 1
                 (<_Entry>entry).stamp = self._clock
 
-    def get(self, user, device):
+    cpdef object get(self, object user, object device):
         """The online handle of (user, device), or None."""
         cdef object devices = self._users.get(user)
         cdef object entry
@@ -245,7 +245,7 @@ cdef class RouteStats:
         self._frames_in = 0
         self._frames_out = 0
 
-    def record_route(self, result, latency_ns):
+    cpdef record_route(self, object result, object latency_ns):
         """Count one routed ``send`` with its result and server-side latency (clamped to 0..MAX_LATENCY_NS)."""
         cdef long long ns
         cdef int overflow = 0
@@ -263,11 +263,11 @@ cdef class RouteStats:
         # Same double arithmetic as routing.py's ``latency_ns / 1000.0`` (exact below 2**53).
         self._buckets[_bucket_index(<double>ns / 1000.0)] += 1
 
-    def count_frames(self, frames_in, frames_out):
+    cpdef count_frames(self, object frames_in, object frames_out):
         """Add to the messages-in and messages-out counters."""
-        for count in (frames_in, frames_out):
-            if type(count) is not int or not 0 <= count <= MAX_FRAMES_PER_CALL:
-                raise ValueError("frame counts must be ints in 0..2**32-1")
+        if not (type(frames_in) is int and type(frames_out) is int
+                and 0 <= frames_in <= MAX_FRAMES_PER_CALL and 0 <= frames_out <= MAX_FRAMES_PER_CALL):
+            raise ValueError("frame counts must be ints in 0..2**32-1")
         self._frames_in += <unsigned long long>frames_in
         self._frames_out += <unsigned long long>frames_out
 
