@@ -29,6 +29,8 @@ cdef extern from "<time.h>" nogil:
     clockid_t CLOCK_REALTIME
 
 MAX_ID_CHARS = 128
+MIN_INT_ID = -(2**63)
+MAX_INT_ID = 2**64 - 1
 
 cdef enum:
     C_MAX_ID_CHARS = 128
@@ -227,12 +229,15 @@ cdef class ServerConnection(WSListener):
         msg_id = header.get("id")
         app_type = header.get("type")
         ack = header.get("ack", False)
-        if not (type(to) is dict and len(<dict>to) == 1 and type(msg_id) is str and type(app_type) is str
-                and (ack is False or ack is True)):
+        if not (type(to) is dict and len(<dict>to) == 1 and type(app_type) is str and (ack is False or ack is True)):
+            return False
+        if type(msg_id) is str:
+            if not 0 < len(<str>msg_id) <= C_MAX_ID_CHARS:
+                return False
+        elif type(msg_id) is not int or not MIN_INT_ID <= msg_id <= MAX_INT_ID:
             return False
         name = (<dict>to).get("device")
-        if not (type(name) is str and 0 < len(<str>name) <= C_MAX_ID_CHARS
-                and 0 < len(<str>msg_id) <= C_MAX_ID_CHARS and 0 < len(<str>app_type) <= C_MAX_ID_CHARS
+        if not (type(name) is str and 0 < len(<str>name) <= C_MAX_ID_CHARS and 0 < len(<str>app_type) <= C_MAX_ID_CHARS
                 and name != self._device):
             return False
         # Online under this user means owned by this user: ownership is recorded at hello.

@@ -46,6 +46,8 @@ _SHORT_TEXT_HEADERS = [bytes((_FIN_TEXT, n)) for n in range(126)]
 _SHORT_BINARY_HEADERS = [bytes((_FIN_BINARY, n)) for n in range(126)]
 
 MAX_ID_CHARS = 128
+MIN_INT_ID = -(2**63)
+MAX_INT_ID = 2**64 - 1
 _NIL = b"\xc0"
 
 
@@ -191,12 +193,16 @@ class ServerConnection(WSListener):
         msg_id = header.get("id")
         app_type = header.get("type")
         ack = header.get("ack", False)
-        if not (type(to) is dict and len(to) == 1 and type(msg_id) is str and type(app_type) is str
-                and (ack is False or ack is True)):
+        if not (type(to) is dict and len(to) == 1 and type(app_type) is str and (ack is False or ack is True)):
+            return False
+        if type(msg_id) is str:
+            if not 0 < len(msg_id) <= MAX_ID_CHARS:
+                return False
+        elif type(msg_id) is not int or not MIN_INT_ID <= msg_id <= MAX_INT_ID:
             return False
         name = to.get("device")
-        if not (type(name) is str and 0 < len(name) <= MAX_ID_CHARS and 0 < len(msg_id) <= MAX_ID_CHARS
-                and 0 < len(app_type) <= MAX_ID_CHARS and name != self._device):
+        if not (type(name) is str and 0 < len(name) <= MAX_ID_CHARS and 0 < len(app_type) <= MAX_ID_CHARS
+                and name != self._device):
             return False
         # Online under this user means owned by this user: ownership is recorded at hello.
         target = self._routing.get(self._user, name)

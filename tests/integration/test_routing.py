@@ -242,3 +242,14 @@ async def test_same_device_reconnecting_replaces_old_connection(server, connect)
     other = await connect("alice", "other")
     await other.send({"device": "dup"}, "t", "to the new one")
     assert (await new.next_message(timeout=5)).body == "to the new one"
+
+
+@pytest.mark.parametrize("msg_id", [0, 2**64 - 1, -(2**63), "s" * 128])
+async def test_direct_send_with_boundary_ids(connect, msg_id):
+    a = await connect("alice", "a")
+    b = await connect("alice", "b")
+    receipts, message = await asyncio.gather(
+        a.send({"device": "b"}, "t", [msg_id], ack=True, id=msg_id), b.next_message(timeout=5)
+    )
+    assert message.id == msg_id and message.body == [msg_id]
+    assert [(r.id, r.status) for r in receipts] == [(msg_id, "delivered")]
