@@ -17,7 +17,11 @@ from picows.picows cimport WSFrame, WSListener, WSMsgType, WSTransport
 from rccs._fastpath._codec cimport append_seq, decode_envelope, encode_msg_prefix
 from rccs._fastpath._routing cimport RoutingTable, RouteStats
 from rccs._fastpath.errors import EnvelopeError
-from rccs.errors import CloseCode
+import logging
+
+from rccs.errors import CloseCode, ErrorCode
+
+log = logging.getLogger("rccs.session")
 
 cdef extern from "<time.h>" nogil:
     ctypedef int clockid_t
@@ -43,6 +47,7 @@ cdef list _SHORT_TEXT_HEADERS = [bytes((0x81, n)) for n in range(126)]
 cdef list _SHORT_BINARY_HEADERS = [bytes((0x82, n)) for n in range(126)]
 cdef str _MSGPACK = "msgpack"
 cdef str _SEND = "send"
+cdef str _ACK = "ack"
 
 
 cdef inline long long _monotonic_ns() noexcept nogil:
@@ -217,8 +222,32 @@ cdef class ServerConnection(WSListener):
             self.session.on_frame(payload, False)  # the session reports the error
             return
         header = <dict>decoded[0]
-        if header.get("op") != _SEND or not self._send_direct(header, payload, decoded[1], decoded[2], started):
-            self.session.on_envelope(header, payload, decoded[1], decoded[2], False)
+        op = header.get("op")
+        try:
+            if op == _SEND:
+                if self._send_direct(header, payload, decoded[1], decoded[2], started):
+                    return
+            elif op == _ACK and self._ack_direct(header):
+                return
+        except Exception:
+            # Contained like the session's own handlers: logged, answered, the connection lives on.
+            log.exception("internal error handling a frame from %s", self.peer)
+            self.session.send_error(ErrorCode.INTERNAL, "internal server error", header.get("id"))
+            return
+        self.session.on_envelope(header, payload, decoded[1], decoded[2], False)
+
+    cdef bint _ack_direct(self, dict header) except -1:
+        """An ack of one seq: settle it and give the sender its ``delivered`` receipt."""
+        seq = header.get("seq")
+        if type(seq) is not int:
+            return False
+        self._routing.touch(self._user, self._device)
+        pending = self.session.pending.pop(seq, None)
+        if pending is not None:
+            self.hub.send_receipt(pending[0], pending[1], {
+                "op": "receipt", "id": pending[2], "status": "delivered", "device": self._device,
+            })
+        return True
 
     cdef bint _send_direct(self, dict header, bytes payload, Py_ssize_t body_start, Py_ssize_t body_end,
                            long long started) except -1:

@@ -24,16 +24,19 @@ connection's batch is flushed before its close frame.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Callable
 from typing import Any
 
 from picows import WSFrame, WSListener, WSMsgType, WSTransport
 
-from ..errors import CloseCode
+from ..errors import CloseCode, ErrorCode
 from .codec import append_seq, decode_envelope, encode_msg_prefix
 from .errors import EnvelopeError
 from .routing import RESULT_ROUTED
+
+log = logging.getLogger("rccs.session")
 
 _BINARY = WSMsgType.BINARY
 _TEXT = WSMsgType.TEXT
@@ -183,8 +186,32 @@ class ServerConnection(WSListener):
         except EnvelopeError:
             self.session.on_frame(payload, False)  # the session reports the error
             return
-        if header.get("op") != "send" or not self._send_direct(header, payload, body_start, body_end, started):
-            self.session.on_envelope(header, payload, body_start, body_end, False)
+        op = header.get("op")
+        try:
+            if op == "send":
+                if self._send_direct(header, payload, body_start, body_end, started):
+                    return
+            elif op == "ack" and self._ack_direct(header):
+                return
+        except Exception:
+            # Contained like the session's own handlers: logged, answered, the connection lives on.
+            log.exception("internal error handling a frame from %s", self.peer)
+            self.session.send_error(ErrorCode.INTERNAL, "internal server error", header.get("id"))
+            return
+        self.session.on_envelope(header, payload, body_start, body_end, False)
+
+    def _ack_direct(self, header: dict[str, Any]) -> bool:
+        """An ack of one seq: settle it and give the sender its ``delivered`` receipt."""
+        seq = header.get("seq")
+        if type(seq) is not int:
+            return False
+        self._routing.touch(self._user, self._device)
+        pending = self.session.pending.pop(seq, None)
+        if pending is not None:
+            self.hub.send_receipt(pending[0], pending[1], {
+                "op": "receipt", "id": pending[2], "status": "delivered", "device": self._device,
+            })
+        return True
 
     def _send_direct(self, header: dict[str, Any], payload: bytes, body_start: int, body_end: int,
                      started: int) -> bool:

@@ -12,6 +12,7 @@ import websockets
 import websockets.exceptions
 
 from rccs.auth import TokenAuthority
+from rccs.hub import Hub
 from rccs.session import Session
 from rccs.testing import running_server
 
@@ -294,7 +295,7 @@ async def test_exception_in_a_handler_is_contained(server, connect, monkeypatch)
         raise RuntimeError("injected fault")
 
     monkeypatch.setattr(Session, "_on_ack", explode)
-    await a.ack(1)
+    await a.ack([1])
     error = await asyncio.wait_for(a.errors.get(), 5)
     assert error.code == "internal"
     assert server.hub.errors_sent["internal"] == 1
@@ -312,3 +313,25 @@ async def test_silent_client_is_dropped_by_heartbeat():
         await asyncio.wait_for(transport.wait_disconnected(), 5)
         await asyncio.wait_for(server.hub.wait_idle(), 5)
         assert len(server.hub.routing) == 0
+
+
+async def test_exception_on_the_direct_path_is_contained(server, connect, monkeypatch):
+    sender = await connect("jo", "jo-sender")
+    receiver = await connect("jo", "jo-receiver", auto_ack=False)
+
+    def explode(self, user, device, receipt):
+        raise RuntimeError("injected fault")
+
+    send = asyncio.ensure_future(sender.send({"device": "jo-receiver"}, "t", 1, ack=True))
+    message = await receiver.next_message(timeout=5)
+    monkeypatch.setattr(Hub, "send_receipt", explode)
+    await receiver.ack(message.seq)
+    error = await asyncio.wait_for(receiver.errors.get(), 5)
+    assert error.code == "internal"
+    monkeypatch.undo()
+    send.cancel()  # the fault ate its receipt; the connection itself lives on:
+    assert await receiver.ping() > 0
+    other = await connect("jo", "jo-other")
+    receipts, reply = await asyncio.gather(sender.send({"device": "jo-other"}, "t", 2, ack=True),
+                                           other.next_message(timeout=5))
+    assert receipts[0].status == "delivered" and reply.body == 2
