@@ -78,7 +78,9 @@ class Node:
             auto_ping_idle_timeout=settings.heartbeat,
             auto_ping_reply_timeout=settings.heartbeat,
             auto_ping_strategy=WSAutoPingStrategy.PING_WHEN_IDLE,
-            logger_name="rccs.picows",
+            # A LoggerAdapter, not a name: given a Logger, picows creates a child Logger object for every
+            # connection (about a kilobyte each, kept for the connection's life).
+            logger_name=logging.LoggerAdapter(logging.getLogger("rccs.picows"), {}),
         )
         self._http_server = await ws_create_server(
             http_router(self.hub, self.registry, self.is_ready),
