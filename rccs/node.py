@@ -81,6 +81,9 @@ class Node:
             # A LoggerAdapter, not a name: given a Logger, picows creates a child Logger object for every
             # connection (about a kilobyte each, kept for the connection's life).
             logger_name=logging.LoggerAdapter(logging.getLogger("rccs.picows"), {}),
+            # The default accept backlog (100) overflows when many devices reconnect at once
+            # (e.g. after a restart); a dropped SYN costs the client a 1 s retransmit.
+            backlog=2048,
         )
         self._http_server = await ws_create_server(
             http_router(self.hub, self.registry, self.is_ready),
