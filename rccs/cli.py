@@ -55,8 +55,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
         # picows logs every accepted connection at INFO; keep that for DEBUG runs.
-        for name in ("picows", "rccs.picows"):
-            logging.getLogger(name).setLevel(logging.WARNING)
+        logging.getLogger("picows").setLevel(logging.WARNING)
     uvloop.run(_serve(settings))
     return 0
 

@@ -78,9 +78,7 @@ class Node:
             auto_ping_idle_timeout=settings.heartbeat,
             auto_ping_reply_timeout=settings.heartbeat,
             auto_ping_strategy=WSAutoPingStrategy.PING_WHEN_IDLE,
-            # A LoggerAdapter, not a name: given a Logger, picows creates a child Logger object for every
-            # connection (about a kilobyte each, kept for the connection's life).
-            logger_name=logging.LoggerAdapter(logging.getLogger("rccs.picows"), {}),
+            logger_name="rccs.picows",
             # The default accept backlog (100) overflows when many devices reconnect at once
             # (e.g. after a restart); a dropped SYN costs the client a 1 s retransmit.
             backlog=2048,
