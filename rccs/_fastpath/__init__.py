@@ -14,6 +14,7 @@ importing a twin by name always gives the twin.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 from types import ModuleType
@@ -24,11 +25,9 @@ from .errors import EnvelopeError
 
 def _load() -> tuple[ModuleType, ModuleType, ModuleType, str]:
     if os.environ.get("RCCS_PUREPYTHON") != "1":
-        try:
+        # Not built (a source tree without build_ext, or a pure-Python install): fall through to the twins.
+        with contextlib.suppress(ImportError):
             compiled = [importlib.import_module(f"._{name}", __name__) for name in ("codec", "routing", "listener")]
-        except ImportError:
-            pass
-        else:
             return compiled[0], compiled[1], compiled[2], "cython"
     from . import codec, listener, routing
 
