@@ -8,6 +8,5 @@ from .._fastpath import listener_impl
 
 ServerConnection = listener_impl.ServerConnection
 WriteCoalescer = listener_impl.WriteCoalescer
-frame_header = listener_impl.frame_header
 
-__all__ = ["ServerConnection", "WriteCoalescer", "frame_header"]
+__all__ = ["ServerConnection", "WriteCoalescer"]
