@@ -26,6 +26,8 @@ def _server_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-message-bytes", dest="max_message_bytes", type=int,
                         help="largest accepted WebSocket message (default 1048576)")
     parser.add_argument("--max-connections", dest="max_connections", type=int, help="default 10000")
+    parser.add_argument("--max-outbound-bytes", dest="max_outbound_bytes", type=int,
+                        help="unsent bytes per connection before it is dropped as too slow (default 8 MiB)")
     parser.add_argument("--log-level", dest="log_level", help="DEBUG, INFO, WARNING, ERROR (default INFO)")
 
 

@@ -29,6 +29,7 @@ class Settings:
     hello_timeout: float = 10.0
     max_message_bytes: int = 1024 * 1024
     max_connections: int = 10000
+    max_outbound_bytes: int = 8 * 1024 * 1024  # unsent bytes per connection before it is dropped as too slow
     log_level: str = "INFO"
 
     def replace(self, **changes: Any) -> Settings:

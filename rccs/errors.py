@@ -38,6 +38,7 @@ class CloseCode(IntEnum):
     FORBIDDEN = 4403  # the token's device is registered to another user
     HELLO_TIMEOUT = 4408  # no hello within hello_timeout seconds
     REPLACED = 4409  # the same device connected again; the older connection is closed
+    SLOW_CONSUMER = 4413  # more than max_outbound_bytes waited to be written; the connection is aborted
 
 
 class ReceiptReason(StrEnum):

@@ -315,7 +315,23 @@ cdef class ServerConnection(WSListener):
             return
         transport = <WSTransport>self.transport
         if not transport.is_disconnected and not transport.is_close_frame_sent:
-            transport.underlying_transport.writelines(outbox)
+            underlying = transport.underlying_transport
+            underlying.writelines(outbox)
+            if underlying.get_write_buffer_size() > self.hub.settings.max_outbound_bytes:
+                self._drop_slow_consumer()
+
+    cdef _drop_slow_consumer(self):
+        """A device that does not read must not grow the server's memory: abort its connection.
+
+        Aborted, not closed: a close frame would queue behind the unread data.
+        """
+        self._direct = False
+        self.hub.closes_sent[int(CloseCode.SLOW_CONSUMER)] += 1
+        log.warning("dropping %s: more than %d bytes waiting to be written", self.peer,
+                    self.hub.settings.max_outbound_bytes)
+        (<WSTransport>self.transport).disconnect(False)
+        if self.session is not None:
+            self.session.on_closed()
 
     cpdef close(self, code, reason):
         self._direct = False

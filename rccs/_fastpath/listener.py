@@ -275,7 +275,24 @@ class ServerConnection(WSListener):
         self._outbox = None
         transport = self.transport
         if transport is not None and not transport.is_disconnected and not transport.is_close_frame_sent:
-            transport.underlying_transport.writelines(outbox)
+            underlying = transport.underlying_transport
+            underlying.writelines(outbox)
+            if underlying.get_write_buffer_size() > self.hub.settings.max_outbound_bytes:
+                self._drop_slow_consumer()
+
+    def _drop_slow_consumer(self) -> None:
+        """A device that does not read must not grow the server's memory: abort its connection.
+
+        Aborted, not closed: a close frame would queue behind the unread data.
+        """
+        self._direct = False
+        self.hub.closes_sent[int(CloseCode.SLOW_CONSUMER)] += 1
+        log.warning("dropping %s: more than %d bytes waiting to be written", self.peer,
+                    self.hub.settings.max_outbound_bytes)
+        assert self.transport is not None
+        self.transport.disconnect(False)
+        if self.session is not None:
+            self.session.on_closed()
 
     def close(self, code: int, reason: str) -> None:
         self._direct = False
