@@ -262,8 +262,6 @@ class Session:
         self.state = OPEN
         self.sink.hello_done()
         previous = self.hub.register(self)
-        if previous is not None:
-            previous.close(CloseCode.REPLACED, "replaced by a newer connection of this device")
         self.send_control({
             "op": "welcome",
             "protocol": PROTOCOL_VERSION,
@@ -275,6 +273,9 @@ class Session:
             "encoding": self.encoding,
             "max_message_bytes": self.hub.settings.max_message_bytes,
         })
+        if previous is not None:
+            # After the welcome: closing it fails its unacked messages, and those receipts may be ours.
+            previous.close(CloseCode.REPLACED, "replaced by a newer connection of this device")
         log.debug("device %s of user %s connected from %s (%s)", self.device, self.user, self.sink.peer, info.type)
 
     def on_hello_timeout(self) -> None:

@@ -12,7 +12,7 @@ import asyncio
 
 from cpython.bytes cimport PyBytes_FromStringAndSize
 from libc.time cimport time_t
-from picows.picows cimport WSFrame, WSListener, WSMsgType, WSTransport
+from picows.picows cimport WSCloseCode, WSFrame, WSListener, WSMsgType, WSTransport
 
 from rccs._fastpath._codec cimport append_seq, decode_envelope, encode_msg_prefix
 from rccs._fastpath._routing cimport RoutingTable, RouteStats
@@ -72,6 +72,12 @@ cdef bytes _frame_header(Py_ssize_t length, bint text):
     return bytes((first, 127)) + (<object>length).to_bytes(8, "big")
 
 
+cdef int _reply_close_code(WSFrame frame) except -1:
+    """The code to answer a peer's close with: its own, or 1000 when it sent none (1005 must not be sent)."""
+    cdef int code = <int>frame.get_close_code()
+    return 1000 if code == 0 or code == 1005 or code == 1006 else code
+
+
 def frame_header(length, text):
     """RFC 6455 header of an unmasked, final text or binary frame carrying ``length`` bytes."""
     if type(length) is not int or length < 0:
@@ -120,6 +126,7 @@ cdef class ServerConnection(WSListener):
     cdef list _outbox
     cdef object _fragments
     cdef bint _fragments_text
+    cdef bint _aborted
     cdef object _hello_timer
     cdef bint _direct
     cdef object _user
@@ -137,6 +144,7 @@ cdef class ServerConnection(WSListener):
         self._outbox = None
         self._fragments = None
         self._fragments_text = False
+        self._aborted = False
         self._hello_timer = None
         self._direct = False
         self._user = ""
@@ -198,8 +206,9 @@ cdef class ServerConnection(WSListener):
                 self._fragments = None
                 session.on_frame(bytes(fragments), self._fragments_text)
         elif msg_type == WSMsgType.CLOSE:
+            self.flush()  # what was queued before the peer's close still goes out, ahead of our reply
             if not transport.is_close_frame_sent:
-                transport.send_close(frame.get_close_code())
+                transport.send_close(<WSCloseCode>_reply_close_code(frame))
             transport.disconnect()
 
     cpdef on_ws_disconnected(self, WSTransport transport):
@@ -326,6 +335,7 @@ cdef class ServerConnection(WSListener):
         Aborted, not closed: a close frame would queue behind the unread data.
         """
         self._direct = False
+        self._aborted = True
         self.hub.closes_sent[int(CloseCode.SLOW_CONSUMER)] += 1
         log.warning("dropping %s: more than %d bytes waiting to be written", self.peer,
                     self.hub.settings.max_outbound_bytes)
@@ -339,6 +349,8 @@ cdef class ServerConnection(WSListener):
         if transport is None:
             return
         self.flush()
+        if self._aborted:  # the flush found a slow consumer and aborted the connection
+            return
         if not (<WSTransport>transport).is_close_frame_sent:
             (<WSTransport>transport).send_close(int(code), reason.encode("utf-8")[:123])
         (<WSTransport>transport).disconnect()

@@ -54,6 +54,12 @@ MAX_INT_ID = 2**64 - 1
 _NIL = b"\xc0"
 
 
+def _reply_close_code(frame: WSFrame) -> int:
+    """The code to answer a peer's close with: its own, or 1000 when it sent none (1005 must not be sent)."""
+    code = int(frame.get_close_code())  # type: ignore[call-overload]
+    return 1000 if code in (0, 1005, 1006) else code
+
+
 def frame_header(length: int, text: bool) -> bytes:
     """RFC 6455 header of an unmasked, final text or binary frame carrying ``length`` bytes."""
     if type(length) is not int or length < 0:
@@ -104,6 +110,7 @@ class ServerConnection(WSListener):
         self._outbox: list[bytes] | None = None
         self._fragments: bytearray | None = None
         self._fragments_text = False
+        self._aborted = False
         self._hello_timer: asyncio.TimerHandle | None = None
         # Set by hello_done when the session is open on msgpack: the direct path's state.
         self._direct = False
@@ -164,8 +171,9 @@ class ServerConnection(WSListener):
                 self._fragments = None
                 session.on_frame(bytes(fragments), self._fragments_text)
         elif msg_type == _CLOSE:
+            self.flush()  # what was queued before the peer's close still goes out, ahead of our reply
             if not transport.is_close_frame_sent:
-                transport.send_close(frame.get_close_code())
+                transport.send_close(_reply_close_code(frame))  # type: ignore[arg-type]
             transport.disconnect()
 
     def on_ws_disconnected(self, transport: WSTransport) -> None:
@@ -286,6 +294,7 @@ class ServerConnection(WSListener):
         Aborted, not closed: a close frame would queue behind the unread data.
         """
         self._direct = False
+        self._aborted = True
         self.hub.closes_sent[int(CloseCode.SLOW_CONSUMER)] += 1
         log.warning("dropping %s: more than %d bytes waiting to be written", self.peer,
                     self.hub.settings.max_outbound_bytes)
@@ -300,6 +309,8 @@ class ServerConnection(WSListener):
         if transport is None:
             return
         self.flush()
+        if self._aborted:  # the flush found a slow consumer and aborted the connection
+            return
         if not transport.is_close_frame_sent:
             transport.send_close(int(code), reason.encode("utf-8")[:123])  # type: ignore[arg-type]
         transport.disconnect()

@@ -1,11 +1,13 @@
 """Routing through a real server with real clients: every selector, pick, self, receipts, interop, isolation."""
 
 import asyncio
+import json
 
 import msgpack
 import picows
 import pytest
 import websockets
+from rawws import masked_frame, open_raw, read_frame
 
 from rccs.client import ClientError
 
@@ -253,3 +255,35 @@ async def test_direct_send_with_boundary_ids(connect, msg_id):
     )
     assert message.id == msg_id and message.body == [msg_id]
     assert [(r.id, r.status) for r in receipts] == [(msg_id, "delivered")]
+
+
+async def test_frames_queued_before_a_peer_close_are_sent_before_the_reply(server, connect):
+    await connect("alice", "target")
+    reader, writer = await open_raw(server.ws_url)
+    hello = {"op": "hello", "token": server.issue_token("alice", "closer"), "device": {"type": "web"}}
+    writer.write(masked_frame(msgpack.packb(hello)))
+    assert msgpack.unpackb((await read_frame(reader))[1])["op"] == "welcome"
+    send = {"op": "send", "id": "last", "to": {"device": "target"}, "type": "t", "ack": True}
+    writer.write(masked_frame(msgpack.packb(send)) + masked_frame(b"", opcode=0x8))  # one write, one read
+    opcode, payload = await asyncio.wait_for(read_frame(reader), 5)
+    assert opcode == 0x2 and msgpack.unpackb(payload)["status"] == "routed"
+    opcode, payload = await asyncio.wait_for(read_frame(reader), 5)
+    assert opcode == 0x8
+    assert int.from_bytes(payload[:2], "big") == 1000  # an empty close is answered with 1000, never 1005
+    writer.close()
+
+
+async def test_reconnecting_device_gets_welcome_before_receipts_of_its_old_connection(server, connect):
+    old = await connect("alice", "dup", auto_ack=False, reconnect=False)
+    await old.send({"device": "dup", "self": True}, "note", 1)
+    assert (await old.next_message(timeout=5)).body == 1  # pending on the old connection, never acked
+    pending_self = asyncio.ensure_future(old.send({"device": "dup", "self": True}, "note", 2, ack=True, id="mine"))
+    assert (await old.next_message(timeout=5)).body == 2
+    async with websockets.connect(server.ws_url) as new:
+        await new.send(json.dumps({"op": "hello", "token": server.issue_token("alice", "dup"),
+                                   "device": {"type": "desktop"}}))
+        assert json.loads(await asyncio.wait_for(new.recv(), 5))["op"] == "welcome"
+        receipt = json.loads(await asyncio.wait_for(new.recv(), 5))
+        assert (receipt["op"], receipt["id"], receipt["status"], receipt["reason"]) == (
+            "receipt", "mine", "failed", "disconnected")
+    pending_self.cancel()
