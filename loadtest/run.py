@@ -22,7 +22,6 @@ import os
 import re
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -33,6 +32,10 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 REPO_ROOT = HERE.parent
+if str(REPO_ROOT) not in sys.path:  # run as a script from a checkout: use this tree's rccs
+    sys.path.insert(0, str(REPO_ROOT))
+from rccs.testing import free_ports  # noqa: E402
+
 LOCUSTFILE = HERE / "locustfile.py"
 PROFILES = {
     "smoke": {"users": 20, "spawn_rate": 20.0, "duration": 10},
@@ -106,19 +109,6 @@ def _stop(proc: subprocess.Popen[bytes] | None, sig: int, name: str, timeout: fl
     return _reap(proc, 0)  # already exited and reaped: never signal a pid that may have been reused
 
 
-def _free_ports(count: int) -> list[int]:
-    sockets = []
-    try:
-        for _ in range(count):
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            sock.bind(("127.0.0.1", 0))
-            sockets.append(sock)
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
-
-
 _NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # 127.0.0.1 only, never via a proxy
 
 
@@ -172,7 +162,7 @@ def _start_server(server_python: str, env: dict[str, str], workdir: Path, max_co
                   ) -> tuple[subprocess.Popen[bytes], int, str, Path]:
     """Start the server on free ports (a few tries: a free port can be taken before the server binds it)."""
     for attempt in range(1, 4):
-        ws_port, http_port = _free_ports(2)
+        ws_port, http_port = free_ports(2)
         log_path = workdir / f"server-{attempt}.log"
         argv = [server_python, "-m", "rccs", "serve", "--host", "127.0.0.1", "--port", str(ws_port),
                 "--http-host", "127.0.0.1", "--http-port", str(http_port), "--data-dir", str(workdir / "data"),

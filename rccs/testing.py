@@ -12,12 +12,30 @@ test can check that no connection or routing entry was left behind.
 from __future__ import annotations
 
 import contextlib
+import socket
 import tempfile
 from collections.abc import AsyncIterator
 from typing import Any
 
 from .config import Settings
 from .node import Node
+
+
+def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
+    """Ports the kernel picks as free; all sockets stay bound until every port is chosen, so they differ.
+
+    For starting ``rccs serve`` as a separate process (benchmarks, load tests); in-process servers use port 0.
+    """
+    sockets = []
+    try:
+        for _ in range(count):
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.bind((host, 0))
+            sockets.append(sock)
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
 
 
 class RunningServer:

@@ -21,7 +21,6 @@ import platform
 import secrets
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -36,6 +35,10 @@ from loadgen import percentile  # run.py's directory is on sys.path when it runs
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
+if str(REPO) not in sys.path:  # run as a script from a checkout: use this tree's rccs
+    sys.path.insert(0, str(REPO))
+from rccs.testing import free_ports  # noqa: E402
+
 LOADGEN = HERE / "loadgen.py"
 ROUTER = HERE / "baseline_router.py"
 
@@ -65,20 +68,6 @@ class BenchmarkError(RuntimeError):
 
 
 # ---- processes ------------------------------------------------------------
-
-
-def free_ports(count: int) -> list[int]:
-    """Ports the kernel picks as free; all sockets stay bound until every port is chosen, so they differ."""
-    sockets = []
-    try:
-        for _ in range(count):
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            sock.bind(("127.0.0.1", 0))
-            sockets.append(sock)
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
 
 
 def base_env() -> dict[str, str]:

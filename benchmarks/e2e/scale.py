@@ -333,15 +333,8 @@ async def closed_loop(bench: Bench, pairs: list[list[list[str]]], inflight: int,
     paths = [bench.workdir / f"closed-{i}-{time.monotonic_ns()}.bin" for i in range(bench.workers)]
     cmds = [{"cmd": "closed", "pairs": pairs[i], "inflight": inflight, "start_at": start_at, "warmup": warmup,
              "seconds": seconds, "samples_out": str(paths[i])} for i in range(bench.workers)]
-    task = asyncio.ensure_future(bench.gens.call_all(cmds, warmup + seconds + 60))
-    try:
-        await sleep_until(start_at + warmup)
-        cpu = CpuWindow(bench.pid)
-        await sleep_until(start_at + warmup + seconds)
-        server = cpu.stop()
-    finally:
-        replies = await task
-    bench.check_server()
+    replies, server = await measured_window(bench, cmds, start_at + warmup, start_at + warmup + seconds,
+                                            warmup + seconds + 60)
     window = statistics.fmean(r["window_seconds"] for r in replies)
     received = sum(r["received"] for r in replies)
     return {
@@ -358,6 +351,22 @@ async def closed_loop(bench: Bench, pairs: list[list[list[str]]], inflight: int,
     }
 
 
+async def measured_window(bench: Bench, cmds: list[dict[str, Any]], window_start: float, window_end: float,
+                          timeout: float) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Send ``cmds`` to the generators and read the server's CPU over [window_start, window_end]
+    (``time.monotonic()`` instants); returns the generators' replies and the server CPU window."""
+    task = asyncio.ensure_future(bench.gens.call_all(cmds, timeout))
+    try:
+        await sleep_until(window_start)
+        cpu = CpuWindow(bench.pid)
+        await sleep_until(window_end)
+        server = cpu.stop()
+    finally:
+        replies = await task
+    bench.check_server()
+    return replies, server
+
+
 async def open_loop(bench: Bench, pairs: list[list[list[str]]], rate: float, warmup: float,
                     seconds: float) -> dict[str, Any]:
     """Paced sends at ``rate`` msgs/s in total (shared between workers by their number of pairs)."""
@@ -366,15 +375,8 @@ async def open_loop(bench: Bench, pairs: list[list[list[str]]], rate: float, war
     paths = [bench.workdir / f"open-{i}-{time.monotonic_ns()}.bin" for i in range(bench.workers)]
     cmds = [{"cmd": "open", "pairs": pairs[i], "rate": rate * len(pairs[i]) / total_pairs, "start_at": start_at,
              "warmup": warmup, "seconds": seconds, "samples_out": str(paths[i])} for i in range(bench.workers)]
-    task = asyncio.ensure_future(bench.gens.call_all(cmds, warmup + seconds + 60))
-    try:
-        await sleep_until(start_at + warmup)
-        cpu = CpuWindow(bench.pid)
-        await sleep_until(start_at + warmup + seconds)
-        server = cpu.stop()
-    finally:
-        replies = await task
-    bench.check_server()
+    replies, server = await measured_window(bench, cmds, start_at + warmup, start_at + warmup + seconds,
+                                            warmup + seconds + 60)
     window = statistics.fmean(r["window_seconds"] for r in replies)
     received = sum(r["received"] for r in replies)
     sent = sum(r["sent"] for r in replies)
@@ -611,15 +613,7 @@ async def part_fanout(args: argparse.Namespace) -> dict[str, Any]:
                              "count": count, "rate": rate, "start_at": start_at, "end_at": end_at,
                              "id_base": id_base, "fingerprint_ids": [str(id_base + k + 1) for k in range(3)]}
                             for i in range(workers)]
-                    task = asyncio.ensure_future(bench.gens.call_all(cmds, count / rate + 60))
-                    try:
-                        await sleep_until(start_at)
-                        cpu = CpuWindow(bench.pid)
-                        await sleep_until(end_at)
-                        server = cpu.stop()
-                    finally:
-                        replies = await task
-                    bench.check_server()
+                    replies, server = await measured_window(bench, cmds, start_at, end_at, count / rate + 60)
                     runs.append(fanout_run(round_no, size, selector, count, rate, server, replies, idle_cpu))
                     run = runs[-1]
                     print(f"[fanout] round {round_no} {selector:<10} -> {size:>4}: {run['delivered']:>7} delivered, "
