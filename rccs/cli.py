@@ -1,17 +1,28 @@
-"""``rccs`` command line: ``serve``, ``token issue``, ``version``."""
+"""``rccs`` command line: ``serve``, ``token issue``, ``version``, and the registry commands
+``users``, ``devices`` and ``sessions``, which work on the store in the data directory
+(whether or not a server is running on it).
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import signal
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, TypeVar
 
-from . import __version__
+from . import __version__, admin
 from .auth import TokenAuthority, TokenError, load_or_create_secret, parse_duration
 from .config import ConfigError, Settings, load_settings
+from .store import DB_FILE, STATUS_OFFLINE, SessionRecord, Store, StoreError, open_store
+
+T = TypeVar("T")
 
 
 def _server_flags(parser: argparse.ArgumentParser) -> None:
@@ -20,7 +31,8 @@ def _server_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, help="WebSocket port, 0 picks a free one (default 8765)")
     parser.add_argument("--http-host", dest="http_host", help="HTTP listen address (default 127.0.0.1)")
     parser.add_argument("--http-port", dest="http_port", type=int, help="HTTP port (default 8766)")
-    parser.add_argument("--data-dir", dest="data_dir", help="directory for the token secret (default ./rccs-data)")
+    parser.add_argument("--data-dir", dest="data_dir",
+                        help="directory for the store (rccs.db) and the token secret (default ./rccs-data)")
     parser.add_argument("--heartbeat", type=float, help="seconds of silence before a ping (default 30)")
     parser.add_argument("--hello-timeout", dest="hello_timeout", type=float, help="seconds to say hello (default 10)")
     parser.add_argument("--max-message-bytes", dest="max_message_bytes", type=int,
@@ -29,9 +41,30 @@ def _server_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-outbound-bytes", dest="max_outbound_bytes", type=int,
                         help="unsent bytes per connection before it is dropped as too slow (default 8 MiB)")
     parser.add_argument("--log-level", dest="log_level", help="DEBUG, INFO, WARNING, ERROR (default INFO)")
+    parser.add_argument("--store", choices=("sqlite", "memory"),
+                        help="sqlite: <data-dir>/rccs.db; memory: lost at exit (default sqlite)")
+    parser.add_argument("--dev-tokens", dest="dev_tokens", action=argparse.BooleanOptionalAction, default=None,
+                        help="accept JWT device tokens from 'rccs token issue' (default on)")
+    parser.add_argument("--session-ttl", dest="session_ttl", type=float,
+                        help="seconds a session stays authenticated unless refreshed (default 86400)")
+    parser.add_argument("--session-grace", dest="session_grace", type=float,
+                        help="seconds a dropped session stays resumable (default 120)")
+    parser.add_argument("--pairing-code-ttl", dest="pairing_code_ttl", type=float,
+                        help="seconds a pairing code stays valid (default 300)")
+    parser.add_argument("--pairing-approval", dest="pairing_approval", action=argparse.BooleanOptionalAction,
+                        default=None, help="every pairing needs the issuing device's approval (default off)")
+    parser.add_argument("--pairing-max-attempts", dest="pairing_max_attempts", type=int,
+                        help="wrong secrets before a pairing code is burnt (default 5)")
+    parser.add_argument("--pairing-attempts-per-minute", dest="pairing_attempts_per_minute", type=int,
+                        help="pairing attempts per client address and minute (default 10)")
+    parser.add_argument("--max-metadata-bytes", dest="max_metadata_bytes", type=int,
+                        help="largest device metadata as compact JSON (default 4096)")
+    parser.add_argument("--public-url", dest="public_url",
+                        help="how devices reach this server, put into pairing URIs (e.g. wss://rccs.example.org/v1)")
 
 
 def _settings(args: argparse.Namespace) -> Settings:
+    # Each subcommand defines only some flags; every Settings field it lacks stays unset here.
     flags = {name: getattr(args, name, None) for name in Settings.__dataclass_fields__}
     return load_settings(flags=flags, config_file=args.config)
 
@@ -64,10 +97,302 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_token_issue(args: argparse.Namespace) -> int:
     settings = _settings(args)
-    secret = settings.token_secret.encode() if settings.token_secret else load_or_create_secret(settings.data_dir)
     ttl = parse_duration(args.ttl)
-    print(TokenAuthority(secret).issue(args.user, args.device, ttl))
+    secret = settings.token_secret.encode() if settings.token_secret else load_or_create_secret(settings.data_dir)
+    token = TokenAuthority(secret).issue(args.user, args.device, ttl)  # checks both ids first
+    if settings.store != "memory":
+        # A memory-store server starts empty and registers token devices at hello; a store on
+        # disk learns them here, so they show in 'rccs devices list' before they first connect.
+        _with_store(settings, lambda store: admin.ensure_device_for_token(store, args.user, args.device, _now_ms()))
+    print(token)
     return 0
+
+
+# ---- registry commands -------------------------------------------------------
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _with_store(settings: Settings, operation: Callable[[Store], Awaitable[T]]) -> T:
+    async def run() -> T:
+        store = open_store("sqlite", settings.data_dir)
+        await store.open()
+        try:
+            return await operation(store)
+        finally:
+            await store.close()
+
+    return asyncio.run(run())
+
+
+def _registry_settings(args: argparse.Namespace, *, creates: bool) -> Settings:
+    """Settings for a users/devices/sessions command; refuses a data dir it cannot be meant for.
+
+    Only ``users add`` may start a store in an empty directory: anything else there is almost
+    certainly a mistyped --data-dir, and would otherwise leave a stray empty store behind.
+    """
+    settings = _settings(args)
+    if settings.store == "memory":
+        raise ConfigError("setting 'store' is 'memory': that registry lives inside the server process and "
+                          "the command line cannot reach it")
+    if not creates and not (Path(settings.data_dir) / DB_FILE).exists():
+        raise ConfigError(f"no store at {Path(settings.data_dir) / DB_FILE} (is --data-dir right?)")
+    return settings
+
+
+def _iso(ms: int | None) -> str:
+    if not ms:
+        return "-"
+    return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _cell(value: object) -> str:
+    # Names come from devices; a newline or escape sequence in one must not garble the table.
+    text = str(value) if value not in (None, "") else "-"
+    return "".join(ch if ch.isprintable() else "?" for ch in text)
+
+
+def _print_table(headers: Sequence[str], rows: Sequence[Sequence[object]], empty: str) -> None:
+    if not rows:
+        print(empty)
+        return
+    cells = [list(headers)] + [[_cell(value) for value in row] for row in rows]
+    widths = [max(len(line[column]) for line in cells) for column in range(len(headers))]
+    for line in cells:
+        print("  ".join(text.ljust(width) for text, width in zip(line, widths, strict=True)).rstrip())
+
+
+def _print_json(items: list[dict[str, Any]]) -> None:
+    print(json.dumps(items, indent=2, ensure_ascii=False))
+
+
+def _print_pairing_code(user: str, pairing: dict[str, Any]) -> None:
+    print(f"pairing code: {pairing['code']}")
+    print(f"pairing uri:  {pairing['uri']}")
+    print(f"expires:      {_iso(pairing['expires_at'])}")
+    print(f"Enter the code on {user}'s new device (or show the URI as a QR code) before it expires;"
+          " it works once.")
+
+
+def _pairing_ttl(args: argparse.Namespace, settings: Settings) -> float:
+    return parse_duration(args.ttl) if args.ttl is not None else settings.pairing_code_ttl
+
+
+def cmd_users_add(args: argparse.Namespace) -> int:
+    settings = _registry_settings(args, creates=True)
+    # Checked before the store is opened, which would create it in an empty data directory.
+    admin.check_id("user", args.user)
+    if args.device is not None:
+        admin.check_id("device", args.device)
+    if args.device is None:
+        if args.type is not None or args.name is not None:
+            raise ValueError("--type and --name describe the device made with --device")
+        ttl = _pairing_ttl(args, settings)
+
+        async def add_and_pair(store: Store) -> dict[str, Any]:
+            await admin.add_user(store, args.user, _now_ms())
+            return await admin.create_pairing_code(
+                store, args.user, ttl_seconds=ttl, public_url=settings.public_url, now=_now_ms()
+            )
+
+        pairing = _with_store(settings, add_and_pair)
+        print(f"added user {args.user}")
+        _print_pairing_code(args.user, pairing)
+        return 0
+    if args.ttl is not None:
+        raise ValueError("--ttl is the pairing code's lifetime; with --device there is no pairing code")
+    _, device, credential = _with_store(settings, lambda store: admin.add_user_with_device(
+        store, args.user, device_id=args.device, device_type=args.type or admin.UNKNOWN_DEVICE_TYPE,
+        name=args.name or "", now=_now_ms()))
+    print(f"added user {args.user}")
+    print(f"added device {device.id} (type {device.type})")
+    print(f"credential: {credential}")
+    print("The credential is shown once and cannot be recovered: put it on the device now.")
+    return 0
+
+
+def cmd_users_pair(args: argparse.Namespace) -> int:
+    settings = _registry_settings(args, creates=False)
+    ttl = _pairing_ttl(args, settings)
+    pairing = _with_store(settings, lambda store: admin.create_pairing_code(
+        store, args.user, ttl_seconds=ttl, public_url=settings.public_url, now=_now_ms()))
+    _print_pairing_code(args.user, pairing)
+    return 0
+
+
+def cmd_users_list(args: argparse.Namespace) -> int:
+    settings = _registry_settings(args, creates=False)
+
+    async def load(store: Store) -> list[dict[str, Any]]:
+        views = []
+        for user in await store.list_users():
+            devices = await store.list_devices(user.id)
+            online = sum(1 for device in devices if device.status != STATUS_OFFLINE)
+            views.append({**admin.user_view(user), "devices": len(devices), "online": online})
+        return views
+
+    views = _with_store(settings, load)
+    if args.json:
+        _print_json(views)
+        return 0
+    _print_table(("USER", "CREATED", "DEVICES", "ONLINE"),
+                 [(v["id"], _iso(v["created"]), v["devices"], v["online"]) for v in views], "no users")
+    return 0
+
+
+def cmd_users_remove(args: argparse.Namespace) -> int:
+    settings = _registry_settings(args, creates=False)
+    revoked = _with_store(settings, lambda store: admin.remove_user(store, args.user, _now_ms()))
+    print(f"removed user {args.user}: {len(revoked)} device(s) revoked, its sessions and pairing codes deleted")
+    return 0
+
+
+def cmd_devices_list(args: argparse.Namespace) -> int:
+    settings = _registry_settings(args, creates=False)
+
+    async def load(store: Store) -> list[dict[str, Any]]:
+        if args.user is not None and not args.all:
+            # A removed user's devices survive as revoked tombstones, so only --all can find them.
+            admin.check_id("user", args.user)
+            if await store.get_user(args.user) is None:
+                raise admin.AdminError(f"unknown user {args.user!r}")
+        devices = await store.list_devices(args.user, include_revoked=args.all)
+        return [admin.device_view(device) for device in devices]
+
+    views = _with_store(settings, load)
+    if args.json:
+        _print_json(views)
+        return 0
+    headers = ["DEVICE", "USER", "TYPE", "NAME", "STATUS", "LAST SEEN", "CREATED"]
+    rows: list[list[object]] = []
+    for v in views:
+        status = "revoked" if v["revoked_at"] is not None else v["status"]
+        row: list[object] = [v["id"], v["user"], v["type"], v["name"], status, _iso(v["last_seen"]),
+                             _iso(v["created"])]
+        if args.all:
+            row.append(_iso(v["revoked_at"]))
+        rows.append(row)
+    if args.all:
+        headers.append("REVOKED")
+    _print_table(headers, rows, "no devices")
+    return 0
+
+
+def cmd_devices_revoke(args: argparse.Namespace) -> int:
+    settings = _registry_settings(args, creates=False)
+    device = _with_store(settings, lambda store: admin.revoke_device(store, args.device, _now_ms()))
+    print(f"revoked device {device.id} of user {device.user}: its credential and sessions no longer work")
+    return 0
+
+
+def cmd_devices_rename(args: argparse.Namespace) -> int:
+    settings = _registry_settings(args, creates=False)
+    admin.check_device_name(args.name)  # before touching the store
+    device = _with_store(settings, lambda store: admin.rename_device(store, args.device, args.name, _now_ms()))
+    print(f"renamed device {device.id} to {device.name!r}")
+    return 0
+
+
+def _session_state(session: SessionRecord, now: int) -> str:
+    if session.revoked_at is not None:
+        return "revoked"
+    if session.connected_at is not None:
+        return "connected"
+    if session.expires_at < now:
+        return "expired"
+    return "disconnected"
+
+
+def cmd_sessions_list(args: argparse.Namespace) -> int:
+    settings = _registry_settings(args, creates=False)
+    sessions = _with_store(settings, lambda store: store.list_sessions(args.user, args.device))
+    if args.json:
+        _print_json([admin.session_view(session) for session in sessions])
+        return 0
+    now = _now_ms()
+    headers = ("SESSION", "USER", "DEVICE", "STATE", "CREATED", "EXPIRES", "LAST ACTIVITY",
+               "MSGS IN", "MSGS OUT", "BYTES IN", "BYTES OUT", "PENDING")
+    rows = [(s.id, s.user, s.device, _session_state(s, now), _iso(s.created), _iso(s.expires_at),
+             _iso(s.last_activity), s.messages_in, s.messages_out, s.bytes_in, s.bytes_out, len(s.pending))
+            for s in sessions]
+    _print_table(headers, rows, "no sessions")
+    return 0
+
+
+def cmd_sessions_revoke(args: argparse.Namespace) -> int:
+    settings = _registry_settings(args, creates=False)
+    session = _with_store(settings, lambda store: admin.revoke_session(store, args.session, _now_ms()))
+    print(f"revoked session {session.id} of device {session.device} (user {session.user})")
+    return 0
+
+
+def _store_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="TOML settings file (also RCCS_CONFIG)")
+    parser.add_argument("--data-dir", dest="data_dir", help="data directory holding rccs.db (default ./rccs-data)")
+
+
+def _json_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
+
+
+def _add_registry_commands(sub: Any) -> None:
+    users = sub.add_parser("users", help="add, list, pair and remove users")
+    users_sub = users.add_subparsers(dest="users_command", required=True)
+    add = users_sub.add_parser("add", help="add a user and print a pairing code (or, with --device, a credential) "
+                                           "for its first device")
+    add.add_argument("user", help="user id")
+    add.add_argument("--device", help="register this device now and print its credential instead of a pairing code")
+    add.add_argument("--type", help="the --device's type, e.g. mobile, desktop (default unknown)")
+    add.add_argument("--name", help="the --device's name")
+    add.add_argument("--ttl", help="pairing code lifetime, e.g. 90s, 5m (default: the pairing_code_ttl setting)")
+    _store_flags(add)
+    add.set_defaults(handler=cmd_users_add)
+    pair = users_sub.add_parser("pair", help="print a new pairing code for an existing user")
+    pair.add_argument("user", help="user id")
+    pair.add_argument("--ttl", help="lifetime, e.g. 90s, 5m (default: the pairing_code_ttl setting)")
+    _store_flags(pair)
+    pair.set_defaults(handler=cmd_users_pair)
+    users_list = users_sub.add_parser("list", help="list users with their device counts")
+    _json_flag(users_list)
+    _store_flags(users_list)
+    users_list.set_defaults(handler=cmd_users_list)
+    remove = users_sub.add_parser("remove", help="remove a user: revoke its devices, delete its sessions")
+    remove.add_argument("user", help="user id")
+    _store_flags(remove)
+    remove.set_defaults(handler=cmd_users_remove)
+
+    devices = sub.add_parser("devices", help="list, revoke and rename devices")
+    devices_sub = devices.add_subparsers(dest="devices_command", required=True)
+    devices_list = devices_sub.add_parser("list", help="list devices")
+    devices_list.add_argument("--user", help="only this user's devices")
+    devices_list.add_argument("--all", action="store_true", help="include revoked devices")
+    _json_flag(devices_list)
+    _store_flags(devices_list)
+    devices_list.set_defaults(handler=cmd_devices_list)
+    revoke = devices_sub.add_parser("revoke", help="revoke a device: its credential and sessions stop working")
+    revoke.add_argument("device", help="device id")
+    _store_flags(revoke)
+    revoke.set_defaults(handler=cmd_devices_revoke)
+    rename = devices_sub.add_parser("rename", help="rename a device")
+    rename.add_argument("device", help="device id")
+    rename.add_argument("name", help="new name, 1-256 characters")
+    _store_flags(rename)
+    rename.set_defaults(handler=cmd_devices_rename)
+
+    sessions = sub.add_parser("sessions", help="list and revoke sessions")
+    sessions_sub = sessions.add_subparsers(dest="sessions_command", required=True)
+    sessions_list = sessions_sub.add_parser("list", help="list sessions with their counters")
+    sessions_list.add_argument("--user", help="only this user's sessions")
+    sessions_list.add_argument("--device", help="only this device's sessions")
+    _json_flag(sessions_list)
+    _store_flags(sessions_list)
+    sessions_list.set_defaults(handler=cmd_sessions_list)
+    session_revoke = sessions_sub.add_parser("revoke", help="revoke a session")
+    session_revoke.add_argument("session", help="session id")
+    _store_flags(session_revoke)
+    session_revoke.set_defaults(handler=cmd_sessions_revoke)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -79,13 +404,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     token = sub.add_parser("token", help="device tokens")
     token_sub = token.add_subparsers(dest="token_command", required=True)
-    issue = token_sub.add_parser("issue", help="print a signed device token on stdout")
+    issue = token_sub.add_parser("issue", help="print a signed device token on stdout (and register the device)")
     issue.add_argument("--user", required=True, help="user id")
     issue.add_argument("--device", required=True, help="device id (unique across users)")
     issue.add_argument("--ttl", default="30d", help="lifetime, e.g. 3600, 15m, 12h, 30d (default 30d)")
     issue.add_argument("--config", help="TOML settings file (also RCCS_CONFIG)")
-    issue.add_argument("--data-dir", dest="data_dir", help="data directory holding the token secret")
+    issue.add_argument("--data-dir", dest="data_dir", help="data directory holding the token secret and rccs.db")
     issue.set_defaults(handler=cmd_token_issue)
+
+    _add_registry_commands(sub)
 
     version = sub.add_parser("version", help="print the version and fast-path implementation")
     version.set_defaults(handler=cmd_version)
@@ -106,6 +433,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, TokenError, ValueError) as exc:
         print(f"rccs: error: {exc}", file=sys.stderr)
         return 2
+    except StoreError as exc:
+        # Not the caller's input but the store itself (e.g. a damaged or unreadable rccs.db).
+        print(f"rccs: error: store: {exc}", file=sys.stderr)
+        return 1
     return result
 
 

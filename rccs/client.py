@@ -5,6 +5,17 @@
         async for message in client.messages():
             ...
 
+Devices registered by pairing connect with their credential instead of a token::
+
+    client = await pair(url, "ABCD-EFGH", {"type": "mobile", "name": "Phone"})
+    save(client.credential)  # shown once; later: Client(url, None, device, credential=...)
+
+After a dropped connection the client reconnects with ``resume``, so its
+session (seq numbers, unacked messages) continues; messages redelivered after
+a resume that the application already saw are not handed to it again.
+Server events (``presence``, ``pair.request``, ``pair.joined``, ...) arrive on
+``client.events``.
+
 Incoming messages are acked automatically when the application takes them
 (from ``messages()``/``next_message()``, or after an ``on_message`` callback
 returns) unless ``auto_ack=False``. The client reconnects with exponential
@@ -37,7 +48,11 @@ log = logging.getLogger("rccs.client")
 # Close codes after which reconnecting cannot help.
 FATAL_CLOSE_CODES = frozenset({
     int(CloseCode.BAD_HELLO), int(CloseCode.UNAUTHORIZED), int(CloseCode.FORBIDDEN), int(CloseCode.REPLACED),
+    int(CloseCode.REVOKED),
 })
+# Replies to requests, matched to the request by ``id``.
+REPLY_OPS = frozenset({"devices", "device", "ok", "sessions", "refreshed", "pair.code", "pair.pending"})
+EVENT_OPS = frozenset({"presence", "pair.request", "pair.joined", "pair.withdrawn"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,9 +153,11 @@ class Client:
     def __init__(
         self,
         url: str,
-        token: str,
-        device: Mapping[str, Any],
+        token: str | None,
+        device: Mapping[str, Any] | None = None,
         *,
+        credential: str | None = None,
+        pairing_code: str | None = None,
         encoding: str = MSGPACK,
         auto_ack: bool = True,
         reconnect: bool = True,
@@ -151,9 +168,15 @@ class Client:
     ):
         if encoding not in (MSGPACK, JSON):
             raise ValueError("encoding must be 'msgpack' or 'json'")
+        if token is None and credential is None and pairing_code is None:
+            raise ValueError("give a token, a credential or a pairing code")
         self.url = url
         self.token = token
-        self.device = dict(device)
+        self.credential = credential
+        self.pairing_code = pairing_code
+        self.device = None if device is None else dict(device)
+        self.session_id: str | None = None
+        self.last_seq = 0  # highest seq received in the current session
         self.encoding = encoding
         self.auto_ack = auto_ack
         self.reconnect = reconnect
@@ -163,6 +186,9 @@ class Client:
         self.on_message = on_message
         self.welcome: dict[str, Any] | None = None
         self.errors: asyncio.Queue[ClientError] = asyncio.Queue()
+        self.events: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self.duplicates = 0  # redelivered messages not handed to the application again
+        self._requests: dict[str | int, asyncio.Future[dict[str, Any]]] = {}
         self.reconnects = 0
         self.reconnected = asyncio.Event()  # set after every successful reconnect; clear it to wait again
         self._inbox: asyncio.Queue[Message | ConnectionClosed] = asyncio.Queue()
@@ -176,6 +202,7 @@ class Client:
         self._welcomed: asyncio.Future[dict[str, Any]] | None = None
         self._runner: asyncio.Task[None] | None = None
         self._closing = False
+        self.paired: dict[str, Any] | None = None  # the ``paired`` envelope (user, device, credential)
         self.closed: asyncio.Future[ConnectionClosed] = asyncio.get_running_loop().create_future()
 
     # ---- lifecycle ----------------------------------------------------
@@ -192,12 +219,30 @@ class Client:
         transport, listener = await ws_connect(lambda: _Listener(self), self.url, enable_auto_ping=False)
         assert isinstance(listener, _Listener)
         self._transport, self._listener = transport, listener
-        self._send({"op": "hello", "token": self.token, "device": self.device})
+        if self.credential is None and self.token is None:
+            assert self.pairing_code is not None
+            self._send({"op": "pair.redeem", "id": "pair", "code": self.pairing_code, "device": self.device})
+        else:
+            hello: dict[str, Any] = {"op": "hello"}
+            if self.credential is not None:
+                hello["credential"] = self.credential
+            else:
+                hello["token"] = self.token
+            if self.device is not None:
+                hello["device"] = self.device
+            if self.session_id is not None:
+                hello["resume"] = {"session": self.session_id, "last_seq": self.last_seq}
+            self._send(hello)
         try:
-            welcome = await asyncio.wait_for(asyncio.shield(self._welcomed), 30)
+            # Pairing may wait for a person to approve it; a hello does not wait long.
+            welcome = await asyncio.wait_for(asyncio.shield(self._welcomed),
+                                             None if self.credential is None and self.token is None else 30)
         except BaseException:
             transport.disconnect()
             raise
+        if not welcome.get("resumed"):
+            self.last_seq = 0
+        self.session_id = welcome.get("session")
         self.welcome = welcome
         self._connected.set()
         return welcome
@@ -241,9 +286,10 @@ class Client:
         for waiter in self._waiters.values():
             if not waiter.future.done():
                 waiter.future.set_exception(reason)
-        for ping in self._pings.values():
-            if not ping.done():
-                ping.set_exception(reason)
+        futures: list[asyncio.Future[Any]] = [*self._pings.values(), *self._requests.values()]
+        for future in futures:
+            if not future.done():
+                future.set_exception(reason)
 
     async def close(self) -> None:
         """Close the connection for good (1000) and stop reconnecting."""
@@ -321,6 +367,71 @@ class Client:
     async def ack(self, seq: int | list[int]) -> None:
         await self._send_when_connected({"op": "ack", "seq": seq})
 
+    async def request(self, op: str, **fields: Any) -> dict[str, Any]:
+        """Send a request op and return its reply; raises ClientError for an ``error`` reply."""
+        request_id = f"req-{self.new_id()}"
+        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._requests[request_id] = future
+        try:
+            await self._send_when_connected({"op": op, "id": request_id, **fields})
+            return await asyncio.wait_for(future, self.receipt_timeout)
+        finally:
+            self._requests.pop(request_id, None)
+
+    async def devices(self) -> list[dict[str, Any]]:
+        """The user's devices with their status and capabilities."""
+        reply = await self.request("devices")
+        return list(reply["devices"])
+
+    async def update_device(self, device: str | None = None, **changes: Any) -> dict[str, Any]:
+        """Change name, capabilities, metadata, ... of this device (or another of the user's)."""
+        fields: dict[str, Any] = {"set": changes}
+        if device is not None:
+            fields["device"] = device
+        return dict((await self.request("device.update", **fields))["device"])
+
+    async def revoke_device(self, device: str) -> None:
+        await self.request("device.revoke", device=device)
+
+    async def sessions(self) -> list[dict[str, Any]]:
+        return list((await self.request("sessions"))["sessions"])
+
+    async def revoke_session(self, session: str) -> None:
+        await self.request("session.revoke", session=session)
+
+    async def set_presence(self, status: str) -> None:
+        """``"away"`` when the app goes to the background, ``"online"`` when it is back."""
+        await self.request("presence.set", status=status)
+
+    async def refresh(self, *, token: str | None = None, credential: str | None = None) -> int:
+        """Extend the session with a fresh token (or the credential) in band; returns the new expiry (ms)."""
+        if token is not None:
+            reply = await self.request("refresh", token=token)
+            self.token = token
+        else:
+            reply = await self.request("refresh", credential=credential or self.credential)
+        return int(reply["expires_at"])
+
+    async def create_pairing_code(self, *, approve: bool = False, ttl: float | None = None) -> dict[str, Any]:
+        """A code (and URI) a new device can redeem to join this user."""
+        fields: dict[str, Any] = {"approve": approve}
+        if ttl is not None:
+            fields["ttl"] = ttl
+        return await self.request("pair.create", **fields)
+
+    async def approve_pairing(self, request: str) -> None:
+        await self.request("pair.approve", request=request)
+
+    async def deny_pairing(self, request: str) -> None:
+        await self.request("pair.deny", request=request)
+
+    async def next_event(self, op: str | None = None, timeout: float | None = None) -> dict[str, Any]:
+        """The next server event (``presence``, ``pair.request``, ...), optionally of one op; others are dropped."""
+        while True:
+            event = await asyncio.wait_for(self.events.get(), timeout)
+            if op is None or event.get("op") == op:
+                return event
+
     async def ping(self) -> int:
         """Round trip to the server; returns its clock (ms since the epoch)."""
         ping_id = f"ping-{self.new_id()}"
@@ -364,6 +475,15 @@ class Client:
         if op == "msg":
             message = Message(envelope["seq"], envelope["id"], envelope["from"], envelope["type"],
                               envelope.get("body"), envelope["ts"], bool(envelope.get("ack")))
+            if message.seq <= self.last_seq:
+                # Redelivered after a resume and already seen: ack it again (the first ack may be lost),
+                # but do not hand it to the application twice.
+                self.duplicates += 1
+                if self.auto_ack and message.ack:
+                    with contextlib.suppress(ConnectionError):
+                        self._send({"op": "ack", "seq": message.seq})
+                return
+            self.last_seq = message.seq
             if self.on_message is not None:
                 asyncio.get_running_loop().create_task(self._dispatch(message))
             else:
@@ -379,11 +499,26 @@ class Client:
             future = self._pings.get(envelope.get("id"))  # type: ignore[arg-type]
             if future is not None and not future.done():
                 future.set_result(envelope["server_time"])
+        elif op in REPLY_OPS and envelope.get("id") in self._requests:
+            request = self._requests[envelope["id"]]
+            if not request.done():
+                request.set_result(envelope)
+        elif op == "paired":
+            self.credential = envelope["credential"]
+            self.paired = envelope
+        elif op in EVENT_OPS or op == "pair.pending":
+            self.events.put_nowait(envelope)
         elif op == "error":
             error = ClientError(str(envelope.get("code")), str(envelope.get("message")))
-            waiter = self._waiters.get(envelope.get("id"))  # type: ignore[arg-type]
+            msg_id = envelope.get("id")
+            waiter = self._waiters.get(msg_id)  # type: ignore[arg-type]
+            failed_request = self._requests.get(msg_id)  # type: ignore[arg-type]
             if waiter is not None and not waiter.future.done():
                 waiter.future.set_exception(error)
+            elif failed_request is not None and not failed_request.done():
+                failed_request.set_exception(error)
+            elif msg_id == "pair" and self._welcomed is not None and not self._welcomed.done():
+                self._welcomed.set_exception(error)
             else:
                 self.errors.put_nowait(error)
         else:
@@ -403,3 +538,15 @@ class Client:
     def _on_disconnected(self, listener: _Listener) -> None:
         if self._welcomed is not None and not self._welcomed.done():
             self._welcomed.set_exception(ConnectionClosed(listener.close_code, listener.close_reason or "refused"))
+
+
+async def pair(url: str, code: str, device: Mapping[str, Any], **options: Any) -> Client:
+    """Join a user as a new device with a pairing code; returns the connected client.
+
+    ``client.credential`` (and ``client.paired``) hold the new device's credential: store it, it is
+    shown once. Raises ClientError (``invalid_code``, ``rate_limited``) or ConnectionClosed (denied).
+    Waits as long as the issuing device takes to approve, if approval is needed.
+    """
+    client = Client(url, None, device, pairing_code=code, **options)
+    await client.connect()
+    return client

@@ -31,6 +31,16 @@ class Settings:
     max_connections: int = 10000
     max_outbound_bytes: int = 8 * 1024 * 1024  # unsent bytes per connection before it is dropped as too slow
     log_level: str = "INFO"
+    store: str = "sqlite"  # "sqlite" (<data_dir>/rccs.db) or "memory" (lost at exit)
+    dev_tokens: bool = True  # accept JWT device tokens (``rccs token issue``) besides device credentials
+    session_ttl: float = 86400.0  # seconds a session opened with a credential stays authenticated unless refreshed
+    session_grace: float = 120.0  # seconds a dropped session stays resumable
+    pairing_code_ttl: float = 300.0
+    pairing_approval: bool = False  # every pairing needs the issuing device's approval (else the issuer chooses)
+    pairing_max_attempts: int = 5  # wrong secrets before a pairing code is burnt
+    pairing_attempts_per_minute: int = 10  # redemption attempts per client address
+    max_metadata_bytes: int = 4096  # a device's metadata as compact JSON
+    public_url: str = ""  # how devices reach this server (put into pairing URIs), e.g. wss://rccs.example.org/v1
 
     def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)
@@ -46,6 +56,15 @@ _FIELDS = {f.name: f for f in dataclasses.fields(Settings)}
 def _coerce(name: str, value: Any) -> Any:
     kind = _FIELDS[name].type
     try:
+        if kind == "bool":
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text in ("1", "true", "yes", "on"):
+                return True
+            if text in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
         if kind == "int":
             if isinstance(value, bool):
                 raise ValueError
@@ -99,4 +118,10 @@ def load_settings(
         raise ConfigError("setting 'max_message_bytes' must be at least 1024")
     if settings.heartbeat <= 0 or settings.hello_timeout <= 0:
         raise ConfigError("settings 'heartbeat' and 'hello_timeout' must be positive")
+    if settings.store not in ("sqlite", "memory"):
+        raise ConfigError("setting 'store' must be 'sqlite' or 'memory'")
+    if settings.session_ttl <= 0 or settings.pairing_code_ttl <= 0:
+        raise ConfigError("settings 'session_ttl' and 'pairing_code_ttl' must be positive")
+    if settings.pairing_max_attempts < 1 or settings.pairing_attempts_per_minute < 1:
+        raise ConfigError("settings 'pairing_max_attempts' and 'pairing_attempts_per_minute' must be at least 1")
     return settings

@@ -14,10 +14,12 @@ class ErrorCode(StrEnum):
     BAD_REQUEST = "bad_request"  # malformed frame, wrong field types, second hello
     UNKNOWN_OP = "unknown_op"  # "op" names no operation of this protocol version
     UNAUTHORIZED = "unauthorized"  # token missing, forged, expired; op before hello
-    FORBIDDEN = "forbidden"  # a selector names a device of another user
-    NOT_FOUND = "not_found"  # reserved: an op names a resource that does not exist
+    FORBIDDEN = "forbidden"  # a selector names a device of another user; acting on another user's device
+    NOT_FOUND = "not_found"  # an op names a device, session or pairing request that does not exist
     TOO_LARGE = "too_large"  # a field is longer than its documented limit
-    RATE_LIMITED = "rate_limited"  # reserved: the sender exceeded its rate limit
+    RATE_LIMITED = "rate_limited"  # too many attempts (pairing redemption); see retry_after
+    INVALID_CODE = "invalid_code"  # a pairing code that is wrong, expired, used or burnt (one answer for all)
+    REVOKED = "revoked"  # the credential, token or session belongs to a revoked device or session
     OVERLOADED = "overloaded"  # reserved: the server sheds load
     NO_ROUTE = "no_route"  # a send without ack reached no device
     UNCONVERTIBLE = "unconvertible"  # a JSON body that msgpack cannot carry
@@ -38,7 +40,9 @@ class CloseCode(IntEnum):
     FORBIDDEN = 4403  # the token's device is registered to another user
     HELLO_TIMEOUT = 4408  # no hello within hello_timeout seconds
     REPLACED = 4409  # the same device connected again; the older connection is closed
+    REVOKED = 4410  # the device or session was revoked; its credential and sessions no longer work
     SLOW_CONSUMER = 4413  # more than max_outbound_bytes waited to be written; the connection is aborted
+    SESSION_EXPIRED = 4440  # the session's authentication expired without a refresh; hello again
 
 
 class ReceiptReason(StrEnum):
@@ -53,7 +57,8 @@ class ReceiptReason(StrEnum):
 class ProtocolError(Exception):
     """An envelope the server answers with an ``error`` (the connection stays open)."""
 
-    def __init__(self, code: ErrorCode, message: str):
+    def __init__(self, code: ErrorCode, message: str, retry_after: float | None = None):
         super().__init__(message)
         self.code = code
         self.message = message
+        self.retry_after = retry_after  # seconds, for rate_limited

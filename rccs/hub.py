@@ -1,48 +1,182 @@
-"""The live connections of this node and the routing table that indexes them.
+"""The live connections of this node, the routing table that indexes them, and their sessions.
 
 The hub is the only object sessions share. It owns the fast-path routing
-table and counters, the device ownership map (which user each device id
-belongs to), and plain counters that metrics read at scrape time.
+table and counters, the registry (the in-memory view of users and devices),
+the sessions (live ones, and dropped ones that may still be resumed), presence,
+pending pairing approvals, and plain counters that metrics read at scrape time.
+
+Persistence is write-behind: the hub changes memory at once and hands the
+store copies in the background. Structural session changes and presence are
+flushed every second, session counters every five, everything at ``stop``.
+Other processes (the CLI) write to the store; ``_watch_changes`` polls the
+store's change feed and brings their revocations, renames and removals in.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
+import heapq
 import logging
 import time
 from collections import Counter
+from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
 
 from . import __version__
 from ._fastpath import IMPLEMENTATION, RouteStats, RoutingTable
+from ._fastpath import routing as fast_routing
 from .auth import TokenAuthority
 from .config import Settings
+from .errors import CloseCode, ReceiptReason
+from .registry import Registry
+from .store import (
+    CHANGE_DEVICE,
+    CHANGE_SESSION,
+    CHANGE_USER,
+    STATUS_OFFLINE,
+    DeviceRecord,
+    PendingMessage,
+    SessionRecord,
+    Store,
+)
 
 if TYPE_CHECKING:
     from .session import Session
 
 log = logging.getLogger("rccs.hub")
 
+FLUSH_INTERVAL = 1.0
+COUNTER_FLUSH_EVERY = 5  # flush intervals between writes of session counters
+CHANGE_POLL_INTERVAL = 0.25  # revocations made by the CLI reach live connections within this (plus a flush)
+CLEANUP_EVERY = 60  # flush intervals between deletions of stale sessions and pairing codes
+STATUS_REVOKED = "revoked"  # presence value announced once when a device is revoked
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+@dataclasses.dataclass
+class PairingRequest:
+    """A redeemed code that waits for one of the user's devices to approve the new device."""
+
+    id: str
+    user: str
+    session: Session
+    fields: dict[str, Any]
+    expires_at: int
+    timer: asyncio.TimerHandle | None = None
+
+
+class TokenBucket:
+    """``capacity`` attempts, refilled evenly over a minute; keyed buckets live in ``AddressLimiter``."""
+
+    __slots__ = ("stamp", "tokens")
+
+    def __init__(self, capacity: float, now: float):
+        self.tokens = capacity
+        self.stamp = now
+
+
+class AddressLimiter:
+    """Per client address token buckets (pairing redemption attempts)."""
+
+    def __init__(self, per_minute: int):
+        self.capacity = float(per_minute)
+        self.rate = per_minute / 60.0
+        self._buckets: dict[str, TokenBucket] = {}
+
+    def take(self, address: str, now: float) -> float:
+        """0 if an attempt is allowed (and counted), else the seconds until the next one is."""
+        bucket = self._buckets.get(address)
+        if bucket is None:
+            if len(self._buckets) > 100_000:  # forget full buckets rather than grow without bound
+                self._buckets = {k: b for k, b in self._buckets.items() if b.tokens < self.capacity}
+            bucket = self._buckets[address] = TokenBucket(self.capacity, now)
+        bucket.tokens = min(self.capacity, bucket.tokens + (now - bucket.stamp) * self.rate)
+        bucket.stamp = now
+        if bucket.tokens >= 1.0:
+            bucket.tokens -= 1.0
+            return 0.0
+        return (1.0 - bucket.tokens) / self.rate
+
 
 class Hub:
-    """Connections of one node. Runs on the event loop thread only."""
+    """Connections and sessions of one node. Runs on the event loop thread only."""
 
-    def __init__(self, settings: Settings, tokens: TokenAuthority):
+    def __init__(self, settings: Settings, tokens: TokenAuthority, store: Store):
         self.settings = settings
         self.tokens = tokens
+        self.store = store
+        self.registry = Registry()
         self.routing = RoutingTable()
         self.stats = RouteStats()
-        self.sessions: set[Session] = set()
-        # Device id -> user id for every device seen since start; a device id
-        # belongs to one user for good, so selectors can refuse foreign ids.
-        self.device_owners: dict[str, str] = {}
+        self.sessions: set[Session] = set()  # every connection, before and after hello
+        self.live: dict[str, Session] = {}  # session id -> its open connection
+        self.detached: dict[str, SessionRecord] = {}  # dropped sessions that may still be resumed
+        self.presence: dict[str, str] = {}  # device id -> online/away (absent: offline)
+        self.pair_requests: dict[str, PairingRequest] = {}
+        self.pair_limiter = AddressLimiter(settings.pairing_attempts_per_minute)
         self.errors_sent: Counter[str] = Counter()
         self.closes_sent: Counter[int] = Counter()
+        self.events: Counter[str] = Counter()  # sessions opened/resumed, pairings, revocations, ...
         self.receipts_undeliverable = 0
+        # Messages in/out and bytes in/out of connections that have closed (metrics add the open ones).
+        self.closed_traffic = [0, 0, 0, 0]
         self.started_at = time.time()
         self.accepting = True
         self._idle = asyncio.Event()
         self._idle.set()
+        self._dirty_sessions: set[str] = set()
+        self._presence_writes: dict[str, tuple[str, int]] = {}
+        self._expiries: list[tuple[int, str]] = []
+        self._change_cursor = 0
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._loops: list[asyncio.Task[None]] = []
+        self._flush_lock = asyncio.Lock()
+
+    # ---- lifecycle ---------------------------------------------------
+
+    async def start(self) -> None:
+        store = self.store
+        now = now_ms()
+        await store.reset_live_state(now)
+        self._change_cursor = await store.last_change()
+        await self.registry.load(store)
+        grace_ms = int(self.settings.session_grace * 1000)
+        for record in await store.list_sessions():
+            resumable = (record.revoked_at is None and record.expires_at > now
+                         and record.disconnected_at is not None and record.disconnected_at + grace_ms >= now)
+            if resumable:
+                self.detached[record.id] = record
+        self._loops = [asyncio.create_task(self._maintain()), asyncio.create_task(self._watch_changes())]
+
+    async def stop(self) -> None:
+        """After every connection is closed: write everything down, stop the background work."""
+        for task in self._loops:
+            task.cancel()
+        for task in self._loops:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+        await self.flush(all_sessions=True)
+
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+        """Run background work; ``stop`` waits for it and failures are logged, never lost."""
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("background task failed", exc_info=task.exception())
+
+    # ---- connections -------------------------------------------------
 
     @property
     def connection_count(self) -> int:
@@ -65,20 +199,30 @@ class Hub:
         await self._idle.wait()
 
     def owner_of(self, device: str) -> str | None:
-        return self.device_owners.get(device)
+        return self.registry.owner_of(device)
 
     def register(self, session: Session) -> Session | None:
         """Make ``session`` the online connection of its device; returns the one it replaces."""
-        assert session.user is not None and session.device is not None and session.info is not None
-        self.device_owners[session.device] = session.user
+        assert session.user is not None and session.device is not None
+        record = self.registry.devices[session.device]
         previous: Session | None = self.routing.add(  # type: ignore[assignment]
-            session.user, session.device, session.info.type, session.info.capabilities, session
+            session.user, session.device, record.type, record.capabilities, session
         )
+        self.live[session.id] = session
+        self.dirty(session.id)
         return previous
+
+    def reindex(self, device: DeviceRecord) -> None:
+        """The device's type or capabilities changed: the routing indexes follow at once."""
+        session: Session | None = self.routing.get(device.user, device.id)  # type: ignore[assignment]
+        if session is not None:
+            self.routing.add(device.user, device.id, device.type, device.capabilities, session)
 
     def unregister(self, session: Session) -> None:
         if session.user is not None and session.device is not None:
             self.routing.remove(session.user, session.device, session)
+        if self.live.get(session.id) is session:
+            del self.live[session.id]
 
     def online(self, user: str, device: str) -> Session | None:
         return self.routing.get(user, device)  # type: ignore[return-value]
@@ -91,9 +235,222 @@ class Hub:
             return
         target.send_control(receipt)
 
+    def fail_pending(self, device: str | None, pending: list[PendingMessage] | dict[int, Any],
+                     reason: ReceiptReason) -> None:
+        """Tell the senders of never-acked messages that ``device`` will not ack them."""
+        entries = pending.values() if isinstance(pending, dict) else [
+            (p.sender_user, p.sender_device, p.msg_id) for p in pending
+        ]
+        for entry in entries:
+            self.send_receipt(entry[0], entry[1], {
+                "op": "receipt", "id": entry[2], "status": "failed", "reason": reason.value, "device": device,
+            })
+
     def close_all(self, code: int, reason: str) -> None:
         for session in list(self.sessions):
             session.close(code, reason)
 
     def server_info(self) -> dict[str, Any]:
         return {"version": __version__, "implementation": IMPLEMENTATION}
+
+    # ---- sessions ----------------------------------------------------
+
+    def dirty(self, session_id: str) -> None:
+        self._dirty_sessions.add(session_id)
+
+    def watch_expiry(self, session: Session) -> None:
+        heapq.heappush(self._expiries, (session.expires_at, session.id))
+
+    def keep_resumable(self, record: SessionRecord) -> None:
+        self.detached[record.id] = record
+        self.dirty(record.id)
+
+    def take_resumable(self, session_id: str, device: str, now: int) -> SessionRecord | str:
+        """The dropped session ``session_id`` of ``device``, removed from the resumable ones; or why not."""
+        record = self.detached.get(session_id)
+        if record is None:
+            return "unknown_session"
+        if record.device != device:
+            return "unknown_session"  # another device's session id is not confirmed to exist
+        del self.detached[session_id]
+        if record.expires_at <= now:
+            self.fail_pending(record.device, record.pending, ReceiptReason.DISCONNECTED)
+            record.pending = []
+            self.dirty(record.id)
+            return "expired"
+        return record
+
+    def end_detached(self, session_id: str, reason: ReceiptReason) -> None:
+        record = self.detached.pop(session_id, None)
+        if record is not None:
+            self.fail_pending(record.device, record.pending, reason)
+            record.pending = []
+            self._write_records([record])
+
+    def revoke_session(self, session_id: str, now: int) -> None:
+        """Close a live session or forget a resumable one; the store is told too."""
+        live = self.live.get(session_id)
+        if live is not None:
+            live.revoked = True
+            live.close(CloseCode.REVOKED, "session revoked")
+        self.end_detached(session_id, ReceiptReason.DISCONNECTED)
+        self.events["session_revoked"] += 1
+        self.spawn(self.store.revoke_session(session_id, now))
+
+    def revoke_device(self, device_id: str, now: int, write: bool = True) -> bool:
+        """Revoke a device: its credential stops working at once, its connection closes with 4410,
+        its resumable sessions are dropped. False if unknown or already revoked."""
+        record = self.registry.get(device_id)
+        if record is None or record.revoked_at is not None:
+            return False
+        record.revoked_at = now
+        record.credential_hash = None
+        self.registry.put(record)
+        live: Session | None = self.routing.get(record.user, device_id)  # type: ignore[assignment]
+        if live is not None:
+            live.revoked = True
+            live.close(CloseCode.REVOKED, "device revoked")
+        for session_id in [sid for sid, rec in self.detached.items() if rec.device == device_id]:
+            self.end_detached(session_id, ReceiptReason.DISCONNECTED)
+        self.set_presence(record.user, device_id, STATUS_REVOKED, now)
+        self.events["device_revoked"] += 1
+        if write:
+            self.spawn(self.store.revoke_device(device_id, now))
+        log.info("device %s of user %s revoked", device_id, record.user)
+        return True
+
+    # ---- presence ----------------------------------------------------
+
+    def set_presence(self, user: str, device: str, status: str, now: int) -> None:
+        """Record a device's status; its user's other online devices hear of a change, once."""
+        previous = self.presence.get(device, STATUS_OFFLINE)
+        if status in (STATUS_OFFLINE, STATUS_REVOKED):
+            self.presence.pop(device, None)
+        else:
+            self.presence[device] = status
+        if status == previous:
+            return
+        record = self.registry.get(device)
+        if record is not None:
+            record.last_seen = now
+            if status != STATUS_REVOKED:
+                record.status = status
+                self._presence_writes[device] = (status, now)
+        envelope = {"op": "presence", "device": device, "status": status, "last_seen": now}
+        for other in self.routing.select(user, fast_routing.SELECT_ALL, True, False, device):
+            other.send_control(envelope)  # type: ignore[attr-defined]
+
+    def status_of(self, device: str) -> str:
+        return self.presence.get(device, STATUS_OFFLINE)
+
+    # ---- background: flush, expiry, cleanup, change feed ---------------
+
+    async def flush(self, all_sessions: bool = False) -> None:
+        """Write dirty sessions and presence to the store (every live session's counters if asked)."""
+        async with self._flush_lock:
+            ids = set(self._dirty_sessions)
+            self._dirty_sessions.clear()
+            if all_sessions:
+                ids.update(self.live)
+                ids.update(self.detached)
+            records = []
+            for session_id in ids:
+                live = self.live.get(session_id)
+                if live is not None:
+                    records.append(live.snapshot(with_pending=False))
+                elif session_id in self.detached:
+                    records.append(self.detached[session_id])
+            presence = [(device, status, seen) for device, (status, seen) in self._presence_writes.items()]
+            self._presence_writes.clear()
+            if records:
+                await self.store.put_sessions(records)
+            if presence:
+                await self.store.update_presence(presence)
+
+    def _write_records(self, records: list[SessionRecord]) -> None:
+        self.spawn(self.store.put_sessions(records))
+
+    async def _maintain(self) -> None:
+        ticks = 0
+        while True:
+            await asyncio.sleep(FLUSH_INTERVAL)
+            ticks += 1
+            try:
+                now = now_ms()
+                self._expire_sessions(now)
+                self._expire_detached(now)
+                if ticks % COUNTER_FLUSH_EVERY == 0:
+                    for session in self.live.values():
+                        if session.counters_changed():
+                            self._dirty_sessions.add(session.id)
+                await self.flush()
+                if ticks % CLEANUP_EVERY == 0:
+                    await self.store.delete_stale_sessions(now, int(self.settings.session_grace * 1000))
+                    await self.store.delete_pairing_codes_before(now)
+            except Exception:
+                log.exception("session maintenance failed; retrying next interval")
+
+    def _expire_sessions(self, now: int) -> None:
+        expiries = self._expiries
+        while expiries and expiries[0][0] <= now:
+            _, session_id = heapq.heappop(expiries)
+            live = self.live.get(session_id)
+            if live is not None and live.expires_at <= now:
+                live.expired = True
+                live.close(CloseCode.SESSION_EXPIRED, "session expired: refresh before expires_at or hello again")
+                self.events["session_expired"] += 1
+
+    def _expire_detached(self, now: int) -> None:
+        grace_ms = int(self.settings.session_grace * 1000)
+        stale = [sid for sid, rec in self.detached.items()
+                 if (rec.disconnected_at or 0) + grace_ms < now or rec.expires_at <= now]
+        for session_id in stale:
+            self.end_detached(session_id, ReceiptReason.DISCONNECTED)
+
+    async def _watch_changes(self) -> None:
+        while True:
+            await asyncio.sleep(CHANGE_POLL_INTERVAL)
+            try:
+                changes = await self.store.changes_since(self._change_cursor)
+                for change in changes:
+                    self._change_cursor = change.seq
+                    if change.kind == CHANGE_DEVICE:
+                        await self._reload_device(change.key)
+                    elif change.kind == CHANGE_SESSION:
+                        await self._reload_session(change.key)
+                    elif change.kind == CHANGE_USER:
+                        await self._reload_user(change.key)
+            except Exception:
+                log.exception("reading the store's change feed failed; retrying")
+
+    async def _reload_device(self, device_id: str) -> None:
+        stored = await self.store.get_device(device_id)
+        if stored is None:
+            return
+        if stored.revoked_at is not None:
+            self.revoke_device(device_id, stored.revoked_at, write=False)
+            return
+        current = self.registry.get(device_id)
+        if current is not None:
+            stored.status = current.status
+            stored.last_seen = max(stored.last_seen, current.last_seen)
+        self.registry.put(stored)
+        self.registry.users.add(stored.user)
+        self.reindex(stored)
+
+    async def _reload_session(self, session_id: str) -> None:
+        stored = await self.store.get_session(session_id)
+        if stored is not None and stored.revoked_at is not None:
+            live = self.live.get(session_id)
+            if live is not None:
+                live.revoked = True
+                live.close(CloseCode.REVOKED, "session revoked")
+            self.end_detached(session_id, ReceiptReason.DISCONNECTED)
+
+    async def _reload_user(self, user_id: str) -> None:
+        if await self.store.get_user(user_id) is None:
+            self.registry.users.discard(user_id)
+            for device in self.registry.user_devices(user_id):
+                self.revoke_device(device.id, now_ms(), write=False)
+        else:
+            self.registry.users.add(user_id)

@@ -83,6 +83,36 @@ class HubCollector:
         yield CounterMetricFamily("rccs_receipts_undeliverable",
                                   "Receipts dropped because the sender device was offline",
                                   value=hub.receipts_undeliverable)
+        traffic = list(hub.closed_traffic)
+        for session in hub.sessions:
+            sink = session.sink
+            traffic[0] += sink.frames_in
+            traffic[1] += sink.frames_out
+            traffic[2] += sink.bytes_in
+            traffic[3] += sink.bytes_out
+        messages = CounterMetricFamily("rccs_session_messages", "WebSocket messages of all sessions",
+                                       labels=["direction"])
+        messages.add_metric(["in"], traffic[0])
+        messages.add_metric(["out"], traffic[1])
+        yield messages
+        payload = CounterMetricFamily("rccs_session_bytes", "WebSocket payload bytes of all sessions",
+                                      labels=["direction"])
+        payload.add_metric(["in"], traffic[2])
+        payload.add_metric(["out"], traffic[3])
+        yield payload
+        sessions = GaugeMetricFamily("rccs_sessions", "Sessions: connected, or dropped and still resumable",
+                                     labels=["state"])
+        sessions.add_metric(["connected"], len(hub.live))
+        sessions.add_metric(["resumable"], len(hub.detached))
+        yield sessions
+        events = CounterMetricFamily("rccs_events", "Session, device and pairing events", labels=["event"])
+        for event, count in sorted(hub.events.items()):
+            events.add_metric([event], count)
+        yield events
+        yield GaugeMetricFamily("rccs_devices_registered", "Registered devices that are not revoked",
+                                value=sum(1 for d in hub.registry.devices.values() if d.revoked_at is None))
+        yield GaugeMetricFamily("rccs_pairing_requests_pending", "Redeemed pairing codes awaiting approval",
+                                value=len(hub.pair_requests))
         yield GaugeMetricFamily("rccs_uptime_seconds", "Seconds since the server started",
                                 value=time.time() - hub.started_at)
 

@@ -17,6 +17,7 @@ from .hub import Hub
 from .metrics import build_registry
 from .protocol import WS_PATH
 from .session import Session
+from .store import open_store
 from .transport.http import http_router
 from .transport.ws import ServerConnection, WriteCoalescer
 
@@ -30,7 +31,8 @@ class Node:
         self.settings = settings
         secret = settings.token_secret.encode() if settings.token_secret else load_or_create_secret(settings.data_dir)
         self.tokens = TokenAuthority(secret)
-        self.hub = Hub(settings, self.tokens)
+        self.store = open_store(settings.store, settings.data_dir)
+        self.hub = Hub(settings, self.tokens, self.store)
         self.registry = build_registry(self.hub)
         self._ws_server: asyncio.Server | None = None
         self._http_server: asyncio.Server | None = None
@@ -65,6 +67,8 @@ class Node:
 
     async def start(self) -> None:
         settings = self.settings
+        await self.store.open()
+        await self.hub.start()
         self._ws_server = await ws_create_server(
             self._accept,
             settings.host,
@@ -97,7 +101,7 @@ class Node:
         )
 
     async def stop(self) -> None:
-        """Stop accepting, close every connection with 1001 (going away), close the listeners."""
+        """Stop accepting, close every connection with 1001 (going away), close the listeners, save sessions."""
         self._ready = False
         self.hub.accepting = False
         if self._ws_server is not None:
@@ -108,6 +112,9 @@ class Node:
         if self._http_server is not None:
             self._http_server.close()
             await self._http_server.wait_closed()
+        # Sessions closed by the shutdown stay resumable: written down with their unacked messages.
+        await self.hub.stop()
+        await self.store.close()
         log.info("rccs stopped")
 
     async def __aenter__(self) -> Node:

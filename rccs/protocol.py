@@ -202,3 +202,56 @@ def parse_device_info(device: Any) -> DeviceInfo:
         raise ProtocolError(ErrorCode.TOO_LARGE, f"more than {MAX_CAPABILITIES} capabilities")
     caps = tuple(dict.fromkeys(_text(cap, "device.capabilities[]", MAX_CAPABILITY_CHARS) for cap in capabilities))
     return DeviceInfo(device_type, texts[0], texts[1], texts[2], caps)
+
+
+DEVICE_TEXT_FIELDS = ("name", "platform", "version")
+
+
+def parse_device_fields(device: Any, max_metadata_bytes: int, require_type: bool) -> dict[str, Any]:
+    """The fields of a ``device`` map that are present, validated: type, name, platform, version,
+    capabilities (a tuple), metadata (a JSON-compatible dict of at most ``max_metadata_bytes`` as JSON)."""
+    if not isinstance(device, dict):
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "'device' must be a map")
+    fields: dict[str, Any] = {}
+    if "type" in device or require_type:
+        fields["type"] = _text(device.get("type"), "device.type", MAX_ID_CHARS)
+    for field in DEVICE_TEXT_FIELDS:
+        if field in device:
+            value = device[field]
+            if not isinstance(value, str):
+                raise ProtocolError(ErrorCode.BAD_REQUEST, f"'device.{field}' must be a string")
+            if len(value) > MAX_DEVICE_TEXT_CHARS:
+                raise ProtocolError(ErrorCode.TOO_LARGE, f"'device.{field}' is longer than {MAX_DEVICE_TEXT_CHARS}")
+            fields[field] = value
+    if "capabilities" in device:
+        capabilities = device["capabilities"]
+        if not isinstance(capabilities, list):
+            raise ProtocolError(ErrorCode.BAD_REQUEST, "'device.capabilities' must be a list of strings")
+        if len(capabilities) > MAX_CAPABILITIES:
+            raise ProtocolError(ErrorCode.TOO_LARGE, f"more than {MAX_CAPABILITIES} capabilities")
+        fields["capabilities"] = tuple(
+            dict.fromkeys(_text(cap, "device.capabilities[]", MAX_CAPABILITY_CHARS) for cap in capabilities)
+        )
+    if "metadata" in device:
+        metadata = device["metadata"]
+        if not isinstance(metadata, dict) or not all(isinstance(key, str) for key in metadata):
+            raise ProtocolError(ErrorCode.BAD_REQUEST, "'device.metadata' must be a map with string keys")
+        try:
+            metadata = to_json_value(metadata)
+            size = len(json_dumps(metadata))
+        except (TypeError, ValueError, RecursionError):
+            raise ProtocolError(ErrorCode.BAD_REQUEST, "'device.metadata' must be JSON-compatible") from None
+        if size > max_metadata_bytes:
+            raise ProtocolError(ErrorCode.TOO_LARGE, f"'device.metadata' is larger than {max_metadata_bytes} bytes")
+        fields["metadata"] = metadata
+    return fields
+
+
+def convert_frame(frame: bytes, text: bool) -> bytes:
+    """A whole server envelope in the other encoding (for redelivery after a resume that switched encoding).
+
+    Raises ProtocolError(unconvertible) when the msgpack form cannot carry a JSON value.
+    """
+    if text:
+        return json_value_to_msgpack(json_loads(frame))
+    return json_dumps(to_json_value(msgpack.unpackb(frame, raw=False, strict_map_key=False)))

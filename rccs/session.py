@@ -7,7 +7,13 @@ close). It never touches sockets, so tests can drive it without any.
 States::
 
     AWAIT_HELLO --hello ok--> OPEN --close/disconnect--> CLOSED
-    AWAIT_HELLO --anything else / bad token / timeout--> CLOSED (close 44xx)
+    AWAIT_HELLO --pair.redeem, code needs approval--> AWAIT_APPROVAL --approved--> OPEN
+    AWAIT_HELLO --anything else / bad credential / timeout--> CLOSED (close 44xx)
+
+A session (its id, seq counter, unacked messages, counters) outlives its
+connection: when a connection drops without the device saying goodbye (close
+1000), the hub keeps the session resumable for ``session_grace`` seconds and a
+``hello`` with ``resume`` continues it on a new connection.
 
 In OPEN, ``send`` resolves the selector through the hub's routing table,
 encodes the ``msg`` envelope once per receiver encoding (the msgpack ``body``
@@ -26,9 +32,12 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import msgpack
 
+from . import pairing
 from ._fastpath import EnvelopeError, append_seq, decode_envelope, encode_msg_prefix
 from ._fastpath import routing as fast_routing
 from .auth import TokenError
+from .credentials import looks_like_credential, secret_hash
+from .devices import DEVICE_OPS, register_device, update_device
 from .errors import CloseCode, ErrorCode, ProtocolError, ReceiptReason
 from .protocol import (
     JSON,
@@ -37,15 +46,16 @@ from .protocol import (
     MSGPACK,
     NIL,
     PROTOCOL_VERSION,
-    DeviceInfo,
     check_message_id,
+    convert_frame,
     json_dumps,
     json_loads,
     json_value_to_msgpack,
     msgpack_body_to_json_value,
-    parse_device_info,
+    parse_device_fields,
     parse_selector,
 )
+from .store import STATUS_OFFLINE, STATUS_ONLINE, DeviceRecord, PendingMessage, SessionRecord
 
 if TYPE_CHECKING:
     from .hub import Hub
@@ -55,6 +65,7 @@ log = logging.getLogger("rccs.session")
 AWAIT_HELLO = 0
 OPEN = 1
 CLOSED = 2
+AWAIT_APPROVAL = 3
 
 _SELECT_KIND = {
     "all": fast_routing.SELECT_ALL,
@@ -71,6 +82,11 @@ class Sink(Protocol):
     """What a session needs from its transport."""
 
     peer: str
+    # Whole WebSocket messages and their payload bytes, in and out, on this connection.
+    frames_in: int
+    frames_out: int
+    bytes_in: int
+    bytes_out: int
 
     def send_frame(self, data: bytes, text: bool) -> None: ...
 
@@ -83,8 +99,9 @@ def now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
-# A message awaiting the receiver's ack: (sender user, sender device, the sender's message id).
-PendingAck = tuple[str, str, str | int]
+# A message awaiting the receiver's ack: (sender user, sender device, the sender's message id,
+# the frame as written, True if that frame is JSON text) -- the frame is kept for redelivery on resume.
+PendingAck = tuple[str, str, str | int, bytes, bool]
 
 
 class _Outgoing:
@@ -126,11 +143,22 @@ class _Outgoing:
         return self.json_prefix
 
 
+class _Refusal(Exception):
+    """A hello that cannot open a session: answered with an error, then the close code."""
+
+    def __init__(self, error: ErrorCode, message: str, close_code: CloseCode):
+        super().__init__(message)
+        self.error = error
+        self.message = message
+        self.close_code = close_code
+
+
 class Session:
     """Protocol state of one connection. All methods run on the event loop thread."""
 
-    __slots__ = ("__weakref__", "device", "encoding", "hub", "id", "info", "next_seq", "pending", "sink",
-                 "state", "user")
+    __slots__ = ("__weakref__", "base_counters", "connected_at", "connected_ms", "created", "device", "encoding",
+                 "ended", "expired", "expires_at", "flushed_total", "hub", "id", "last_activity", "moved",
+                 "next_seq", "peer_said_goodbye", "pending", "revoked", "sink", "state", "user")
 
     def __init__(self, hub: Hub, sink: Sink):
         self.hub = hub
@@ -140,9 +168,21 @@ class Session:
         self.id = ""
         self.user: str | None = None
         self.device: str | None = None
-        self.info: DeviceInfo | None = None
         self.next_seq = 1
         self.pending: dict[int, PendingAck] = {}
+        self.created = 0
+        self.expires_at = 0
+        self.connected_at = now_ms()  # of the connection until hello; of the session's connection after
+        self.connected_ms = 0
+        self.last_activity = 0
+        self.base_counters = (0, 0, 0, 0)  # messages in/out, bytes in/out of earlier connections
+        self.flushed_total = 0
+        # Why the connection ends decides whether the session stays resumable.
+        self.peer_said_goodbye = False
+        self.revoked = False
+        self.expired = False
+        self.ended = False  # replaced by a new session of the same device
+        self.moved = False  # resumed on a newer connection, which now owns the session
         hub.attach(self)
 
     # ---- output -------------------------------------------------------
@@ -156,11 +196,19 @@ class Session:
         else:
             self.sink.send_frame(json_dumps(envelope), True)
 
-    def send_error(self, code: ErrorCode, message: str, msg_id: Any = None) -> None:
+    def send_error(self, code: ErrorCode, message: str, msg_id: Any = None, **extra: Any) -> None:
         self.hub.errors_sent[code.value] += 1
-        envelope: dict[str, Any] = {"op": "error", "code": code.value, "message": message}
+        envelope: dict[str, Any] = {"op": "error", "code": code.value, "message": message, **extra}
         if msg_id is not None:
             with contextlib.suppress(ProtocolError):  # an invalid id is not echoed
+                envelope["id"] = check_message_id(msg_id)
+        self.send_control(envelope)
+
+    def reply(self, header: dict[str, Any], envelope: dict[str, Any]) -> None:
+        """Answer a request, echoing its ``id`` when it has a valid one."""
+        msg_id = header.get("id")
+        if msg_id is not None:
+            with contextlib.suppress(ProtocolError):
                 envelope["id"] = check_message_id(msg_id)
         self.send_control(envelope)
 
@@ -209,6 +257,8 @@ class Session:
             if self.state == AWAIT_HELLO:
                 self._on_hello(op, header, is_text)
                 return
+            if self.state == AWAIT_APPROVAL:
+                raise ProtocolError(ErrorCode.BAD_REQUEST, "waiting for the pairing to be approved")
             assert self.user is not None and self.device is not None
             self.hub.routing.touch(self.user, self.device)
             if op == "send":
@@ -220,6 +270,8 @@ class Session:
                 if "id" in header:
                     pong["id"] = header["id"]
                 self.send_control(pong)
+            elif op in DEVICE_OPS:
+                DEVICE_OPS[op](self, header)
             elif op == "hello":
                 raise ProtocolError(ErrorCode.BAD_REQUEST, "hello was already accepted on this connection")
             elif isinstance(op, str):
@@ -238,50 +290,198 @@ class Session:
                 self.encoding = JSON
             self._refuse(exc.code, exc.message, CloseCode.BAD_HELLO)
         else:
-            self.send_error(exc.code, exc.message, None if header is None else header.get("id"))
+            extra = {"retry_after": exc.retry_after} if exc.retry_after is not None else {}
+            self.send_error(exc.code, exc.message, None if header is None else header.get("id"), **extra)
+
+    def on_peer_close(self, code: int) -> None:
+        """The device sent a close frame; 1000 means it is done with this session."""
+        self.peer_said_goodbye = code == 1000
+
+    # ---- hello --------------------------------------------------------
 
     def _on_hello(self, op: Any, header: dict[str, Any], is_text: bool) -> None:
         self.encoding = JSON if is_text else MSGPACK
+        if op == "pair.redeem":
+            pairing.redeem(self, header)
+            return
         if op != "hello":
             self._refuse(ErrorCode.UNAUTHORIZED, "the first message must be a hello", CloseCode.BAD_HELLO)
             return
-        info = parse_device_info(header.get("device"))
+        resume = parse_resume(header.get("resume"))
         try:
-            identity = self.hub.tokens.verify(header.get("token"))
-        except TokenError as exc:
-            self._refuse(ErrorCode.UNAUTHORIZED, str(exc), CloseCode.UNAUTHORIZED)
+            device, auth_expires_at = self.authenticate(header, header.get("device"))
+        except _Refusal as refusal:
+            self._refuse(refusal.error, refusal.message, refusal.close_code)
             return
-        owner = self.hub.owner_of(identity.device)
-        if owner is not None and owner != identity.user:
-            self._refuse(ErrorCode.FORBIDDEN, "this device id belongs to another user", CloseCode.FORBIDDEN)
-            return
-        self.user = identity.user
-        self.device = identity.device
-        self.info = info
-        self.id = secrets.token_urlsafe(12)
+        self.open(device, auth_expires_at, resume)
+
+    def authenticate(self, header: dict[str, Any], device_map: Any) -> tuple[DeviceRecord, int]:
+        """The device a hello (or refresh) proves, and when that proof expires (ms). Raises _Refusal.
+
+        Applies ``device_map`` (the device's self-description) to the registry; a dev token for an
+        unknown device registers it (and its user).
+        """
+        hub = self.hub
+        settings = hub.settings
+        now = now_ms()
+        credential = header.get("credential")
+        token = header.get("token")
+        if credential is not None:
+            if not looks_like_credential(credential):
+                raise _Refusal(ErrorCode.UNAUTHORIZED, "malformed credential", CloseCode.UNAUTHORIZED)
+            device = hub.registry.by_credential(secret_hash(credential))
+            if device is None:
+                raise _Refusal(ErrorCode.UNAUTHORIZED, "unknown or revoked credential", CloseCode.UNAUTHORIZED)
+            expires_at = now + int(settings.session_ttl * 1000)
+            fields = {} if device_map is None else parse_device_fields(device_map, settings.max_metadata_bytes, False)
+        else:
+            if token is None:
+                raise _Refusal(ErrorCode.UNAUTHORIZED, "a 'credential' or 'token' is required",
+                               CloseCode.UNAUTHORIZED)
+            if not settings.dev_tokens:
+                raise _Refusal(ErrorCode.UNAUTHORIZED, "this server does not accept dev tokens; use a credential",
+                               CloseCode.UNAUTHORIZED)
+            try:
+                identity = hub.tokens.verify(token)
+            except TokenError as exc:
+                raise _Refusal(ErrorCode.UNAUTHORIZED, str(exc), CloseCode.UNAUTHORIZED) from None
+            known = hub.registry.get(identity.device)
+            fields = {} if device_map is None and known is not None else \
+                parse_device_fields(device_map, settings.max_metadata_bytes, known is None)
+            if known is not None and known.user != identity.user:
+                raise _Refusal(ErrorCode.FORBIDDEN, "this device id belongs to another user", CloseCode.FORBIDDEN)
+            if known is not None and known.revoked_at is not None:
+                raise _Refusal(ErrorCode.REVOKED, "this device was revoked", CloseCode.REVOKED)
+            device = known if known is not None else register_device(hub, identity.user, identity.device, now)
+            expires_at = identity.expires_at * 1000
+        if fields:
+            update_device(hub, device, fields)
+        return device, expires_at
+
+    def open(self, device: DeviceRecord, auth_expires_at: int, resume: tuple[str, int] | None,
+             welcome_extra: dict[str, Any] | None = None) -> None:
+        """Open (or resume) the device's session on this connection and say welcome."""
+        hub = self.hub
+        now = now_ms()
+        self.user = device.user
+        self.device = device.id
+        self.expires_at = auth_expires_at
+        self.connected_at = self.last_activity = now
+        resumed_from: SessionRecord | None = None
+        resume_error = None
+        takeover: Session | None = None
+        if resume is not None:
+            session_id = resume[0]
+            live = hub.live.get(session_id)
+            if live is not None and live.device == device.id:
+                takeover = live  # the old connection has not noticed it is dead yet
+                resumed_from = live.snapshot(with_pending=True)
+                live.moved = True
+                live.pending = {}
+            else:
+                found = hub.take_resumable(session_id, device.id, now)
+                if isinstance(found, str):
+                    resume_error = found
+                else:
+                    resumed_from = found
+        if resumed_from is not None:
+            self.id = resumed_from.id
+            self.created = resumed_from.created
+            assert resume is not None
+            # A record saved before a crash may lag the device: never reuse a seq it has seen.
+            self.next_seq = max(resumed_from.next_seq, resume[1] + 1)
+            self.connected_ms = resumed_from.connected_ms
+            self.base_counters = (resumed_from.messages_in, resumed_from.messages_out,
+                                  resumed_from.bytes_in, resumed_from.bytes_out)
+            redeliver = resumed_from.pending
+            hub.events["session_resumed"] += 1
+        else:
+            self.id = secrets.token_urlsafe(12)
+            self.created = now
+            redeliver = []
+            hub.events["session_opened"] += 1
         self.state = OPEN
         self.sink.hello_done()
-        previous = self.hub.register(self)
-        self.send_control({
+        previous = hub.register(self)
+        hub.watch_expiry(self)
+        welcome: dict[str, Any] = {
             "op": "welcome",
             "protocol": PROTOCOL_VERSION,
             "session": self.id,
+            "resumed": resumed_from is not None,
             "user": self.user,
             "device": self.device,
-            "heartbeat": self.hub.settings.heartbeat,
-            "server_time": now_ms(),
+            "heartbeat": hub.settings.heartbeat,
+            "server_time": now,
+            "expires_at": self.expires_at,
+            "next_seq": self.next_seq,
             "encoding": self.encoding,
-            "max_message_bytes": self.hub.settings.max_message_bytes,
-        })
-        if previous is not None:
+            "max_message_bytes": hub.settings.max_message_bytes,
+        }
+        if resume_error is not None:
+            welcome["resume_error"] = resume_error
+        if welcome_extra:
+            welcome.update(welcome_extra)
+        self.send_control(welcome)
+        for message in sorted(redeliver, key=lambda m: m.seq):
+            self._redeliver(message)
+        if previous is not None and previous is not self:
+            if previous is not takeover:
+                previous.ended = True
             # After the welcome: closing it fails its unacked messages, and those receipts may be ours.
             previous.close(CloseCode.REPLACED, "replaced by a newer connection of this device")
-        log.debug("device %s of user %s connected from %s (%s)", self.device, self.user, self.sink.peer, info.type)
+        hub.set_presence(self.user, self.device, STATUS_ONLINE, now)
+        log.debug("device %s of user %s connected from %s (session %s%s)", self.device, self.user,
+                  self.sink.peer, self.id, ", resumed" if resumed_from else "")
+
+    def _redeliver(self, message: PendingMessage) -> None:
+        frame, text = message.frame, message.text
+        if text != (self.encoding == JSON):
+            try:
+                frame, text = convert_frame(frame, text), not text
+            except ProtocolError:
+                self.hub.send_receipt(message.sender_user, message.sender_device, {
+                    "op": "receipt", "id": message.msg_id, "status": "failed",
+                    "reason": ReceiptReason.UNCONVERTIBLE.value, "device": self.device,
+                })
+                return
+        self.sink.send_frame(frame, text)
+        self.pending[message.seq] = (message.sender_user, message.sender_device, message.msg_id, frame, text)
 
     def on_hello_timeout(self) -> None:
         if self.state == AWAIT_HELLO:
             self.encoding = JSON
             self.close(CloseCode.HELLO_TIMEOUT, "no hello in time")
+
+    # ---- session record -----------------------------------------------
+
+    def counters(self) -> tuple[int, int, int, int]:
+        sink = self.sink
+        base = self.base_counters
+        return (base[0] + sink.frames_in, base[1] + sink.frames_out, base[2] + sink.bytes_in,
+                base[3] + sink.bytes_out)
+
+    def counters_changed(self) -> bool:
+        """True (and the activity stamp moved) if messages went in or out since the last call."""
+        total = self.sink.frames_in + self.sink.frames_out
+        if total == self.flushed_total:
+            return False
+        self.flushed_total = total
+        self.last_activity = now_ms()
+        return True
+
+    def snapshot(self, with_pending: bool) -> SessionRecord:
+        assert self.user is not None and self.device is not None
+        messages_in, messages_out, bytes_in, bytes_out = self.counters()
+        pending = [PendingMessage(seq, entry[0], entry[1], entry[2], entry[3], entry[4])
+                   for seq, entry in self.pending.items()] if with_pending else []
+        return SessionRecord(
+            id=self.id, user=self.user, device=self.device, created=self.created, expires_at=self.expires_at,
+            next_seq=self.next_seq, last_activity=self.last_activity,
+            connected_at=self.connected_at if self.state == OPEN else None,
+            connected_ms=self.connected_ms, messages_in=messages_in, messages_out=messages_out,
+            bytes_in=bytes_in, bytes_out=bytes_out, pending=pending,
+        )
 
     # ---- send ---------------------------------------------------------
 
@@ -343,10 +543,11 @@ class Session:
                         msg_id: str | int) -> None:
         """Write one msgpack ``msg`` (``prefix`` from encode_msg_prefix) with this session's next seq."""
         seq = self.next_seq
-        self.sink.send_frame(append_seq(prefix, seq), False)
+        frame = append_seq(prefix, seq)
+        self.sink.send_frame(frame, False)
         self.next_seq = seq + 1
         if ack:
-            self.pending[seq] = (sender_user, sender_device, msg_id)
+            self.pending[seq] = (sender_user, sender_device, msg_id, frame, False)
 
     def _resolve(self, selector: Any) -> tuple[list[Session], list[tuple[str | None, ReceiptReason]]]:
         """Receivers of a selector and the devices it could not reach, with why."""
@@ -391,10 +592,11 @@ class Session:
                                  outgoing.msg_id)
             return
         seq = self.next_seq
-        self.sink.send_frame(outgoing.json_frame_prefix() + str(seq).encode() + b"}", True)
+        frame = outgoing.json_frame_prefix() + str(seq).encode() + b"}"
+        self.sink.send_frame(frame, True)
         self.next_seq = seq + 1
         if outgoing.ack:
-            self.pending[seq] = (sender_user, outgoing.sender, outgoing.msg_id)
+            self.pending[seq] = (sender_user, outgoing.sender, outgoing.msg_id, frame, True)
 
     # ---- ack ----------------------------------------------------------
 
@@ -412,27 +614,62 @@ class Session:
         for seq in seqs:
             pending = self.pending.pop(seq, None)
             if pending is not None:
-                sender_user, sender_device, msg_id = pending
-                self.hub.send_receipt(sender_user, sender_device, {
-                    "op": "receipt", "id": msg_id, "status": "delivered", "device": self.device,
+                self.hub.send_receipt(pending[0], pending[1], {
+                    "op": "receipt", "id": pending[2], "status": "delivered", "device": self.device,
                 })
 
     # ---- end ----------------------------------------------------------
 
     def on_closed(self) -> None:
-        """The connection is gone: leave the routing table and fail what was never acked."""
+        """The connection is gone: leave the routing table; keep the session resumable or end it."""
         if self.state == CLOSED:
             return
-        was_open = self.state == OPEN
+        previous_state = self.state
         self.state = CLOSED
-        self.hub.detach(self)
-        if not was_open:
+        hub = self.hub
+        hub.detach(self)
+        traffic, sink = hub.closed_traffic, self.sink
+        traffic[0] += sink.frames_in
+        traffic[1] += sink.frames_out
+        traffic[2] += sink.bytes_in
+        traffic[3] += sink.bytes_out
+        if previous_state == AWAIT_APPROVAL:
+            pairing.abandon(self)
+        if previous_state != OPEN:
             return
-        self.hub.unregister(self)
-        pending, self.pending = self.pending, {}
-        for sender_user, sender_device, msg_id in pending.values():
-            self.hub.send_receipt(sender_user, sender_device, {
-                "op": "receipt", "id": msg_id, "status": "failed",
-                "reason": ReceiptReason.DISCONNECTED.value, "device": self.device,
-            })
+        hub.unregister(self)
+        assert self.user is not None and self.device is not None
+        now = now_ms()
+        if not self.moved:
+            record = self.snapshot(with_pending=True)
+            record.connected_at = None
+            record.disconnected_at = now
+            record.connected_ms += max(0, now - self.connected_at)
+            record.last_activity = max(record.last_activity, now if self.sink.frames_in else record.last_activity)
+            resumable = not (self.peer_said_goodbye or self.revoked or self.expired or self.ended) \
+                and hub.settings.session_grace > 0 and self.expires_at > now
+            if resumable:
+                hub.keep_resumable(record)
+            else:
+                hub.fail_pending(self.device, record.pending, ReceiptReason.DISCONNECTED)
+                record.pending = []
+                hub.spawn(hub.store.put_sessions([record]))
+            self.pending = {}
+        if hub.online(self.user, self.device) is None:
+            hub.set_presence(self.user, self.device, STATUS_OFFLINE, now)
         log.debug("device %s of user %s disconnected", self.device, self.user)
+
+
+def parse_resume(resume: Any) -> tuple[str, int] | None:
+    if resume is None:
+        return None
+    if not isinstance(resume, dict):
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "'resume' must be a map with 'session' and 'last_seq'")
+    session_id = resume.get("session")
+    last_seq = resume.get("last_seq", 0)
+    if not isinstance(session_id, str) or not 0 < len(session_id) <= MAX_ID_CHARS:
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "'resume.session' must be a session id string")
+    if not isinstance(last_seq, int) or isinstance(last_seq, bool) or not 0 <= last_seq < 2**63:
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "'resume.last_seq' must be a non-negative integer")
+    return session_id, last_seq
+

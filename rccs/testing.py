@@ -12,6 +12,7 @@ test can check that no connection or routing entry was left behind.
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
 import tempfile
 from collections.abc import AsyncIterator
@@ -59,7 +60,9 @@ class RunningServer:
 async def running_server(**overrides: Any) -> AsyncIterator[RunningServer]:
     """Start a server on free ports with a throw-away data dir; settings may be overridden."""
     with tempfile.TemporaryDirectory(prefix="rccs-test-") as data_dir:
-        settings = Settings(port=0, http_port=0, data_dir=data_dir).replace(**overrides)
+        # RCCS_STORE=memory runs the suite's servers on the in-memory store instead of SQLite.
+        settings = Settings(port=0, http_port=0, data_dir=data_dir, store=os.environ.get("RCCS_STORE", "sqlite"))
+        settings = settings.replace(**overrides)
         node = Node(settings)
         await node.start()
         try:

@@ -133,6 +133,11 @@ cdef class ServerConnection(WSListener):
     cdef object _device
     cdef RoutingTable _routing
     cdef RouteStats _stats
+    # Whole messages and payload bytes in and out (the session's counters read these).
+    cdef public long long frames_in
+    cdef public long long frames_out
+    cdef public long long bytes_in
+    cdef public long long bytes_out
 
     def __init__(self, hub, coalescer, session_factory):
         self.hub = hub
@@ -151,6 +156,10 @@ cdef class ServerConnection(WSListener):
         self._device = ""
         self._routing = None
         self._stats = None
+        self.frames_in = 0
+        self.frames_out = 0
+        self.bytes_in = 0
+        self.bytes_out = 0
 
     # ---- picows callbacks ----------------------------------------------
 
@@ -186,6 +195,8 @@ cdef class ServerConnection(WSListener):
                 return
             if frame.fin:
                 payload = PyBytes_FromStringAndSize(frame.payload_ptr, frame.payload_size)
+                self.frames_in += 1
+                self.bytes_in += frame.payload_size
                 if self._direct and msg_type == WSMsgType.BINARY:
                     self._on_binary(payload)
                 else:
@@ -204,8 +215,11 @@ cdef class ServerConnection(WSListener):
             fragments += frame.get_payload_as_memoryview()
             if frame.fin:
                 self._fragments = None
+                self.frames_in += 1
+                self.bytes_in += len(fragments)
                 session.on_frame(bytes(fragments), self._fragments_text)
         elif msg_type == WSMsgType.CLOSE:
+            session.on_peer_close(<int>frame.get_close_code())
             self.flush()  # what was queued before the peer's close still goes out, ahead of our reply
             if not transport.is_close_frame_sent:
                 transport.send_close(<WSCloseCode>_reply_close_code(frame))
@@ -291,9 +305,10 @@ cdef class ServerConnection(WSListener):
         prefix = encode_msg_prefix(msg_id, self._device, app_type, body, _now_ms(), ack)
         seq = target.next_seq
         target.next_seq = seq + 1
-        target_connection.send_frame(append_seq(prefix, seq), False)
+        frame = append_seq(prefix, seq)
+        target_connection.send_frame(frame, False)
         if ack is True:
-            target.pending[seq] = (self._user, self._device, msg_id)
+            target.pending[seq] = (self._user, self._device, msg_id, frame, False)
         self._stats.count_frames(1, 1)
         self._stats.record_route(RESULT_ROUTED, _monotonic_ns() - started)
         if ack is True:
@@ -306,6 +321,8 @@ cdef class ServerConnection(WSListener):
         transport = self.transport
         if transport is None or (<WSTransport>transport).is_close_frame_sent:
             return
+        self.frames_out += 1
+        self.bytes_out += len(data)
         if self._outbox is None:
             self._outbox = [_frame_header(len(data), text), data]
             self.coalescer.schedule(self)

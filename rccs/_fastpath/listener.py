@@ -118,6 +118,11 @@ class ServerConnection(WSListener):
         self._device: str = ""
         self._routing: Any = None
         self._stats: Any = None
+        # Whole messages and payload bytes in and out (the session's counters read these).
+        self.frames_in = 0
+        self.frames_out = 0
+        self.bytes_in = 0
+        self.bytes_out = 0
 
     # ---- picows callbacks ----------------------------------------------
 
@@ -151,6 +156,8 @@ class ServerConnection(WSListener):
                 return
             if frame.fin:
                 payload = frame.get_payload_as_bytes()
+                self.frames_in += 1
+                self.bytes_in += len(payload)
                 if self._direct and msg_type == _BINARY:
                     self._on_binary(payload)
                 else:
@@ -169,8 +176,11 @@ class ServerConnection(WSListener):
             fragments += frame.get_payload_as_memoryview()
             if frame.fin:
                 self._fragments = None
+                self.frames_in += 1
+                self.bytes_in += len(fragments)
                 session.on_frame(bytes(fragments), self._fragments_text)
         elif msg_type == _CLOSE:
+            session.on_peer_close(int(frame.get_close_code()))  # type: ignore[call-overload]
             self.flush()  # what was queued before the peer's close still goes out, ahead of our reply
             if not transport.is_close_frame_sent:
                 transport.send_close(_reply_close_code(frame))  # type: ignore[arg-type]
@@ -251,9 +261,10 @@ class ServerConnection(WSListener):
         prefix = encode_msg_prefix(msg_id, self._device, app_type, body, time.time_ns() // 1_000_000, ack)
         seq = target.next_seq
         target.next_seq = seq + 1
-        target_connection.send_frame(append_seq(prefix, seq), False)
+        frame = append_seq(prefix, seq)
+        target_connection.send_frame(frame, False)
         if ack:
-            target.pending[seq] = (self._user, self._device, msg_id)
+            target.pending[seq] = (self._user, self._device, msg_id, frame, False)
         stats = self._stats
         stats.count_frames(1, 1)
         stats.record_route(RESULT_ROUTED, time.perf_counter_ns() - started)
@@ -267,6 +278,8 @@ class ServerConnection(WSListener):
         transport = self.transport
         if transport is None or transport.is_close_frame_sent:
             return
+        self.frames_out += 1
+        self.bytes_out += len(data)
         outbox = self._outbox
         if outbox is None:
             self._outbox = [frame_header(len(data), text), data]

@@ -22,7 +22,11 @@ def _refuse_constant(name):
 
 
 async def recv_json(ws, timeout=5):
-    return json.loads(await asyncio.wait_for(ws.recv(), timeout))
+    """The next envelope other than a ``presence`` event (those come whenever a device of the user changes)."""
+    while True:
+        envelope = json.loads(await asyncio.wait_for(ws.recv(), timeout))
+        if envelope.get("op") != "presence":
+            return envelope
 
 
 async def json_device(server, user, device, **device_fields):

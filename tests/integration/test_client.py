@@ -15,7 +15,7 @@ async def test_client_reconnects_after_the_server_drops_it(server, connect):
     server.hub.online("alice", "phone").close(CloseCode.INTERNAL_ERROR, "injected")
     await asyncio.wait_for(phone.reconnected.wait(), 5)
     assert phone.reconnects == 1
-    assert phone.welcome["session"] != first_session
+    assert phone.welcome["session"] == first_session and phone.welcome["resumed"] is True
     receipts, message = await asyncio.gather(
         desktop.send({"device": "phone"}, "t", "after reconnect", ack=True), phone.next_message(timeout=5)
     )

@@ -62,6 +62,7 @@ class Device:
         self.ws = ws
         self.encoding = encoding  # the encoding of the hello, i.e. of every server answer
         self.welcome: dict[str, Any] = {}
+        self.presence: list[dict[str, Any]] = []
         self._ping_no = 0
 
     @property
@@ -79,7 +80,18 @@ class Device:
         await self.ws.send(frame)
 
     async def recv_frame(self, timeout: float = TIMEOUT) -> str | bytes:
-        return await asyncio.wait_for(self.ws.recv(), timeout)
+        """The next frame that is not a ``presence`` event (section 5.5: those may arrive at any time;
+        this client sets them aside in ``self.presence``)."""
+        while True:
+            frame = await asyncio.wait_for(self.ws.recv(), timeout)
+            try:
+                envelope = decode_json(frame) if isinstance(frame, str) else msgpack.unpackb(frame, raw=False)
+            except Exception:
+                return frame
+            if isinstance(envelope, dict) and envelope.get("op") == "presence":
+                self.presence.append(envelope)
+                continue
+            return frame
 
     async def recv(self, timeout: float = TIMEOUT) -> dict[str, Any]:
         frame = await self.recv_frame(timeout)

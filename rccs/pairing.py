@@ -1,0 +1,217 @@
+"""Pairing: how a new device joins a user with a short code.
+
+1. A signed-in device sends ``pair.create``; the code is stored (hash only) and
+   returned with a URI for a QR code. ``rccs users add``/``users pair`` make
+   codes from the command line the same way.
+2. The new device connects and, instead of ``hello``, sends ``pair.redeem``
+   with the code and its self-description. Attempts are rate-limited per client
+   address; the store burns a code after ``pairing_max_attempts`` wrong secrets.
+   A wrong, expired, used or burnt code all get the same ``invalid_code``.
+3. If the code needs approval, the user's online devices get ``pair.request``
+   and the new device ``pair.pending``; ``pair.approve`` or ``pair.deny`` from
+   any of them decides (no answer before the deadline is a denial).
+4. The device is registered with a fresh credential: the new device gets
+   ``paired`` (its id and credential, shown once) and then ``welcome``; the
+   user's other online devices get ``pair.joined``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from typing import TYPE_CHECKING, Any
+
+from . import admin
+from .credentials import parse_pairing_code
+from .errors import CloseCode, ErrorCode, ProtocolError
+from .hub import PairingRequest, now_ms
+from .protocol import MAX_ID_CHARS, parse_device_fields
+
+if TYPE_CHECKING:
+    from .hub import Hub
+    from .session import Session
+
+log = logging.getLogger("rccs.pairing")
+
+MAX_CODE_TTL = 3600.0
+INVALID_CODE_MESSAGE = "invalid pairing code: wrong, expired or already used"
+
+
+def _notify_user(hub: Hub, user: str, envelope: dict[str, Any], exclude: str | None = None) -> None:
+    for device in hub.routing.devices(user):
+        if device != exclude:
+            target = hub.online(user, device)
+            if target is not None:
+                target.send_control(envelope)
+
+
+def _address(session: Session) -> str:
+    return session.sink.peer.rsplit(":", 1)[0]
+
+
+# ---- the issuing side ----------------------------------------------------
+
+
+def op_create(session: Session, header: dict[str, Any]) -> None:
+    from .devices import in_background
+
+    hub = session.hub
+    settings = hub.settings
+    approve = header.get("approve", False)
+    if not isinstance(approve, bool):
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "'approve' must be a boolean")
+    ttl = header.get("ttl", settings.pairing_code_ttl)
+    if isinstance(ttl, bool) or not isinstance(ttl, int | float) or not 0 < ttl <= MAX_CODE_TTL:
+        raise ProtocolError(ErrorCode.BAD_REQUEST, f"'ttl' must be a number of seconds in (0, {MAX_CODE_TTL:g}]")
+    approve = approve or settings.pairing_approval
+    assert session.user is not None
+
+    async def work() -> None:
+        code = await admin.create_pairing_code(
+            hub.store, session.user, issuer_device=session.device, ttl_seconds=float(ttl),  # type: ignore[arg-type]
+            approve=approve, public_url=settings.public_url, now=now_ms(),
+        )
+        session.reply(header, {"op": "pair.code", "approve": approve, **code})
+
+    in_background(session, header, work)
+
+
+def _request(session: Session, header: dict[str, Any]) -> PairingRequest:
+    request_id = header.get("request")
+    if not isinstance(request_id, str) or not 0 < len(request_id) <= MAX_ID_CHARS:
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "'request' must be a pairing request id string")
+    request = session.hub.pair_requests.get(request_id)
+    if request is None or request.user != session.user:
+        raise ProtocolError(ErrorCode.NOT_FOUND, f"no pending pairing request {request_id!r}")
+    return request
+
+
+def op_approve(session: Session, header: dict[str, Any]) -> None:
+    request = _request(session, header)
+    _forget(session.hub, request)
+    session.reply(header, {"op": "ok"})
+    session.hub.spawn(_complete(request.session, request.user, request.fields, {}, session.device))
+
+
+def op_deny(session: Session, header: dict[str, Any]) -> None:
+    request = _request(session, header)
+    session.reply(header, {"op": "ok"})
+    deny(session.hub, request, "pairing denied")
+
+
+def deny(hub: Hub, request: PairingRequest, reason: str) -> None:
+    _forget(hub, request)
+    hub.events["pairing_denied"] += 1
+    request.session.send_error(ErrorCode.FORBIDDEN, reason)
+    request.session.close(CloseCode.FORBIDDEN, reason)
+
+
+def _forget(hub: Hub, request: PairingRequest) -> None:
+    hub.pair_requests.pop(request.id, None)
+    if request.timer is not None:
+        request.timer.cancel()
+
+
+def abandon(session: Session) -> None:
+    """The new device went away while waiting: its request is withdrawn."""
+    hub = session.hub
+    for request in [r for r in hub.pair_requests.values() if r.session is session]:
+        _forget(hub, request)
+        _notify_user(hub, request.user, {"op": "pair.withdrawn", "request": request.id})
+
+
+# ---- the new device's side ---------------------------------------------
+
+
+def redeem(session: Session, header: dict[str, Any]) -> None:
+    """``pair.redeem`` in place of hello. Failures answer with an error and leave the connection waiting
+    for another attempt (or a hello) until the hello timeout."""
+    from .session import AWAIT_APPROVAL
+
+    hub = session.hub
+    msg_id = header.get("id")
+    try:
+        wait = hub.pair_limiter.take(_address(session), time.monotonic())
+        if wait:
+            hub.events["pairing_rate_limited"] += 1
+            raise ProtocolError(ErrorCode.RATE_LIMITED, "too many pairing attempts from this address",
+                                retry_after=round(wait, 1))
+        fields = parse_device_fields(header.get("device"), hub.settings.max_metadata_bytes, True)
+        parsed = parse_pairing_code(header.get("code"))
+        if parsed is None:
+            hub.events["pairing_failed"] += 1
+            raise ProtocolError(ErrorCode.INVALID_CODE, INVALID_CODE_MESSAGE)
+    except ProtocolError as exc:
+        extra = {"retry_after": exc.retry_after} if exc.retry_after is not None else {}
+        session.send_error(exc.code, exc.message, msg_id, **extra)
+        return
+    session.state = AWAIT_APPROVAL  # no hello or second redeem while the store answers
+    hub.spawn(_redeem(session, header, parsed[0], parsed[1], fields))
+
+
+async def _redeem(session: Session, header: dict[str, Any], code_id: str, code_hash: str,
+                  fields: dict[str, Any]) -> None:
+    from .session import AWAIT_HELLO, CLOSED
+
+    hub = session.hub
+    settings = hub.settings
+    now = now_ms()
+    code = await hub.store.redeem_pairing_code(code_id, code_hash, now, settings.pairing_max_attempts)
+    if session.state == CLOSED:
+        return  # the code is used up; the user makes another
+    if code is None or code.user not in hub.registry.users:
+        hub.events["pairing_failed"] += 1
+        session.state = AWAIT_HELLO
+        session.send_error(ErrorCode.INVALID_CODE, INVALID_CODE_MESSAGE, header.get("id"))
+        if now - session.connected_at > settings.hello_timeout * 1000:
+            session.close(CloseCode.HELLO_TIMEOUT, "no hello in time")
+        return
+    if not code.approve:
+        await _complete(session, code.user, fields, header, code.issuer_device)
+        return
+    request = PairingRequest(id=secrets.token_urlsafe(9), user=code.user, session=session, fields=fields,
+                             expires_at=now + int(settings.pairing_code_ttl * 1000))
+    request.timer = asyncio.get_running_loop().call_later(
+        settings.pairing_code_ttl, deny, hub, request, "pairing not approved in time"
+    )
+    hub.pair_requests[request.id] = request
+    session.reply(header, {"op": "pair.pending", "request": request.id, "expires_at": request.expires_at})
+    _notify_user(hub, code.user, {
+        "op": "pair.request", "request": request.id, "issuer": code.issuer_device,
+        "device": {name: (list(value) if name == "capabilities" else value) for name, value in fields.items()},
+        "address": _address(session), "expires_at": request.expires_at,
+    })
+
+
+async def _complete(session: Session, user: str, fields: dict[str, Any], header: dict[str, Any],
+                    approver: str | None) -> None:
+    """Register the new device with a fresh credential and open its session."""
+    from .devices import device_info
+    from .session import CLOSED
+
+    hub = session.hub
+    now = now_ms()
+    try:
+        record, credential = await admin.create_device(
+            hub.store, user, device_type=fields["type"], name=fields.get("name", ""),
+            platform=fields.get("platform", ""), version=fields.get("version", ""),
+            capabilities=fields.get("capabilities", ()), metadata=fields.get("metadata"), now=now,
+        )
+    except admin.AdminError as exc:  # the user was removed meanwhile
+        log.info("pairing for user %s failed: %s", user, exc)
+        session.send_error(ErrorCode.INVALID_CODE, INVALID_CODE_MESSAGE, header.get("id"))
+        session.close(CloseCode.FORBIDDEN, "pairing failed")
+        return
+    if session.state == CLOSED:
+        # Nobody holds the credential: do not leave a device behind that no one can use or see revoked.
+        await hub.store.revoke_device(record.id, now)
+        return
+    hub.registry.put(record)
+    hub.events["pairing_completed"] += 1
+    session.reply(header, {"op": "paired", "user": user, "device": record.id, "credential": credential})
+    session.open(record, now + int(hub.settings.session_ttl * 1000), None)
+    _notify_user(hub, user, {"op": "pair.joined", "device": device_info(hub, record), "approved_by": approver},
+                 exclude=record.id)
+    log.info("device %s joined user %s by pairing", record.id, user)

@@ -1,0 +1,247 @@
+"""The persistence seam: what rccs keeps across restarts, behind one narrow async interface.
+
+Implementations: ``MemoryStore`` (tests, ephemeral servers) and ``SqliteStore``
+(the embedded default, ``<data_dir>/rccs.db``). A Redis store for many nodes
+comes later, so the interface speaks in records, never in SQL, and every
+method is one atomic step.
+
+Times are integer milliseconds since the epoch. Records are plain dataclasses;
+a store never hands out objects it keeps (callers may mutate what they get).
+
+Change feed: operations an operator may run from another process (add or
+remove a user, change or revoke a device, revoke a session) append a
+``Change``; a running server polls ``changes_since`` and reconciles, which is
+how ``rccs devices revoke`` reaches a live connection. High-rate writes the
+server makes itself (presence, session counters) append nothing.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+STATUS_ONLINE = "online"
+STATUS_AWAY = "away"
+STATUS_OFFLINE = "offline"
+STATUSES = (STATUS_ONLINE, STATUS_AWAY, STATUS_OFFLINE)
+
+CHANGE_USER = "user"
+CHANGE_DEVICE = "device"
+CHANGE_SESSION = "session"
+
+
+class StoreError(Exception):
+    """The store cannot do what was asked (e.g. a unique id is taken)."""
+
+
+class AlreadyExists(StoreError):
+    pass
+
+
+@dataclasses.dataclass
+class UserRecord:
+    id: str
+    created: int
+
+
+@dataclasses.dataclass
+class DeviceRecord:
+    id: str
+    user: str
+    type: str
+    name: str = ""
+    platform: str = ""
+    version: str = ""
+    capabilities: tuple[str, ...] = ()
+    metadata: dict[str, Any] = dataclasses.field(default_factory=dict)  # JSON-compatible values
+    created: int = 0
+    last_seen: int = 0
+    status: str = STATUS_OFFLINE
+    credential_hash: str | None = None  # hex SHA-256 of the device credential's secret
+    revoked_at: int | None = None  # set once, never cleared: a revoked device id stays dead
+
+
+@dataclasses.dataclass
+class PendingMessage:
+    """A message written to a session that its device has not acked yet (redelivered on resume)."""
+
+    seq: int
+    sender_user: str
+    sender_device: str
+    msg_id: str | int
+    frame: bytes  # the whole envelope as it was sent
+    text: bool  # True: JSON text frame; False: msgpack binary frame
+
+
+@dataclasses.dataclass
+class SessionRecord:
+    id: str
+    user: str
+    device: str
+    created: int
+    expires_at: int  # the session's authentication ends here unless refreshed
+    next_seq: int = 1
+    last_activity: int = 0
+    connected_at: int | None = None  # start of the current connection; None while disconnected
+    disconnected_at: int | None = None  # end of the last connection (resumable until + grace)
+    revoked_at: int | None = None
+    connected_ms: int = 0  # total connected time of finished connections
+    messages_in: int = 0
+    messages_out: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+    pending: list[PendingMessage] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass
+class PairingCode:
+    id: str  # the public lookup half of the code
+    secret_hash: str  # hex SHA-256 of the secret half
+    user: str
+    issuer_device: str | None  # None when made by the CLI
+    created: int
+    expires_at: int
+    approve: bool  # the issuer must approve the new device before it gets a credential
+    attempts: int = 0  # wrong secrets tried against this code
+    used_at: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Change:
+    seq: int
+    kind: str  # CHANGE_USER, CHANGE_DEVICE or CHANGE_SESSION
+    key: str  # the user, device or session id
+
+
+class Store(abc.ABC):
+    """Persistent users, devices, sessions and pairing codes. Safe to call from one event loop."""
+
+    @abc.abstractmethod
+    async def open(self) -> None:
+        """Create or migrate what the store needs. Called once before any other method."""
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Finish pending writes and release resources."""
+
+    # ---- users -------------------------------------------------------
+
+    @abc.abstractmethod
+    async def add_user(self, user: UserRecord) -> None:
+        """Create a user; AlreadyExists if the id is taken. Appends a user change."""
+
+    @abc.abstractmethod
+    async def get_user(self, user_id: str) -> UserRecord | None: ...
+
+    @abc.abstractmethod
+    async def list_users(self) -> list[UserRecord]:
+        """All users, ordered by id."""
+
+    @abc.abstractmethod
+    async def remove_user(self, user_id: str, now: int) -> bool:
+        """Delete a user: its devices are revoked (kept as tombstones), its sessions and pairing
+        codes deleted. False if there was no such user. Appends a user change and a device change
+        per revoked device."""
+
+    # ---- devices -----------------------------------------------------
+
+    @abc.abstractmethod
+    async def put_device(self, device: DeviceRecord) -> None:
+        """Insert or replace a device (its user must exist, else StoreError). Appends a device change.
+        A revoked device cannot be replaced (StoreError)."""
+
+    @abc.abstractmethod
+    async def get_device(self, device_id: str) -> DeviceRecord | None:
+        """The device, also when revoked."""
+
+    @abc.abstractmethod
+    async def list_devices(self, user_id: str | None = None, include_revoked: bool = False) -> list[DeviceRecord]:
+        """Devices of one user (or all users), ordered by (user, created, id)."""
+
+    @abc.abstractmethod
+    async def find_device_by_credential(self, credential_hash: str) -> DeviceRecord | None:
+        """The non-revoked device whose credential hashes to ``credential_hash``."""
+
+    @abc.abstractmethod
+    async def revoke_device(self, device_id: str, now: int) -> bool:
+        """Mark revoked, drop its credential, revoke its sessions. False if unknown or already
+        revoked. Appends a device change and a session change per revoked session."""
+
+    @abc.abstractmethod
+    async def update_presence(self, updates: Sequence[tuple[str, str, int]]) -> None:
+        """Batch of (device id, status, last_seen); unknown or revoked devices are skipped.
+        No change is appended."""
+
+    # ---- sessions ----------------------------------------------------
+
+    @abc.abstractmethod
+    async def put_sessions(self, sessions: Sequence[SessionRecord]) -> None:
+        """Insert or replace sessions, in one transaction. A revoked session stays revoked (its
+        ``revoked_at`` is kept even if the record given has None). No change is appended."""
+
+    @abc.abstractmethod
+    async def get_session(self, session_id: str) -> SessionRecord | None: ...
+
+    @abc.abstractmethod
+    async def list_sessions(self, user_id: str | None = None, device_id: str | None = None) -> list[SessionRecord]:
+        """Sessions (revoked ones included), ordered by (user, device, created, id)."""
+
+    @abc.abstractmethod
+    async def revoke_session(self, session_id: str, now: int) -> bool:
+        """False if unknown or already revoked. Appends a session change."""
+
+    @abc.abstractmethod
+    async def delete_stale_sessions(self, now: int, grace_ms: int) -> int:
+        """Delete every session ``session_is_stale(session, now, grace_ms)``. Returns how many."""
+
+    @abc.abstractmethod
+    async def reset_live_state(self, now: int) -> None:
+        """At server start: whatever a previous run left connected is not. Devices that are
+        ``online``/``away`` become ``offline`` (``last_seen`` kept); connected sessions become
+        disconnected at their ``last_activity`` (or ``now`` if none), their connected time added
+        to ``connected_ms``. No change is appended."""
+
+    # ---- pairing -----------------------------------------------------
+
+    @abc.abstractmethod
+    async def add_pairing_code(self, code: PairingCode) -> None:
+        """AlreadyExists if a code with this id exists (used or not)."""
+
+    @abc.abstractmethod
+    async def redeem_pairing_code(self, code_id: str, secret_hash: str, now: int,
+                                  max_attempts: int) -> PairingCode | None:
+        """Atomically use a code: returns it (now marked used) if the id exists, the secret matches,
+        it is unused and unexpired and has fewer than ``max_attempts`` wrong tries. A wrong secret
+        counts an attempt. Anything else returns None and changes nothing else."""
+
+    @abc.abstractmethod
+    async def delete_pairing_codes_before(self, cutoff: int) -> int:
+        """Delete codes that expired before ``cutoff``. Returns how many."""
+
+    # ---- change feed -------------------------------------------------
+
+    @abc.abstractmethod
+    async def changes_since(self, cursor: int, limit: int = 1000) -> list[Change]:
+        """Changes with ``seq > cursor``, oldest first, at most ``limit``."""
+
+    @abc.abstractmethod
+    async def last_change(self) -> int:
+        """The newest change's seq (0 when none)."""
+
+
+def session_is_stale(session: SessionRecord, cutoff: int, grace_ms: int) -> bool:
+    """The one rule every store uses for ``delete_stale_sessions``.
+
+    A session is stale when it is not connected and either its authentication expired before
+    ``cutoff``, it was revoked before ``cutoff``, or it disconnected more than ``grace_ms``
+    before ``cutoff`` (no longer resumable).
+    """
+    if session.connected_at is not None:
+        return False
+    if session.expires_at < cutoff:
+        return True
+    if session.revoked_at is not None and session.revoked_at < cutoff:
+        return True
+    return session.disconnected_at is not None and session.disconnected_at + grace_ms < cutoff

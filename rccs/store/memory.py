@@ -1,0 +1,274 @@
+"""A store in the process's memory: for tests and for servers that may forget everything at exit.
+
+It follows the same contract as ``SqliteStore`` (tests/store/test_contract.py runs one suite
+against both). Records are copied on the way in and on the way out, so neither the caller nor
+the store can change the other's objects; device metadata goes through a JSON round trip on the
+way in, which validates and normalizes it exactly as the SQLite store's JSON column does.
+"""
+
+from __future__ import annotations
+
+import copy
+import hmac
+import json
+from collections.abc import Sequence
+
+from .base import (
+    CHANGE_DEVICE,
+    CHANGE_SESSION,
+    CHANGE_USER,
+    STATUS_AWAY,
+    STATUS_OFFLINE,
+    STATUS_ONLINE,
+    AlreadyExists,
+    Change,
+    DeviceRecord,
+    PairingCode,
+    SessionRecord,
+    Store,
+    StoreError,
+    UserRecord,
+    session_is_stale,
+)
+
+
+def device_order(device: DeviceRecord) -> tuple[str, int, str]:
+    return device.user, device.created, device.id
+
+
+def session_order(session: SessionRecord) -> tuple[str, str, int, str]:
+    return session.user, session.device, session.created, session.id
+
+
+def _device_in(device: DeviceRecord) -> DeviceRecord:
+    stored = copy.copy(device)
+    stored.capabilities = tuple(device.capabilities)
+    try:
+        stored.metadata = json.loads(json.dumps(device.metadata, allow_nan=False))
+    except (TypeError, ValueError) as exc:
+        raise StoreError(f"metadata of device {device.id!r} is not JSON: {exc}") from None
+    return stored
+
+
+def _device_out(device: DeviceRecord) -> DeviceRecord:
+    copied = copy.copy(device)
+    copied.metadata = copy.deepcopy(device.metadata)
+    return copied
+
+
+def _session_copy(session: SessionRecord) -> SessionRecord:
+    copied = copy.copy(session)
+    copied.pending = [copy.copy(message) for message in session.pending]
+    return copied
+
+
+def _session_in(session: SessionRecord) -> SessionRecord:
+    stored = _session_copy(session)
+    for message in stored.pending:
+        message.frame = bytes(message.frame)  # a bytearray or memoryview would stay shared with the caller
+    return stored
+
+
+class MemoryStore(Store):
+    def __init__(self) -> None:
+        self._users: dict[str, UserRecord] = {}
+        self._devices: dict[str, DeviceRecord] = {}
+        self._device_by_credential: dict[str, str] = {}
+        self._sessions: dict[str, SessionRecord] = {}
+        self._pairing_codes: dict[str, PairingCode] = {}
+        self._changes: list[Change] = []
+
+    async def open(self) -> None:
+        pass
+
+    async def close(self) -> None:
+        pass
+
+    def _append_change(self, kind: str, key: str) -> None:
+        # seq == position + 1, so changes_since can slice instead of search.
+        self._changes.append(Change(seq=len(self._changes) + 1, kind=kind, key=key))
+
+    # ---- users -------------------------------------------------------
+
+    async def add_user(self, user: UserRecord) -> None:
+        if user.id in self._users:
+            raise AlreadyExists(f"user {user.id!r} already exists")
+        self._users[user.id] = copy.copy(user)
+        self._append_change(CHANGE_USER, user.id)
+
+    async def get_user(self, user_id: str) -> UserRecord | None:
+        user = self._users.get(user_id)
+        return None if user is None else copy.copy(user)
+
+    async def list_users(self) -> list[UserRecord]:
+        return [copy.copy(self._users[user_id]) for user_id in sorted(self._users)]
+
+    async def remove_user(self, user_id: str, now: int) -> bool:
+        if self._users.pop(user_id, None) is None:
+            return False
+        self._append_change(CHANGE_USER, user_id)
+        live_devices = sorted(
+            (device for device in self._devices.values() if device.user == user_id and device.revoked_at is None),
+            key=device_order,
+        )
+        for device in live_devices:
+            self._mark_device_revoked(device, now)
+            self._append_change(CHANGE_DEVICE, device.id)
+        for session_id in [sid for sid, session in self._sessions.items() if session.user == user_id]:
+            del self._sessions[session_id]
+        for code_id in [cid for cid, code in self._pairing_codes.items() if code.user == user_id]:
+            del self._pairing_codes[code_id]
+        return True
+
+    # ---- devices -----------------------------------------------------
+
+    async def put_device(self, device: DeviceRecord) -> None:
+        if device.user not in self._users:
+            raise StoreError(f"cannot store device {device.id!r}: unknown user {device.user!r}")
+        existing = self._devices.get(device.id)
+        if existing is not None and existing.revoked_at is not None:
+            raise StoreError(f"device {device.id!r} is revoked and cannot be replaced")
+        if device.credential_hash is not None:
+            holder = self._device_by_credential.get(device.credential_hash)
+            if holder is not None and holder != device.id:
+                raise StoreError(f"cannot store device {device.id!r}: its credential belongs to another device")
+        stored = _device_in(device)
+        if existing is not None and existing.credential_hash is not None:
+            del self._device_by_credential[existing.credential_hash]
+        if stored.credential_hash is not None:
+            self._device_by_credential[stored.credential_hash] = stored.id
+        self._devices[stored.id] = stored
+        self._append_change(CHANGE_DEVICE, stored.id)
+
+    async def get_device(self, device_id: str) -> DeviceRecord | None:
+        device = self._devices.get(device_id)
+        return None if device is None else _device_out(device)
+
+    async def list_devices(self, user_id: str | None = None, include_revoked: bool = False) -> list[DeviceRecord]:
+        chosen = [
+            device for device in self._devices.values()
+            if (user_id is None or device.user == user_id) and (include_revoked or device.revoked_at is None)
+        ]
+        chosen.sort(key=device_order)
+        return [_device_out(device) for device in chosen]
+
+    async def find_device_by_credential(self, credential_hash: str) -> DeviceRecord | None:
+        device_id = self._device_by_credential.get(credential_hash)
+        if device_id is None:
+            return None
+        device = self._devices[device_id]
+        # A device put already revoked may still carry a credential; it must not sign anyone in.
+        return None if device.revoked_at is not None else _device_out(device)
+
+    async def revoke_device(self, device_id: str, now: int) -> bool:
+        device = self._devices.get(device_id)
+        if device is None or device.revoked_at is not None:
+            return False
+        self._mark_device_revoked(device, now)
+        self._append_change(CHANGE_DEVICE, device_id)
+        live_sessions = sorted(
+            (session for session in self._sessions.values()
+             if session.device == device_id and session.revoked_at is None),
+            key=session_order,
+        )
+        for session in live_sessions:
+            session.revoked_at = now
+            self._append_change(CHANGE_SESSION, session.id)
+        return True
+
+    def _mark_device_revoked(self, device: DeviceRecord, now: int) -> None:
+        device.revoked_at = now
+        device.status = STATUS_OFFLINE  # presence updates skip revoked devices: it would stay "online" forever
+        if device.credential_hash is not None:
+            del self._device_by_credential[device.credential_hash]
+            device.credential_hash = None
+
+    async def update_presence(self, updates: Sequence[tuple[str, str, int]]) -> None:
+        for device_id, status, last_seen in updates:
+            device = self._devices.get(device_id)
+            if device is not None and device.revoked_at is None:
+                device.status = status
+                device.last_seen = last_seen
+
+    # ---- sessions ----------------------------------------------------
+
+    async def put_sessions(self, sessions: Sequence[SessionRecord]) -> None:
+        # Copied before anything is stored: a failure part-way must not leave half a batch.
+        incoming = [_session_in(session) for session in sessions]
+        for stored in incoming:
+            existing = self._sessions.get(stored.id)
+            if existing is not None and existing.revoked_at is not None:
+                stored.revoked_at = existing.revoked_at
+            self._sessions[stored.id] = stored
+
+    async def get_session(self, session_id: str) -> SessionRecord | None:
+        session = self._sessions.get(session_id)
+        return None if session is None else _session_copy(session)
+
+    async def list_sessions(self, user_id: str | None = None, device_id: str | None = None) -> list[SessionRecord]:
+        chosen = [
+            session for session in self._sessions.values()
+            if (user_id is None or session.user == user_id) and (device_id is None or session.device == device_id)
+        ]
+        chosen.sort(key=session_order)
+        return [_session_copy(session) for session in chosen]
+
+    async def revoke_session(self, session_id: str, now: int) -> bool:
+        session = self._sessions.get(session_id)
+        if session is None or session.revoked_at is not None:
+            return False
+        session.revoked_at = now
+        self._append_change(CHANGE_SESSION, session_id)
+        return True
+
+    async def delete_stale_sessions(self, now: int, grace_ms: int) -> int:
+        stale = [sid for sid, session in self._sessions.items() if session_is_stale(session, now, grace_ms)]
+        for session_id in stale:
+            del self._sessions[session_id]
+        return len(stale)
+
+    async def reset_live_state(self, now: int) -> None:
+        for device in self._devices.values():
+            if device.status in (STATUS_ONLINE, STATUS_AWAY):
+                device.status = STATUS_OFFLINE
+        for session in self._sessions.values():
+            if session.connected_at is not None:
+                ended = session.last_activity or now
+                session.connected_ms += max(0, ended - session.connected_at)
+                session.disconnected_at = ended
+                session.connected_at = None
+
+    # ---- pairing -----------------------------------------------------
+
+    async def add_pairing_code(self, code: PairingCode) -> None:
+        if code.id in self._pairing_codes:
+            raise AlreadyExists(f"pairing code {code.id!r} already exists")
+        self._pairing_codes[code.id] = copy.copy(code)
+
+    async def redeem_pairing_code(self, code_id: str, secret_hash: str, now: int,
+                                  max_attempts: int) -> PairingCode | None:
+        code = self._pairing_codes.get(code_id)
+        if code is None or code.used_at is not None or code.expires_at <= now or code.attempts >= max_attempts:
+            return None
+        if not hmac.compare_digest(code.secret_hash.encode(), secret_hash.encode()):
+            code.attempts += 1
+            return None
+        code.used_at = now
+        return copy.copy(code)
+
+    async def delete_pairing_codes_before(self, cutoff: int) -> int:
+        expired = [cid for cid, code in self._pairing_codes.items() if code.expires_at < cutoff]
+        for code_id in expired:
+            del self._pairing_codes[code_id]
+        return len(expired)
+
+    # ---- change feed -------------------------------------------------
+
+    async def changes_since(self, cursor: int, limit: int = 1000) -> list[Change]:
+        if limit <= 0:
+            return []
+        start = max(cursor, 0)
+        return self._changes[start:start + limit]
+
+    async def last_change(self) -> int:
+        return len(self._changes)

@@ -1,0 +1,646 @@
+"""The embedded store: one SQLite file, ``<data_dir>/rccs.db``, shared by the server and the CLI.
+
+Threading: the connection is made, used and closed by one dedicated worker thread. Each public
+method sends one function to that thread, and the function runs all its statements as one
+transaction (``BEGIN IMMEDIATE`` for writes, committed at the end, rolled back on any error).
+So a store call costs one thread hop and one commit however many statements it needs, and a
+batch (``put_sessions``, ``update_presence``) is one transaction. A per-statement async wrapper
+such as aiosqlite would cost a hop per statement and leave transactions open across awaits.
+Calls run one after another in the order they were made, which the hub relies on.
+
+Two processes: the CLI opens the same file while the server runs. WAL lets readers go on while
+one writer writes, and ``busy_timeout`` makes a writer wait for the other process's write
+transaction instead of failing; ``BEGIN IMMEDIATE`` takes the write lock up front, so a
+transaction never has to upgrade a read lock (which SQLite cannot wait for).
+
+Schema: ``MIGRATIONS`` lists SQL scripts; ``PRAGMA user_version`` counts how many a file has.
+``open`` applies the missing ones, each in its own transaction, and refuses a file from a newer
+rccs. Append to ``MIGRATIONS``; never edit a script that has shipped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import os
+import sqlite3
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+import msgpack
+
+from .base import (
+    CHANGE_DEVICE,
+    CHANGE_SESSION,
+    CHANGE_USER,
+    STATUS_AWAY,
+    STATUS_OFFLINE,
+    STATUS_ONLINE,
+    AlreadyExists,
+    Change,
+    DeviceRecord,
+    PairingCode,
+    PendingMessage,
+    SessionRecord,
+    Store,
+    StoreError,
+    UserRecord,
+    session_is_stale,
+)
+
+DB_FILE = "rccs.db"
+BUSY_TIMEOUT_MS = 5000
+
+MIGRATIONS: list[str] = [
+    # 1: the first schema. Devices keep no foreign key to users: a removed user's devices stay
+    # behind as revoked tombstones, so their ids are never handed out again.
+    """
+    CREATE TABLE users (
+        id TEXT PRIMARY KEY,
+        created INTEGER NOT NULL
+    );
+
+    CREATE TABLE devices (
+        id TEXT PRIMARY KEY,
+        user TEXT NOT NULL,
+        type TEXT NOT NULL,
+        name TEXT NOT NULL,
+        platform TEXT NOT NULL,
+        version TEXT NOT NULL,
+        capabilities TEXT NOT NULL,
+        metadata TEXT NOT NULL,
+        created INTEGER NOT NULL,
+        last_seen INTEGER NOT NULL,
+        status TEXT NOT NULL,
+        credential_hash TEXT,
+        revoked_at INTEGER
+    );
+    CREATE INDEX devices_by_user ON devices (user, created, id);
+    CREATE UNIQUE INDEX devices_by_credential ON devices (credential_hash) WHERE credential_hash IS NOT NULL;
+
+    CREATE TABLE sessions (
+        id TEXT PRIMARY KEY,
+        user TEXT NOT NULL,
+        device TEXT NOT NULL,
+        created INTEGER NOT NULL,
+        expires_at INTEGER NOT NULL,
+        next_seq INTEGER NOT NULL,
+        last_activity INTEGER NOT NULL,
+        connected_at INTEGER,
+        disconnected_at INTEGER,
+        revoked_at INTEGER,
+        connected_ms INTEGER NOT NULL,
+        messages_in INTEGER NOT NULL,
+        messages_out INTEGER NOT NULL,
+        bytes_in INTEGER NOT NULL,
+        bytes_out INTEGER NOT NULL,
+        pending BLOB
+    );
+    CREATE INDEX sessions_by_user ON sessions (user, device, created, id);
+    CREATE INDEX sessions_by_device ON sessions (device, created, id);
+
+    CREATE TABLE pairing_codes (
+        id TEXT PRIMARY KEY,
+        secret_hash TEXT NOT NULL,
+        user TEXT NOT NULL,
+        issuer_device TEXT,
+        created INTEGER NOT NULL,
+        expires_at INTEGER NOT NULL,
+        approve INTEGER NOT NULL,
+        attempts INTEGER NOT NULL,
+        used_at INTEGER
+    );
+    CREATE INDEX pairing_codes_by_user ON pairing_codes (user);
+    CREATE INDEX pairing_codes_by_expiry ON pairing_codes (expires_at);
+
+    CREATE TABLE changes (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        kind TEXT NOT NULL,
+        key TEXT NOT NULL
+    );
+    """,
+]
+
+T = TypeVar("T")
+Work = Callable[[sqlite3.Connection], T]
+
+USER_COLUMNS = ("id", "created")
+DEVICE_COLUMNS = ("id", "user", "type", "name", "platform", "version", "capabilities", "metadata", "created",
+                  "last_seen", "status", "credential_hash", "revoked_at")
+SESSION_COLUMNS = ("id", "user", "device", "created", "expires_at", "next_seq", "last_activity", "connected_at",
+                   "disconnected_at", "revoked_at", "connected_ms", "messages_in", "messages_out", "bytes_in",
+                   "bytes_out", "pending")
+PAIRING_COLUMNS = ("id", "secret_hash", "user", "issuer_device", "created", "expires_at", "approve", "attempts",
+                   "used_at")
+
+
+def _select(table: str, columns: Sequence[str]) -> str:
+    return f"SELECT {', '.join(columns)} FROM {table}"
+
+
+def _insert(table: str, columns: Sequence[str]) -> str:
+    return f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join('?' for _ in columns)})"
+
+
+def _upsert(table: str, columns: Sequence[str], overrides: dict[str, str] | None = None) -> str:
+    """INSERT, or UPDATE every column of the row with the same id (an expression in ``overrides``
+    replaces ``excluded.<column>``). Unlike INSERT OR REPLACE, a clash on another unique index
+    fails instead of deleting the other row."""
+    overrides = overrides or {}
+    updates = ", ".join(f"{column} = {overrides.get(column, 'excluded.' + column)}"
+                        for column in columns if column != "id")
+    return f"{_insert(table, columns)} ON CONFLICT (id) DO UPDATE SET {updates}"
+
+
+SELECT_USER = _select("users", USER_COLUMNS)
+SELECT_DEVICE = _select("devices", DEVICE_COLUMNS)
+SELECT_SESSION = _select("sessions", SESSION_COLUMNS)
+SELECT_PAIRING = _select("pairing_codes", PAIRING_COLUMNS)
+UPSERT_DEVICE = _upsert("devices", DEVICE_COLUMNS)
+# A revoked session stays revoked whatever the server, which may not know yet, writes over it.
+UPSERT_SESSION = _upsert("sessions", SESSION_COLUMNS,
+                         {"revoked_at": "COALESCE(sessions.revoked_at, excluded.revoked_at)"})
+INSERT_PAIRING = _insert("pairing_codes", PAIRING_COLUMNS)
+INSERT_CHANGE = "INSERT INTO changes (kind, key) VALUES (?, ?)"
+
+
+# ---- rows <-> records ------------------------------------------------
+
+
+def _json_text(value: Any, what: str) -> str:
+    try:
+        return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise StoreError(f"{what} is not JSON: {exc}") from None
+
+
+def _device_row(device: DeviceRecord) -> tuple[Any, ...]:
+    return (device.id, device.user, device.type, device.name, device.platform, device.version,
+            _json_text(list(device.capabilities), f"capabilities of device {device.id!r}"),
+            _json_text(device.metadata, f"metadata of device {device.id!r}"),
+            device.created, device.last_seen, device.status, device.credential_hash, device.revoked_at)
+
+
+def _device_record(row: Sequence[Any]) -> DeviceRecord:
+    (device_id, user, device_type, name, platform, version, capabilities, metadata, created, last_seen, status,
+     credential_hash, revoked_at) = row
+    return DeviceRecord(id=device_id, user=user, type=device_type, name=name, platform=platform, version=version,
+                        capabilities=tuple(json.loads(capabilities)), metadata=json.loads(metadata), created=created,
+                        last_seen=last_seen, status=status, credential_hash=credential_hash, revoked_at=revoked_at)
+
+
+def _session_row(session: SessionRecord) -> tuple[Any, ...]:
+    # NULL for no pending messages: the hub's frequent counter snapshots then skip msgpack entirely.
+    pending = None
+    if session.pending:
+        pending = msgpack.packb(
+            [(m.seq, m.sender_user, m.sender_device, m.msg_id, m.frame, m.text) for m in session.pending],
+            use_bin_type=True,
+        )
+    return (session.id, session.user, session.device, session.created, session.expires_at, session.next_seq,
+            session.last_activity, session.connected_at, session.disconnected_at, session.revoked_at,
+            session.connected_ms, session.messages_in, session.messages_out, session.bytes_in, session.bytes_out,
+            pending)
+
+
+def _session_record(row: Sequence[Any]) -> SessionRecord:
+    *fields, pending = row
+    record = SessionRecord(**dict(zip(SESSION_COLUMNS[:-1], fields, strict=True)))
+    if pending is not None:
+        record.pending = [
+            PendingMessage(seq=seq, sender_user=sender_user, sender_device=sender_device, msg_id=msg_id,
+                           frame=frame, text=text)
+            for seq, sender_user, sender_device, msg_id, frame, text in msgpack.unpackb(pending, raw=False)
+        ]
+    return record
+
+
+def _pairing_row(code: PairingCode) -> tuple[Any, ...]:
+    return (code.id, code.secret_hash, code.user, code.issuer_device, code.created, code.expires_at,
+            int(code.approve), code.attempts, code.used_at)
+
+
+def _pairing_record(row: Sequence[Any]) -> PairingCode:
+    code_id, secret_hash, user, issuer_device, created, expires_at, approve, attempts, used_at = row
+    return PairingCode(id=code_id, secret_hash=secret_hash, user=user, issuer_device=issuer_device, created=created,
+                       expires_at=expires_at, approve=bool(approve), attempts=attempts, used_at=used_at)
+
+
+def _sql_session_is_stale(connected_at: int | None, expires_at: int, revoked_at: int | None,
+                          disconnected_at: int | None, cutoff: int, grace_ms: int) -> bool:
+    # The rule lives in base.session_is_stale; SQL calls it instead of restating it.
+    probe = SessionRecord(id="", user="", device="", created=0, expires_at=expires_at, connected_at=connected_at,
+                          revoked_at=revoked_at, disconnected_at=disconnected_at)
+    return session_is_stale(probe, cutoff, grace_ms)
+
+
+def _statements(script: str) -> list[str]:
+    """Split a migration script into statements: Python's executescript would commit the
+    transaction the migration has to run in."""
+    statements: list[str] = []
+    current = ""
+    for piece in script.split(";"):
+        current += piece + ";"
+        if sqlite3.complete_statement(current):
+            if current.strip(" \t\r\n;"):
+                statements.append(current.strip())
+            current = ""
+    if current.strip(" \t\r\n;"):
+        raise ValueError(f"incomplete SQL statement in a migration: {current!r}")
+    return statements
+
+
+def _schema_version(db: sqlite3.Connection) -> int:
+    version: int = db.execute("PRAGMA user_version").fetchone()[0]
+    return version
+
+
+def _migrate(db: sqlite3.Connection, path: str) -> None:
+    def refuse_newer(version: int) -> None:
+        if version > len(MIGRATIONS):
+            raise StoreError(
+                f"{path} has schema version {version}, but this rccs knows versions up to {len(MIGRATIONS)}:"
+                " it was written by a newer rccs; upgrade rccs to open it"
+            )
+
+    refuse_newer(_schema_version(db))
+    for target in range(1, len(MIGRATIONS) + 1):
+        if _schema_version(db) >= target:
+            continue
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            # Read again under the write lock: another process may have migrated meanwhile.
+            current = _schema_version(db)
+            refuse_newer(current)
+            if current < target:
+                for statement in _statements(MIGRATIONS[target - 1]):
+                    db.execute(statement)
+                db.execute(f"PRAGMA user_version = {target}")
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                db.rollback()
+            raise
+
+
+# ---- the store -------------------------------------------------------
+
+
+class SqliteStore(Store):
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._executor: ThreadPoolExecutor | None = None
+        self._db: sqlite3.Connection | None = None  # made, used and closed in the worker thread only
+
+    # ---- plumbing ------------------------------------------------------
+
+    async def open(self) -> None:
+        if self._executor is not None:
+            raise StoreError(f"store {self.path} is already open")
+        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rccs-sqlite")
+        self._executor = executor
+        try:
+            await self._submit(self._connect)
+        except BaseException:
+            self._executor = None
+            executor.shutdown(wait=False)
+            raise
+
+    async def close(self) -> None:
+        executor = self._executor
+        if executor is None:
+            return
+        self._executor = None  # later calls fail at once; those already queued still run first
+        try:
+            await asyncio.get_running_loop().run_in_executor(executor, self._disconnect)
+        finally:
+            executor.shutdown(wait=True)  # the worker is idle by now: this only joins the thread
+
+    def _connect(self) -> None:
+        directory = os.path.dirname(os.path.abspath(self.path))
+        try:
+            os.makedirs(directory, exist_ok=True)
+        except OSError as exc:
+            raise StoreError(f"cannot create the store's directory {directory}: {exc}") from None
+        try:
+            db = sqlite3.connect(self.path, isolation_level=None)
+        except sqlite3.Error as exc:
+            raise StoreError(f"{self.path}: {exc}") from exc
+        try:
+            # busy_timeout first: switching to WAL needs a lock that another process may hold.
+            db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+            db.execute("PRAGMA journal_mode = WAL")
+            db.execute("PRAGMA synchronous = NORMAL")
+            db.execute("PRAGMA foreign_keys = ON")
+            db.create_function("rccs_session_is_stale", 6, _sql_session_is_stale, deterministic=True)
+            _migrate(db, self.path)
+        except sqlite3.Error as exc:
+            db.close()
+            raise StoreError(f"{self.path}: {exc}") from exc
+        except BaseException:
+            db.close()
+            raise
+        self._db = db
+
+    def _disconnect(self) -> None:
+        db, self._db = self._db, None
+        if db is not None:
+            db.close()
+
+    async def _submit(self, call: Callable[[], T]) -> T:
+        executor = self._executor
+        if executor is None:
+            raise StoreError(f"store {self.path} is not open")
+        return await asyncio.get_running_loop().run_in_executor(executor, call)
+
+    def _connection(self) -> sqlite3.Connection:
+        if self._db is None:
+            raise StoreError(f"store {self.path} is not open")
+        return self._db
+
+    async def _read(self, work: Work[T]) -> T:
+        """``work`` on the worker thread; its one statement is its own transaction."""
+        def run() -> T:
+            try:
+                return work(self._connection())
+            except sqlite3.Error as exc:
+                raise StoreError(f"{self.path}: {exc}") from exc
+
+        return await self._submit(run)
+
+    async def _write(self, work: Work[T]) -> T:
+        """``work`` on the worker thread, in one write transaction: committed if it returns,
+        rolled back if it raises."""
+        def run() -> T:
+            db = self._connection()
+            try:
+                db.execute("BEGIN IMMEDIATE")
+                try:
+                    result = work(db)
+                    db.execute("COMMIT")
+                except BaseException:
+                    if db.in_transaction:
+                        db.rollback()
+                    raise
+            except sqlite3.Error as exc:
+                raise StoreError(f"{self.path}: {exc}") from exc
+            return result
+
+        return await self._submit(run)
+
+    # ---- users -------------------------------------------------------
+
+    async def add_user(self, user: UserRecord) -> None:
+        def work(db: sqlite3.Connection) -> None:
+            if db.execute("SELECT 1 FROM users WHERE id = ?", (user.id,)).fetchone() is not None:
+                raise AlreadyExists(f"user {user.id!r} already exists")
+            db.execute(_insert("users", USER_COLUMNS), (user.id, user.created))
+            db.execute(INSERT_CHANGE, (CHANGE_USER, user.id))
+
+        await self._write(work)
+
+    async def get_user(self, user_id: str) -> UserRecord | None:
+        def work(db: sqlite3.Connection) -> UserRecord | None:
+            row = db.execute(f"{SELECT_USER} WHERE id = ?", (user_id,)).fetchone()
+            return None if row is None else UserRecord(*row)
+
+        return await self._read(work)
+
+    async def list_users(self) -> list[UserRecord]:
+        def work(db: sqlite3.Connection) -> list[UserRecord]:
+            return [UserRecord(*row) for row in db.execute(f"{SELECT_USER} ORDER BY id")]
+
+        return await self._read(work)
+
+    async def remove_user(self, user_id: str, now: int) -> bool:
+        def work(db: sqlite3.Connection) -> bool:
+            if db.execute("DELETE FROM users WHERE id = ?", (user_id,)).rowcount == 0:
+                return False
+            db.execute(INSERT_CHANGE, (CHANGE_USER, user_id))
+            live_devices = [row[0] for row in db.execute(
+                "SELECT id FROM devices WHERE user = ? AND revoked_at IS NULL ORDER BY created, id", (user_id,))]
+            db.execute(
+                "UPDATE devices SET revoked_at = ?, credential_hash = NULL, status = ?"
+                " WHERE user = ? AND revoked_at IS NULL",
+                (now, STATUS_OFFLINE, user_id),
+            )
+            db.executemany(INSERT_CHANGE, [(CHANGE_DEVICE, device_id) for device_id in live_devices])
+            db.execute("DELETE FROM sessions WHERE user = ?", (user_id,))
+            db.execute("DELETE FROM pairing_codes WHERE user = ?", (user_id,))
+            return True
+
+        return await self._write(work)
+
+    # ---- devices -----------------------------------------------------
+
+    async def put_device(self, device: DeviceRecord) -> None:
+        row = _device_row(device)  # before the transaction: a bad record fails without touching the file
+
+        def work(db: sqlite3.Connection) -> None:
+            if db.execute("SELECT 1 FROM users WHERE id = ?", (device.user,)).fetchone() is None:
+                raise StoreError(f"cannot store device {device.id!r}: unknown user {device.user!r}")
+            existing = db.execute("SELECT revoked_at FROM devices WHERE id = ?", (device.id,)).fetchone()
+            if existing is not None and existing[0] is not None:
+                raise StoreError(f"device {device.id!r} is revoked and cannot be replaced")
+            if device.credential_hash is not None:
+                holder = db.execute("SELECT id FROM devices WHERE credential_hash = ? AND id != ?",
+                                    (device.credential_hash, device.id)).fetchone()
+                if holder is not None:
+                    raise StoreError(f"cannot store device {device.id!r}: its credential belongs to another device")
+            db.execute(UPSERT_DEVICE, row)
+            db.execute(INSERT_CHANGE, (CHANGE_DEVICE, device.id))
+
+        await self._write(work)
+
+    async def get_device(self, device_id: str) -> DeviceRecord | None:
+        def work(db: sqlite3.Connection) -> DeviceRecord | None:
+            row = db.execute(f"{SELECT_DEVICE} WHERE id = ?", (device_id,)).fetchone()
+            return None if row is None else _device_record(row)
+
+        return await self._read(work)
+
+    async def list_devices(self, user_id: str | None = None, include_revoked: bool = False) -> list[DeviceRecord]:
+        conditions: list[str] = []
+        parameters: list[Any] = []
+        if user_id is not None:
+            conditions.append("user = ?")
+            parameters.append(user_id)
+        if not include_revoked:
+            conditions.append("revoked_at IS NULL")
+        where = f" WHERE {' AND '.join(conditions)}" if conditions else ""
+        query = f"{SELECT_DEVICE}{where} ORDER BY user, created, id"
+
+        def work(db: sqlite3.Connection) -> list[DeviceRecord]:
+            return [_device_record(row) for row in db.execute(query, parameters)]
+
+        return await self._read(work)
+
+    async def find_device_by_credential(self, credential_hash: str) -> DeviceRecord | None:
+        def work(db: sqlite3.Connection) -> DeviceRecord | None:
+            row = db.execute(f"{SELECT_DEVICE} WHERE credential_hash = ? AND revoked_at IS NULL",
+                             (credential_hash,)).fetchone()
+            return None if row is None else _device_record(row)
+
+        return await self._read(work)
+
+    async def revoke_device(self, device_id: str, now: int) -> bool:
+        def work(db: sqlite3.Connection) -> bool:
+            revoked = db.execute(
+                "UPDATE devices SET revoked_at = ?, credential_hash = NULL, status = ?"
+                " WHERE id = ? AND revoked_at IS NULL",
+                (now, STATUS_OFFLINE, device_id),
+            )
+            if revoked.rowcount == 0:
+                return False
+            db.execute(INSERT_CHANGE, (CHANGE_DEVICE, device_id))
+            live_sessions = [row[0] for row in db.execute(
+                "SELECT id FROM sessions WHERE device = ? AND revoked_at IS NULL ORDER BY user, created, id",
+                (device_id,))]
+            db.execute("UPDATE sessions SET revoked_at = ? WHERE device = ? AND revoked_at IS NULL", (now, device_id))
+            db.executemany(INSERT_CHANGE, [(CHANGE_SESSION, session_id) for session_id in live_sessions])
+            return True
+
+        return await self._write(work)
+
+    async def update_presence(self, updates: Sequence[tuple[str, str, int]]) -> None:
+        rows = [(status, last_seen, device_id) for device_id, status, last_seen in updates]
+        if not rows:
+            return
+
+        def work(db: sqlite3.Connection) -> None:
+            db.executemany("UPDATE devices SET status = ?, last_seen = ? WHERE id = ? AND revoked_at IS NULL", rows)
+
+        await self._write(work)
+
+    # ---- sessions ----------------------------------------------------
+
+    async def put_sessions(self, sessions: Sequence[SessionRecord]) -> None:
+        rows = [_session_row(session) for session in sessions]
+        if not rows:
+            return
+
+        def work(db: sqlite3.Connection) -> None:
+            db.executemany(UPSERT_SESSION, rows)
+
+        await self._write(work)
+
+    async def get_session(self, session_id: str) -> SessionRecord | None:
+        def work(db: sqlite3.Connection) -> SessionRecord | None:
+            row = db.execute(f"{SELECT_SESSION} WHERE id = ?", (session_id,)).fetchone()
+            return None if row is None else _session_record(row)
+
+        return await self._read(work)
+
+    async def list_sessions(self, user_id: str | None = None, device_id: str | None = None) -> list[SessionRecord]:
+        conditions: list[str] = []
+        parameters: list[Any] = []
+        if user_id is not None:
+            conditions.append("user = ?")
+            parameters.append(user_id)
+        if device_id is not None:
+            conditions.append("device = ?")
+            parameters.append(device_id)
+        where = f" WHERE {' AND '.join(conditions)}" if conditions else ""
+        query = f"{SELECT_SESSION}{where} ORDER BY user, device, created, id"
+
+        def work(db: sqlite3.Connection) -> list[SessionRecord]:
+            return [_session_record(row) for row in db.execute(query, parameters)]
+
+        return await self._read(work)
+
+    async def revoke_session(self, session_id: str, now: int) -> bool:
+        def work(db: sqlite3.Connection) -> bool:
+            revoked = db.execute("UPDATE sessions SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL",
+                                 (now, session_id))
+            if revoked.rowcount == 0:
+                return False
+            db.execute(INSERT_CHANGE, (CHANGE_SESSION, session_id))
+            return True
+
+        return await self._write(work)
+
+    async def delete_stale_sessions(self, now: int, grace_ms: int) -> int:
+        def work(db: sqlite3.Connection) -> int:
+            deleted = db.execute(
+                "DELETE FROM sessions WHERE connected_at IS NULL AND"
+                " rccs_session_is_stale(connected_at, expires_at, revoked_at, disconnected_at, ?, ?)",
+                (now, grace_ms),
+            )
+            count: int = deleted.rowcount
+            return count
+
+        return await self._write(work)
+
+    async def reset_live_state(self, now: int) -> None:
+        def work(db: sqlite3.Connection) -> None:
+            db.execute("UPDATE devices SET status = ? WHERE status IN (?, ?)",
+                       (STATUS_OFFLINE, STATUS_ONLINE, STATUS_AWAY))
+            # All right-hand sides see the old row, so connected_at is still set where it is read.
+            db.execute(
+                "UPDATE sessions SET"
+                " connected_ms = connected_ms + MAX(0, COALESCE(NULLIF(last_activity, 0), :now) - connected_at),"
+                " disconnected_at = COALESCE(NULLIF(last_activity, 0), :now),"
+                " connected_at = NULL"
+                " WHERE connected_at IS NOT NULL",
+                {"now": now},
+            )
+
+        await self._write(work)
+
+    # ---- pairing -----------------------------------------------------
+
+    async def add_pairing_code(self, code: PairingCode) -> None:
+        row = _pairing_row(code)
+
+        def work(db: sqlite3.Connection) -> None:
+            if db.execute("SELECT 1 FROM pairing_codes WHERE id = ?", (code.id,)).fetchone() is not None:
+                raise AlreadyExists(f"pairing code {code.id!r} already exists")
+            db.execute(INSERT_PAIRING, row)
+
+        await self._write(work)
+
+    async def redeem_pairing_code(self, code_id: str, secret_hash: str, now: int,
+                                  max_attempts: int) -> PairingCode | None:
+        def work(db: sqlite3.Connection) -> PairingCode | None:
+            row = db.execute(f"{SELECT_PAIRING} WHERE id = ?", (code_id,)).fetchone()
+            if row is None:
+                return None
+            code = _pairing_record(row)
+            if code.used_at is not None or code.expires_at <= now or code.attempts >= max_attempts:
+                return None
+            if not hmac.compare_digest(code.secret_hash.encode(), secret_hash.encode()):
+                db.execute("UPDATE pairing_codes SET attempts = attempts + 1 WHERE id = ?", (code_id,))
+                return None
+            db.execute("UPDATE pairing_codes SET used_at = ? WHERE id = ?", (now, code_id))
+            code.used_at = now
+            return code
+
+        return await self._write(work)
+
+    async def delete_pairing_codes_before(self, cutoff: int) -> int:
+        def work(db: sqlite3.Connection) -> int:
+            count: int = db.execute("DELETE FROM pairing_codes WHERE expires_at < ?", (cutoff,)).rowcount
+            return count
+
+        return await self._write(work)
+
+    # ---- change feed -------------------------------------------------
+
+    async def changes_since(self, cursor: int, limit: int = 1000) -> list[Change]:
+        if limit <= 0:
+            return []
+
+        def work(db: sqlite3.Connection) -> list[Change]:
+            rows = db.execute("SELECT seq, kind, key FROM changes WHERE seq > ? ORDER BY seq LIMIT ?", (cursor, limit))
+            return [Change(seq=seq, kind=kind, key=key) for seq, kind, key in rows]
+
+        return await self._read(work)
+
+    async def last_change(self) -> int:
+        def work(db: sqlite3.Connection) -> int:
+            seq: int = db.execute("SELECT COALESCE(MAX(seq), 0) FROM changes").fetchone()[0]
+            return seq
+
+        return await self._read(work)
