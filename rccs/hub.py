@@ -136,6 +136,7 @@ class Hub:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._loops: list[asyncio.Task[None]] = []
         self._flush_lock = asyncio.Lock()
+        self._changes_applied = asyncio.Condition()
 
     # ---- lifecycle ---------------------------------------------------
 
@@ -163,6 +164,18 @@ class Hub:
         if self._tasks:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
         await self.flush(all_sessions=True)
+
+    async def settle(self) -> None:
+        """Wait for the background writes started so far, then flush (tests and shutdown use this)."""
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+        await self.flush()
+
+    async def catch_up(self) -> None:
+        """Return once every change in the store's feed so far has been applied (e.g. after a CLI command)."""
+        target = await self.store.last_change()
+        async with self._changes_applied:
+            await self._changes_applied.wait_for(lambda: self._change_cursor >= target)
 
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
         """Run background work; ``stop`` waits for it and failures are logged, never lost."""
@@ -413,13 +426,18 @@ class Hub:
             try:
                 changes = await self.store.changes_since(self._change_cursor)
                 for change in changes:
+                    try:
+                        if change.kind == CHANGE_DEVICE:
+                            await self._reload_device(change.key)
+                        elif change.kind == CHANGE_SESSION:
+                            await self._reload_session(change.key)
+                        elif change.kind == CHANGE_USER:
+                            await self._reload_user(change.key)
+                    except Exception:  # one bad change must not stall the feed for every later one
+                        log.exception("applying %s change %r from the store failed", change.kind, change.key)
                     self._change_cursor = change.seq
-                    if change.kind == CHANGE_DEVICE:
-                        await self._reload_device(change.key)
-                    elif change.kind == CHANGE_SESSION:
-                        await self._reload_session(change.key)
-                    elif change.kind == CHANGE_USER:
-                        await self._reload_user(change.key)
+                async with self._changes_applied:
+                    self._changes_applied.notify_all()
             except Exception:
                 log.exception("reading the store's change feed failed; retrying")
 

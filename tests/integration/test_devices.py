@@ -12,6 +12,7 @@ from rccs import admin, cli
 from rccs.client import Client, ClientError, ConnectionClosed, pair
 from rccs.errors import CloseCode
 from rccs.hub import now_ms
+from rccs.metrics import render
 from rccs.testing import running_server
 
 DESKTOP = {"type": "desktop", "name": "Desk", "capabilities": ["shell"]}
@@ -214,12 +215,8 @@ async def test_device_update_moves_the_routing_indexes(server, connect, desktop)
     assert message.type == "snap"
     renamed = await desktop.update_device("alice-phone", name="Old phone")
     assert renamed["name"] == "Old phone"
+    await server.hub.settle()  # the store is written behind
     stored = await server.node.store.get_device("alice-phone")
-    for _ in range(50):  # the store is written behind; wait until it has caught up
-        if stored.name == "Old phone":
-            break
-        await asyncio.sleep(0.02)
-        stored = await server.node.store.get_device("alice-phone")
     assert (stored.name, stored.capabilities) == ("Old phone", ("camera",))
 
 
@@ -270,7 +267,7 @@ async def test_revoking_a_device_mid_connection(server, connect, desktop):
 async def test_revoking_from_the_cli_while_the_server_runs(server, desktop, tmp_path):
     phone = await _pair(server, desktop)
     device_id = phone.paired["device"]
-    await server.hub.flush()
+    await server.hub.settle()
     started = time.monotonic()
     status = await asyncio.to_thread(cli.main, ["devices", "revoke", device_id,
                                                 "--data-dir", server.node.settings.data_dir])
@@ -464,3 +461,112 @@ async def test_restart_keeps_users_devices_credentials_and_resumable_sessions(tm
         again = await desktop.next_message(timeout=5)
         assert (again.seq, again.body, again.id) == (before.seq, "before restart", before.id)
         await _close_all(phone, desktop)
+
+
+async def test_cli_changes_reach_a_running_server(server, connect, desktop):
+    data_dir = server.node.settings.data_dir
+    phone = await connect("alice", "alice-phone", type="mobile", reconnect=False)
+    bob = await connect("bob", "bob-laptop", reconnect=False)
+    await server.hub.settle()
+
+    def run(*argv):
+        return asyncio.to_thread(cli.main, [*argv, "--data-dir", data_dir])
+
+    assert await run("devices", "rename", "alice-phone", "Kitchen phone") == 0
+    await asyncio.wait_for(server.hub.catch_up(), 2)  # the change feed is polled every 250 ms
+    assert {d["id"]: d["name"] for d in await desktop.devices()}["alice-phone"] == "Kitchen phone"
+
+    assert await run("sessions", "revoke", phone.session_id) == 0
+    assert (await asyncio.wait_for(phone.closed, 1.5)).code == CloseCode.REVOKED
+    # The device itself is not revoked: a new hello opens a new session, the old one cannot be resumed.
+    again = Client(server.ws_url, server.issue_token("alice", "alice-phone"), PHONE)
+    again.session_id = phone.session_id
+    welcome = await again.connect()
+    assert welcome["resumed"] is False
+    await again.close()
+
+    assert await run("users", "remove", "bob") == 0
+    assert (await asyncio.wait_for(bob.closed, 1.5)).code == CloseCode.REVOKED
+    assert server.hub.registry.get("bob-laptop").revoked_at is not None
+    assert not desktop.closed.done()
+
+
+@pytest.mark.parametrize(("hello", "close_code", "error"), [
+    ({"credential": "rccs_" + "x" * 43}, CloseCode.UNAUTHORIZED, "unauthorized"),  # unknown
+    ({"credential": "not-a-credential"}, CloseCode.UNAUTHORIZED, "unauthorized"),
+    ({"credential": 42}, CloseCode.UNAUTHORIZED, "unauthorized"),
+    ({}, CloseCode.UNAUTHORIZED, "unauthorized"),  # neither credential nor token
+    ({"token": "TOKEN", "resume": "yes"}, CloseCode.BAD_HELLO, "bad_request"),
+    ({"token": "TOKEN", "resume": {"session": "s", "last_seq": -1}}, CloseCode.BAD_HELLO, "bad_request"),
+    ({"token": "TOKEN", "resume": {"session": 7}}, CloseCode.BAD_HELLO, "bad_request"),
+    ({"token": "TOKEN", "device": {"type": "m", "metadata": [1]}}, CloseCode.BAD_HELLO, "bad_request"),
+])
+async def test_bad_hellos_are_refused_and_counted(server, hello, close_code, error):
+    if hello.get("token") == "TOKEN":
+        hello["token"] = server.issue_token("carol", "carol-phone")
+    hello.setdefault("device", {"type": "mobile"})
+    reader, writer = await open_raw(server.ws_url)
+    writer.write(masked_frame(json.dumps({"op": "hello", **hello}).encode(), 1))
+    opcode, payload = await read_frame(reader)
+    assert json.loads(payload)["code"] == error
+    opcode, payload = await read_frame(reader)
+    assert opcode == 0x8 and int.from_bytes(payload[:2], "big") == close_code
+    assert server.hub.errors_sent[error] == 1
+    assert server.hub.registry.get("carol-phone") is None  # nothing registered for a refused hello
+    writer.close()
+
+
+async def test_dev_tokens_can_be_turned_off(tmp_path):
+    async with running_server(data_dir=str(tmp_path), dev_tokens=False) as server:
+        client = Client(server.ws_url, server.issue_token("alice", "desk"), DESKTOP, reconnect=False)
+        with pytest.raises(ConnectionClosed) as refused:
+            await client.connect()
+        assert refused.value.code == CloseCode.UNAUTHORIZED
+        # Credentials still work: the CLI bootstraps a user with one, the running server learns of it.
+        await asyncio.to_thread(cli.main, ["users", "add", "alice", "--data-dir", str(tmp_path)])
+        record, credential = await admin.create_device(server.node.store, "alice", now=now_ms())
+        await server.hub.catch_up()
+        client = Client(server.ws_url, None, credential=credential, reconnect=False)
+        assert (await client.connect())["device"] == record.id
+        await client.close()
+
+
+async def test_resume_of_another_devices_session_starts_a_new_one(server, connect, desktop):
+    phone = await connect("alice", "alice-phone", type="mobile")
+    other = Client(server.ws_url, server.issue_token("alice", "alice-tablet"), {"type": "tablet"})
+    other.session_id = phone.session_id
+    welcome = await other.connect()
+    assert (welcome["resumed"], welcome["resume_error"]) == (False, "unknown_session")
+    assert welcome["session"] != phone.session_id
+    assert not phone.closed.done()
+    await other.close()
+
+
+async def test_resume_in_the_other_encoding_converts_redelivered_messages(server, connect, desktop):
+    token = server.issue_token("alice", "alice-phone")
+    phone = Client(server.ws_url, token, PHONE, encoding="json", auto_ack=False, reconnect=False)
+    await phone.connect()
+    sending = asyncio.ensure_future(desktop.send({"device": "alice-phone"}, "cmd", {"bin": b"\x01\x02"}, ack=True))
+    first = await phone.next_message(timeout=5)
+    assert first.body == {"bin": "AQI="}  # msgpack bin becomes base64 for a JSON receiver
+    await _drop(phone)
+    again = Client(server.ws_url, token, PHONE, encoding="msgpack", auto_ack=False)
+    again.session_id = phone.session_id  # last_seq 0: the client wants everything unacked again
+    await again.connect()
+    redelivered = await again.next_message(timeout=5)
+    assert (redelivered.seq, redelivered.id, redelivered.body) == (first.seq, first.id, {"bin": "AQI="})
+    await again.ack(redelivered.seq)
+    assert [r.status for r in await asyncio.wait_for(sending, 5)] == ["delivered"]
+    await again.close()
+
+
+async def test_session_metrics(server, connect, desktop):
+    phone = await connect("alice", "alice-phone", type="mobile")
+    await asyncio.gather(desktop.send({"device": "alice-phone"}, "n", 1), phone.next_message(timeout=5))
+    text = render(server.node.registry)
+    lines = dict(line.rsplit(" ", 1) for line in text.decode().splitlines() if line and not line.startswith("#"))
+    assert float(lines['rccs_sessions{state="connected"}']) == 2
+    assert float(lines['rccs_session_messages_total{direction="in"}']) == 3  # two hellos, one send
+    assert float(lines['rccs_session_bytes_total{direction="out"}']) > 0
+    assert float(lines['rccs_events_total{event="session_opened"}']) == 2
+    assert float(lines["rccs_devices_registered"]) == 2
