@@ -453,7 +453,7 @@ async def test_restart_keeps_users_devices_credentials_and_resumable_sessions(tm
         await phone.connect()
         devices = {d["id"]: d for d in await phone.devices()}
         assert devices[phone_id]["metadata"] == {"theme": "dark"}
-        assert devices["desk"]["status"] == "offline"
+        assert devices["desk"]["status"] == "offline" and devices["desk"]["last_seen"] > 0
         desktop = Client(server.ws_url, server.issue_token("alice", "desk"), DESKTOP, auto_ack=False)
         desktop.session_id, desktop.last_seq = desktop_session, 0
         welcome = await desktop.connect()
@@ -570,3 +570,15 @@ async def test_session_metrics(server, connect, desktop):
     assert float(lines['rccs_session_bytes_total{direction="out"}']) > 0
     assert float(lines['rccs_events_total{event="session_opened"}']) == 2
     assert float(lines["rccs_devices_registered"]) == 2
+
+
+async def test_first_device_of_a_new_user_bootstrapped_from_the_cli(server, capsys):
+    data_dir = server.node.settings.data_dir
+    assert await asyncio.to_thread(cli.main, ["users", "add", "dora", "--data-dir", data_dir]) == 0
+    printed = capsys.readouterr().out
+    code = next(line.split(":", 1)[1].strip() for line in printed.splitlines() if line.startswith("pairing code:"))
+    await server.hub.catch_up()
+    laptop = await pair(server.ws_url, code, {"type": "desktop", "name": "Dora's laptop"})
+    assert laptop.paired["user"] == "dora"
+    assert [d["name"] for d in await laptop.devices()] == ["Dora's laptop"]
+    await laptop.close()
