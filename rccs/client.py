@@ -544,7 +544,7 @@ async def pair(url: str, code: str, device: Mapping[str, Any], **options: Any) -
     """Join a user as a new device with a pairing code; returns the connected client.
 
     ``client.credential`` (and ``client.paired``) hold the new device's credential: store it, it is
-    shown once. Raises ClientError (``invalid_code``, ``rate_limited``) or ConnectionClosed (denied).
+    shown once. Raises ClientError: ``invalid_code``, ``rate_limited``, ``forbidden`` (denied).
     Waits as long as the issuing device takes to approve, if approval is needed.
     """
     client = Client(url, None, device, pairing_code=code, **options)

@@ -50,6 +50,7 @@ log = logging.getLogger("rccs.hub")
 FLUSH_INTERVAL = 1.0
 COUNTER_FLUSH_EVERY = 5  # flush intervals between writes of session counters
 CHANGE_POLL_INTERVAL = 0.25  # revocations made by the CLI reach live connections within this (plus a flush)
+FLUSH_SLICE = 500  # sessions snapshotted per event-loop turn when flushing
 CLEANUP_EVERY = 60  # flush intervals between deletions of stale sessions and pairing codes
 STATUS_REVOKED = "revoked"  # presence value announced once when a device is revoked
 
@@ -67,6 +68,7 @@ class PairingRequest:
     session: Session
     fields: dict[str, Any]
     expires_at: int
+    redeem: dict[str, Any]  # the pair.redeem envelope: its id is echoed in the answers
     timer: asyncio.TimerHandle | None = None
 
 
@@ -319,13 +321,14 @@ class Hub:
         record.revoked_at = now
         record.credential_hash = None
         self.registry.put(record)
+        # Announced before the close, so the user's devices hear "revoked" and not a plain "offline".
+        self.set_presence(record.user, device_id, STATUS_REVOKED, now)
         live: Session | None = self.routing.get(record.user, device_id)  # type: ignore[assignment]
         if live is not None:
             live.revoked = True
             live.close(CloseCode.REVOKED, "device revoked")
         for session_id in [sid for sid, rec in self.detached.items() if rec.device == device_id]:
             self.end_detached(session_id, ReceiptReason.DISCONNECTED)
-        self.set_presence(record.user, device_id, STATUS_REVOKED, now)
         self.events["device_revoked"] += 1
         if write:
             self.spawn(self.store.revoke_device(device_id, now))
@@ -366,19 +369,22 @@ class Hub:
             if all_sessions:
                 ids.update(self.live)
                 ids.update(self.detached)
-            records = []
-            for session_id in ids:
-                live = self.live.get(session_id)
-                if live is not None:
-                    records.append(live.snapshot(with_pending=False))
-                elif session_id in self.detached:
-                    records.append(self.detached[session_id])
             presence = [(device, status, seen) for device, (status, seen) in self._presence_writes.items()]
             self._presence_writes.clear()
-            if records:
-                await self.store.put_sessions(records)
             if presence:
                 await self.store.update_presence(presence)
+            # Snapshots are built on the loop: in slices, so 20,000 sessions never stall routing for long.
+            ordered = list(ids)
+            for start in range(0, len(ordered), FLUSH_SLICE):
+                records = []
+                for session_id in ordered[start:start + FLUSH_SLICE]:
+                    live = self.live.get(session_id)
+                    if live is not None:
+                        records.append(live.snapshot(with_pending=False))
+                    elif session_id in self.detached:
+                        records.append(self.detached[session_id])
+                if records:
+                    await self.store.put_sessions(records)
 
     def _write_records(self, records: list[SessionRecord]) -> None:
         self.spawn(self.store.put_sessions(records))
@@ -390,7 +396,7 @@ class Hub:
             ticks += 1
             try:
                 now = now_ms()
-                self._expire_sessions(now)
+                self.expire_sessions(now)
                 self._expire_detached(now)
                 if ticks % COUNTER_FLUSH_EVERY == 0:
                     for session in self.live.values():
@@ -403,7 +409,7 @@ class Hub:
             except Exception:
                 log.exception("session maintenance failed; retrying next interval")
 
-    def _expire_sessions(self, now: int) -> None:
+    def expire_sessions(self, now: int) -> None:
         expiries = self._expiries
         while expiries and expiries[0][0] <= now:
             _, session_id = heapq.heappop(expiries)

@@ -92,19 +92,21 @@ def op_approve(session: Session, header: dict[str, Any]) -> None:
     request = _request(session, header)
     _forget(session.hub, request)
     session.reply(header, {"op": "ok"})
-    session.hub.spawn(_complete(request.session, request.user, request.fields, {}, session.device))
+    session.hub.spawn(_complete(request.session, request.user, request.fields, request.redeem, session.device))
 
 
 def op_deny(session: Session, header: dict[str, Any]) -> None:
     request = _request(session, header)
     session.reply(header, {"op": "ok"})
-    deny(session.hub, request, "pairing denied")
+    deny(session.hub, request, "pairing denied", "denied")
 
 
-def deny(hub: Hub, request: PairingRequest, reason: str) -> None:
+def deny(hub: Hub, request: PairingRequest, reason: str, why: str) -> None:
+    """Refuse the waiting device; the user's devices learn that the request is gone (``why``)."""
     _forget(hub, request)
     hub.events["pairing_denied"] += 1
-    request.session.send_error(ErrorCode.FORBIDDEN, reason)
+    _notify_user(hub, request.user, {"op": "pair.withdrawn", "request": request.id, "reason": why})
+    request.session.send_error(ErrorCode.FORBIDDEN, reason, request.redeem.get("id"))
     request.session.close(CloseCode.FORBIDDEN, reason)
 
 
@@ -119,7 +121,7 @@ def abandon(session: Session) -> None:
     hub = session.hub
     for request in [r for r in hub.pair_requests.values() if r.session is session]:
         _forget(hub, request)
-        _notify_user(hub, request.user, {"op": "pair.withdrawn", "request": request.id})
+        _notify_user(hub, request.user, {"op": "pair.withdrawn", "request": request.id, "reason": "left"})
 
 
 # ---- the new device's side ---------------------------------------------
@@ -172,9 +174,9 @@ async def _redeem(session: Session, header: dict[str, Any], code_id: str, code_h
         await _complete(session, code.user, fields, header, code.issuer_device)
         return
     request = PairingRequest(id=secrets.token_urlsafe(9), user=code.user, session=session, fields=fields,
-                             expires_at=now + int(settings.pairing_code_ttl * 1000))
+                             expires_at=now + int(settings.pairing_code_ttl * 1000), redeem=header)
     request.timer = asyncio.get_running_loop().call_later(
-        settings.pairing_code_ttl, deny, hub, request, "pairing not approved in time"
+        settings.pairing_code_ttl, deny, hub, request, "pairing not approved in time", "expired"
     )
     hub.pair_requests[request.id] = request
     session.reply(header, {"op": "pair.pending", "request": request.id, "expires_at": request.expires_at})

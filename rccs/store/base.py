@@ -179,7 +179,8 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def put_sessions(self, sessions: Sequence[SessionRecord]) -> None:
         """Insert or replace sessions, in one transaction. A revoked session stays revoked (its
-        ``revoked_at`` is kept even if the record given has None). No change is appended."""
+        ``revoked_at`` is kept even if the record given has None). Sessions of a revoked device are
+        skipped (a removed user's sessions must not come back from a late write). No change is appended."""
 
     @abc.abstractmethod
     async def get_session(self, session_id: str) -> SessionRecord | None: ...

@@ -196,6 +196,9 @@ class MemoryStore(Store):
         # Copied before anything is stored: a failure part-way must not leave half a batch.
         incoming = [_session_in(session) for session in sessions]
         for stored in incoming:
+            device = self._devices.get(stored.device)
+            if device is not None and device.revoked_at is not None:
+                continue
             existing = self._sessions.get(stored.id)
             if existing is not None and existing.revoked_at is not None:
                 stored.revoked_at = existing.revoked_at

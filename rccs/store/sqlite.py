@@ -303,9 +303,12 @@ class SqliteStore(Store):
         self._executor = executor
         try:
             await self._submit(self._connect)
-        except BaseException:
+        except BaseException as exc:
             self._executor = None
-            executor.shutdown(wait=False)
+            executor.submit(self._disconnect)  # a cancelled _connect may still succeed: close what it opens
+            # After a failure the worker is idle and joining it is immediate; after a cancellation
+            # _connect may still be waiting for another process's lock, which the loop must not wait for.
+            executor.shutdown(wait=not isinstance(exc, asyncio.CancelledError))
             raise
 
     async def close(self) -> None:
@@ -315,8 +318,10 @@ class SqliteStore(Store):
         self._executor = None  # later calls fail at once; those already queued still run first
         try:
             await asyncio.get_running_loop().run_in_executor(executor, self._disconnect)
-        finally:
-            executor.shutdown(wait=True)  # the worker is idle by now: this only joins the thread
+        except BaseException:
+            executor.shutdown(wait=False)  # cancelled: the queued writes and the close still run, in the background
+            raise
+        executor.shutdown(wait=True)  # the worker is idle: this only joins its thread
 
     def _connect(self) -> None:
         directory = os.path.dirname(os.path.abspath(self.path))
@@ -522,7 +527,14 @@ class SqliteStore(Store):
             return
 
         def work(db: sqlite3.Connection) -> None:
-            db.executemany(UPSERT_SESSION, rows)
+            devices = sorted({row[2] for row in rows})
+            revoked: set[str] = set()
+            for start in range(0, len(devices), 500):  # SQLite caps the number of bound parameters
+                chunk = devices[start:start + 500]
+                marks = ",".join("?" * len(chunk))
+                revoked.update(device for (device,) in db.execute(
+                    f"SELECT id FROM devices WHERE id IN ({marks}) AND revoked_at IS NOT NULL", chunk))
+            db.executemany(UPSERT_SESSION, [row for row in rows if row[2] not in revoked])
 
         await self._write(work)
 

@@ -103,9 +103,9 @@ async def test_pairing_denied(server, desktop):
     joining = asyncio.ensure_future(pair(server.ws_url, code["code"], PHONE))
     request = await desktop.next_event("pair.request", timeout=5)
     await desktop.deny_pairing(request["request"])
-    with pytest.raises(ConnectionClosed) as refused:
+    with pytest.raises(ClientError) as refused:
         await asyncio.wait_for(joining, 5)
-    assert refused.value.code == CloseCode.FORBIDDEN
+    assert (refused.value.code, refused.value.message) == ("forbidden", "pairing denied")
     assert [d["id"] for d in await desktop.devices()] == ["alice-desktop"]
     with pytest.raises(ClientError) as unknown:
         await desktop.approve_pairing(request["request"])
@@ -256,6 +256,12 @@ async def test_revoking_a_device_mid_connection(server, connect, desktop):
         await again.connect()
     assert refused.value.code == CloseCode.UNAUTHORIZED
     assert device_id not in {d["id"] for d in await desktop.devices()}
+    heard = []
+    while not desktop.events.empty():
+        event = desktop.events.get_nowait()
+        if event["op"] == "presence" and event["device"] == device_id:
+            heard.append(event["status"])
+    assert heard == ["online", "revoked"]  # no "offline" for a device that will not come back
     _, message = await asyncio.gather(desktop.send({"device": "alice-tablet"}, "still", 1),
                                       tablet.next_message(timeout=5))
     assert message.body == 1
@@ -409,26 +415,40 @@ async def test_refresh_in_band(server, connect, desktop):
 
 
 async def test_an_expired_session_is_closed(server, desktop):
-    phone = Client(server.ws_url, server.issue_token("alice", "alice-phone", ttl_seconds=1), PHONE,
+    phone = Client(server.ws_url, server.issue_token("alice", "alice-phone", ttl_seconds=60), PHONE,
                    reconnect=False)
     await phone.connect()
+    expires_at = phone.welcome["expires_at"]
+    server.hub.expire_sessions(expires_at - 1)  # what the once-a-second sweep does, at chosen times
+    assert not phone.closed.done()
+    server.hub.expire_sessions(expires_at)
     closed = await asyncio.wait_for(phone.closed, 5)
     assert closed.code == CloseCode.SESSION_EXPIRED
     assert server.hub.events["session_expired"] == 1
+    assert not desktop.closed.done()
+
+
+async def test_the_sweep_closes_expired_sessions_on_its_own(server):
+    phone = Client(server.ws_url, server.issue_token("alice", "alice-phone", ttl_seconds=1), PHONE,
+                   reconnect=False)
+    await phone.connect()
+    assert (await asyncio.wait_for(phone.closed, 5)).code == CloseCode.SESSION_EXPIRED
 
 
 async def test_refresh_with_a_credential_extends_the_session(tmp_path):
-    async with running_server(data_dir=str(tmp_path), session_ttl=1.5) as server:
+    async with running_server(data_dir=str(tmp_path), session_ttl=60) as server:
         desktop = Client(server.ws_url, server.issue_token("alice", "desk"), DESKTOP)
         await desktop.connect()
         phone = await _pair(server, desktop, reconnect=False)
         first_expiry = phone.welcome["expires_at"]
-        await asyncio.sleep(0.5)
-        assert await phone.refresh() > first_expiry  # the client keeps its credential for this
-        await asyncio.sleep(1.5)  # time passes beyond the first expiry: only the refresh keeps it open
-        await phone.ping()
-        assert not phone.closed.done()
-        await _close_all(phone, desktop)
+        await asyncio.sleep(0.01)  # let the clock move on: the refresh must land later than the hello
+        new_expiry = await phone.refresh()  # the client keeps its credential for this
+        assert new_expiry > first_expiry
+        server.hub.expire_sessions(first_expiry)
+        await phone.ping()  # still open: the refresh moved its expiry
+        server.hub.expire_sessions(new_expiry)
+        assert (await asyncio.wait_for(phone.closed, 5)).code == CloseCode.SESSION_EXPIRED
+        await _close_all(desktop)
 
 
 # ---- restart ------------------------------------------------------------------------

@@ -1,0 +1,707 @@
+"""The Store contract (rccs/store/base.py), written once and run against every implementation.
+
+A rule in a docstring of base.py has a test here; a store passes when it passes all of them.
+SQLite-only behaviour (files, WAL, migrations, a second process) is in test_sqlite.py.
+"""
+
+import dataclasses
+
+import pytest
+
+from rccs.store import (
+    CHANGE_DEVICE,
+    CHANGE_SESSION,
+    CHANGE_USER,
+    STATUS_AWAY,
+    STATUS_OFFLINE,
+    STATUS_ONLINE,
+    AlreadyExists,
+    DeviceRecord,
+    MemoryStore,
+    PairingCode,
+    PendingMessage,
+    SessionRecord,
+    SqliteStore,
+    StoreError,
+    UserRecord,
+    open_store,
+    session_is_stale,
+)
+
+NOW = 1_700_000_000_000
+MINUTE = 60_000
+HOUR = 60 * MINUTE
+GRACE = 5 * MINUTE
+
+
+@pytest.fixture(params=["memory", "sqlite"])
+async def store(request, tmp_path):
+    # A data directory that does not exist yet: the SQLite store must create it.
+    opened = open_store(request.param, str(tmp_path / "data"))
+    await opened.open()
+    yield opened
+    await opened.close()
+
+
+def make_device(device_id, user="alice", created=NOW, **fields):
+    return DeviceRecord(id=device_id, user=user, type="desktop", created=created, **fields)
+
+
+def make_session(session_id, user="alice", device="laptop", created=NOW, expires_at=NOW + HOUR, **fields):
+    return SessionRecord(id=session_id, user=user, device=device, created=created, expires_at=expires_at, **fields)
+
+
+def make_code(code_id="ABCD", secret_hash="right", user="alice", expires_at=NOW + MINUTE, **fields):
+    fields.setdefault("issuer_device", None)
+    fields.setdefault("approve", False)
+    return PairingCode(id=code_id, secret_hash=secret_hash, user=user, created=NOW, expires_at=expires_at, **fields)
+
+
+def pending_messages():
+    return [
+        PendingMessage(seq=7, sender_user="alice", sender_device="phone", msg_id=42,
+                       frame=b"\x82\xa2op\xa3msg\x00\xff", text=False),
+        PendingMessage(seq=8, sender_user="bob", sender_device="tablet", msg_id="m-8",
+                       frame=b'{"op":"msg","body":"\xc3\xa9"}', text=True),
+    ]
+
+
+async def add_users(store, *user_ids):
+    for user_id in user_ids:
+        await store.add_user(UserRecord(id=user_id, created=NOW))
+
+
+async def new_changes(store, cursor):
+    """(kind, key) of every change after ``cursor``, oldest first."""
+    return [(change.kind, change.key) for change in await store.changes_since(cursor)]
+
+
+async def ids_of_devices(store, user_id=None, include_revoked=False):
+    return [device.id for device in await store.list_devices(user_id, include_revoked=include_revoked)]
+
+
+async def ids_of_sessions(store, user_id=None, device_id=None):
+    return [session.id for session in await store.list_sessions(user_id, device_id)]
+
+
+# ---- the factory -----------------------------------------------------------
+
+
+def test_open_store_makes_each_kind_without_opening_it(tmp_path):
+    assert isinstance(open_store("memory", str(tmp_path)), MemoryStore)
+    sqlite_store = open_store("sqlite", str(tmp_path / "data"))
+    assert isinstance(sqlite_store, SqliteStore)
+    assert sqlite_store.path == str(tmp_path / "data" / "rccs.db")
+    assert not (tmp_path / "data").exists()
+
+
+def test_open_store_refuses_an_unknown_kind_naming_the_allowed_ones(tmp_path):
+    with pytest.raises(ValueError, match="redis") as refused:
+        open_store("redis", str(tmp_path))
+    assert "sqlite" in str(refused.value)
+    assert "memory" in str(refused.value)
+
+
+# ---- users -------------------------------------------------------------------
+
+
+async def test_a_user_added_can_be_read_back(store):
+    await store.add_user(UserRecord(id="alice", created=NOW))
+    assert await store.get_user("alice") == UserRecord(id="alice", created=NOW)
+    assert await store.get_user("bob") is None
+
+
+async def test_adding_a_taken_user_id_raises_already_exists_and_keeps_the_first(store):
+    await store.add_user(UserRecord(id="alice", created=NOW))
+    cursor = await store.last_change()
+    with pytest.raises(AlreadyExists):
+        await store.add_user(UserRecord(id="alice", created=NOW + 1))
+    assert issubclass(AlreadyExists, StoreError)
+    assert await store.get_user("alice") == UserRecord(id="alice", created=NOW)
+    assert await new_changes(store, cursor) == []
+
+
+async def test_users_are_listed_by_id(store):
+    for user_id in ("carol", "alice", "bob"):
+        await store.add_user(UserRecord(id=user_id, created=NOW))
+    assert [user.id for user in await store.list_users()] == ["alice", "bob", "carol"]
+
+
+async def test_removing_an_unknown_user_returns_false_and_appends_nothing(store):
+    assert await store.remove_user("nobody", NOW) is False
+    assert await store.last_change() == 0
+
+
+async def test_removing_a_user_revokes_its_devices_and_deletes_its_sessions_and_codes(store):
+    await add_users(store, "alice", "bob")
+    await store.put_device(make_device("tablet", created=NOW - 2, credential_hash="c-tablet"))
+    await store.put_device(make_device("phone", created=NOW, credential_hash="c-phone", status=STATUS_ONLINE))
+    await store.put_device(make_device("laptop", created=NOW - 1, credential_hash="c-laptop"))
+    await store.put_device(make_device("bob-pc", user="bob", credential_hash="c-bob"))
+    await store.revoke_device("tablet", NOW - 100)
+    await store.put_sessions([
+        make_session("s-phone", device="phone"),
+        make_session("s-laptop", device="laptop", revoked_at=NOW - 5),
+        make_session("s-bob", user="bob", device="bob-pc"),
+    ])
+    await store.add_pairing_code(make_code("ALIC"))
+    await store.add_pairing_code(make_code("BOBB", user="bob"))
+    cursor = await store.last_change()
+
+    assert await store.remove_user("alice", NOW) is True
+
+    assert await store.get_user("alice") is None
+    assert await store.remove_user("alice", NOW) is False
+    assert await ids_of_devices(store, "alice") == []
+    tombstones = {device.id: device for device in await store.list_devices("alice", include_revoked=True)}
+    assert set(tombstones) == {"tablet", "laptop", "phone"}
+    assert tombstones["laptop"].revoked_at == NOW
+    assert tombstones["phone"].revoked_at == NOW
+    assert tombstones["tablet"].revoked_at == NOW - 100  # revoked before: keeps its time
+    assert all(device.credential_hash is None for device in tombstones.values())
+    assert await store.find_device_by_credential("c-phone") is None
+    assert await ids_of_sessions(store) == ["s-bob"]
+    assert await store.redeem_pairing_code("ALIC", "right", NOW, 5) is None
+    await store.add_pairing_code(make_code("ALIC"))  # the id is free again: the code was deleted
+    # Bob is untouched.
+    assert (await store.get_device("bob-pc")).revoked_at is None
+    assert (await store.redeem_pairing_code("BOBB", "right", NOW, 5)) is not None
+    # One user change, then one device change per device revoked now (in list order), none for
+    # the device revoked before, none for the deleted sessions.
+    assert await new_changes(store, cursor) == [
+        (CHANGE_USER, "alice"), (CHANGE_DEVICE, "laptop"), (CHANGE_DEVICE, "phone"),
+    ]
+
+
+async def test_device_ids_of_a_removed_user_stay_dead(store):
+    await add_users(store, "alice")
+    await store.put_device(make_device("laptop"))
+    await store.remove_user("alice", NOW)
+    with pytest.raises(StoreError):
+        await store.put_device(make_device("laptop"))  # no such user any more
+    await add_users(store, "alice")
+    with pytest.raises(StoreError):
+        await store.put_device(make_device("laptop"))  # the user is back, the device id is still revoked
+    assert (await store.get_device("laptop")).revoked_at == NOW
+
+
+# ---- devices -------------------------------------------------------------------
+
+
+async def test_a_device_round_trips_every_field(store):
+    await add_users(store, "alice")
+    device = DeviceRecord(
+        id="laptop", user="alice", type="desktop", name="Work laptop ✓", platform="linux", version="1.2.3",
+        capabilities=("shell", "notifications"), metadata={"screen": {"w": 2560, "h": 1440}, "tags": ["a", 1.5],
+                                                           "dark": True, "none": None},
+        created=NOW, last_seen=NOW + 5, status=STATUS_AWAY, credential_hash="ab" * 32, revoked_at=None,
+    )
+    await store.put_device(device)
+    assert await store.get_device("laptop") == device
+    assert await store.get_device("unknown") is None
+
+
+async def test_a_device_put_as_a_list_of_capabilities_comes_back_as_a_tuple(store):
+    await add_users(store, "alice")
+    await store.put_device(make_device("laptop", capabilities=["shell", "files"]))
+    assert (await store.get_device("laptop")).capabilities == ("shell", "files")
+
+
+async def test_a_device_of_an_unknown_user_is_refused(store):
+    with pytest.raises(StoreError, match="nobody"):
+        await store.put_device(make_device("laptop", user="nobody"))
+    assert await store.get_device("laptop") is None
+    assert await store.last_change() == 0
+
+
+async def test_putting_a_device_again_replaces_it_and_appends_a_change_each_time(store):
+    await add_users(store, "alice")
+    cursor = await store.last_change()
+    await store.put_device(make_device("laptop", name="Old", credential_hash="c-old"))
+    await store.put_device(make_device("laptop", name="New", credential_hash="c-new"))
+    assert (await store.get_device("laptop")).name == "New"
+    assert await ids_of_devices(store) == ["laptop"]
+    assert await store.find_device_by_credential("c-old") is None
+    assert (await store.find_device_by_credential("c-new")).id == "laptop"
+    assert await new_changes(store, cursor) == [(CHANGE_DEVICE, "laptop"), (CHANGE_DEVICE, "laptop")]
+
+
+async def test_a_revoked_device_cannot_be_replaced(store):
+    await add_users(store, "alice")
+    await store.put_device(make_device("laptop", name="Old"))
+    await store.revoke_device("laptop", NOW)
+    cursor = await store.last_change()
+    with pytest.raises(StoreError, match="revoked"):
+        await store.put_device(make_device("laptop", name="New"))
+    stored = await store.get_device("laptop")
+    assert (stored.name, stored.revoked_at) == ("Old", NOW)
+    assert await new_changes(store, cursor) == []
+
+
+async def test_a_credential_cannot_belong_to_two_devices(store):
+    await add_users(store, "alice")
+    await store.put_device(make_device("laptop", credential_hash="shared"))
+    with pytest.raises(StoreError):
+        await store.put_device(make_device("phone", credential_hash="shared"))
+    assert await store.get_device("phone") is None
+    assert (await store.find_device_by_credential("shared")).id == "laptop"
+
+
+async def test_device_metadata_that_is_not_json_is_refused(store):
+    await add_users(store, "alice")
+    with pytest.raises(StoreError, match="JSON"):
+        await store.put_device(make_device("laptop", metadata={"raw": b"bytes"}))
+    with pytest.raises(StoreError, match="JSON"):
+        await store.put_device(make_device("laptop", metadata={"ratio": float("nan")}))
+    assert await store.get_device("laptop") is None
+
+
+async def test_devices_are_listed_by_user_then_created_then_id(store):
+    await add_users(store, "alice", "bob")
+    await store.put_device(make_device("zeta", user="alice", created=NOW - 10))
+    await store.put_device(make_device("beta", user="bob", created=NOW - 20))
+    await store.put_device(make_device("delta", user="alice", created=NOW))
+    await store.put_device(make_device("alpha", user="alice", created=NOW))
+    await store.put_device(make_device("gone", user="alice", created=NOW - 30))
+    await store.revoke_device("gone", NOW)
+    assert await ids_of_devices(store) == ["zeta", "alpha", "delta", "beta"]
+    assert await ids_of_devices(store, include_revoked=True) == ["gone", "zeta", "alpha", "delta", "beta"]
+    assert await ids_of_devices(store, "alice") == ["zeta", "alpha", "delta"]
+    assert await ids_of_devices(store, "alice", include_revoked=True) == ["gone", "zeta", "alpha", "delta"]
+    assert await ids_of_devices(store, "bob") == ["beta"]
+    assert await ids_of_devices(store, "nobody") == []
+
+
+async def test_a_revoked_device_is_still_returned_by_id(store):
+    await add_users(store, "alice")
+    await store.put_device(make_device("laptop"))
+    await store.revoke_device("laptop", NOW)
+    assert (await store.get_device("laptop")).revoked_at == NOW
+
+
+async def test_a_device_is_found_by_its_credential_until_revoked(store):
+    await add_users(store, "alice")
+    await store.put_device(make_device("laptop", credential_hash="c-laptop"))
+    await store.put_device(make_device("phone", credential_hash="c-phone"))
+    assert (await store.find_device_by_credential("c-laptop")).id == "laptop"
+    assert (await store.find_device_by_credential("c-phone")).id == "phone"
+    assert await store.find_device_by_credential("c-unknown") is None
+    await store.revoke_device("laptop", NOW)
+    assert await store.find_device_by_credential("c-laptop") is None
+    assert (await store.find_device_by_credential("c-phone")).id == "phone"
+
+
+async def test_a_device_stored_as_revoked_is_not_found_by_its_credential(store):
+    await add_users(store, "alice")
+    await store.put_device(make_device("laptop", credential_hash="c-laptop", revoked_at=NOW))
+    assert await store.find_device_by_credential("c-laptop") is None
+
+
+async def test_revoking_a_device_drops_its_credential_and_revokes_its_live_sessions(store):
+    await add_users(store, "alice")
+    await store.put_device(make_device("laptop", credential_hash="c-laptop", status=STATUS_ONLINE, last_seen=NOW))
+    await store.put_device(make_device("phone", credential_hash="c-phone"))
+    await store.put_sessions([
+        make_session("s-2", created=NOW + 1),
+        make_session("s-1", created=NOW + 2),
+        make_session("s-old", created=NOW, revoked_at=NOW - 50),
+        make_session("s-phone", device="phone"),
+    ])
+    cursor = await store.last_change()
+
+    assert await store.revoke_device("laptop", NOW + 10) is True
+
+    device = await store.get_device("laptop")
+    assert device.revoked_at == NOW + 10
+    assert device.credential_hash is None
+    assert device.status == STATUS_OFFLINE  # presence updates skip it from now on: it must not stay online
+    assert device.last_seen == NOW
+    sessions = {session.id: session for session in await store.list_sessions()}
+    assert sessions["s-1"].revoked_at == NOW + 10
+    assert sessions["s-2"].revoked_at == NOW + 10
+    assert sessions["s-old"].revoked_at == NOW - 50
+    assert sessions["s-phone"].revoked_at is None
+    assert (await store.get_device("phone")).revoked_at is None
+    # The device change first, then one session change per session revoked now, in list order.
+    assert await new_changes(store, cursor) == [
+        (CHANGE_DEVICE, "laptop"), (CHANGE_SESSION, "s-2"), (CHANGE_SESSION, "s-1"),
+    ]
+
+
+async def test_revoking_twice_or_an_unknown_device_returns_false_and_changes_nothing(store):
+    await add_users(store, "alice")
+    await store.put_device(make_device("laptop"))
+    assert await store.revoke_device("laptop", NOW) is True
+    cursor = await store.last_change()
+    assert await store.revoke_device("laptop", NOW + 1) is False
+    assert await store.revoke_device("unknown", NOW + 1) is False
+    assert (await store.get_device("laptop")).revoked_at == NOW
+    assert await new_changes(store, cursor) == []
+
+
+async def test_presence_updates_skip_unknown_and_revoked_devices_and_append_nothing(store):
+    await add_users(store, "alice")
+    await store.put_device(make_device("laptop"))
+    await store.put_device(make_device("phone", status=STATUS_ONLINE, last_seen=NOW - 1))
+    await store.put_device(make_device("gone", last_seen=NOW - 2))
+    await store.revoke_device("gone", NOW - 1)
+    cursor = await store.last_change()
+
+    await store.update_presence([
+        ("laptop", STATUS_ONLINE, NOW + 1),
+        ("unknown", STATUS_ONLINE, NOW + 1),
+        ("gone", STATUS_ONLINE, NOW + 1),
+        ("phone", STATUS_AWAY, NOW + 2),
+        ("phone", STATUS_OFFLINE, NOW + 3),  # a later entry for the same device wins
+    ])
+    await store.update_presence([])
+
+    laptop, phone, gone = [await store.get_device(device_id) for device_id in ("laptop", "phone", "gone")]
+    assert (laptop.status, laptop.last_seen) == (STATUS_ONLINE, NOW + 1)
+    assert (phone.status, phone.last_seen) == (STATUS_OFFLINE, NOW + 3)
+    assert (gone.status, gone.last_seen) == (STATUS_OFFLINE, NOW - 2)
+    assert await store.get_device("unknown") is None
+    assert await new_changes(store, cursor) == []
+
+
+# ---- sessions ---------------------------------------------------------------------
+
+
+async def test_a_session_round_trips_every_field_including_pending_messages(store):
+    session = SessionRecord(
+        id="s-1", user="alice", device="laptop", created=NOW, expires_at=NOW + HOUR, next_seq=9,
+        last_activity=NOW + 30, connected_at=NOW + 20, disconnected_at=NOW + 10, revoked_at=None,
+        connected_ms=1234, messages_in=5, messages_out=6, bytes_in=700, bytes_out=800, pending=pending_messages(),
+    )
+    await store.put_sessions([session])
+    stored = await store.get_session("s-1")
+    assert stored == session
+    assert type(stored.pending[0].msg_id) is int
+    assert type(stored.pending[1].msg_id) is str
+    assert type(stored.pending[0].frame) is bytes
+    assert await store.get_session("unknown") is None
+
+
+async def test_a_session_without_pending_messages_comes_back_with_an_empty_list(store):
+    await store.put_sessions([make_session("s-1")])
+    assert (await store.get_session("s-1")).pending == []
+
+
+async def test_a_pending_frame_given_as_a_bytearray_comes_back_as_bytes(store):
+    frame = bytearray(b"\x01\x02")
+    message = PendingMessage(seq=1, sender_user="alice", sender_device="phone", msg_id=1, frame=frame, text=False)
+    await store.put_sessions([make_session("s-1", pending=[message])])
+    frame[0] = 0xFF
+    stored = (await store.get_session("s-1")).pending[0].frame
+    assert (type(stored), stored) == (bytes, b"\x01\x02")
+
+
+async def test_sessions_are_put_as_a_batch_and_replaced_by_id(store):
+    await store.put_sessions([make_session(f"s-{n}", messages_in=n) for n in range(100)])
+    assert len(await store.list_sessions()) == 100
+    await store.put_sessions([make_session("s-7", messages_in=70, pending=pending_messages()),
+                              make_session("s-8", messages_in=80)])
+    assert (await store.get_session("s-7")).messages_in == 70
+    assert len((await store.get_session("s-7")).pending) == 2
+    await store.put_sessions([make_session("s-7", messages_in=71)])
+    assert (await store.get_session("s-7")).pending == []  # replaced, not merged
+    assert (await store.get_session("s-8")).messages_in == 80
+    assert len(await store.list_sessions()) == 100
+    await store.put_sessions([])
+
+
+async def test_putting_sessions_appends_no_change(store):
+    await store.put_sessions([make_session("s-1"), make_session("s-2")])
+    await store.put_sessions([make_session("s-1", messages_out=3)])
+    assert await store.last_change() == 0
+
+
+async def test_a_revoked_session_stays_revoked_when_put_again(store):
+    await store.put_sessions([make_session("s-1")])
+    await store.revoke_session("s-1", NOW + 5)
+    await store.put_sessions([make_session("s-1", messages_in=3, revoked_at=None)])
+    stored = await store.get_session("s-1")
+    assert (stored.messages_in, stored.revoked_at) == (3, NOW + 5)
+    # The first revocation time wins over a later one given by the caller too.
+    await store.put_sessions([make_session("s-1", revoked_at=NOW + 9)])
+    assert (await store.get_session("s-1")).revoked_at == NOW + 5
+
+
+async def test_a_session_may_be_put_already_revoked(store):
+    await store.put_sessions([make_session("s-1", revoked_at=NOW)])
+    assert (await store.get_session("s-1")).revoked_at == NOW
+
+
+async def test_sessions_are_listed_by_user_device_created_id_and_filtered(store):
+    await store.put_sessions([
+        make_session("s-e", user="bob", device="bob-pc"),
+        make_session("s-d", user="alice", device="phone", created=NOW - 5),
+        make_session("s-c", user="alice", device="laptop", created=NOW - 1),
+        make_session("s-b", user="alice", device="laptop", created=NOW),
+        make_session("s-a", user="alice", device="laptop", created=NOW, revoked_at=NOW),
+    ])
+    assert await ids_of_sessions(store) == ["s-c", "s-a", "s-b", "s-d", "s-e"]
+    assert await ids_of_sessions(store, "alice") == ["s-c", "s-a", "s-b", "s-d"]
+    assert await ids_of_sessions(store, device_id="laptop") == ["s-c", "s-a", "s-b"]
+    assert await ids_of_sessions(store, "alice", "phone") == ["s-d"]
+    assert await ids_of_sessions(store, "bob", "phone") == []
+    assert await ids_of_sessions(store, "nobody") == []
+
+
+async def test_revoking_a_session_appends_a_change_once(store):
+    await store.put_sessions([make_session("s-1"), make_session("s-2")])
+    assert await store.revoke_session("s-1", NOW) is True
+    assert await store.revoke_session("s-1", NOW + 1) is False
+    assert await store.revoke_session("unknown", NOW) is False
+    assert (await store.get_session("s-1")).revoked_at == NOW
+    assert (await store.get_session("s-2")).revoked_at is None
+    assert await new_changes(store, 0) == [(CHANGE_SESSION, "s-1")]
+
+
+# One session per branch of session_is_stale, each just inside or just outside its limit.
+STALE_CASES = {
+    "connected-and-expired": (dict(connected_at=NOW - HOUR, expires_at=NOW - 1, revoked_at=NOW - 1), False),
+    "expired": (dict(expires_at=NOW - 1), True),
+    "expires-at-the-cutoff": (dict(expires_at=NOW), False),
+    "revoked": (dict(revoked_at=NOW - 1), True),
+    "revoked-at-the-cutoff": (dict(revoked_at=NOW), False),
+    "disconnected-past-the-grace": (dict(disconnected_at=NOW - GRACE - 1), True),
+    "disconnected-at-the-end-of-the-grace": (dict(disconnected_at=NOW - GRACE), False),
+    "never-connected": (dict(), False),
+}
+
+
+async def test_stale_sessions_are_deleted_by_the_rule_in_session_is_stale(store):
+    sessions = [make_session(name, **fields) for name, (fields, _) in STALE_CASES.items()]
+    for session in sessions:  # the cases themselves must agree with the rule
+        assert session_is_stale(session, NOW, GRACE) is STALE_CASES[session.id][1], session.id
+    await store.put_sessions(sessions)
+
+    deleted = await store.delete_stale_sessions(NOW, GRACE)
+
+    stale = sorted(name for name, (_, is_stale) in STALE_CASES.items() if is_stale)
+    kept = sorted(name for name, (_, is_stale) in STALE_CASES.items() if not is_stale)
+    assert deleted == len(stale)
+    assert sorted(await ids_of_sessions(store)) == kept
+    assert await store.delete_stale_sessions(NOW, GRACE) == 0
+    assert await store.last_change() == 0
+
+
+async def test_resetting_live_state_disconnects_everything_a_previous_run_left_connected(store):
+    await add_users(store, "alice")
+    await store.put_device(make_device("laptop", status=STATUS_ONLINE, last_seen=NOW - 3))
+    await store.put_device(make_device("phone", status=STATUS_AWAY, last_seen=NOW - 2))
+    await store.put_device(make_device("tablet", status=STATUS_OFFLINE, last_seen=NOW - 1))
+    await store.put_sessions([
+        make_session("active", connected_at=NOW - 100, last_activity=NOW - 40, connected_ms=1000),
+        make_session("silent", connected_at=NOW - 100, last_activity=0, connected_ms=7),
+        make_session("resumed", connected_at=NOW - 100, last_activity=NOW - 200, connected_ms=5),
+        make_session("detached", disconnected_at=NOW - 50, last_activity=NOW - 60, connected_ms=3),
+    ])
+    cursor = await store.last_change()
+
+    await store.reset_live_state(NOW)
+
+    for device_id, last_seen in (("laptop", NOW - 3), ("phone", NOW - 2), ("tablet", NOW - 1)):
+        device = await store.get_device(device_id)
+        assert (device.status, device.last_seen) == (STATUS_OFFLINE, last_seen), device_id
+    sessions = {session.id: session for session in await store.list_sessions()}
+    assert all(session.connected_at is None for session in sessions.values())
+    assert (sessions["active"].disconnected_at, sessions["active"].connected_ms) == (NOW - 40, 1000 + 60)
+    assert (sessions["silent"].disconnected_at, sessions["silent"].connected_ms) == (NOW, 7 + 100)
+    # Activity older than the connection (resumed, then silent) adds no negative time.
+    assert (sessions["resumed"].disconnected_at, sessions["resumed"].connected_ms) == (NOW - 200, 5)
+    assert (sessions["detached"].disconnected_at, sessions["detached"].connected_ms) == (NOW - 50, 3)
+    assert await new_changes(store, cursor) == []
+
+
+# ---- pairing codes -------------------------------------------------------------------
+
+
+async def test_a_pairing_code_id_can_be_added_once(store):
+    await store.add_pairing_code(make_code("ABCD"))
+    with pytest.raises(AlreadyExists):
+        await store.add_pairing_code(make_code("ABCD", secret_hash="other"))
+    assert await store.redeem_pairing_code("ABCD", "right", NOW, 5) is not None
+    with pytest.raises(AlreadyExists):  # a used code still holds its id
+        await store.add_pairing_code(make_code("ABCD"))
+
+
+async def test_redeeming_a_code_returns_it_marked_used_and_only_once(store):
+    code = make_code("ABCD", issuer_device="laptop", approve=True)
+    await store.add_pairing_code(code)
+    redeemed = await store.redeem_pairing_code("ABCD", "right", NOW + 1, 5)
+    assert redeemed == dataclasses.replace(code, used_at=NOW + 1)
+    assert await store.redeem_pairing_code("ABCD", "right", NOW + 2, 5) is None
+
+
+async def test_a_code_from_the_cli_round_trips_its_fields(store):
+    code = make_code("ABCD", issuer_device=None, approve=False)
+    await store.add_pairing_code(code)
+    assert await store.redeem_pairing_code("ABCD", "right", NOW, 5) == dataclasses.replace(code, used_at=NOW)
+
+
+async def test_wrong_secrets_count_attempts_up_to_the_limit(store):
+    await store.add_pairing_code(make_code("ABCD"))
+    await store.add_pairing_code(make_code("EFGH"))
+    for _ in range(2):
+        assert await store.redeem_pairing_code("ABCD", "wrong", NOW, 3) is None
+    redeemed = await store.redeem_pairing_code("ABCD", "right", NOW, 3)
+    assert (redeemed.attempts, redeemed.used_at) == (2, NOW)
+
+    for _ in range(3):
+        assert await store.redeem_pairing_code("EFGH", "wrong", NOW, 3) is None
+    assert await store.redeem_pairing_code("EFGH", "right", NOW, 3) is None  # burnt: even the right secret fails
+    # The limit is the caller's: a larger one lets the code be used again.
+    assert (await store.redeem_pairing_code("EFGH", "right", NOW, 4)).attempts == 3
+
+
+async def test_an_expired_or_unknown_code_redeems_to_none(store):
+    await store.add_pairing_code(make_code("ABCD", expires_at=NOW))
+    await store.add_pairing_code(make_code("EFGH", expires_at=NOW + 1))
+    assert await store.redeem_pairing_code("ABCD", "right", NOW, 5) is None
+    assert await store.redeem_pairing_code("EFGH", "right", NOW, 5) is not None
+    assert await store.redeem_pairing_code("ZZZZ", "right", NOW, 5) is None
+
+
+async def test_a_wrong_secret_on_a_dead_code_changes_nothing(store):
+    await store.add_pairing_code(make_code("ABCD", expires_at=NOW + 10))
+    for _ in range(3):  # expired: no attempt is counted
+        assert await store.redeem_pairing_code("ABCD", "wrong", NOW + 10, 3) is None
+    assert (await store.redeem_pairing_code("ABCD", "right", NOW, 3)).attempts == 0
+
+
+async def test_codes_expired_before_the_cutoff_are_deleted(store):
+    await store.add_pairing_code(make_code("OLD1", expires_at=NOW - 2))
+    await store.add_pairing_code(make_code("OLD2", expires_at=NOW - 1))
+    await store.add_pairing_code(make_code("EDGE", expires_at=NOW))
+    await store.add_pairing_code(make_code("NEW1", expires_at=NOW + 1))
+    assert await store.delete_pairing_codes_before(NOW) == 2
+    assert await store.delete_pairing_codes_before(NOW) == 0
+    await store.add_pairing_code(make_code("OLD1"))  # its id is free again
+    for kept in ("EDGE", "NEW1"):
+        with pytest.raises(AlreadyExists):
+            await store.add_pairing_code(make_code(kept))
+
+
+async def test_pairing_codes_append_no_change(store):
+    await store.add_pairing_code(make_code("ABCD"))
+    await store.redeem_pairing_code("ABCD", "wrong", NOW, 5)
+    await store.redeem_pairing_code("ABCD", "right", NOW, 5)
+    await store.delete_pairing_codes_before(NOW + HOUR)
+    assert await store.last_change() == 0
+
+
+# ---- change feed ----------------------------------------------------------------------
+
+
+async def test_an_empty_store_has_no_changes(store):
+    assert await store.last_change() == 0
+    assert await store.changes_since(0) == []
+
+
+async def test_changes_come_oldest_first_after_the_cursor_at_most_limit(store):
+    await add_users(store, "alice")
+    await store.put_device(make_device("laptop"))
+    await store.put_sessions([make_session("s-1")])
+    await store.revoke_session("s-1", NOW)
+    await store.revoke_device("laptop", NOW)
+    await store.remove_user("alice", NOW)
+
+    changes = await store.changes_since(0)
+    assert [(change.kind, change.key) for change in changes] == [
+        (CHANGE_USER, "alice"), (CHANGE_DEVICE, "laptop"), (CHANGE_SESSION, "s-1"),
+        (CHANGE_DEVICE, "laptop"), (CHANGE_USER, "alice"),
+    ]
+    seqs = [change.seq for change in changes]
+    assert seqs == sorted(seqs)
+    assert len(set(seqs)) == len(seqs)
+    assert seqs[0] >= 1
+    assert await store.last_change() == seqs[-1]
+
+    assert await store.changes_since(0, limit=2) == changes[:2]
+    assert await store.changes_since(seqs[1], limit=2) == changes[2:4]
+    assert await store.changes_since(seqs[3]) == changes[4:]
+    assert await store.changes_since(seqs[-1]) == []
+    assert await store.changes_since(0, limit=0) == []
+    assert await store.changes_since(0, limit=-1) == []  # SQLite would read LIMIT -1 as no limit
+
+
+async def test_a_cursor_read_once_sees_only_later_changes(store):
+    await add_users(store, "alice")
+    cursor = await store.last_change()
+    await add_users(store, "bob")
+    assert await new_changes(store, cursor) == [(CHANGE_USER, "bob")]
+    assert (await store.changes_since(cursor))[0].seq == await store.last_change()
+
+
+# ---- records are copies -------------------------------------------------------------------
+
+
+async def test_records_handed_out_are_copies(store):
+    await add_users(store, "alice")
+    await store.put_device(make_device("laptop", name="Laptop", capabilities=("shell",),
+                                       metadata={"nested": {"k": [1]}}, credential_hash="c-laptop"))
+    await store.put_sessions([make_session("s-1", pending=pending_messages())])
+    await store.add_pairing_code(make_code("ABCD"))
+
+    user = await store.get_user("alice")
+    user.created = 0
+    for device in (await store.get_device("laptop"), (await store.list_devices())[0]):
+        device.name = "changed"
+        device.metadata["nested"]["k"].append(2)
+        device.metadata["new"] = True
+    for session in (await store.get_session("s-1"), (await store.list_sessions())[0]):
+        session.messages_in = 99
+        session.pending[0].seq = 99
+        session.pending.append(session.pending[0])
+    found = await store.find_device_by_credential("c-laptop")
+    found.metadata.clear()
+    redeemed = await store.redeem_pairing_code("ABCD", "right", NOW, 5)
+    redeemed.used_at = None
+
+    assert (await store.get_user("alice")).created == NOW
+    device = await store.get_device("laptop")
+    assert (device.name, device.metadata) == ("Laptop", {"nested": {"k": [1]}})
+    session = await store.get_session("s-1")
+    assert session.messages_in == 0
+    assert session.pending == pending_messages()
+    assert await store.redeem_pairing_code("ABCD", "right", NOW, 5) is None  # still used
+
+
+async def test_records_given_to_the_store_are_copied(store):
+    user = UserRecord(id="alice", created=NOW)
+    await store.add_user(user)
+    user.created = 0
+    metadata = {"nested": {"k": [1]}}
+    device = make_device("laptop", name="Laptop", metadata=metadata, credential_hash="c-laptop")
+    await store.put_device(device)
+    device.name = "changed"
+    metadata["nested"]["k"].append(2)
+    session = make_session("s-1", pending=pending_messages())
+    await store.put_sessions([session])
+    session.messages_in = 99
+    session.pending[0].seq = 99
+    session.pending.clear()
+    code = make_code("ABCD")
+    await store.add_pairing_code(code)
+    code.secret_hash = "changed"
+
+    assert (await store.get_user("alice")).created == NOW
+    stored_device = await store.find_device_by_credential("c-laptop")
+    assert (stored_device.name, stored_device.metadata) == ("Laptop", {"nested": {"k": [1]}})
+    stored_session = await store.get_session("s-1")
+    assert (stored_session.messages_in, stored_session.pending) == (0, pending_messages())
+    assert await store.redeem_pairing_code("ABCD", "right", NOW, 5) is not None
+
+
+async def test_sessions_of_a_revoked_device_are_not_written_back(store):
+    """A hub flushing late after a user was removed must not bring the deleted sessions back."""
+    await store.add_user(UserRecord("alice", NOW))
+    await store.put_device(make_device("phone"))
+    await store.put_device(make_device("laptop"))
+    await store.put_sessions([make_session("s-phone", device="phone"), make_session("s-laptop", device="laptop")])
+    await store.remove_user("alice", NOW + 1)
+    await store.put_sessions([make_session("s-phone", device="phone", messages_in=9),
+                              make_session("s-other", user="bob", device="bob-pc")])
+    assert await ids_of_sessions(store) == ["s-other"]
