@@ -50,6 +50,10 @@ FATAL_CLOSE_CODES = frozenset({
     int(CloseCode.BAD_HELLO), int(CloseCode.UNAUTHORIZED), int(CloseCode.FORBIDDEN), int(CloseCode.REPLACED),
     int(CloseCode.REVOKED),
 })
+# Receipt statuses after which ``send(ack=True)`` stops waiting for a device: final ones, and ``queued``
+# (stored for an offline device; its final receipt arrives later on ``client.receipts``).
+SEEN_MESSAGES = 10000  # (sender, id) pairs the client remembers to drop redelivered duplicates
+SETTLED_STATUSES = frozenset({"delivered", "failed", "expired", "queued"})
 # Replies to requests, matched to the request by ``id``.
 REPLY_OPS = frozenset({"devices", "device", "ok", "sessions", "refreshed", "pair.code", "pair.pending"})
 EVENT_OPS = frozenset({"presence", "pair.request", "pair.joined", "pair.withdrawn"})
@@ -112,11 +116,14 @@ class _ReceiptWaiter:
             return
         status = envelope.get("status")
         if status == "routed":
-            self.expected = set(envelope.get("devices") or ())
+            self.expected = set(envelope.get("devices") or ()) | set(envelope.get("queued") or ())
         else:
             receipt = Receipt(envelope["id"], str(status), envelope.get("device"), envelope.get("reason"))
             self.receipts.append(receipt)
-            if receipt.device is not None and status in ("delivered", "failed"):
+            if status == "duplicate":  # an earlier send with this id was taken: nothing more comes
+                self.future.set_result(self.receipts)
+                return
+            if receipt.device is not None and status in SETTLED_STATUSES:
                 self.settled.add(receipt.device)
         if self.expected is not None and self.expected <= self.settled:
             self.future.set_result(self.receipts)
@@ -187,6 +194,8 @@ class Client:
         self.welcome: dict[str, Any] | None = None
         self.errors: asyncio.Queue[ClientError] = asyncio.Queue()
         self.events: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self.receipts: asyncio.Queue[Receipt] = asyncio.Queue()  # receipts no send() is waiting for any more
+        self._seen_messages: dict[tuple[str, str | int], None] = {}  # recent (sender, id) of ack:true messages
         self.duplicates = 0  # redelivered messages not handed to the application again
         self._requests: dict[str | int, asyncio.Future[dict[str, Any]]] = {}
         self.reconnects = 0
@@ -342,13 +351,24 @@ class Client:
         ack: bool = False,
         id: str | int | None = None,
         timeout: float | None = None,
+        ttl: float | None = None,
+        priority: int | str | None = None,
+        durable: bool = False,
     ) -> list[Receipt]:
-        """Send a message. With ``ack=True``, wait for one receipt per device it was routed to
-        (``delivered`` or ``failed``) plus failures for devices it could not reach, and return them.
+        """Send a message. With ``ack=True``, wait until every target device has a settled receipt
+        (``delivered``, ``failed``, ``expired``, or ``queued`` for an offline device: its final receipt
+        arrives later on ``client.receipts``) and return the receipts so far. ``ttl`` (seconds),
+        ``priority`` (0-4 or LOW..EMERGENCY) and ``durable`` are the delivery options of protocol.md 4.2.
         Raises ClientError if the server refuses the send, ReceiptTimeout after ``timeout``.
         """
         msg_id = self.new_id() if id is None else id
         envelope: dict[str, Any] = {"op": "send", "id": msg_id, "to": dict(to), "type": type, "body": body}
+        if ttl is not None:
+            envelope["ttl"] = ttl
+        if priority is not None:
+            envelope["priority"] = priority
+        if durable:
+            envelope["durable"] = True
         if not ack:
             await self._send_when_connected(envelope)
             return []
@@ -475,23 +495,31 @@ class Client:
         if op == "msg":
             message = Message(envelope["seq"], envelope["id"], envelope["from"], envelope["type"],
                               envelope.get("body"), envelope["ts"], bool(envelope.get("ack")))
-            if message.seq <= self.last_seq:
-                # Redelivered after a resume and already seen: ack it again (the first ack may be lost),
-                # but do not hand it to the application twice.
+            key = (message.sender, message.id)
+            if message.seq <= self.last_seq or (message.ack and key in self._seen_messages):
+                # Redelivered (after a resume, an ack timeout, or from the inbox after a reconnect) and already
+                # seen: ack it again (the first ack may be lost), but do not hand it to the application twice.
                 self.duplicates += 1
                 if self.auto_ack and message.ack:
                     with contextlib.suppress(ConnectionError):
                         self._send({"op": "ack", "seq": message.seq})
                 return
-            self.last_seq = message.seq
+            self.last_seq = max(self.last_seq, message.seq)
+            if message.ack:
+                self._seen_messages[key] = None
+                if len(self._seen_messages) > SEEN_MESSAGES:
+                    del self._seen_messages[next(iter(self._seen_messages))]
             if self.on_message is not None:
                 asyncio.get_running_loop().create_task(self._dispatch(message))
             else:
                 self._inbox.put_nowait(message)
         elif op == "receipt":
             waiter = self._waiters.get(envelope.get("id"))  # type: ignore[arg-type]
-            if waiter is not None:
+            if waiter is not None and not waiter.future.done():
                 waiter.add(envelope)
+            elif envelope.get("status") != "routed":
+                self.receipts.put_nowait(Receipt(envelope["id"], str(envelope.get("status")), envelope.get("device"),
+                                                 envelope.get("reason")))
         elif op == "welcome":
             if self._welcomed is not None and not self._welcomed.done():
                 self._welcomed.set_result(envelope)

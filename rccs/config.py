@@ -41,6 +41,15 @@ class Settings:
     pairing_attempts_per_minute: int = 10  # redemption attempts per client address
     max_metadata_bytes: int = 4096  # a device's metadata as compact JSON
     public_url: str = ""  # how devices reach this server (put into pairing URIs), e.g. wss://rccs.example.org/v1
+    inbox_max_messages: int = 10000  # per device
+    inbox_max_bytes: int = 64 * 1024 * 1024  # per device
+    inbox_overflow: str = "reject"  # "reject" (the new message fails: inbox_full) or "drop_oldest" (dropped)
+    default_ttl: float = 7 * 86400.0  # seconds an ack:true message waits in an inbox when its send names no ttl
+    max_ttl: float = 30 * 86400.0
+    ack_timeout: float = 30.0  # seconds before an unacked message is written again (doubling each time)
+    max_delivery_attempts: int = 5  # deliveries without an ack before a message becomes a dead letter
+    idempotency_window: float = 86400.0  # seconds a sender's ack:true message id is remembered
+    idempotency_cache: int = 10000  # message ids remembered per sender device
 
     def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)
@@ -122,6 +131,10 @@ def load_settings(
         raise ConfigError("setting 'store' must be 'sqlite' or 'memory'")
     if settings.session_ttl <= 0 or settings.pairing_code_ttl <= 0:
         raise ConfigError("settings 'session_ttl' and 'pairing_code_ttl' must be positive")
+    if settings.inbox_overflow not in ("reject", "drop_oldest"):
+        raise ConfigError("setting 'inbox_overflow' must be 'reject' or 'drop_oldest'")
+    if settings.ack_timeout <= 0 or settings.max_delivery_attempts < 1 or settings.max_ttl <= 0:
+        raise ConfigError("settings 'ack_timeout', 'max_delivery_attempts' and 'max_ttl' must be positive")
     if settings.pairing_max_attempts < 1 or settings.pairing_attempts_per_minute < 1:
         raise ConfigError("settings 'pairing_max_attempts' and 'pairing_attempts_per_minute' must be at least 1")
     return settings

@@ -20,6 +20,7 @@ class ErrorCode(StrEnum):
     RATE_LIMITED = "rate_limited"  # too many attempts (pairing redemption); see retry_after
     INVALID_CODE = "invalid_code"  # a pairing code that is wrong, expired, used or burnt (one answer for all)
     REVOKED = "revoked"  # the credential, token or session belongs to a revoked device or session
+    DUPLICATE_ID = "duplicate_id"  # an ack:true send reuses a recent message id with a different body
     OVERLOADED = "overloaded"  # reserved: the server sheds load
     NO_ROUTE = "no_route"  # a send without ack reached no device
     UNCONVERTIBLE = "unconvertible"  # a JSON body that msgpack cannot carry
@@ -52,6 +53,10 @@ class ReceiptReason(StrEnum):
     NO_ROUTE = "no_route"  # the selector matched no online device
     DISCONNECTED = "disconnected"  # the device disconnected before it acked
     UNCONVERTIBLE = "unconvertible"  # the body cannot be expressed in the receiver's encoding
+    INBOX_FULL = "inbox_full"  # the offline device's inbox is full (overflow policy reject)
+    DROPPED = "dropped"  # removed from a full inbox for a newer message (overflow policy drop_oldest)
+    UNDELIVERABLE = "undeliverable"  # delivered max_delivery_attempts times without an ack: a dead letter now
+    REVOKED = "revoked"  # the target device was revoked before it acked
 
 
 class ProtocolError(Exception):

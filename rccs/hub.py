@@ -30,6 +30,7 @@ from ._fastpath import routing as fast_routing
 from .auth import TokenAuthority
 from .config import Settings
 from .errors import CloseCode, ReceiptReason
+from .inbox import Deliveries, queued_from_frame
 from .registry import Registry
 from .store import (
     CHANGE_DEVICE,
@@ -121,6 +122,7 @@ class Hub:
         self.presence: dict[str, str] = {}  # device id -> online/away (absent: offline)
         self.pair_requests: dict[str, PairingRequest] = {}
         self.pair_limiter = AddressLimiter(settings.pairing_attempts_per_minute)
+        self.deliveries = Deliveries(self)
         self.errors_sent: Counter[str] = Counter()
         self.closes_sent: Counter[int] = Counter()
         self.events: Counter[str] = Counter()  # sessions opened/resumed, pairings, revocations, ...
@@ -163,13 +165,17 @@ class Hub:
         for task in self._loops:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        if self._tasks:
+        while self._tasks:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
+        await self.deliveries.flush()
         await self.flush(all_sessions=True)
 
     async def settle(self) -> None:
         """Wait for the background writes started so far, then flush (tests and shutdown use this)."""
-        while self._tasks:
+        while True:
+            await self.deliveries.flush()
+            if not self._tasks:
+                break
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
         await self.flush()
 
@@ -242,13 +248,30 @@ class Hub:
     def online(self, user: str, device: str) -> Session | None:
         return self.routing.get(user, device)  # type: ignore[return-value]
 
+    def now(self) -> int:
+        return now_ms()
+
     def send_receipt(self, user: str, device: str, receipt: dict[str, Any]) -> None:
-        """Give a receipt to the sender device if it is online (v1 keeps no offline receipts)."""
+        """Give a receipt to the sender device now, or keep it until the device connects."""
         target = self.online(user, device)
         if target is None:
-            self.receipts_undeliverable += 1
+            self.receipts_undeliverable += 1  # counted: not delivered at once (kept in the store)
+            self.deliveries.send_receipt(user, device, receipt)
             return
         target.send_control(receipt)
+
+    def requeue(self, record: SessionRecord, reason: ReceiptReason | None) -> None:
+        """A session ends with unacked messages: they go to the device's inbox (or fail with ``reason``)."""
+        expires_at = now_ms() + int(self.settings.default_ttl * 1000)
+        for pending in record.pending:
+            message = None if reason is not None else queued_from_frame(
+                pending.frame, pending.text, record.device, record.user, expires_at)
+            if message is None:
+                self.send_receipt(pending.sender_user, pending.sender_device, {
+                    "op": "receipt", "id": pending.msg_id, "status": "failed", "device": record.device,
+                    "reason": (reason or ReceiptReason.UNCONVERTIBLE).value})
+            else:
+                self.deliveries.enqueue(message, "queued")
 
     def fail_pending(self, device: str | None, pending: list[PendingMessage] | dict[int, Any],
                      reason: ReceiptReason) -> None:
@@ -289,16 +312,17 @@ class Hub:
             return "unknown_session"  # another device's session id is not confirmed to exist
         del self.detached[session_id]
         if record.expires_at <= now:
-            self.fail_pending(record.device, record.pending, ReceiptReason.DISCONNECTED)
+            self.requeue(record, None)
             record.pending = []
             self.dirty(record.id)
             return "expired"
         return record
 
-    def end_detached(self, session_id: str, reason: ReceiptReason) -> None:
+    def end_detached(self, session_id: str, reason: ReceiptReason | None) -> None:
+        """A resumable session ends: its unacked messages go to the inbox (or fail with ``reason``)."""
         record = self.detached.pop(session_id, None)
         if record is not None:
-            self.fail_pending(record.device, record.pending, reason)
+            self.requeue(record, reason)
             record.pending = []
             self._write_records([record])
 
@@ -308,7 +332,7 @@ class Hub:
         if live is not None:
             live.revoked = True
             live.close(CloseCode.REVOKED, "session revoked")
-        self.end_detached(session_id, ReceiptReason.DISCONNECTED)
+        self.end_detached(session_id, None)
         self.events["session_revoked"] += 1
         self.spawn(self.store.revoke_session(session_id, now))
 
@@ -328,7 +352,8 @@ class Hub:
             live.revoked = True
             live.close(CloseCode.REVOKED, "device revoked")
         for session_id in [sid for sid, rec in self.detached.items() if rec.device == device_id]:
-            self.end_detached(session_id, ReceiptReason.DISCONNECTED)
+            self.end_detached(session_id, ReceiptReason.REVOKED)
+        self.spawn(self.deliveries.fail_inbox(device_id, ReceiptReason.REVOKED))
         self.events["device_revoked"] += 1
         if write:
             self.spawn(self.store.revoke_device(device_id, now))
@@ -398,6 +423,8 @@ class Hub:
                 now = now_ms()
                 self.expire_sessions(now)
                 self._expire_detached(now)
+                self.deliveries.retry_due(now)
+                await self.deliveries.expire(now)
                 if ticks % COUNTER_FLUSH_EVERY == 0:
                     for session in self.live.values():
                         if session.counters_changed():
@@ -424,7 +451,7 @@ class Hub:
         stale = [sid for sid, rec in self.detached.items()
                  if (rec.disconnected_at or 0) + grace_ms < now or rec.expires_at <= now]
         for session_id in stale:
-            self.end_detached(session_id, ReceiptReason.DISCONNECTED)
+            self.end_detached(session_id, None)
 
     async def _watch_changes(self) -> None:
         while True:
@@ -469,7 +496,7 @@ class Hub:
             if live is not None:
                 live.revoked = True
                 live.close(CloseCode.REVOKED, "session revoked")
-            self.end_detached(session_id, ReceiptReason.DISCONNECTED)
+            self.end_detached(session_id, None)
 
     async def _reload_user(self, user_id: str) -> None:
         if await self.store.get_user(user_id) is None:

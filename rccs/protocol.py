@@ -255,3 +255,28 @@ def convert_frame(frame: bytes, text: bool) -> bytes:
     if text:
         return json_value_to_msgpack(json_loads(frame))
     return json_dumps(to_json_value(msgpack.unpackb(frame, raw=False, strict_map_key=False)))
+
+
+PRIORITIES = {"LOW": 0, "NORMAL": 1, "HIGH": 2, "URGENT": 3, "EMERGENCY": 4}
+
+
+def parse_delivery_options(header: dict[str, Any], default_ttl: float, max_ttl: float) -> tuple[float, int, bool]:
+    """(ttl seconds, priority 0..4, durable) of a send."""
+    ttl = header.get("ttl", default_ttl)
+    if isinstance(ttl, bool) or not isinstance(ttl, int | float) or not math.isfinite(ttl) or ttl <= 0:
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "'ttl' must be a positive number of seconds")
+    if ttl > max_ttl:
+        raise ProtocolError(ErrorCode.TOO_LARGE, f"'ttl' is longer than the server's max_ttl ({max_ttl:g} s)")
+    priority = header.get("priority", PRIORITIES["NORMAL"])
+    if isinstance(priority, str):
+        if priority.upper() not in PRIORITIES:
+            raise ProtocolError(ErrorCode.BAD_REQUEST, f"'priority' must be 0..4 or one of {', '.join(PRIORITIES)}")
+        priority = PRIORITIES[priority.upper()]
+    elif isinstance(priority, bool) or not isinstance(priority, int) or not 0 <= priority <= 4:
+        raise ProtocolError(ErrorCode.BAD_REQUEST, f"'priority' must be 0..4 or one of {', '.join(PRIORITIES)}")
+    durable = header.get("durable", False)
+    if not isinstance(durable, bool):
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "'durable' must be a boolean")
+    if durable and header.get("ack") is not True:
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "'durable' needs 'ack': true (receipts say what happened)")
+    return float(ttl), priority, durable

@@ -52,10 +52,12 @@ from .protocol import (
     json_loads,
     json_value_to_msgpack,
     msgpack_body_to_json_value,
+    parse_delivery_options,
     parse_device_fields,
     parse_selector,
 )
 from .store import STATUS_OFFLINE, STATUS_ONLINE, DeviceRecord, PendingMessage, SessionRecord
+from .store.base import QueuedMessage
 
 if TYPE_CHECKING:
     from .hub import Hub
@@ -157,8 +159,9 @@ class Session:
     """Protocol state of one connection. All methods run on the event loop thread."""
 
     __slots__ = ("__weakref__", "base_counters", "connected_at", "connected_ms", "created", "device", "encoding",
-                 "ended", "expired", "expires_at", "flushed_total", "hub", "id", "last_activity", "moved",
-                 "next_seq", "peer_said_goodbye", "pending", "revoked", "sink", "state", "user")
+                 "ended", "expired", "expires_at", "flushed_total", "hub", "id", "inbox_ids", "inbox_loaded",
+                 "inbox_more", "last_activity", "moved", "next_seq", "peer_said_goodbye", "pending", "retry",
+                 "revoked", "sink", "state", "user")
 
     def __init__(self, hub: Hub, sink: Sink):
         self.hub = hub
@@ -183,6 +186,12 @@ class Session:
         self.expired = False
         self.ended = False  # replaced by a new session of the same device
         self.moved = False  # resumed on a newer connection, which now owns the session
+        # Durable delivery: seq -> inbox id of messages written from the inbox (None until one is);
+        # seq -> [deadline ms, attempts] of unacked messages (None until the first redelivery sweep).
+        self.inbox_ids: dict[int, int] | None = None
+        self.retry: dict[int, list[int]] | None = None
+        self.inbox_loaded = False  # the inbox was read after welcome: new inbox messages go out at once
+        self.inbox_more = False  # the inbox held more than one page
         hub.attach(self)
 
     # ---- output -------------------------------------------------------
@@ -292,6 +301,9 @@ class Session:
         else:
             extra = {"retry_after": exc.retry_after} if exc.retry_after is not None else {}
             self.send_error(exc.code, exc.message, None if header is None else header.get("id"), **extra)
+
+    def state_is_open(self) -> bool:
+        return self.state == OPEN
 
     def on_peer_close(self, code: int) -> None:
         """The device sent a close frame; 1000 means it is done with this session."""
@@ -431,6 +443,7 @@ class Session:
             # After the welcome: closing it fails its unacked messages, and those receipts may be ours.
             previous.close(CloseCode.REPLACED, "replaced by a newer connection of this device")
         hub.set_presence(self.user, self.device, STATUS_ONLINE, now)
+        hub.spawn(hub.deliveries.on_online(self))
         log.debug("device %s of user %s connected from %s (session %s%s)", self.device, self.user,
                   self.sink.peer, self.id, ", resumed" if resumed_from else "")
 
@@ -473,8 +486,10 @@ class Session:
     def snapshot(self, with_pending: bool) -> SessionRecord:
         assert self.user is not None and self.device is not None
         messages_in, messages_out, bytes_in, bytes_out = self.counters()
+        from_inbox = self.inbox_ids or {}
+        # Messages that came from the inbox stay there until acked: they are not part of the session.
         pending = [PendingMessage(seq, entry[0], entry[1], entry[2], entry[3], entry[4])
-                   for seq, entry in self.pending.items()] if with_pending else []
+                   for seq, entry in self.pending.items() if seq not in from_inbox] if with_pending else []
         return SessionRecord(
             id=self.id, user=self.user, device=self.device, created=self.created, expires_at=self.expires_at,
             next_seq=self.next_seq, last_activity=self.last_activity,
@@ -498,8 +513,10 @@ class Session:
             ack = header.get("ack", False)
             if not isinstance(ack, bool):
                 raise ProtocolError(ErrorCode.BAD_REQUEST, "'ack' must be a boolean")
+            settings = self.hub.settings
+            ttl, priority, durable = parse_delivery_options(header, settings.default_ttl, settings.max_ttl)
             selector = parse_selector(header.get("to"))
-            targets, failures = self._resolve(selector)
+            targets, failures, offline = self._resolve(selector, ack)
         except ProtocolError:
             stats.record_route(_RESULT_REJECTED, time.perf_counter_ns() - started)
             raise
@@ -509,6 +526,18 @@ class Session:
         else:
             raw = payload[body_start:body_end] if body_start >= 0 else NIL
             outgoing = _Outgoing(msg_id, self.device, app_type, ack, raw, None, False)
+        if ack:
+            body_key = json_dumps(outgoing.body_json) if is_text else outgoing.body_raw
+            repeated = self.hub.deliveries.first_time(self.device, msg_id, body_key or b"", now_ms())
+            if repeated is not None:
+                stats.record_route(_RESULT_REJECTED, time.perf_counter_ns() - started)
+                self.on_repeated_send(msg_id, repeated)
+                return
+            if durable:
+                offline = offline + [self.hub.registry.devices[t.device] for t in targets]  # type: ignore[index]
+                targets = []
+            if offline:
+                self._enqueue(outgoing, offline, ttl, priority, "accepted" if durable else "queued", failures)
         delivered: list[str] = []
         for target in targets:
             try:
@@ -520,7 +549,7 @@ class Session:
             else:
                 delivered.append(target.device)  # type: ignore[arg-type]
         stats.count_frames(1, len(delivered))
-        if delivered:
+        if delivered or offline:
             result = _RESULT_ROUTED
         elif failures and all(reason == ReceiptReason.OFFLINE for _, reason in failures):
             result = _RESULT_OFFLINE
@@ -533,7 +562,10 @@ class Session:
                 if device is not None:
                     receipt["device"] = device
                 self.send_control(receipt)
-            self.send_control({"op": "receipt", "id": msg_id, "status": "routed", "devices": delivered})
+            routed: dict[str, Any] = {"op": "receipt", "id": msg_id, "status": "routed", "devices": delivered}
+            if offline:
+                routed["queued"] = [device.id for device in offline]
+            self.send_control(routed)
         elif not delivered:
             if failures and all(reason == ReceiptReason.UNCONVERTIBLE for _, reason in failures):
                 raise ProtocolError(ErrorCode.UNCONVERTIBLE, "the body cannot be converted for any receiver")
@@ -549,12 +581,85 @@ class Session:
         if ack:
             self.pending[seq] = (sender_user, sender_device, msg_id, frame, False)
 
-    def _resolve(self, selector: Any) -> tuple[list[Session], list[tuple[str | None, ReceiptReason]]]:
-        """Receivers of a selector and the devices it could not reach, with why."""
+    def _enqueue(self, outgoing: _Outgoing, devices: list[DeviceRecord], ttl: float, priority: int, status: str,
+                 failures: list[tuple[str | None, ReceiptReason]]) -> None:
+        """Keep the message in these devices' inboxes; receipts follow once it is committed."""
+        assert self.user is not None and self.device is not None
+        try:
+            body = outgoing.body_raw if outgoing.body_raw is not None else json_value_to_msgpack(outgoing.body_json)
+        except ProtocolError:
+            failures.extend((device.id, ReceiptReason.UNCONVERTIBLE) for device in devices)
+            return
+        expires_at = outgoing.ts + int(ttl * 1000)
+        for device in devices:
+            self.hub.deliveries.enqueue(QueuedMessage(
+                device=device.id, user=self.user, sender_device=self.device, msg_id=outgoing.msg_id,
+                type=outgoing.app_type, body=body, ts=outgoing.ts, priority=priority, expires_at=expires_at,
+                receipt=True), status)
+
+    def on_repeated_send(self, msg_id: str | int, repeated: str) -> None:
+        """An ack:true send whose id was used recently: never delivered twice."""
+        if repeated == "duplicate":
+            self.send_control({"op": "receipt", "id": msg_id, "status": "duplicate"})
+        else:
+            self.send_error(ErrorCode.DUPLICATE_ID, "this message id was used for a different message recently",
+                            msg_id)
+
+    def deliver_queued(self, message: QueuedMessage) -> int | None:
+        """Write an inbox message (acks required) with this session's next seq; returns the seq."""
+        outgoing = _Outgoing(message.msg_id, message.sender_device, message.type, True, message.body, None, False)
+        outgoing.ts = message.ts
+        try:
+            self.deliver(outgoing, message.user)
+        except ProtocolError:
+            return None
+        seq = self.next_seq - 1
+        if self.inbox_ids is None:
+            self.inbox_ids = {}
+        self.inbox_ids[seq] = message.id
+        return seq
+
+    def retry_due(self, now: int, deliveries: Any) -> None:
+        """Write again what waited for an ack past its deadline; too many attempts make a dead letter."""
+        if self.retry is None:
+            self.retry = {}
+        retry = self.retry
+        for seq in [seq for seq in retry if seq not in self.pending]:
+            del retry[seq]
+        for seq, entry in list(self.pending.items()):
+            state = retry.get(seq)
+            if state is None:
+                retry[seq] = [now + int(deliveries.backoff(1) * 1000), 1]
+                continue
+            if now < state[0]:
+                continue
+            inbox_id = self.inbox_ids.get(seq) if self.inbox_ids else None
+            attempts = state[1] + 1
+            if attempts > self.hub.settings.max_delivery_attempts:
+                del self.pending[seq]
+                del retry[seq]
+                if inbox_id is not None:
+                    del self.inbox_ids[seq]  # type: ignore[union-attr]
+                    deliveries.dead_letter_ids([inbox_id], entry)
+                else:
+                    deliveries.dead_letter_live(self, entry)
+                continue
+            state[0] = now + int(deliveries.backoff(attempts) * 1000)
+            state[1] = attempts
+            deliveries.stats["redelivered"] += 1
+            self.sink.send_frame(entry[3], entry[4])
+            if inbox_id is not None:
+                deliveries.count_attempt(inbox_id)
+
+    def _resolve(self, selector: Any, ack: bool) -> tuple[list[Session], list[tuple[str | None, ReceiptReason]],
+                                                         list[DeviceRecord]]:
+        """Online receivers of a selector, the devices it could not reach (with why), and -- for ``ack``
+        sends -- the user's registered devices it names that are offline (they get it in their inbox)."""
         hub = self.hub
         user = self.user
         assert user is not None
         exclude = None if selector.include_self else self.device
+        offline: list[DeviceRecord] = []
         if selector.kind in ("device", "devices"):
             names = [selector.value] if selector.kind == "device" else selector.value
             for name in names:
@@ -568,22 +673,39 @@ class Session:
                 if name == exclude:
                     continue
                 session = hub.online(user, name)
-                if session is None:
-                    failures.append((name, ReceiptReason.OFFLINE))
-                else:
+                if session is not None:
                     targets.append(session)
                     online.append(name)
-            if selector.pick_one and len(targets) > 1:
-                targets = [hub.routing.most_recent(user, online)]  # type: ignore[list-item]
-            if not targets and not failures:
+                    continue
+                record = hub.registry.get(name) if ack else None
+                if record is not None and record.revoked_at is None:
+                    offline.append(record)
+                else:
+                    failures.append((name, ReceiptReason.OFFLINE))
+            if selector.pick_one:
+                if len(targets) > 1:
+                    targets = [hub.routing.most_recent(user, online)]  # type: ignore[list-item]
+                if targets:
+                    offline = []
+                elif len(offline) > 1:
+                    offline = [max(offline, key=lambda record: record.last_seen)]
+                if targets or offline:
+                    failures = []
+            if not targets and not failures and not offline:
                 failures.append((None, ReceiptReason.NO_ROUTE))
-            return targets, failures
+            return targets, failures, offline
         found: list[Session] = hub.routing.select(  # type: ignore[assignment]
             user, _SELECT_KIND[selector.kind], selector.value, selector.pick_one, exclude
         )
-        if not found:
-            return found, [(None, ReceiptReason.NO_ROUTE)]
-        return found, []
+        if ack and not (found and selector.pick_one):
+            offline = [record for record in hub.registry.user_devices(user)
+                       if record.id != exclude and hub.online(user, record.id) is None
+                       and _matches(record, selector)]
+            if selector.pick_one and len(offline) > 1:
+                offline = [max(offline, key=lambda record: record.last_seen)]
+        if not found and not offline:
+            return found, [(None, ReceiptReason.NO_ROUTE)], offline
+        return found, [], offline
 
     def deliver(self, outgoing: _Outgoing, sender_user: str) -> None:
         """Write one ``msg`` to this receiver, remembering it if the sender wants a receipt."""
@@ -617,6 +739,10 @@ class Session:
                 self.hub.send_receipt(pending[0], pending[1], {
                     "op": "receipt", "id": pending[2], "status": "delivered", "device": self.device,
                 })
+                if self.inbox_ids:
+                    inbox_id = self.inbox_ids.pop(seq, None)
+                    if inbox_id is not None:
+                        self.hub.deliveries.on_acked(self, inbox_id)
 
     # ---- end ----------------------------------------------------------
 
@@ -648,10 +774,14 @@ class Session:
             record.last_activity = max(record.last_activity, now if self.sink.frames_in else record.last_activity)
             resumable = not (self.peer_said_goodbye or self.revoked or self.expired or self.ended) \
                 and hub.settings.session_grace > 0 and self.expires_at > now
+            if self.inbox_ids:
+                for inbox_id in self.inbox_ids.values():  # the next connection gets them from the inbox again
+                    if hub.deliveries.in_flight.get(inbox_id) is self:
+                        del hub.deliveries.in_flight[inbox_id]
             if resumable:
                 hub.keep_resumable(record)
             else:
-                hub.fail_pending(self.device, record.pending, ReceiptReason.DISCONNECTED)
+                hub.requeue(record, ReceiptReason.REVOKED if self.revoked else None)
                 record.pending = []
                 hub.spawn(hub.store.put_sessions([record]))
             self.pending = {}
@@ -673,3 +803,11 @@ def parse_resume(resume: Any) -> tuple[str, int] | None:
         raise ProtocolError(ErrorCode.BAD_REQUEST, "'resume.last_seq' must be a non-negative integer")
     return session_id, last_seq
 
+
+
+def _matches(device: DeviceRecord, selector: Any) -> bool:
+    if selector.kind == "type":
+        return bool(device.type == selector.value)
+    if selector.kind == "capability":
+        return selector.value in device.capabilities
+    return True  # all

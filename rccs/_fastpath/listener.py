@@ -221,7 +221,7 @@ class ServerConnection(WSListener):
     def _ack_direct(self, header: dict[str, Any]) -> bool:
         """An ack of one seq: settle it and give the sender its ``delivered`` receipt."""
         seq = header.get("seq")
-        if type(seq) is not int:
+        if type(seq) is not int or self.session.inbox_ids:
             return False
         self._routing.touch(self._user, self._device)
         pending = self.session.pending.pop(seq, None)
@@ -240,6 +240,8 @@ class ServerConnection(WSListener):
         ack = header.get("ack", False)
         if not (type(to) is dict and len(to) == 1 and type(app_type) is str and (ack is False or ack is True)):
             return False
+        if "ttl" in header or "priority" in header or "durable" in header:
+            return False  # delivery options: validated and applied by the general path
         if type(msg_id) is str:
             if not 0 < len(msg_id) <= MAX_ID_CHARS:
                 return False
@@ -258,6 +260,11 @@ class ServerConnection(WSListener):
             return False
         self._routing.touch(self._user, self._device)
         body = payload[body_start:body_end] if body_start >= 0 else _NIL
+        if ack:
+            repeated = self.hub.deliveries.first_time(self._device, msg_id, body, time.time_ns() // 1_000_000)
+            if repeated is not None:
+                self.session.on_repeated_send(msg_id, repeated)
+                return True
         prefix = encode_msg_prefix(msg_id, self._device, app_type, body, time.time_ns() // 1_000_000, ack)
         seq = target.next_seq
         target.next_seq = seq + 1

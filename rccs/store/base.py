@@ -108,6 +108,53 @@ class PairingCode:
     used_at: int | None = None
 
 
+PRIORITY_LOW = 0
+PRIORITY_NORMAL = 1
+PRIORITY_HIGH = 2
+PRIORITY_URGENT = 3
+PRIORITY_EMERGENCY = 4
+PRIORITY_NAMES = ("LOW", "NORMAL", "HIGH", "URGENT", "EMERGENCY")
+OVERFLOW_REJECT = "reject"  # a full inbox refuses the new message
+OVERFLOW_DROP_OLDEST = "drop_oldest"  # a full inbox drops its oldest message of the lowest priority present
+
+
+@dataclasses.dataclass
+class QueuedMessage:
+    """A message in a device's durable inbox, waiting to be delivered and acked."""
+
+    device: str  # the target device
+    user: str  # the user of both ends
+    sender_device: str
+    msg_id: str | int  # the sender's id
+    type: str
+    body: bytes  # the body, msgpack-encoded (as a msgpack sender sent it)
+    ts: int  # when the server accepted it
+    priority: int = PRIORITY_NORMAL  # 0 (LOW) .. 4 (EMERGENCY)
+    expires_at: int | None = None  # never delivered after this
+    receipt: bool = False  # the sender asked for receipts
+    attempts: int = 0  # deliveries so far that were not acked
+    id: int = 0  # assigned by the store: increasing, unique across the store, never reused
+
+    @property
+    def size(self) -> int:
+        """What the message costs against an inbox's byte cap."""
+        return len(self.body) + len(self.type) + len(str(self.msg_id)) + len(self.sender_device)
+
+
+@dataclasses.dataclass
+class EnqueueOutcome:
+    stored: list[QueuedMessage]  # with ``id`` set, in the order given
+    rejected: list[QueuedMessage]  # the target's inbox was full (policy reject)
+    dropped: list[QueuedMessage]  # removed from inboxes to make room (policy drop_oldest)
+
+
+@dataclasses.dataclass
+class DeadLetter:
+    message: QueuedMessage
+    reason: str  # e.g. "undeliverable"
+    at: int
+
+
 @dataclasses.dataclass(frozen=True)
 class Change:
     seq: int
@@ -220,6 +267,67 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def delete_pairing_codes_before(self, cutoff: int) -> int:
         """Delete codes that expired before ``cutoff``. Returns how many."""
+
+    # ---- durable inboxes ----------------------------------------------
+
+    @abc.abstractmethod
+    async def enqueue(self, messages: Sequence[QueuedMessage], max_count: int, max_bytes: int,
+                      policy: str) -> EnqueueOutcome:
+        """Add messages to their targets' inboxes in ONE transaction (group commit), in order.
+
+        Each inbox holds at most ``max_count`` messages and ``max_bytes`` (sum of ``size``). A message
+        that does not fit: with OVERFLOW_REJECT it is not stored (``rejected``); with
+        OVERFLOW_DROP_OLDEST the inbox's oldest message of its lowest priority is removed (``dropped``)
+        until it fits; a message alone larger than ``max_bytes`` is rejected under either policy.
+        Messages of revoked devices are rejected. No change is appended."""
+
+    @abc.abstractmethod
+    async def inbox(self, device_id: str, now: int, limit: int = 1000) -> list[QueuedMessage]:
+        """Unexpired messages of one device in delivery order: priority high to low, then ``id``."""
+
+    @abc.abstractmethod
+    async def inbox_size(self, device_id: str) -> tuple[int, int]:
+        """(count, bytes) of a device's inbox, expired messages included until removed."""
+
+    @abc.abstractmethod
+    async def remove_queued(self, ids: Sequence[int]) -> list[QueuedMessage]:
+        """Delete messages (acked); returns the ones that existed."""
+
+    @abc.abstractmethod
+    async def count_attempts(self, ids: Sequence[int]) -> None:
+        """Add one to ``attempts`` of each message (a delivery that was not acked in time)."""
+
+    @abc.abstractmethod
+    async def take_expired(self, now: int, limit: int = 1000) -> list[QueuedMessage]:
+        """Delete and return messages whose ``expires_at <= now``, oldest ``id`` first."""
+
+    @abc.abstractmethod
+    async def dead_letter(self, ids: Sequence[int], reason: str, now: int) -> list[QueuedMessage]:
+        """Move messages from inboxes to the dead letters; returns the ones moved."""
+
+    @abc.abstractmethod
+    async def dead_letters(self, user_id: str | None = None, device_id: str | None = None,
+                           limit: int = 1000) -> list[DeadLetter]:
+        """Dead letters, oldest ``id`` first, of one device, one user or all."""
+
+    @abc.abstractmethod
+    async def redrive(self, ids: Sequence[int] | None = None, device_id: str | None = None) -> list[QueuedMessage]:
+        """Move dead letters (these ids, or all of one device, or all) back to their inboxes with
+        ``attempts`` 0, keeping their ids; caps are not applied. Returns them."""
+
+    @abc.abstractmethod
+    async def purge(self, device_id: str, dead_letters: bool = False) -> int:
+        """Delete a device's whole inbox (or its dead letters). Returns how many."""
+
+    # ---- receipts for offline senders ----------------------------------
+
+    @abc.abstractmethod
+    async def add_receipts(self, receipts: Sequence[tuple[str, dict[str, Any]]]) -> None:
+        """Keep receipts (device id, receipt envelope: msgpack-compatible) for senders that are offline."""
+
+    @abc.abstractmethod
+    async def take_receipts(self, device_id: str, limit: int = 10000) -> list[dict[str, Any]]:
+        """Delete and return a device's kept receipts, oldest first."""
 
     # ---- change feed -------------------------------------------------
 

@@ -3,7 +3,9 @@
 It follows the same contract as ``SqliteStore`` (tests/store/test_contract.py runs one suite
 against both). Records are copied on the way in and on the way out, so neither the caller nor
 the store can change the other's objects; device metadata goes through a JSON round trip on the
-way in, which validates and normalizes it exactly as the SQLite store's JSON column does.
+way in, which validates and normalizes it exactly as the SQLite store's JSON column does, and
+receipts are held msgpack-encoded, as the SQLite store holds them. Inbox ids come from one counter
+that only goes up, so, as in SQLite, an id is never handed out twice.
 """
 
 from __future__ import annotations
@@ -11,19 +13,27 @@ from __future__ import annotations
 import copy
 import hmac
 import json
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import msgpack
 
 from .base import (
     CHANGE_DEVICE,
     CHANGE_SESSION,
     CHANGE_USER,
+    OVERFLOW_DROP_OLDEST,
+    OVERFLOW_REJECT,
     STATUS_AWAY,
     STATUS_OFFLINE,
     STATUS_ONLINE,
     AlreadyExists,
     Change,
+    DeadLetter,
     DeviceRecord,
+    EnqueueOutcome,
     PairingCode,
+    QueuedMessage,
     SessionRecord,
     Store,
     StoreError,
@@ -69,6 +79,69 @@ def _session_in(session: SessionRecord) -> SessionRecord:
     return stored
 
 
+def _queued_in(message: QueuedMessage) -> QueuedMessage:
+    stored = copy.copy(message)
+    stored.body = bytes(message.body)  # a bytearray or memoryview would stay shared with the caller
+    return stored
+
+
+def _check_policy(policy: str) -> None:
+    if policy not in (OVERFLOW_REJECT, OVERFLOW_DROP_OLDEST):
+        raise ValueError(f"unknown overflow policy {policy!r}: use {OVERFLOW_REJECT!r} or {OVERFLOW_DROP_OLDEST!r}")
+
+
+def _pack_receipt(device_id: str, envelope: dict[str, Any]) -> bytes:
+    # Kept packed, as the SQLite store keeps it: the same values are refused, the same come back changed
+    # (tuples as lists), and nothing is shared with the caller.
+    try:
+        packed: bytes = msgpack.packb(envelope, use_bin_type=True)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise StoreError(f"receipt for device {device_id!r} is not msgpack: {exc}") from None
+    return packed
+
+
+def _unpack_receipt(packed: bytes) -> dict[str, Any]:
+    envelope: dict[str, Any] = msgpack.unpackb(packed, raw=False, strict_map_key=False)
+    return envelope
+
+
+class _Inbox:
+    """One device's messages: priority -> {id: message} with ids ascending, and its running totals."""
+
+    __slots__ = ("buckets", "bytes", "count")
+
+    def __init__(self) -> None:
+        self.buckets: dict[int, dict[int, QueuedMessage]] = {}
+        self.count = 0
+        self.bytes = 0
+
+    def add(self, message: QueuedMessage) -> None:
+        bucket = self.buckets.setdefault(message.priority, {})
+        in_order = not bucket or next(reversed(bucket)) < message.id
+        bucket[message.id] = message
+        if not in_order:  # a redriven message with an old id: rare, so re-sort the bucket
+            self.buckets[message.priority] = dict(sorted(bucket.items()))
+        self.count += 1
+        self.bytes += message.size
+
+    def remove(self, message: QueuedMessage) -> None:
+        bucket = self.buckets[message.priority]
+        del bucket[message.id]
+        if not bucket:
+            del self.buckets[message.priority]
+        self.count -= 1
+        self.bytes -= message.size
+
+    def oldest_of_lowest_priority(self) -> QueuedMessage | None:
+        if not self.buckets:
+            return None
+        return next(iter(self.buckets[min(self.buckets)].values()))
+
+    def in_delivery_order(self) -> Iterable[QueuedMessage]:
+        for priority in sorted(self.buckets, reverse=True):
+            yield from self.buckets[priority].values()
+
+
 class MemoryStore(Store):
     def __init__(self) -> None:
         self._users: dict[str, UserRecord] = {}
@@ -77,6 +150,12 @@ class MemoryStore(Store):
         self._sessions: dict[str, SessionRecord] = {}
         self._pairing_codes: dict[str, PairingCode] = {}
         self._changes: list[Change] = []
+        self._queued: dict[int, QueuedMessage] = {}  # every message in an inbox, by id
+        self._inboxes: dict[str, _Inbox] = {}
+        self._expiring: dict[int, QueuedMessage] = {}  # the queued messages that have an expires_at
+        self._dead: dict[int, DeadLetter] = {}
+        self._last_queued_id = 0  # ids are never reused: neither after a delete nor by a dead letter
+        self._receipts: dict[str, list[bytes]] = {}  # device -> packed envelopes, oldest first
 
     async def open(self) -> None:
         pass
@@ -264,6 +343,160 @@ class MemoryStore(Store):
         for code_id in expired:
             del self._pairing_codes[code_id]
         return len(expired)
+
+    # ---- durable inboxes ----------------------------------------------
+
+    def _queue(self, message: QueuedMessage) -> None:
+        self._queued[message.id] = message
+        if message.expires_at is not None:
+            self._expiring[message.id] = message
+        inbox = self._inboxes.get(message.device)
+        if inbox is None:
+            inbox = self._inboxes[message.device] = _Inbox()
+        inbox.add(message)
+
+    def _unqueue(self, message: QueuedMessage) -> None:
+        del self._queued[message.id]
+        self._expiring.pop(message.id, None)
+        self._inboxes[message.device].remove(message)
+
+    def _queued_by_ids(self, ids: Sequence[int]) -> list[QueuedMessage]:
+        """The queued messages with these ids, each once, by id."""
+        return [self._queued[queued_id] for queued_id in sorted(set(ids)) if queued_id in self._queued]
+
+    async def enqueue(self, messages: Sequence[QueuedMessage], max_count: int, max_bytes: int,
+                      policy: str) -> EnqueueOutcome:
+        """Every message given ends up in ``stored`` or ``rejected``. ``dropped`` may also list messages
+        stored earlier in the same batch: a batch does what the same messages enqueued one call at a
+        time would do."""
+        _check_policy(policy)
+        incoming = [_queued_in(message) for message in messages]
+        outcome = EnqueueOutcome(stored=[], rejected=[], dropped=[])
+        for message in incoming:
+            device = self._devices.get(message.device)
+            size = message.size
+            if (device is not None and device.revoked_at is not None) or size > max_bytes or max_count < 1:
+                outcome.rejected.append(message)
+                continue
+            inbox = self._inboxes.get(message.device)
+            if inbox is not None and (inbox.count >= max_count or inbox.bytes + size > max_bytes):
+                if policy == OVERFLOW_REJECT:
+                    outcome.rejected.append(message)
+                    continue
+                while inbox.count >= max_count or inbox.bytes + size > max_bytes:
+                    victim = inbox.oldest_of_lowest_priority()
+                    assert victim is not None  # an empty inbox fits any message that passed the checks above
+                    self._unqueue(victim)
+                    outcome.dropped.append(copy.copy(victim))
+            self._last_queued_id += 1
+            message.id = self._last_queued_id
+            self._queue(message)
+            outcome.stored.append(copy.copy(message))
+        return outcome
+
+    async def inbox(self, device_id: str, now: int, limit: int = 1000) -> list[QueuedMessage]:
+        inbox = self._inboxes.get(device_id)
+        if inbox is None or limit <= 0:
+            return []
+        chosen: list[QueuedMessage] = []
+        for message in inbox.in_delivery_order():
+            if message.expires_at is None or message.expires_at > now:
+                chosen.append(copy.copy(message))
+                if len(chosen) >= limit:
+                    break
+        return chosen
+
+    async def inbox_size(self, device_id: str) -> tuple[int, int]:
+        inbox = self._inboxes.get(device_id)
+        return (0, 0) if inbox is None else (inbox.count, inbox.bytes)
+
+    async def remove_queued(self, ids: Sequence[int]) -> list[QueuedMessage]:
+        """The removed messages come back by id."""
+        removed = self._queued_by_ids(ids)
+        for message in removed:
+            self._unqueue(message)
+        return [copy.copy(message) for message in removed]
+
+    async def count_attempts(self, ids: Sequence[int]) -> None:
+        """An id given twice still counts one attempt."""
+        for message in self._queued_by_ids(ids):
+            message.attempts += 1
+
+    async def take_expired(self, now: int, limit: int = 1000) -> list[QueuedMessage]:
+        if limit <= 0:
+            return []
+        expired = sorted(queued_id for queued_id, message in self._expiring.items()
+                         if message.expires_at is not None and message.expires_at <= now)
+        return await self.remove_queued(expired[:limit])
+
+    async def dead_letter(self, ids: Sequence[int], reason: str, now: int) -> list[QueuedMessage]:
+        """The moved messages come back by id."""
+        moved = self._queued_by_ids(ids)
+        for message in moved:
+            self._unqueue(message)
+            self._dead[message.id] = DeadLetter(message=message, reason=reason, at=now)
+        return [copy.copy(message) for message in moved]
+
+    async def dead_letters(self, user_id: str | None = None, device_id: str | None = None,
+                           limit: int = 1000) -> list[DeadLetter]:
+        if limit <= 0:
+            return []
+        chosen: list[DeadLetter] = []
+        for dead_id in sorted(self._dead):
+            letter = self._dead[dead_id]
+            if (user_id is None or letter.message.user == user_id) and (
+                    device_id is None or letter.message.device == device_id):
+                chosen.append(DeadLetter(message=copy.copy(letter.message), reason=letter.reason, at=letter.at))
+                if len(chosen) >= limit:
+                    break
+        return chosen
+
+    async def redrive(self, ids: Sequence[int] | None = None, device_id: str | None = None) -> list[QueuedMessage]:
+        """With both ``ids`` and ``device_id``, the dead letters among ``ids`` of that device. The
+        messages come back by id."""
+        candidates = sorted(self._dead) if ids is None else sorted(set(ids) & self._dead.keys())
+        moved: list[QueuedMessage] = []
+        for dead_id in candidates:
+            message = self._dead[dead_id].message
+            if device_id is not None and message.device != device_id:
+                continue
+            del self._dead[dead_id]
+            message.attempts = 0
+            self._queue(message)
+            moved.append(copy.copy(message))
+        return moved
+
+    async def purge(self, device_id: str, dead_letters: bool = False) -> int:
+        if dead_letters:
+            doomed = [dead_id for dead_id, letter in self._dead.items() if letter.message.device == device_id]
+            for dead_id in doomed:
+                del self._dead[dead_id]
+            return len(doomed)
+        inbox = self._inboxes.pop(device_id, None)
+        if inbox is None:
+            return 0
+        for message in inbox.in_delivery_order():
+            del self._queued[message.id]
+            self._expiring.pop(message.id, None)
+        return inbox.count
+
+    # ---- receipts for offline senders ----------------------------------
+
+    async def add_receipts(self, receipts: Sequence[tuple[str, dict[str, Any]]]) -> None:
+        packed = [(device_id, _pack_receipt(device_id, envelope)) for device_id, envelope in receipts]
+        for device_id, envelope in packed:  # packed first: a bad receipt keeps none of the batch
+            self._receipts.setdefault(device_id, []).append(envelope)
+
+    async def take_receipts(self, device_id: str, limit: int = 10000) -> list[dict[str, Any]]:
+        kept = self._receipts.get(device_id)
+        if not kept or limit <= 0:
+            return []
+        taken, rest = kept[:limit], kept[limit:]
+        if rest:
+            self._receipts[device_id] = rest
+        else:
+            del self._receipts[device_id]
+        return [_unpack_receipt(envelope) for envelope in taken]
 
     # ---- change feed -------------------------------------------------
 

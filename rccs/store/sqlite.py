@@ -4,7 +4,8 @@ Threading: the connection is made, used and closed by one dedicated worker threa
 method sends one function to that thread, and the function runs all its statements as one
 transaction (``BEGIN IMMEDIATE`` for writes, committed at the end, rolled back on any error).
 So a store call costs one thread hop and one commit however many statements it needs, and a
-batch (``put_sessions``, ``update_presence``) is one transaction. A per-statement async wrapper
+batch (``put_sessions``, ``update_presence``, and ``enqueue``: the durable inboxes' group commit)
+is one transaction. A per-statement async wrapper
 such as aiosqlite would cost a hop per statement and leave transactions open across awaits.
 Calls run one after another in the order they were made, which the hub relies on.
 
@@ -21,11 +22,12 @@ rccs. Append to ``MIGRATIONS``; never edit a script that has shipped.
 from __future__ import annotations
 
 import asyncio
+import copy
 import hmac
 import json
 import os
 import sqlite3
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
@@ -35,14 +37,19 @@ from .base import (
     CHANGE_DEVICE,
     CHANGE_SESSION,
     CHANGE_USER,
+    OVERFLOW_DROP_OLDEST,
+    OVERFLOW_REJECT,
     STATUS_AWAY,
     STATUS_OFFLINE,
     STATUS_ONLINE,
     AlreadyExists,
     Change,
+    DeadLetter,
     DeviceRecord,
+    EnqueueOutcome,
     PairingCode,
     PendingMessage,
+    QueuedMessage,
     SessionRecord,
     Store,
     StoreError,
@@ -121,6 +128,71 @@ MIGRATIONS: list[str] = [
         key TEXT NOT NULL
     );
     """,
+    # 2: durable inboxes, dead letters, receipts kept for offline senders. Inbox ids come from
+    # AUTOINCREMENT, so an id is never handed out twice (not after a delete, not after a reopen);
+    # a dead letter keeps its message's id, and a redriven one goes back under it. msg_id has BLOB
+    # affinity, which keeps a text id text and an integer id an integer (an integer beyond 64 signed
+    # bits is stored msgpack-encoded). inbox_totals keeps each inbox's (count, bytes) for the caps,
+    # kept right by triggers whoever writes (the server, or the CLI from another process).
+    """
+    CREATE TABLE inbox (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        device TEXT NOT NULL,
+        user TEXT NOT NULL,
+        sender_device TEXT NOT NULL,
+        msg_id BLOB NOT NULL,
+        type TEXT NOT NULL,
+        body BLOB NOT NULL,
+        ts INTEGER NOT NULL,
+        priority INTEGER NOT NULL,
+        expires_at INTEGER,
+        receipt INTEGER NOT NULL,
+        attempts INTEGER NOT NULL,
+        size INTEGER NOT NULL
+    );
+    CREATE INDEX inbox_by_delivery ON inbox (device, priority DESC, id);
+    CREATE INDEX inbox_by_expiry ON inbox (expires_at) WHERE expires_at IS NOT NULL;
+
+    CREATE TABLE inbox_totals (
+        device TEXT PRIMARY KEY,
+        count INTEGER NOT NULL,
+        bytes INTEGER NOT NULL
+    ) WITHOUT ROWID;
+    CREATE TRIGGER inbox_totals_on_insert AFTER INSERT ON inbox BEGIN
+        INSERT INTO inbox_totals (device, count, bytes) VALUES (NEW.device, 1, NEW.size)
+        ON CONFLICT (device) DO UPDATE SET count = count + 1, bytes = bytes + excluded.bytes;
+    END;
+    CREATE TRIGGER inbox_totals_on_delete AFTER DELETE ON inbox BEGIN
+        UPDATE inbox_totals SET count = count - 1, bytes = bytes - OLD.size WHERE device = OLD.device;
+    END;
+
+    CREATE TABLE dead_letters (
+        id INTEGER PRIMARY KEY,
+        device TEXT NOT NULL,
+        user TEXT NOT NULL,
+        sender_device TEXT NOT NULL,
+        msg_id BLOB NOT NULL,
+        type TEXT NOT NULL,
+        body BLOB NOT NULL,
+        ts INTEGER NOT NULL,
+        priority INTEGER NOT NULL,
+        expires_at INTEGER,
+        receipt INTEGER NOT NULL,
+        attempts INTEGER NOT NULL,
+        size INTEGER NOT NULL,
+        reason TEXT NOT NULL,
+        at INTEGER NOT NULL
+    );
+    CREATE INDEX dead_letters_by_device ON dead_letters (device, id);
+    CREATE INDEX dead_letters_by_user ON dead_letters (user, id);
+
+    CREATE TABLE receipts (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        device TEXT NOT NULL,
+        envelope BLOB NOT NULL
+    );
+    CREATE INDEX receipts_by_device ON receipts (device, id);
+    """,
 ]
 
 T = TypeVar("T")
@@ -134,6 +206,8 @@ SESSION_COLUMNS = ("id", "user", "device", "created", "expires_at", "next_seq", 
                    "bytes_out", "pending")
 PAIRING_COLUMNS = ("id", "secret_hash", "user", "issuer_device", "created", "expires_at", "approve", "attempts",
                    "used_at")
+QUEUED_COLUMNS = ("id", "device", "user", "sender_device", "msg_id", "type", "body", "ts", "priority", "expires_at",
+                  "receipt", "attempts", "size")
 
 
 def _select(table: str, columns: Sequence[str]) -> str:
@@ -164,6 +238,24 @@ UPSERT_SESSION = _upsert("sessions", SESSION_COLUMNS,
                          {"revoked_at": "COALESCE(sessions.revoked_at, excluded.revoked_at)"})
 INSERT_PAIRING = _insert("pairing_codes", PAIRING_COLUMNS)
 INSERT_CHANGE = "INSERT INTO changes (kind, key) VALUES (?, ?)"
+QUEUED_LIST = ", ".join(QUEUED_COLUMNS)
+SELECT_QUEUED = _select("inbox", QUEUED_COLUMNS)
+INSERT_QUEUED = _insert("inbox", QUEUED_COLUMNS[1:])  # the id comes from AUTOINCREMENT
+SELECT_DEAD = _select("dead_letters", (*QUEUED_COLUMNS, "reason", "at"))
+REDRIVEN_LIST = ", ".join("0" if column == "attempts" else column for column in QUEUED_COLUMNS)  # attempts reset
+# Each inbox's lowest priority present, then its oldest message of that priority: two index seeks
+# on inbox_by_delivery (one ORDER BY priority, id would sort the whole inbox).
+SELECT_LOWEST_PRIORITY = "SELECT MIN(priority) FROM inbox WHERE device = ?"
+SELECT_OLDEST_OF_PRIORITY = f"{SELECT_QUEUED} WHERE device = ? AND priority = ? ORDER BY id LIMIT 1"
+SELECT_INBOX_PAGE = (f"{SELECT_QUEUED} WHERE device = ? AND (expires_at IS NULL OR expires_at > ?)"
+                     " ORDER BY priority DESC, id LIMIT ?")
+# Without INDEXED BY the planner may walk the whole table in id order to skip the sort.
+SELECT_EXPIRED_IDS = "SELECT id FROM inbox INDEXED BY inbox_by_expiry WHERE expires_at <= ? ORDER BY id LIMIT ?"
+TAKE_RECEIPTS = ("DELETE FROM receipts WHERE id IN (SELECT id FROM receipts WHERE device = ? ORDER BY id LIMIT ?)"
+                 " RETURNING id, envelope")
+MAX_PARAMETERS = 500  # per IN (...) list: SQLite caps the number of bound parameters
+INT64_MIN = -(2**63)
+INT64_MAX = 2**63 - 1
 
 
 # ---- rows <-> records ------------------------------------------------
@@ -226,6 +318,101 @@ def _pairing_record(row: Sequence[Any]) -> PairingCode:
     code_id, secret_hash, user, issuer_device, created, expires_at, approve, attempts, used_at = row
     return PairingCode(id=code_id, secret_hash=secret_hash, user=user, issuer_device=issuer_device, created=created,
                        expires_at=expires_at, approve=bool(approve), attempts=attempts, used_at=used_at)
+
+
+def _msg_id_value(msg_id: str | int) -> str | int | bytes:
+    # SQLite integers are signed 64-bit; the protocol also allows unsigned 64-bit ids.
+    if isinstance(msg_id, int) and not INT64_MIN <= msg_id <= INT64_MAX:
+        packed: bytes = msgpack.packb(msg_id)
+        return packed
+    return msg_id
+
+
+def _msg_id_of(value: str | int | bytes) -> str | int:
+    if isinstance(value, bytes):
+        msg_id: int = msgpack.unpackb(value)
+        return msg_id
+    return value
+
+
+def _queued_values(message: QueuedMessage) -> tuple[Any, ...]:
+    """Every column of ``inbox`` but the id."""
+    return (message.device, message.user, message.sender_device, _msg_id_value(message.msg_id), message.type,
+            bytes(message.body), message.ts, message.priority, message.expires_at, int(message.receipt),
+            message.attempts, message.size)
+
+
+def _queued_record(row: Sequence[Any]) -> QueuedMessage:
+    (queued_id, device, user, sender_device, msg_id, message_type, body, ts, priority, expires_at, receipt, attempts,
+     _size) = row
+    return QueuedMessage(device=device, user=user, sender_device=sender_device, msg_id=_msg_id_of(msg_id),
+                         type=message_type, body=body, ts=ts, priority=priority, expires_at=expires_at,
+                         receipt=bool(receipt), attempts=attempts, id=queued_id)
+
+
+def _dead_letter_record(row: Sequence[Any]) -> DeadLetter:
+    *queued, reason, at = row
+    return DeadLetter(message=_queued_record(queued), reason=reason, at=at)
+
+
+def _check_policy(policy: str) -> None:
+    if policy not in (OVERFLOW_REJECT, OVERFLOW_DROP_OLDEST):
+        raise ValueError(f"unknown overflow policy {policy!r}: use {OVERFLOW_REJECT!r} or {OVERFLOW_DROP_OLDEST!r}")
+
+
+def _pack_receipt(device_id: str, envelope: dict[str, Any]) -> bytes:
+    try:
+        packed: bytes = msgpack.packb(envelope, use_bin_type=True)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise StoreError(f"receipt for device {device_id!r} is not msgpack: {exc}") from None
+    return packed
+
+
+def _unpack_receipt(packed: bytes) -> dict[str, Any]:
+    envelope: dict[str, Any] = msgpack.unpackb(packed, raw=False, strict_map_key=False)
+    return envelope
+
+
+def _id_chunks(ids: Sequence[int]) -> Iterator[tuple[str, list[int]]]:
+    """The distinct ``ids`` in chunks small enough to bind: (``?,?,...`` for an IN list, the chunk)."""
+    distinct = sorted(set(ids))
+    for start in range(0, len(distinct), MAX_PARAMETERS):
+        chunk = distinct[start:start + MAX_PARAMETERS]
+        yield ",".join("?" * len(chunk)), chunk
+
+
+def _delete_queued(db: sqlite3.Connection, ids: Sequence[int]) -> list[QueuedMessage]:
+    """Delete these inbox messages; the ones that existed, by id."""
+    removed: list[QueuedMessage] = []
+    for marks, chunk in _id_chunks(ids):
+        rows = db.execute(f"DELETE FROM inbox WHERE id IN ({marks}) RETURNING {QUEUED_LIST}", chunk).fetchall()
+        removed.extend(_queued_record(row) for row in rows)
+    removed.sort(key=lambda message: message.id)  # RETURNING comes in no particular order
+    return removed
+
+
+def _inbox_totals(db: sqlite3.Connection, device_ids: set[str]) -> dict[str, list[int] | None]:
+    """Per device: None if it is revoked, else [count, bytes] of its inbox."""
+    totals: dict[str, list[int] | None] = {device_id: [0, 0] for device_id in device_ids}
+    ordered = sorted(device_ids)
+    for start in range(0, len(ordered), MAX_PARAMETERS):
+        chunk = ordered[start:start + MAX_PARAMETERS]
+        marks = ",".join("?" * len(chunk))
+        for device_id, count, size in db.execute(
+                f"SELECT device, count, bytes FROM inbox_totals WHERE device IN ({marks})", chunk):
+            totals[device_id] = [count, size]
+        for (device_id,) in db.execute(
+                f"SELECT id FROM devices WHERE id IN ({marks}) AND revoked_at IS NOT NULL", chunk):
+            totals[device_id] = None
+    return totals
+
+
+def _drop_oldest_of_lowest_priority(db: sqlite3.Connection, device_id: str) -> QueuedMessage:
+    """Delete and return the oldest message of the lowest priority in a device's inbox, which must not be empty."""
+    (priority,) = db.execute(SELECT_LOWEST_PRIORITY, (device_id,)).fetchone()
+    victim = _queued_record(db.execute(SELECT_OLDEST_OF_PRIORITY, (device_id, priority)).fetchone())
+    db.execute("DELETE FROM inbox WHERE id = ?", (victim.id,))
+    return victim
 
 
 def _sql_session_is_stale(connected_at: int | None, expires_at: int, revoked_at: int | None,
@@ -635,6 +822,202 @@ class SqliteStore(Store):
         def work(db: sqlite3.Connection) -> int:
             count: int = db.execute("DELETE FROM pairing_codes WHERE expires_at < ?", (cutoff,)).rowcount
             return count
+
+        return await self._write(work)
+
+    # ---- durable inboxes ----------------------------------------------
+
+    async def enqueue(self, messages: Sequence[QueuedMessage], max_count: int, max_bytes: int,
+                      policy: str) -> EnqueueOutcome:
+        """Every message given ends up in ``stored`` or ``rejected``. ``dropped`` may also list messages
+        stored earlier in the same batch: a batch does what the same messages enqueued one call at a
+        time would do."""
+        _check_policy(policy)
+        # Copied and converted before the transaction: a bad record fails without touching the file.
+        prepared: list[tuple[QueuedMessage, tuple[Any, ...]]] = []
+        for message in messages:
+            copied = copy.copy(message)
+            copied.body = bytes(message.body)  # a bytearray or memoryview would stay shared with the caller
+            prepared.append((copied, _queued_values(copied)))
+        if not prepared:
+            return EnqueueOutcome(stored=[], rejected=[], dropped=[])
+
+        def work(db: sqlite3.Connection) -> EnqueueOutcome:
+            outcome = EnqueueOutcome(stored=[], rejected=[], dropped=[])
+            # Per target device, read once per batch: None if revoked, else its inbox's [count, bytes],
+            # kept up to date here as the batch adds and drops messages.
+            totals = _inbox_totals(db, {message.device for message, _ in prepared})
+            for message, values in prepared:
+                total = totals[message.device]
+                size = message.size
+                if total is None or size > max_bytes or max_count < 1:
+                    outcome.rejected.append(message)
+                    continue
+                if total[0] >= max_count or total[1] + size > max_bytes:
+                    if policy == OVERFLOW_REJECT:
+                        outcome.rejected.append(message)
+                        continue
+                    while total[0] >= max_count or total[1] + size > max_bytes:
+                        victim = _drop_oldest_of_lowest_priority(db, message.device)
+                        outcome.dropped.append(victim)
+                        total[0] -= 1
+                        total[1] -= victim.size
+                queued_id = db.execute(INSERT_QUEUED, values).lastrowid
+                assert queued_id is not None
+                total[0] += 1
+                total[1] += size
+                message.id = queued_id  # the store's own copy, handed out once
+                outcome.stored.append(message)
+            return outcome
+
+        return await self._write(work)
+
+    async def inbox(self, device_id: str, now: int, limit: int = 1000) -> list[QueuedMessage]:
+        if limit <= 0:
+            return []
+
+        def work(db: sqlite3.Connection) -> list[QueuedMessage]:
+            rows = db.execute(SELECT_INBOX_PAGE, (device_id, now, limit))
+            return [_queued_record(row) for row in rows]
+
+        return await self._read(work)
+
+    async def inbox_size(self, device_id: str) -> tuple[int, int]:
+        def work(db: sqlite3.Connection) -> tuple[int, int]:
+            row = db.execute("SELECT count, bytes FROM inbox_totals WHERE device = ?", (device_id,)).fetchone()
+            return (0, 0) if row is None else (row[0], row[1])
+
+        return await self._read(work)
+
+    async def remove_queued(self, ids: Sequence[int]) -> list[QueuedMessage]:
+        """The removed messages come back by id."""
+        if not ids:
+            return []
+
+        def work(db: sqlite3.Connection) -> list[QueuedMessage]:
+            return _delete_queued(db, ids)
+
+        return await self._write(work)
+
+    async def count_attempts(self, ids: Sequence[int]) -> None:
+        """An id given twice still counts one attempt."""
+        if not ids:
+            return
+
+        def work(db: sqlite3.Connection) -> None:
+            for marks, chunk in _id_chunks(ids):
+                db.execute(f"UPDATE inbox SET attempts = attempts + 1 WHERE id IN ({marks})", chunk)
+
+        await self._write(work)
+
+    async def take_expired(self, now: int, limit: int = 1000) -> list[QueuedMessage]:
+        if limit <= 0:
+            return []
+
+        def work(db: sqlite3.Connection) -> list[QueuedMessage]:
+            expired = [row[0] for row in db.execute(SELECT_EXPIRED_IDS, (now, limit))]
+            return _delete_queued(db, expired)
+
+        return await self._write(work)
+
+    async def dead_letter(self, ids: Sequence[int], reason: str, now: int) -> list[QueuedMessage]:
+        """The moved messages come back by id."""
+        if not ids:
+            return []
+
+        def work(db: sqlite3.Connection) -> list[QueuedMessage]:
+            for marks, chunk in _id_chunks(ids):
+                db.execute(
+                    f"INSERT INTO dead_letters ({QUEUED_LIST}, reason, at)"
+                    f" SELECT {QUEUED_LIST}, ?, ? FROM inbox WHERE id IN ({marks})",
+                    [reason, now, *chunk],
+                )
+            return _delete_queued(db, ids)
+
+        return await self._write(work)
+
+    async def dead_letters(self, user_id: str | None = None, device_id: str | None = None,
+                           limit: int = 1000) -> list[DeadLetter]:
+        if limit <= 0:
+            return []
+        conditions: list[str] = []
+        parameters: list[Any] = []
+        if user_id is not None:
+            conditions.append("user = ?")
+            parameters.append(user_id)
+        if device_id is not None:
+            conditions.append("device = ?")
+            parameters.append(device_id)
+        where = f" WHERE {' AND '.join(conditions)}" if conditions else ""
+        query = f"{SELECT_DEAD}{where} ORDER BY id LIMIT ?"
+
+        def work(db: sqlite3.Connection) -> list[DeadLetter]:
+            return [_dead_letter_record(row) for row in db.execute(query, [*parameters, limit])]
+
+        return await self._read(work)
+
+    async def redrive(self, ids: Sequence[int] | None = None, device_id: str | None = None) -> list[QueuedMessage]:
+        """With both ``ids`` and ``device_id``, the dead letters among ``ids`` of that device. The
+        messages come back by id."""
+        if ids is not None and not ids:
+            return []
+
+        def work(db: sqlite3.Connection) -> list[QueuedMessage]:
+            if ids is None and device_id is None:
+                chosen = [row[0] for row in db.execute("SELECT id FROM dead_letters")]
+            elif ids is None:
+                chosen = [row[0] for row in db.execute("SELECT id FROM dead_letters WHERE device = ?", (device_id,))]
+            else:
+                device_filter = "" if device_id is None else " AND device = ?"
+                device_parameters = [] if device_id is None else [device_id]
+                chosen = []
+                for marks, chunk in _id_chunks(ids):
+                    chosen.extend(row[0] for row in db.execute(
+                        f"SELECT id FROM dead_letters WHERE id IN ({marks}){device_filter}",
+                        [*chunk, *device_parameters]))
+            moved: list[QueuedMessage] = []
+            for marks, chunk in _id_chunks(chosen):
+                db.execute(f"INSERT INTO inbox ({QUEUED_LIST}) SELECT {REDRIVEN_LIST} FROM dead_letters"
+                           f" WHERE id IN ({marks})", chunk)
+                rows = db.execute(f"DELETE FROM dead_letters WHERE id IN ({marks}) RETURNING {QUEUED_LIST}",
+                                  chunk).fetchall()
+                moved.extend(_queued_record(row) for row in rows)
+            for message in moved:
+                message.attempts = 0
+            moved.sort(key=lambda message: message.id)
+            return moved
+
+        return await self._write(work)
+
+    async def purge(self, device_id: str, dead_letters: bool = False) -> int:
+        table = "dead_letters" if dead_letters else "inbox"
+
+        def work(db: sqlite3.Connection) -> int:
+            count: int = db.execute(f"DELETE FROM {table} WHERE device = ?", (device_id,)).rowcount
+            return count
+
+        return await self._write(work)
+
+    # ---- receipts for offline senders ----------------------------------
+
+    async def add_receipts(self, receipts: Sequence[tuple[str, dict[str, Any]]]) -> None:
+        rows = [(device_id, _pack_receipt(device_id, envelope)) for device_id, envelope in receipts]
+        if not rows:
+            return
+
+        def work(db: sqlite3.Connection) -> None:
+            db.executemany("INSERT INTO receipts (device, envelope) VALUES (?, ?)", rows)
+
+        await self._write(work)
+
+    async def take_receipts(self, device_id: str, limit: int = 10000) -> list[dict[str, Any]]:
+        if limit <= 0:
+            return []
+
+        def work(db: sqlite3.Connection) -> list[dict[str, Any]]:
+            rows = db.execute(TAKE_RECEIPTS, (device_id, limit)).fetchall()
+            rows.sort(key=lambda row: row[0])  # RETURNING comes in no particular order
+            return [_unpack_receipt(envelope) for _, envelope in rows]
 
         return await self._write(work)
 

@@ -150,7 +150,7 @@ async def test_no_route_and_offline_receipts(connect):
     assert error.code == "no_route"
 
 
-async def test_receiver_disconnect_before_ack_fails_receipt(connect):
+async def test_receiver_disconnect_before_ack_queues_the_message(connect):
     a = await connect("alice", "a")
     b = await connect("alice", "b", auto_ack=False)
     send = asyncio.ensure_future(a.send({"device": "b"}, "t", 1, ack=True))
@@ -158,7 +158,11 @@ async def test_receiver_disconnect_before_ack_fails_receipt(connect):
     assert message.ack is True
     await b.close()
     receipts = await send
-    assert [(r.status, r.reason, r.device) for r in receipts] == [("failed", "disconnected", "b")]
+    assert [(r.status, r.device) for r in receipts] == [("queued", "b")]  # kept in b's inbox
+    again = await connect("alice", "b")
+    redelivered = await again.next_message(timeout=5)
+    assert (redelivered.id, redelivered.body) == (message.id, 1)
+    assert (await asyncio.wait_for(a.receipts.get(), 5)).status == "delivered"
 
 
 async def test_manual_ack_with_list_of_seqs(connect):
@@ -284,6 +288,5 @@ async def test_reconnecting_device_gets_welcome_before_receipts_of_its_old_conne
                                    "device": {"type": "desktop"}}))
         assert json.loads(await asyncio.wait_for(new.recv(), 5))["op"] == "welcome"
         receipt = json.loads(await asyncio.wait_for(new.recv(), 5))
-        assert (receipt["op"], receipt["id"], receipt["status"], receipt["reason"]) == (
-            "receipt", "mine", "failed", "disconnected")
+        assert (receipt["op"], receipt["id"], receipt["status"]) == ("receipt", "mine", "queued")
     pending_self.cancel()

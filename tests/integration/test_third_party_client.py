@@ -503,7 +503,7 @@ async def test_selector_offline_own_device(world):
         await dev.expect_nothing()
 
 
-async def test_disconnect_before_ack_gives_failed_disconnected(server, client):
+async def test_disconnect_before_ack_queues_the_message(server, client):
     a = await client("alice", "a1")
     b = await client("alice", "b1")
     failed, routed = await send_with_ack(a, {"op": "send", "id": 7, "to": {"device": "b1"}, "type": "x"})
@@ -511,7 +511,7 @@ async def test_disconnect_before_ack_gives_failed_disconnected(server, client):
     assert (await b.recv_op("msg"))["id"] == 7
     await b.ws.close()
     receipt = await a.recv_op("receipt")
-    assert matches(receipt, {"op": "receipt", "id": 7, "status": "failed", "reason": "disconnected", "device": "b1"})
+    assert matches(receipt, {"op": "receipt", "id": 7, "status": "queued", "device": "b1"})
 
 
 # ---------------------------------------------------------------------------

@@ -388,7 +388,10 @@ async def test_pairing_without_approval_and_credential_hello(tmp_path: Path):
         # the new device is reachable at once
         await phone.send({"op": "send", "id": "hi", "to": {"device": paired["device"]}, "type": "x", "ack": True})
         assert (await phone.recv_op("receipt"))["devices"] == [paired["device"]]
-        assert (await laptop.recv_op("msg"))["from"] == "alice-phone"
+        hello_msg = await laptop.recv_op("msg")
+        assert hello_msg["from"] == "alice-phone"
+        await laptop.send({"op": "ack", "seq": hello_msg["seq"]})  # else it waits in the inbox for the next hello
+        assert (await phone.recv_op("receipt"))["status"] == "delivered"
 
         # section 8: the server stores only the credential's SHA-256, never the credential itself
         for path in Path(net.server.node.settings.data_dir).rglob("*"):
@@ -960,10 +963,10 @@ async def test_close_1000_ends_session(net):
     assert (await desk.recv_op("msg"))["seq"] == 1
 
     await desk.ws.close(1000)
-    # its unacked messages fail at once
-    failed = await phone.recv_op("receipt")
-    assert failed["id"] == "e1" and failed["status"] == "failed", failed
-    assert failed["reason"] == "disconnected" and failed["device"] == "alice-desktop", failed
+    # its unacked messages move to the device's inbox at once
+    queued = await phone.recv_op("receipt")
+    assert queued["id"] == "e1" and queued["status"] == "queued", queued
+    assert queued["device"] == "alice-desktop", queued
 
     back = await net.hello("alice", "alice-desktop", no_device=True,
                            resume={"session": desk.welcome["session"], "last_seq": 0})
@@ -971,7 +974,12 @@ async def test_close_1000_ends_session(net):
     assert back.welcome["resume_error"] == "unknown_session", back.welcome
     assert back.welcome["session"] != desk.welcome["session"], back.welcome
     assert back.welcome["next_seq"] == 1, back.welcome
-    await back.expect_nothing()  # nothing redelivered
+    # the new session gets the inbox: the message again, with a new seq
+    again = await back.recv_op("msg")
+    assert (again["id"], again["seq"]) == ("e1", 1), again
+    await back.send({"op": "ack", "seq": 1})
+    assert (await phone.recv_op("receipt"))["status"] == "delivered"
+    await back.expect_nothing()
 
     # a session that never existed
     other = await net.hello("alice", "alice-tablet", resume={"session": "never-was", "last_seq": 3})

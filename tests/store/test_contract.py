@@ -12,14 +12,22 @@ from rccs.store import (
     CHANGE_DEVICE,
     CHANGE_SESSION,
     CHANGE_USER,
+    OVERFLOW_DROP_OLDEST,
+    OVERFLOW_REJECT,
+    PRIORITY_EMERGENCY,
+    PRIORITY_HIGH,
+    PRIORITY_LOW,
+    PRIORITY_NORMAL,
     STATUS_AWAY,
     STATUS_OFFLINE,
     STATUS_ONLINE,
     AlreadyExists,
+    DeadLetter,
     DeviceRecord,
     MemoryStore,
     PairingCode,
     PendingMessage,
+    QueuedMessage,
     SessionRecord,
     SqliteStore,
     StoreError,
@@ -705,3 +713,501 @@ async def test_sessions_of_a_revoked_device_are_not_written_back(store):
     await store.put_sessions([make_session("s-phone", device="phone", messages_in=9),
                               make_session("s-other", user="bob", device="bob-pc")])
     assert await ids_of_sessions(store) == ["s-other"]
+
+
+# ---- durable inboxes -----------------------------------------------------------------------
+
+ANY_COUNT = 1_000_000
+ANY_BYTES = 1_000_000_000
+POLICIES = (OVERFLOW_REJECT, OVERFLOW_DROP_OLDEST)
+
+
+def queued(msg_id, device="laptop", priority=PRIORITY_NORMAL, body=b"body", user="alice", **fields):
+    return QueuedMessage(device=device, user=user, sender_device="phone", msg_id=msg_id, type="note", body=body,
+                         ts=NOW, priority=priority, **fields)
+
+
+def sized(msg_id, size, device="laptop", priority=PRIORITY_NORMAL):
+    """A message of exactly ``size`` against the byte cap."""
+    message = queued(msg_id, device, priority, body=b"")
+    message.body = b"x" * (size - message.size)
+    assert message.size == size
+    return message
+
+
+async def enqueue(store, *messages, max_count=ANY_COUNT, max_bytes=ANY_BYTES, policy=OVERFLOW_REJECT):
+    return await store.enqueue(list(messages), max_count, max_bytes, policy)
+
+
+def msg_ids(messages):
+    return [message.msg_id for message in messages]
+
+
+async def msg_ids_in(store, device_id="laptop", now=NOW, limit=1000):
+    return msg_ids(await store.inbox(device_id, now, limit))
+
+
+async def dead_msg_ids(store, user_id=None, device_id=None, limit=1000):
+    return msg_ids(letter.message for letter in await store.dead_letters(user_id, device_id, limit))
+
+
+async def test_an_enqueued_message_round_trips_every_field(store):
+    message = QueuedMessage(device="laptop", user="alice", sender_device="phone", msg_id="m-1", type="task_start",
+                            body=b"\x81\xa4task\xa5build\x00\xff", ts=NOW, priority=PRIORITY_EMERGENCY,
+                            expires_at=NOW + HOUR, receipt=True, attempts=2)
+    outcome = await store.enqueue([message], ANY_COUNT, ANY_BYTES, OVERFLOW_REJECT)
+    assert (outcome.rejected, outcome.dropped) == ([], [])
+    [stored] = outcome.stored
+    assert stored.id > 0
+    assert stored == dataclasses.replace(message, id=stored.id)
+    assert message.id == 0  # the caller's record is left alone
+    assert await store.inbox("laptop", NOW) == [stored]
+    assert await store.inbox_size("laptop") == (1, message.size)
+    assert await store.inbox_size("phone") == (0, 0)
+
+
+@pytest.mark.parametrize("msg_id", ["m-1", "5", "", "é✓", 5, 0, -1, -(2**63), 2**63 - 1, 2**63, 2**64 - 1])
+async def test_a_message_id_keeps_its_type_and_value_also_through_the_dead_letters(store, msg_id):
+    [stored] = (await enqueue(store, queued(msg_id))).stored
+    [listed] = await store.inbox("laptop", NOW)
+    await store.dead_letter([stored.id], "undeliverable", NOW)
+    [letter] = await store.dead_letters()
+    [redriven] = await store.redrive()
+    [removed] = await store.remove_queued([stored.id])
+    for message in (stored, listed, letter.message, redriven, removed):
+        assert (type(message.msg_id), message.msg_id) == (type(msg_id), msg_id)
+
+
+async def test_a_body_given_as_a_bytearray_is_copied_and_comes_back_as_bytes(store):
+    body = bytearray(b"\x01\x02")
+    outcome = await enqueue(store, queued(1, body=body))
+    body[0] = 0xFF
+    for message in (outcome.stored[0], (await store.inbox("laptop", NOW))[0]):
+        assert (type(message.body), message.body) == (bytes, b"\x01\x02")
+
+
+async def test_ids_increase_in_the_order_given_across_inboxes_and_priorities(store):
+    outcome = await enqueue(store, queued(1, "laptop"), queued(2, "phone", PRIORITY_LOW),
+                            queued(3, "laptop", PRIORITY_EMERGENCY), queued(4, "tablet"))
+    assert msg_ids(outcome.stored) == [1, 2, 3, 4]
+    ids = [message.id for message in outcome.stored]
+    assert ids == sorted(set(ids))
+    assert ids[0] > 0
+    [later] = (await enqueue(store, queued(5, "phone"))).stored
+    assert later.id > ids[-1]
+
+
+async def test_ids_are_never_reused_after_any_kind_of_delete(store):
+    stored = (await enqueue(store, *(queued(n) for n in range(5)), queued("expiring", expires_at=NOW))).stored
+    highest = stored[-1].id
+    # The newest messages leave by every way out of an inbox.
+    assert msg_ids(await store.take_expired(NOW)) == ["expiring"]
+    await store.remove_queued([stored[4].id])
+    await store.dead_letter([stored[3].id], "undeliverable", NOW)
+    await store.purge("laptop", dead_letters=True)
+    await store.purge("laptop")
+    assert await store.inbox_size("laptop") == (0, 0)
+    [again] = (await enqueue(store, queued("again"))).stored
+    assert again.id > highest
+
+
+async def test_the_inbox_comes_in_delivery_order_priority_high_to_low_then_id(store):
+    await enqueue(store, queued("n1"), queued("l1", priority=PRIORITY_LOW), queued("e1", priority=PRIORITY_EMERGENCY),
+                  queued("n2"), queued("other", "phone", PRIORITY_EMERGENCY), queued("l2", priority=PRIORITY_LOW),
+                  queued("e2", priority=PRIORITY_EMERGENCY), queued("h1", priority=PRIORITY_HIGH))
+    assert await msg_ids_in(store) == ["e1", "e2", "h1", "n1", "n2", "l1", "l2"]
+    assert await msg_ids_in(store, limit=3) == ["e1", "e2", "h1"]  # the first page
+    assert await msg_ids_in(store, limit=0) == []
+    assert await msg_ids_in(store, limit=-1) == []  # SQLite would read LIMIT -1 as no limit
+    assert await msg_ids_in(store, "phone") == ["other"]
+    assert await msg_ids_in(store, "nobody") == []
+
+
+async def test_expired_messages_leave_the_inbox_at_once_but_count_until_taken(store):
+    stored = (await enqueue(store, queued("gone", expires_at=NOW - 1), queued("edge", expires_at=NOW),
+                            queued("later", expires_at=NOW + 1), queued("never"))).stored
+    assert await msg_ids_in(store, now=NOW) == ["later", "never"]
+    assert await msg_ids_in(store, now=NOW - 1) == ["edge", "later", "never"]
+    assert await msg_ids_in(store, now=NOW, limit=1) == ["later"]  # a page is of unexpired messages
+    assert await store.inbox_size("laptop") == (4, sum(message.size for message in stored))
+
+    assert await store.take_expired(NOW) == stored[:2]
+
+    assert await store.inbox_size("laptop") == (2, stored[2].size + stored[3].size)
+    assert await store.take_expired(NOW) == []
+    assert await msg_ids_in(store, now=NOW) == ["later", "never"]
+
+
+async def test_expired_messages_are_taken_oldest_id_first_across_inboxes_at_most_limit(store):
+    # "a" is older by id but expired later than "b": the order is by id.
+    await enqueue(store, queued("a", "phone", PRIORITY_LOW, expires_at=NOW - 1),
+                  queued("b", "laptop", PRIORITY_EMERGENCY, expires_at=NOW - 5),
+                  queued("c", "phone", expires_at=NOW - 3), queued("kept", "phone", expires_at=NOW + 1))
+    assert msg_ids(await store.take_expired(NOW, limit=2)) == ["a", "b"]
+    assert await store.take_expired(NOW, limit=0) == []
+    assert await store.take_expired(NOW, limit=-1) == []
+    assert msg_ids(await store.take_expired(NOW)) == ["c"]
+    assert msg_ids(await store.take_expired(NOW + 1)) == ["kept"]
+
+
+async def test_expired_messages_still_count_against_the_caps(store):
+    await enqueue(store, queued("gone", expires_at=NOW - 1))
+    outcome = await enqueue(store, queued("new"), max_count=1)
+    assert msg_ids(outcome.rejected) == ["new"]
+    await store.take_expired(NOW)
+    assert msg_ids((await enqueue(store, queued("new"), max_count=1)).stored) == ["new"]
+
+
+async def test_a_full_inbox_refuses_new_messages_under_the_reject_policy(store):
+    await enqueue(store, queued(1), queued(2), max_count=2)
+    outcome = await enqueue(store, queued(3, priority=PRIORITY_EMERGENCY), queued(4, "phone"), max_count=2)
+    assert msg_ids(outcome.rejected) == [3]
+    assert outcome.rejected[0].id == 0  # never stored, so no id
+    assert msg_ids(outcome.stored) == [4]
+    assert outcome.dropped == []
+    assert await msg_ids_in(store) == [1, 2]
+
+
+async def test_the_byte_cap_is_the_sum_of_the_message_sizes(store):
+    await enqueue(store, sized("a", 30), sized("b", 30), max_bytes=100)
+    outcome = await enqueue(store, sized("c", 41), sized("d", 40), sized("e", 10), max_bytes=100)
+    assert msg_ids(outcome.rejected) == ["c", "e"]  # 101 bytes; then full to the byte
+    assert msg_ids(outcome.stored) == ["d"]
+    assert await store.inbox_size("laptop") == (3, 100)
+
+
+async def test_drop_oldest_removes_the_oldest_message_of_the_lowest_priority_present(store):
+    stored = (await enqueue(store, queued("n1"), queued("l1", priority=PRIORITY_LOW),
+                            queued("e1", priority=PRIORITY_EMERGENCY), queued("l2", priority=PRIORITY_LOW),
+                            queued("n2"))).stored
+
+    async def push(msg_id, priority=PRIORITY_NORMAL):
+        outcome = await enqueue(store, queued(msg_id, priority=priority), max_count=5, policy=OVERFLOW_DROP_OLDEST)
+        assert (msg_ids(outcome.stored), outcome.rejected) == ([msg_id], [])
+        return outcome.dropped
+
+    assert await push("n3") == [stored[1]]  # l1, whole
+    assert msg_ids(await push("n4")) == ["l2"]
+    assert msg_ids(await push("e2", PRIORITY_EMERGENCY)) == ["n1"]  # no low message left: the oldest normal one
+    # The rule looks at the inbox only: a low newcomer still makes room, here by dropping a normal message,
+    assert msg_ids(await push("l3", PRIORITY_LOW)) == ["n2"]
+    # and then it is the lowest priority present, so it goes first although it is the newest.
+    assert msg_ids(await push("n5")) == ["l3"]
+    assert await msg_ids_in(store) == ["e1", "e2", "n3", "n4", "n5"]
+    assert await store.inbox_size("laptop") == (5, sum(message.size for message in await store.inbox("laptop", NOW)))
+
+
+async def test_drop_oldest_drops_as_many_messages_as_the_newcomer_needs(store):
+    await enqueue(store, sized("b", 30), sized("a", 30, priority=PRIORITY_LOW), sized("c", 30), sized("x", 30, "phone"))
+    outcome = await enqueue(store, sized("d", 70), max_bytes=100, policy=OVERFLOW_DROP_OLDEST)
+    assert msg_ids(outcome.dropped) == ["a", "b"]
+    assert msg_ids(outcome.stored) == ["d"]
+    assert await msg_ids_in(store) == ["c", "d"]
+    assert await store.inbox_size("laptop") == (2, 100)
+    assert await store.inbox_size("phone") == (1, 30)
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+async def test_a_message_alone_larger_than_max_bytes_is_rejected_under_either_policy(store, policy):
+    await enqueue(store, sized("a", 40), max_bytes=100, policy=policy)
+    outcome = await enqueue(store, sized("huge", 101), sized("b", 60), max_bytes=100, policy=policy)
+    assert msg_ids(outcome.rejected) == ["huge"]
+    assert msg_ids(outcome.stored) == ["b"]
+    assert outcome.dropped == []  # nothing was dropped for a message that could never fit
+    assert await msg_ids_in(store) == ["a", "b"]
+    exact = await enqueue(store, sized("exact", 100, "phone"), max_bytes=100, policy=policy)
+    assert msg_ids(exact.stored) == ["exact"]
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+async def test_no_message_fits_an_inbox_capped_at_zero_messages(store, policy):
+    await enqueue(store, queued("old"))
+    outcome = await enqueue(store, queued("new"), max_count=0, policy=policy)
+    assert (msg_ids(outcome.rejected), outcome.stored, outcome.dropped) == (["new"], [], [])
+    assert await msg_ids_in(store) == ["old"]
+
+
+async def test_the_caps_count_earlier_messages_of_the_same_batch(store):
+    await enqueue(store, queued("old"))
+    outcome = await enqueue(store, *(queued(n) for n in range(4)), queued("p", "phone"), max_count=3)
+    assert msg_ids(outcome.stored) == [0, 1, "p"]
+    assert msg_ids(outcome.rejected) == [2, 3]
+    ids = [message.id for message in outcome.stored]
+    assert ids == sorted(ids)
+    assert await msg_ids_in(store) == ["old", 0, 1]
+
+
+async def test_drop_oldest_in_one_batch_may_drop_messages_of_that_batch(store):
+    """A batch does what the same messages enqueued one call at a time would do: each message given is
+    stored or rejected, and ``dropped`` also lists those of the batch that later ones pushed out."""
+    outcome = await enqueue(store, *(queued(n) for n in range(5)), max_count=3, policy=OVERFLOW_DROP_OLDEST)
+    assert msg_ids(outcome.stored) == [0, 1, 2, 3, 4]
+    assert outcome.dropped == outcome.stored[:2]
+    assert outcome.rejected == []
+    assert await msg_ids_in(store) == [2, 3, 4]
+    assert await store.inbox_size("laptop") == (3, sum(message.size for message in outcome.stored[2:]))
+
+
+async def test_an_empty_batch_stores_nothing(store):
+    outcome = await store.enqueue([], 1, 1, OVERFLOW_REJECT)
+    assert (outcome.stored, outcome.rejected, outcome.dropped) == ([], [], [])
+
+
+async def test_an_unknown_overflow_policy_is_refused(store):
+    with pytest.raises(ValueError, match="drop_newest"):
+        await store.enqueue([queued(1)], ANY_COUNT, ANY_BYTES, "drop_newest")
+    assert await store.inbox_size("laptop") == (0, 0)
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+async def test_messages_for_a_revoked_device_are_rejected(store, policy):
+    await add_users(store, "alice", "bob")
+    for device in (make_device("laptop"), make_device("phone"), make_device("bob-pc", user="bob")):
+        await store.put_device(device)
+    await store.revoke_device("laptop", NOW)
+    await store.remove_user("bob", NOW)  # revokes bob-pc
+    cursor = await store.last_change()
+
+    outcome = await enqueue(store, queued(1, "laptop"), queued(2, "phone"), queued(3, "bob-pc", user="bob"),
+                            queued(4, "unknown"), policy=policy)
+
+    assert msg_ids(outcome.rejected) == [1, 3]
+    # The rule rejects revoked devices only; a device the store does not know is not revoked.
+    assert msg_ids(outcome.stored) == [2, 4]
+    assert outcome.dropped == []
+    assert await store.inbox_size("laptop") == (0, 0)
+    assert await store.inbox_size("bob-pc") == (0, 0)
+    assert await new_changes(store, cursor) == []
+
+
+async def test_revoking_a_device_or_removing_its_user_keeps_its_inbox_and_dead_letters(store):
+    """The server fails what is left to its senders, then purges: the store must not delete it first."""
+    await add_users(store, "alice", "bob")
+    await store.put_device(make_device("laptop"))
+    await store.put_device(make_device("bob-pc", user="bob"))
+    stored = (await enqueue(store, queued(1), queued(2), queued(3, "bob-pc", user="bob"),
+                            queued(4, "bob-pc", user="bob"))).stored
+    await store.dead_letter([stored[1].id, stored[3].id], "undeliverable", NOW)
+
+    await store.revoke_device("laptop", NOW)
+    await store.remove_user("bob", NOW)
+
+    assert await store.inbox("laptop", NOW) == [stored[0]]
+    assert await store.inbox("bob-pc", NOW) == [stored[2]]
+    assert await store.inbox_size("bob-pc") == (1, stored[2].size)
+    assert await dead_msg_ids(store) == [2, 4]
+    assert await store.purge("laptop") == 1
+    assert await store.purge("bob-pc", dead_letters=True) == 1
+    assert await dead_msg_ids(store) == [2]
+
+
+async def test_removing_queued_messages_returns_the_ones_that_existed_by_id(store):
+    stored = (await enqueue(store, queued(1), queued(2), queued(3, priority=PRIORITY_EMERGENCY),
+                            queued(4, "phone"))).stored
+    removed = await store.remove_queued([stored[2].id, stored[0].id, stored[0].id, 999_999_999])
+    assert removed == [stored[0], stored[2]]
+    assert await store.remove_queued([stored[0].id]) == []
+    assert await store.remove_queued([]) == []
+    assert await msg_ids_in(store) == [2]
+    assert await store.inbox_size("laptop") == (1, stored[1].size)
+    assert await msg_ids_in(store, "phone") == [4]
+
+
+async def test_counting_attempts_adds_one_per_message(store):
+    stored = (await enqueue(store, queued(1), queued(2), queued(3, "phone"))).stored
+    await store.count_attempts([stored[0].id, stored[0].id, stored[2].id, 999_999_999])  # twice in one call: once
+    await store.count_attempts([stored[0].id])
+    await store.count_attempts([])
+    assert [message.attempts for message in await store.inbox("laptop", NOW)] == [2, 0]
+    assert [message.attempts for message in await store.inbox("phone", NOW)] == [1]
+    assert [message.attempts for message in await store.remove_queued([stored[0].id])] == [2]
+
+
+async def test_dead_lettering_moves_messages_out_of_the_inboxes(store):
+    stored = (await enqueue(store, queued(1), queued(2), queued(3, "phone"), queued(4, "bob-pc", user="bob"))).stored
+    await store.count_attempts([stored[1].id])
+
+    moved = await store.dead_letter([stored[3].id, stored[1].id, stored[2].id, 999_999_999], "undeliverable", NOW + 5)
+
+    assert moved == [dataclasses.replace(stored[1], attempts=1), stored[2], stored[3]]  # by id, attempts kept
+    assert await msg_ids_in(store) == [1]
+    assert await store.inbox_size("laptop") == (1, stored[0].size)
+    assert await store.inbox_size("phone") == (0, 0)
+    assert await store.remove_queued([stored[1].id]) == []
+    assert await store.dead_letter([stored[1].id], "again", NOW + 6) == []  # not in an inbox any more
+    assert await store.dead_letter([], "none", NOW) == []
+    assert await store.dead_letters() == [DeadLetter(message=message, reason="undeliverable", at=NOW + 5)
+                                          for message in moved]
+
+
+async def test_dead_letters_are_listed_oldest_id_first_by_device_user_or_all(store):
+    stored = (await enqueue(store, queued(1, "phone"), queued(2, "laptop"), queued(3, "bob-pc", user="bob"),
+                            queued(4, "phone"))).stored
+    # Moved newest first, in two calls: the listing goes by id, not by when a message was moved.
+    await store.dead_letter([stored[3].id], "expired", NOW + 2)
+    await store.dead_letter([message.id for message in stored[:3]], "undeliverable", NOW + 1)
+
+    assert await dead_msg_ids(store) == [1, 2, 3, 4]
+    assert await dead_msg_ids(store, user_id="alice") == [1, 2, 4]
+    assert await dead_msg_ids(store, device_id="phone") == [1, 4]
+    assert await dead_msg_ids(store, user_id="alice", device_id="phone") == [1, 4]
+    assert await dead_msg_ids(store, user_id="bob", device_id="phone") == []
+    assert await dead_msg_ids(store, user_id="nobody") == []
+    assert await dead_msg_ids(store, limit=2) == [1, 2]
+    assert await dead_msg_ids(store, limit=0) == []
+    assert await dead_msg_ids(store, limit=-1) == []
+    assert [(letter.reason, letter.at) for letter in await store.dead_letters(device_id="phone")] == [
+        ("undeliverable", NOW + 1), ("expired", NOW + 2),
+    ]
+
+
+async def test_redrive_puts_dead_letters_back_under_their_ids_with_no_attempts(store):
+    stored = (await enqueue(store, queued(1), queued(2), queued(3))).stored
+    await store.count_attempts([stored[0].id])
+    await store.dead_letter([stored[0].id, stored[1].id], "undeliverable", NOW)
+    await enqueue(store, queued(4))
+
+    assert await store.redrive([stored[0].id, 999_999_999]) == [stored[0]]  # attempts back to 0
+
+    assert await msg_ids_in(store) == [1, 3, 4]  # back in its place: delivery order goes by id
+    assert await dead_msg_ids(store) == [2]
+    assert await store.redrive([]) == []  # no ids is nothing, not everything
+    assert await dead_msg_ids(store) == [2]
+    assert await store.redrive() == [stored[1]]
+    assert await msg_ids_in(store) == [1, 2, 3, 4]
+    assert await store.inbox_size("laptop") == (4, sum(message.size for message in await store.inbox("laptop", NOW)))
+    assert await store.redrive() == []
+
+
+async def test_redrive_ignores_the_caps_which_then_count_the_redriven_messages(store):
+    stored = (await enqueue(store, queued(1), queued(2), max_count=2)).stored
+    await store.dead_letter([stored[0].id], "undeliverable", NOW)
+    await enqueue(store, queued(3), max_count=2)
+
+    assert msg_ids(await store.redrive()) == [1]
+
+    assert await msg_ids_in(store) == [1, 2, 3]
+    assert (await store.inbox_size("laptop"))[0] == 3
+    outcome = await enqueue(store, queued(4), max_count=2, policy=OVERFLOW_DROP_OLDEST)
+    assert msg_ids(outcome.dropped) == [1, 2]
+    assert await msg_ids_in(store) == [3, 4]
+
+
+async def test_redrive_by_device_or_by_ids_of_one_device(store):
+    stored = (await enqueue(store, queued(1), queued(2, "phone"), queued(3))).stored
+    await store.dead_letter([message.id for message in stored], "undeliverable", NOW)
+
+    assert msg_ids(await store.redrive(device_id="laptop")) == [1, 3]
+    assert await dead_msg_ids(store) == [2]
+    assert await store.redrive([stored[1].id], device_id="laptop") == []  # both given: those ids of that device
+    assert await dead_msg_ids(store) == [2]
+    assert msg_ids(await store.redrive([stored[1].id], device_id="phone")) == [2]
+    assert await msg_ids_in(store, "phone") == [2]
+
+
+async def test_purge_deletes_one_device_s_whole_inbox_or_its_dead_letters(store):
+    stored = (await enqueue(store, queued(1), queued(2, expires_at=NOW - 1), queued(3), queued(4, "phone"))).stored
+    await store.dead_letter([stored[2].id], "undeliverable", NOW)
+
+    assert await store.purge("laptop") == 2  # the expired message too
+
+    assert await store.inbox_size("laptop") == (0, 0)
+    assert await store.take_expired(NOW) == []
+    assert await msg_ids_in(store, "phone") == [4]
+    assert await dead_msg_ids(store) == [3]
+    assert await store.purge("laptop", dead_letters=True) == 1
+    assert await store.dead_letters() == []
+    assert await store.purge("laptop") == 0
+    assert await store.purge("nobody", dead_letters=True) == 0
+    # The purged inbox counts nothing against the caps.
+    assert msg_ids((await enqueue(store, queued(5), max_count=1, max_bytes=queued(5).size)).stored) == [5]
+
+
+async def test_inboxes_append_no_change(store):
+    stored = (await enqueue(store, queued(1), queued(2), queued(3, expires_at=NOW))).stored
+    await store.count_attempts([stored[0].id])
+    await store.dead_letter([stored[0].id], "undeliverable", NOW)
+    await store.redrive()
+    await store.remove_queued([stored[0].id])
+    await store.take_expired(NOW)
+    await store.purge("laptop")
+    await store.add_receipts([("phone", {"op": "receipt"})])
+    await store.take_receipts("phone")
+    assert await store.last_change() == 0
+
+
+async def test_queued_records_given_and_handed_out_are_copies(store):
+    message = queued(1)
+    outcome = await enqueue(store, message, queued(2, "phone"), queued("too-big", body=b"x" * 100), max_bytes=50)
+    message.priority = PRIORITY_LOW
+    message.msg_id = 99
+    outcome.stored[0].attempts = 9
+    outcome.rejected[0].body = b""
+    for page in (await store.inbox("laptop", NOW), await store.redrive(), await store.take_expired(NOW + HOUR)):
+        for handed_out in page:
+            handed_out.attempts = 7
+    [back] = await store.inbox("laptop", NOW)
+    assert (back.msg_id, back.priority, back.attempts) == (1, PRIORITY_NORMAL, 0)
+    assert message.id == 0
+    assert outcome.rejected[0] is not outcome.stored[0]
+
+    await store.dead_letter([back.id], "undeliverable", NOW)
+    [letter] = await store.dead_letters()
+    letter.message.attempts = 5
+    letter.reason = "changed"
+    [letter] = await store.dead_letters()
+    assert (letter.message.attempts, letter.reason) == (0, "undeliverable")
+    [redriven] = await store.redrive()
+    redriven.priority = PRIORITY_EMERGENCY
+    assert (await store.inbox("laptop", NOW))[0].priority == PRIORITY_NORMAL
+
+
+# ---- receipts for offline senders -------------------------------------------------------------
+
+
+async def test_receipts_are_kept_per_device_and_taken_oldest_first_once(store):
+    delivered = {"op": "receipt", "id": "m-1", "status": "delivered", "device": "laptop"}
+    failed = {"op": "receipt", "id": 7, "status": "failed", "reason": "expired", "device": "laptop"}
+    routed = {"op": "receipt", "id": 2**64 - 1, "status": "routed", "devices": ["laptop", "tv"],
+              "extra": {"nested": {"k": [1, 2.5, None, True, -(2**63)]}, 3: b"\x00\xff", "empty": {}}}
+    await store.add_receipts([("phone", delivered), ("tablet", failed)])
+    await store.add_receipts([("phone", routed)])
+    await store.add_receipts([])
+
+    taken = await store.take_receipts("phone")
+
+    assert taken == [delivered, routed]
+    assert (type(taken[0]["id"]), type(taken[1]["id"])) == (str, int)
+    assert type(taken[1]["extra"][3]) is bytes
+    assert await store.take_receipts("phone") == []  # taken means deleted
+    assert await store.take_receipts("tablet") == [failed]
+    assert await store.take_receipts("nobody") == []
+
+
+async def test_receipts_are_taken_at_most_limit_at_a_time(store):
+    await store.add_receipts([("phone", {"id": n}) for n in range(5)])
+    assert await store.take_receipts("phone", limit=2) == [{"id": 0}, {"id": 1}]
+    assert await store.take_receipts("phone", limit=0) == []
+    assert await store.take_receipts("phone", limit=-1) == []
+    await store.add_receipts([("phone", {"id": 5})])
+    assert await store.take_receipts("phone") == [{"id": n} for n in range(2, 6)]
+
+
+async def test_receipts_come_back_as_msgpack_gives_them(store):
+    await store.add_receipts([("phone", {"devices": ("laptop", "tv"), "body": bytearray(b"\x01")})])
+    assert await store.take_receipts("phone") == [{"devices": ["laptop", "tv"], "body": b"\x01"}]
+
+
+async def test_a_receipt_that_is_not_msgpack_is_refused_with_its_whole_batch(store):
+    with pytest.raises(StoreError, match="msgpack"):
+        await store.add_receipts([("phone", {"ok": 1}), ("phone", {"bad": object()})])
+    assert await store.take_receipts("phone") == []
+
+
+async def test_receipts_given_and_handed_out_are_copies(store):
+    envelope = {"op": "receipt", "nested": {"k": [1]}}
+    await store.add_receipts([("phone", envelope), ("phone", envelope)])
+    envelope["nested"]["k"].append(2)
+    first = await store.take_receipts("phone", limit=1)
+    first[0]["nested"]["k"].append(3)
+    assert await store.take_receipts("phone") == [{"op": "receipt", "nested": {"k": [1]}}]

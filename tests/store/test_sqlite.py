@@ -10,10 +10,16 @@ import pytest
 from rccs.store import (
     CHANGE_DEVICE,
     CHANGE_SESSION,
+    OVERFLOW_DROP_OLDEST,
+    OVERFLOW_REJECT,
+    PRIORITY_EMERGENCY,
+    PRIORITY_LOW,
     STATUS_AWAY,
+    DeadLetter,
     DeviceRecord,
     PairingCode,
     PendingMessage,
+    QueuedMessage,
     SessionRecord,
     SqliteStore,
     StoreError,
@@ -214,3 +220,158 @@ async def test_two_stores_writing_at_once_both_succeed(tmp_path):
         assert len(await first.list_devices("alice")) == 200
         seqs = [change.seq for change in await second.changes_since(0, limit=10_000)]
         assert len(seqs) == len(set(seqs)) == 201
+
+
+# ---- durable inboxes and receipts ---------------------------------------------------
+
+
+def queued(msg_id, device="laptop", **fields):
+    fields.setdefault("user", "alice")
+    fields.setdefault("ts", NOW)
+    return QueuedMessage(device=device, sender_device="phone", msg_id=msg_id, type="note", body=b"\x00body", **fields)
+
+
+async def enqueue(store, *messages, max_count=1_000_000, max_bytes=1_000_000_000, policy=OVERFLOW_REJECT):
+    return await store.enqueue(list(messages), max_count, max_bytes, policy)
+
+
+def inbox_totals_by_counting(path):
+    """(device, count, bytes) of every inbox, counted from its rows rather than read from inbox_totals."""
+    return read_file(path, "SELECT device, COUNT(*), SUM(size) FROM inbox GROUP BY device ORDER BY device")
+
+
+def inbox_totals_kept(path):
+    return read_file(path, "SELECT device, count, bytes FROM inbox_totals WHERE count > 0 ORDER BY device")
+
+
+async def test_queued_ids_are_never_reused_across_a_reopen(tmp_path):
+    path = tmp_path / "rccs.db"
+    async with opened(path) as store:
+        stored = (await enqueue(store, queued(1), queued(2), queued(3))).stored
+        # The newest message ends as a purged dead letter, the others acked: no row keeps the highest id.
+        await store.dead_letter([stored[2].id], "undeliverable", NOW)
+        await store.purge("laptop", dead_letters=True)
+        await store.remove_queued([message.id for message in stored])
+        assert read_file(path, "SELECT COUNT(*) FROM inbox") == [(0,)]
+
+    async with opened(path) as store:
+        [again] = (await enqueue(store, queued(4))).stored
+        assert again.id > stored[2].id
+
+
+async def test_receipt_ids_are_never_reused_so_order_survives_deletes_and_a_reopen(tmp_path):
+    path = tmp_path / "rccs.db"
+    async with opened(path) as store:
+        await store.add_receipts([("phone", {"n": 1}), ("phone", {"n": 2})])
+        await store.take_receipts("phone")
+    async with opened(path) as store:
+        await store.add_receipts([("phone", {"n": 3}), ("phone", {"n": 4})])
+        assert await store.take_receipts("phone") == [{"n": 3}, {"n": 4}]
+    assert read_file(path, "SELECT seq FROM sqlite_sequence WHERE name = 'receipts'") == [(4,)]
+
+
+async def test_inboxes_dead_letters_and_receipts_survive_closing_and_reopening(tmp_path):
+    path = tmp_path / "rccs.db"
+    async with opened(path) as store:
+        stored = (await enqueue(store, queued("m-1", priority=PRIORITY_LOW, expires_at=NOW + 5, receipt=True),
+                                queued(2**64 - 1, priority=PRIORITY_EMERGENCY), queued(-5, "phone"))).stored
+        await store.count_attempts([stored[2].id])
+        [dead] = await store.dead_letter([stored[2].id], "undeliverable", NOW + 1)
+        await store.add_receipts([("phone", {"op": "receipt", "id": 7, "nested": {1: [b"\x00"]}})])
+        sizes = [await store.inbox_size(device) for device in ("laptop", "phone")]
+
+    async with opened(path) as store:
+        assert await store.inbox("laptop", NOW) == [stored[1], stored[0]]
+        assert [await store.inbox_size(device) for device in ("laptop", "phone")] == sizes
+        assert await store.dead_letters() == [DeadLetter(message=dead, reason="undeliverable", at=NOW + 1)]
+        assert dead.attempts == 1
+        assert await store.take_receipts("phone") == [{"op": "receipt", "id": 7, "nested": {1: [b"\x00"]}}]
+        assert await store.take_expired(NOW + 5) == [stored[0]]
+
+
+async def test_a_file_of_schema_version_1_gets_the_inbox_tables_and_keeps_its_data(tmp_path, monkeypatch):
+    path = tmp_path / "rccs.db"
+    monkeypatch.setattr(sqlite_module, "MIGRATIONS", MIGRATIONS[:1])
+    async with opened(path) as store:
+        await store.add_user(UserRecord(id="alice", created=NOW))
+    assert read_file(path, "PRAGMA user_version") == [(1,)]
+    monkeypatch.setattr(sqlite_module, "MIGRATIONS", MIGRATIONS)
+
+    async with opened(path) as store:
+        assert [user.id for user in await store.list_users()] == ["alice"]
+        assert (await enqueue(store, queued(1))).stored[0].id == 1
+
+    assert read_file(path, "PRAGMA user_version") == [(len(MIGRATIONS),)]
+    names = {name for (name,) in read_file(path, "SELECT name FROM sqlite_master")}
+    assert {"inbox", "inbox_totals", "dead_letters", "receipts", "inbox_by_delivery", "inbox_by_expiry",
+            "dead_letters_by_device", "dead_letters_by_user", "receipts_by_device"} <= names
+
+
+async def test_a_batch_is_one_transaction_a_failing_message_stores_none_of_it(tmp_path):
+    path = tmp_path / "rccs.db"
+    async with opened(path) as store:
+        unbindable = queued("bad", ts=[NOW])  # SQLite cannot bind a list: fails inside the transaction
+        with pytest.raises(StoreError, match="binding"):
+            await enqueue(store, queued(1), queued(2, "phone"), unbindable)
+        assert await store.inbox_size("laptop") == (0, 0)
+        assert await store.inbox_size("phone") == (0, 0)
+        assert read_file(path, "SELECT COUNT(*) FROM inbox") == [(0,)]
+        assert (await enqueue(store, queued(3))).stored[0].msg_id == 3
+
+
+async def test_the_kept_inbox_totals_match_the_rows_after_every_kind_of_write(tmp_path):
+    path = tmp_path / "rccs.db"
+    async with opened(path) as store:
+        stored = (await enqueue(store, *(queued(n, "laptop" if n % 3 else "phone", expires_at=NOW + n)
+                                         for n in range(30)))).stored
+        await enqueue(store, *(queued(f"d{n}", priority=PRIORITY_LOW) for n in range(10)),
+                      max_count=25, policy=OVERFLOW_DROP_OLDEST)
+        await store.remove_queued([message.id for message in stored[:4]])
+        await store.take_expired(NOW + 10)
+        await store.dead_letter([message.id for message in stored[20:26]], "undeliverable", NOW)
+        await store.redrive(device_id="phone")
+        await store.purge("tablet")
+        counted = inbox_totals_by_counting(path)
+        assert counted  # something is left to compare
+        assert inbox_totals_kept(path) == counted
+        assert [(device, *await store.inbox_size(device)) for device, _, _ in counted] == counted
+        await store.purge("phone")
+        await store.purge("laptop")
+        assert inbox_totals_kept(path) == []
+
+
+async def test_another_process_s_inbox_writes_count_in_the_server_s_caps(tmp_path):
+    """The CLI redrives or purges from its own connection; the server's next enqueue must see that."""
+    path = tmp_path / "rccs.db"
+    async with opened(path) as server, opened(path) as cli:
+        stored = (await enqueue(server, queued(1), queued(2), max_count=2)).stored
+        assert (await enqueue(server, queued(3), max_count=2)).rejected
+        await cli.dead_letter([stored[0].id], "undeliverable", NOW)
+        assert [message.msg_id for message in (await enqueue(server, queued(3), max_count=2)).stored] == [3]
+        await cli.redrive()
+        assert await server.inbox_size("laptop") == (3, 3 * queued(1).size)
+        await cli.purge("laptop")
+        assert await server.inbox_size("laptop") == (0, 0)
+
+
+@pytest.mark.parametrize(("query", "index"), [
+    (sqlite_module.SELECT_INBOX_PAGE, "inbox_by_delivery"),
+    (sqlite_module.SELECT_LOWEST_PRIORITY, "inbox_by_delivery"),
+    (sqlite_module.SELECT_OLDEST_OF_PRIORITY, "inbox_by_delivery"),
+    (sqlite_module.SELECT_EXPIRED_IDS, "inbox_by_expiry"),
+    (f"{sqlite_module.SELECT_DEAD} WHERE device = ? ORDER BY id LIMIT ?", "dead_letters_by_device"),
+    (f"{sqlite_module.SELECT_DEAD} WHERE user = ? ORDER BY id LIMIT ?", "dead_letters_by_user"),
+    (sqlite_module.TAKE_RECEIPTS, "receipts_by_device"),
+])
+async def test_the_inbox_queries_use_their_index_and_sort_nothing_they_need_not(tmp_path, query, index):
+    """A page of a long inbox must not sort or scan the whole inbox."""
+    path = tmp_path / "rccs.db"
+    async with opened(path):
+        pass
+    parameters = ["x"] * query.count("?")
+    with contextlib.closing(sqlite3.connect(str(path))) as db:
+        plan = " / ".join(row[3] for row in db.execute(f"EXPLAIN QUERY PLAN {query}", parameters))
+    assert f"INDEX {index}" in plan
+    assert "SCAN" not in plan
+    if index != "inbox_by_expiry":  # the expired set is sorted by id: it is small, the inbox may not be
+        assert "TEMP B-TREE" not in plan

@@ -1,0 +1,290 @@
+"""Durable delivery: per-device inboxes, receipts for offline senders, redelivery, dead letters, idempotency.
+
+Which messages are kept: a ``send`` with ``ack: true`` is the sender asking to be
+told what happened, so its targets that are offline get it in their durable
+inbox (receipt ``queued``), and with ``durable: true`` even online targets get
+it through the inbox (receipt ``accepted`` once committed). Messages without
+``ack`` are live only. A live ``ack: true`` message that is not acked in time
+(or whose device goes away for good) moves to the inbox as well.
+
+Group commit: inbox writes requested during one event-loop turn become one
+store call, one transaction; acks (removals) likewise.
+
+Redelivery: every message written to a device and not acked has a deadline
+(``ack_timeout``, doubling with each attempt, with jitter). Past it the message
+is written again on the same connection (with its seq: a client that already
+processed it acks again), and when a device connects, its inbox is delivered.
+Each delivery counts as an attempt; after ``max_delivery_attempts`` the message
+becomes a dead letter and its sender gets ``failed``/``undeliverable``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections import OrderedDict
+from typing import TYPE_CHECKING, Any
+
+from ._fastpath import EnvelopeError, decode_envelope
+from .errors import ProtocolError, ReceiptReason
+from .protocol import NIL, json_loads, json_value_to_msgpack
+from .store.base import QueuedMessage
+
+if TYPE_CHECKING:
+    from .hub import Hub
+    from .session import Session
+
+log = logging.getLogger("rccs.inbox")
+
+INBOX_PAGE = 1000
+
+
+def receipt(msg_id: str | int, status: str, device: str | None = None, reason: str | None = None) -> dict[str, Any]:
+    envelope: dict[str, Any] = {"op": "receipt", "id": msg_id, "status": status}
+    if device is not None:
+        envelope["device"] = device
+    if reason is not None:
+        envelope["reason"] = reason
+    return envelope
+
+
+class Deliveries:
+    """The hub's durable delivery machinery. Event loop thread only."""
+
+    def __init__(self, hub: Hub):
+        self.hub = hub
+        self.settings = hub.settings
+        self._to_enqueue: list[tuple[QueuedMessage, str]] = []  # (message, receipt status once stored)
+        self._to_remove: list[int] = []
+        self._to_count: list[int] = []
+        self._receipts: list[tuple[str, dict[str, Any]]] = []
+        self._flush_scheduled = False
+        self._flush_lock = asyncio.Lock()
+        self.in_flight: dict[int, Session] = {}  # inbox id -> the connection it was last written to
+        # Idempotency: per sender device, recent ack:true message ids -> (time, body hash).
+        self._seen: dict[str, OrderedDict[str | int, tuple[int, int]]] = {}
+        self.stats = {"enqueued": 0, "rejected": 0, "dropped": 0, "expired": 0, "dead_lettered": 0,
+                      "redelivered": 0, "duplicates": 0, "receipts_kept": 0}
+
+    # ---- batching ------------------------------------------------------
+
+    def _schedule(self) -> None:
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._start_flush)
+
+    def _start_flush(self) -> None:
+        self._flush_scheduled = False
+        self.hub.spawn(self.flush())
+
+    async def flush(self) -> None:
+        """Write what was asked for so far: one enqueue batch, one removal batch, kept receipts.
+
+        Flushes run one at a time, so once ``flush()`` returns, everything asked for before the call
+        is in the store (a device's hello relies on this before it reads its inbox and receipts).
+        """
+        async with self._flush_lock:
+            enqueue, self._to_enqueue = self._to_enqueue, []
+            remove, self._to_remove = self._to_remove, []
+            count, self._to_count = self._to_count, []
+            receipts, self._receipts = self._receipts, []
+            store = self.hub.store
+            if enqueue:
+                await self._commit(enqueue)
+            if remove:
+                await store.remove_queued(remove)
+            if count:
+                await store.count_attempts(count)
+            if receipts:
+                await store.add_receipts(receipts)
+
+    async def _commit(self, batch: list[tuple[QueuedMessage, str]]) -> None:
+        settings = self.settings
+        outcome = await self.hub.store.enqueue([message for message, _ in batch], settings.inbox_max_messages,
+                                               settings.inbox_max_bytes, settings.inbox_overflow)
+        rejected = {(m.device, m.sender_device, m.msg_id) for m in outcome.rejected}
+        stored = iter(outcome.stored)
+        for message, status in batch:
+            if (message.device, message.sender_device, message.msg_id) in rejected:
+                self.stats["rejected"] += 1
+                self.send_receipt(message.user, message.sender_device,
+                                  receipt(message.msg_id, "failed", message.device, ReceiptReason.INBOX_FULL.value))
+                continue
+            kept = next(stored)
+            self.stats["enqueued"] += 1
+            self.send_receipt(message.user, message.sender_device, receipt(kept.msg_id, status, kept.device))
+            target = self.hub.online(kept.user, kept.device)
+            if target is not None and target.inbox_loaded:
+                self.deliver(target, kept)
+        for message in outcome.dropped:
+            self.stats["dropped"] += 1
+            self.in_flight.pop(message.id, None)
+            self.send_receipt(message.user, message.sender_device,
+                              receipt(message.msg_id, "failed", message.device, ReceiptReason.DROPPED.value))
+
+    # ---- receipts ------------------------------------------------------
+
+    def send_receipt(self, user: str, device: str, envelope: dict[str, Any]) -> None:
+        """To the sender device now, or kept in the store until it connects."""
+        target = self.hub.online(user, device)
+        if target is not None:
+            target.send_control(envelope)
+            return
+        self.stats["receipts_kept"] += 1
+        self._receipts.append((device, envelope))
+        self._schedule()
+
+    # ---- idempotency -----------------------------------------------------
+
+    def first_time(self, sender_device: str, msg_id: str | int, body: bytes, now: int) -> str | None:
+        """None for a new ack:true message id; ``"duplicate"`` for one seen with the same body within the
+        window (do not deliver again); ``"conflict"`` for one seen with a different body."""
+        seen = self._seen.get(sender_device)
+        if seen is None:
+            seen = self._seen[sender_device] = OrderedDict()
+        digest = hash(body)
+        previous = seen.get(msg_id)
+        window_ms = int(self.settings.idempotency_window * 1000)
+        if previous is not None and previous[0] + window_ms > now:
+            self.stats["duplicates"] += 1
+            return "duplicate" if previous[1] == digest else "conflict"
+        seen[msg_id] = (now, digest)
+        seen.move_to_end(msg_id)
+        if len(seen) > self.settings.idempotency_cache:
+            seen.popitem(last=False)
+        return None
+
+    # ---- queueing ------------------------------------------------------------
+
+    def enqueue(self, message: QueuedMessage, status: str) -> None:
+        """Keep a message in its target's inbox; ``status`` (queued/accepted) is the sender's receipt."""
+        self._to_enqueue.append((message, status))
+        self._schedule()
+
+    def deliver(self, session: Session, message: QueuedMessage) -> None:
+        """Write an inbox message to its device's connection (once per connection until acked)."""
+        if message.id in self.in_flight and self.in_flight[message.id] is session:
+            return
+        if message.attempts >= self.settings.max_delivery_attempts:
+            self.dead_letter([message])
+            return
+        seq = session.deliver_queued(message)
+        if seq is None:
+            return
+        self.in_flight[message.id] = session
+        message.attempts += 1
+        self._to_count.append(message.id)
+        self._schedule()
+
+    async def on_online(self, session: Session) -> None:
+        """A device said welcome: its kept receipts, then its inbox."""
+        store = self.hub.store
+        assert session.device is not None
+        await self.flush()
+        for envelope in await store.take_receipts(session.device):
+            session.send_control(envelope)
+        await self.load_inbox(session)
+
+    async def load_inbox(self, session: Session) -> None:
+        assert session.device is not None
+        messages = await self.hub.store.inbox(session.device, self.hub.now(), INBOX_PAGE)
+        session.inbox_loaded = True
+        session.inbox_more = len(messages) >= INBOX_PAGE
+        for message in messages:
+            if session.state_is_open():
+                self.deliver(session, message)
+
+    def on_acked(self, session: Session, inbox_id: int) -> None:
+        self.in_flight.pop(inbox_id, None)
+        self._to_remove.append(inbox_id)
+        self._schedule()
+        if session.inbox_more and not session.inbox_ids:
+            session.inbox_more = False
+            self.hub.spawn(self._load_after_flush(session))
+
+    async def _load_after_flush(self, session: Session) -> None:
+        await self.flush()
+        if session.state_is_open():
+            await self.load_inbox(session)
+
+    def count_attempt(self, inbox_id: int) -> None:
+        self._to_count.append(inbox_id)
+        self._schedule()
+
+    def dead_letter_ids(self, ids: list[int], entry: tuple[Any, ...]) -> None:
+        """Inbox messages (written from the inbox, ``entry`` their pending tuple) that were never acked."""
+        for inbox_id in ids:
+            self.in_flight.pop(inbox_id, None)
+        self.stats["dead_lettered"] += len(ids)
+        self.send_receipt(entry[0], entry[1], receipt(entry[2], "failed", None, ReceiptReason.UNDELIVERABLE.value))
+        self.hub.spawn(self.hub.store.dead_letter(ids, ReceiptReason.UNDELIVERABLE.value, self.hub.now()))
+
+    def dead_letter_live(self, session: Session, entry: tuple[Any, ...]) -> None:
+        """A live message (never in the inbox) that was never acked: stored straight into the dead letters."""
+        assert session.device is not None and session.user is not None
+        message = queued_from_frame(entry[3], entry[4], session.device, session.user, None)
+        self.stats["dead_lettered"] += 1
+        self.send_receipt(entry[0], entry[1], receipt(entry[2], "failed", session.device,
+                                                      ReceiptReason.UNDELIVERABLE.value))
+        if message is not None:
+            self.hub.spawn(self._store_dead(message))
+
+    async def _store_dead(self, message: QueuedMessage) -> None:
+        store = self.hub.store
+        outcome = await store.enqueue([message], 2**62, 2**62, "reject")
+        await store.dead_letter([m.id for m in outcome.stored], ReceiptReason.UNDELIVERABLE.value, self.hub.now())
+
+    def dead_letter(self, messages: list[QueuedMessage]) -> None:
+        for message in messages:
+            self.in_flight.pop(message.id, None)
+            self.stats["dead_lettered"] += 1
+            self.send_receipt(message.user, message.sender_device, receipt(
+                message.msg_id, "failed", message.device, ReceiptReason.UNDELIVERABLE.value))
+        self.hub.spawn(self.hub.store.dead_letter([m.id for m in messages], ReceiptReason.UNDELIVERABLE.value,
+                                                  self.hub.now()))
+
+    # ---- periodic work ---------------------------------------------------------
+
+    def backoff(self, attempts: int) -> float:
+        """Seconds until the next redelivery after ``attempts`` unacked deliveries (with +-20% jitter)."""
+        base = self.settings.ack_timeout * (2 ** max(0, attempts - 1))
+        return float(base * random.uniform(0.8, 1.2))
+
+    def retry_due(self, now: int) -> None:
+        """Redeliver, on the same connection, what has waited for an ack past its deadline."""
+        for session in list(self.hub.live.values()):
+            if session.pending:
+                session.retry_due(now, self)
+
+    async def expire(self, now: int) -> None:
+        for message in await self.hub.store.take_expired(now):
+            if message.id in self.in_flight:
+                continue  # already written to its device: the ack decides
+            self.stats["expired"] += 1
+            self.send_receipt(message.user, message.sender_device, receipt(message.msg_id, "expired", message.device))
+
+    async def fail_inbox(self, device: str, reason: ReceiptReason) -> None:
+        """A revoked device's inbox: every sender is told, then it is purged."""
+        store = self.hub.store
+        messages = await store.inbox(device, 0, 1_000_000)
+        await store.purge(device)
+        for message in messages:
+            self.in_flight.pop(message.id, None)
+            self.send_receipt(message.user, message.sender_device, receipt(message.msg_id, "failed", device,
+                                                                           reason.value))
+
+
+def queued_from_frame(frame: bytes, text: bool, device: str, user: str, expires_at: int | None) -> QueuedMessage | None:
+    """The inbox form of a ``msg`` frame the server wrote (None if its body cannot be kept as msgpack)."""
+    try:
+        if text:
+            envelope = json_loads(frame)
+            body = json_value_to_msgpack(envelope.get("body"))
+        else:
+            envelope, start, end = decode_envelope(frame)
+            body = frame[start:end] if start >= 0 else NIL
+    except (ProtocolError, EnvelopeError):
+        return None
+    return QueuedMessage(device=device, user=user, sender_device=envelope["from"], msg_id=envelope["id"],
+                         type=envelope["type"], body=body, ts=envelope["ts"], expires_at=expires_at, receipt=True)

@@ -1,0 +1,194 @@
+"""Durable delivery with the Python client: inboxes, priorities, ttl, caps, redelivery, dead letters, idempotency."""
+
+import asyncio
+
+import pytest
+
+from rccs.client import ClientError
+from rccs.hub import now_ms
+
+
+@pytest.fixture
+def server_settings(tmp_path):
+    return {"data_dir": str(tmp_path / "data")}
+
+
+async def _register(connect, user, device, **options):
+    """Connect once and leave with close 1000: the device is registered and offline."""
+    client = await connect(user, device, **options)
+    await client.close()
+
+
+async def test_offline_device_gets_its_inbox_in_priority_order(server, connect):
+    await _register(connect, "alice", "laptop")
+    phone = await connect("alice", "phone")
+    sent = [("low", "LOW"), ("normal-1", 1), ("emergency", "EMERGENCY"), ("normal-2", "NORMAL"), ("high", 2)]
+    for body, priority in sent:
+        receipts = await phone.send({"device": "laptop"}, "cmd", body, ack=True, id=body, priority=priority)
+        assert [(r.status, r.device) for r in receipts] == [("queued", "laptop")]
+    laptop = await connect("alice", "laptop")
+    bodies = [(await laptop.next_message(timeout=5)).body for _ in sent]
+    assert bodies == ["emergency", "high", "normal-1", "normal-2", "low"]
+    delivered = {(await asyncio.wait_for(phone.receipts.get(), 5)).id for _ in sent}
+    assert delivered == {body for body, _ in sent}
+    await server.hub.settle()
+    assert await server.node.store.inbox_size("laptop") == (0, 0)
+
+
+async def test_receipts_reach_a_sender_that_reconnects_later(server, connect):
+    await _register(connect, "alice", "laptop")
+    phone = await connect("alice", "phone")
+    assert (await phone.send({"device": "laptop"}, "cmd", 1, ack=True, id="m1"))[0].status == "queued"
+    await phone.close()
+    laptop = await connect("alice", "laptop")
+    assert (await laptop.next_message(timeout=5)).id == "m1"  # acked as it is taken
+    phone = await connect("alice", "phone")
+    kept = await asyncio.wait_for(phone.receipts.get(), 5)
+    assert (kept.id, kept.status, kept.device) == ("m1", "delivered", "laptop")
+
+
+async def test_ttl_expiry_gives_an_expired_receipt_and_no_delivery(server, connect):
+    await _register(connect, "alice", "laptop")
+    phone = await connect("alice", "phone")
+    await phone.send({"device": "laptop"}, "cmd", "stale", ack=True, id="short", ttl=60)
+    await phone.send({"device": "laptop"}, "cmd", "fresh", ack=True, id="long", ttl=3600)
+    await server.hub.deliveries.expire(now_ms() + 61_000)  # what the once-a-second sweep does at that time
+    expired = await asyncio.wait_for(phone.receipts.get(), 5)
+    assert (expired.id, expired.status, expired.device) == ("short", "expired", "laptop")
+    laptop = await connect("alice", "laptop")
+    assert (await laptop.next_message(timeout=5)).id == "long"
+    assert (await asyncio.wait_for(phone.receipts.get(), 5)).status == "delivered"
+    assert laptop._inbox.empty()
+
+
+@pytest.mark.parametrize("policy", ["reject", "drop_oldest"])
+async def test_inbox_overflow_policies(tmp_path, policy):
+    from rccs.client import Client
+    from rccs.testing import running_server
+
+    async with running_server(data_dir=str(tmp_path), inbox_max_messages=2, inbox_overflow=policy) as server:
+        laptop = Client(server.ws_url, server.issue_token("alice", "laptop"), {"type": "desktop"})
+        await laptop.connect()
+        await laptop.close()
+        phone = Client(server.ws_url, server.issue_token("alice", "phone"), {"type": "mobile"})
+        await phone.connect()
+        for n in range(2):
+            assert (await phone.send({"device": "laptop"}, "t", n, ack=True, id=f"m{n}"))[0].status == "queued"
+        third = await phone.send({"device": "laptop"}, "t", 2, ack=True, id="m2", priority="HIGH")
+        if policy == "reject":
+            assert [(r.status, r.reason) for r in third] == [("failed", "inbox_full")]
+            expected = ["m0", "m1"]
+        else:
+            assert [r.status for r in third] == ["queued"]
+            dropped = await asyncio.wait_for(phone.receipts.get(), 5)
+            assert (dropped.id, dropped.status, dropped.reason) == ("m0", "failed", "dropped")
+            expected = ["m2", "m1"]
+        laptop = Client(server.ws_url, server.issue_token("alice", "laptop"), {"type": "desktop"})
+        await laptop.connect()
+        assert [(await laptop.next_message(timeout=5)).id for _ in expected] == expected
+        await laptop.close()
+        await phone.close()
+
+
+async def test_idempotent_resend(server, connect):
+    phone = await connect("alice", "phone")
+    laptop = await connect("alice", "laptop")
+    first, taken = await asyncio.gather(phone.send({"device": "laptop"}, "cmd", {"n": 1}, ack=True, id="once"),
+                                        laptop.next_message(timeout=5))
+    assert [r.status for r in first] == ["delivered"] and taken.body == {"n": 1}
+    again = await phone.send({"device": "laptop"}, "cmd", {"n": 1}, ack=True, id="once")
+    assert [r.status for r in again] == ["duplicate"]
+    with pytest.raises(ClientError) as conflict:
+        await phone.send({"device": "laptop"}, "cmd", {"n": 2}, ack=True, id="once")
+    assert conflict.value.code == "duplicate_id"
+    assert laptop._inbox.empty()
+    # JSON senders too
+    web = await connect("alice", "web", encoding="json")
+    first, _ = await asyncio.gather(web.send({"device": "laptop"}, "cmd", [1], ack=True, id=7),
+                                    laptop.next_message(timeout=5))
+    assert [r.status for r in first] == ["delivered"]
+    assert [r.status for r in await web.send({"device": "laptop"}, "cmd", [1], ack=True, id=7)] == ["duplicate"]
+
+
+async def test_unacked_messages_are_written_again_then_dead_lettered(tmp_path):
+    from rccs.client import Client
+    from rccs.testing import running_server
+
+    async with running_server(data_dir=str(tmp_path), ack_timeout=10, max_delivery_attempts=2) as server:
+        laptop = Client(server.ws_url, server.issue_token("alice", "laptop"), {"type": "desktop"}, auto_ack=False)
+        await laptop.connect()
+        phone = Client(server.ws_url, server.issue_token("alice", "phone"), {"type": "mobile"})
+        await phone.connect()
+        sending = asyncio.ensure_future(phone.send({"device": "laptop"}, "cmd", "do it", ack=True, id="job"))
+        first = await laptop.next_message(timeout=5)
+        hub = server.hub
+        start = now_ms()
+        hub.deliveries.retry_due(start)  # the sweep notes the deadline
+        hub.deliveries.retry_due(start + 13_000)  # past ack_timeout (+20 % jitter): written again, same seq
+        await asyncio.sleep(0)
+        assert hub.deliveries.stats["redelivered"] == 1
+        hub.deliveries.retry_due(start + 60_000)  # past the backoff: attempts exhausted
+        receipts = await asyncio.wait_for(sending, 5)
+        assert [(r.status, r.reason) for r in receipts] == [("failed", "undeliverable")]
+        await hub.settle()
+        dead = await server.node.store.dead_letters(device_id="laptop")
+        assert [d.message.msg_id for d in dead] == ["job"]
+        # The repeat had the same seq: recognised by the client, not handed to the application again.
+        assert laptop.duplicates >= 1 and first.seq == 1 and laptop._inbox.empty()
+        await laptop.close()
+        await phone.close()
+
+
+async def test_durable_send_is_accepted_then_delivered(server, connect):
+    phone = await connect("alice", "phone")
+    laptop = await connect("alice", "laptop")
+    receipts, taken = await asyncio.gather(
+        phone.send({"device": "laptop"}, "cmd", "keep", ack=True, durable=True, id="d1"),
+        laptop.next_message(timeout=5))
+    assert [(r.status, r.device) for r in receipts] == [("accepted", "laptop"), ("delivered", "laptop")]
+    assert taken.body == "keep"
+    await server.hub.settle()
+    assert await server.node.store.inbox_size("laptop") == (0, 0)
+
+
+async def test_revoking_a_device_fails_its_inbox(server, connect):
+    await _register(connect, "alice", "laptop")
+    phone = await connect("alice", "phone")
+    assert (await phone.send({"device": "laptop"}, "cmd", 1, ack=True, id="lost"))[0].status == "queued"
+    await phone.revoke_device("laptop")
+    failed = await asyncio.wait_for(phone.receipts.get(), 5)
+    assert (failed.id, failed.status, failed.reason) == ("lost", "failed", "revoked")
+
+
+async def test_selectors_reach_offline_devices_only_with_ack(server, connect):
+    await _register(connect, "alice", "laptop", type="desktop")
+    await _register(connect, "alice", "tower", type="desktop")
+    phone = await connect("alice", "phone", type="mobile")
+    receipts = await phone.send({"type": "desktop"}, "cmd", 1, ack=True, id="fan")
+    assert sorted((r.status, r.device) for r in receipts) == [("queued", "laptop"), ("queued", "tower")]
+    one = await phone.send({"type": "desktop", "pick": "one"}, "cmd", 2, ack=True, id="one")
+    assert [r.status for r in one] == ["queued"]
+    await phone.send({"type": "desktop"}, "cmd", 3)  # without ack nothing is kept: no device got it
+    assert (await asyncio.wait_for(phone.errors.get(), 5)).code == "no_route"
+
+
+@pytest.mark.parametrize(("options", "code"), [
+    ({"ttl": -1}, "bad_request"),
+    ({"ttl": 10**9}, "too_large"),
+    ({"priority": "SOMETIMES"}, "bad_request"),
+    ({"priority": 7}, "bad_request"),
+    ({"durable": True, "ack": False}, "bad_request"),
+])
+async def test_bad_delivery_options(server, connect, options, code):
+    phone = await connect("alice", "phone")
+    laptop = await connect("alice", "laptop")
+    ack = options.pop("ack", True)
+    with pytest.raises(ClientError) as refused:
+        if ack:
+            await phone.send({"device": "laptop"}, "cmd", 1, ack=True, **options)
+        else:
+            await phone.send({"device": "laptop"}, "cmd", 1, **options)
+            raise await asyncio.wait_for(phone.errors.get(), 5)
+    assert refused.value.code == code
+    assert await phone.ping() > 0
+    assert laptop._inbox.empty()
