@@ -1,4 +1,5 @@
-"""Registry operations on a store, shared by the ``rccs`` command line and the server.
+"""Registry operations on a store, shared by the ``rccs`` command line and the server, and the
+operator's view of durable inboxes and dead letters (``rccs inbox``, ``rccs deadletters``).
 
 Each function checks what it is given, then makes one or a few store calls.
 Anything the caller got wrong (an invalid or unknown id, a taken or revoked id,
@@ -13,14 +14,27 @@ from __future__ import annotations
 import contextlib
 import secrets
 import sys
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
+
+import msgpack
 
 from .auth import valid_id
 from .credentials import new_credential, new_pairing_code, pairing_uri
 from .errors import ProtocolError
-from .protocol import MAX_DEVICE_TEXT_CHARS, parse_device_fields
-from .store import AlreadyExists, DeviceRecord, PairingCode, SessionRecord, Store, StoreError, UserRecord
+from .protocol import MAX_DEVICE_TEXT_CHARS, msgpack_body_to_json_value, parse_device_fields
+from .store import (
+    AlreadyExists,
+    DeadLetter,
+    DeviceRecord,
+    PairingCode,
+    QueuedMessage,
+    SessionRecord,
+    Store,
+    StoreError,
+    UserRecord,
+)
+from .store.base import PRIORITY_NAMES
 
 ID_RULE = "use 1-128 characters from A-Z a-z 0-9 . _ : @ -"
 UNKNOWN_DEVICE_TYPE = "unknown"  # devices made for a token before they ever said hello
@@ -288,6 +302,126 @@ async def revoke_session(store: Store, session_id: str, now: int) -> SessionReco
     if session.revoked_at is not None or not await store.revoke_session(session_id, now):
         raise AdminError(f"session {session_id!r} is already revoked")
     return await store.get_session(session_id) or session
+
+
+# ---- durable inboxes and dead letters ---------------------------------------
+
+
+async def _known_device(store: Store, device_id: str) -> DeviceRecord:
+    """The device, revoked or not: its inbox and dead letters are still there to look at or delete."""
+    check_id("device", device_id)
+    device = await store.get_device(device_id)
+    if device is None:
+        raise AdminError(f"unknown device {device_id!r}")
+    return device
+
+
+async def _check_user_known(store: Store, user_id: str) -> None:
+    """A user that exists, or existed: a removed user's revoked devices (and their dead letters) outlive it."""
+    check_id("user", user_id)
+    if await store.get_user(user_id) is None and not await store.list_devices(user_id, include_revoked=True):
+        raise AdminError(f"unknown user {user_id!r}")
+
+
+async def device_inbox(store: Store, device_id: str, now: int, limit: int) -> tuple[list[QueuedMessage], int, int]:
+    """A device's unexpired inbox messages in delivery order (at most ``limit``), and the inbox's
+    (count, bytes) as counted against its caps: expired messages included until the server removes them."""
+    await _known_device(store, device_id)
+    messages = await store.inbox(device_id, now, limit)
+    count, size = await store.inbox_size(device_id)
+    return messages, count, size
+
+
+async def purge_inbox(store: Store, device_id: str) -> int:
+    """Delete a device's whole inbox; returns how many messages. Nobody is told (no receipts)."""
+    await _known_device(store, device_id)
+    return await store.purge(device_id)
+
+
+async def list_dead_letters(store: Store, user_id: str | None, device_id: str | None, limit: int) -> list[DeadLetter]:
+    """Dead letters, oldest first, of one device and/or one user (or all), at most ``limit``."""
+    if user_id is not None:
+        await _check_user_known(store, user_id)
+    if device_id is not None:
+        await _known_device(store, device_id)
+    return await store.dead_letters(user_id, device_id, limit)
+
+
+async def redrive_dead_letters(
+    store: Store, *, ids: Sequence[int] | None = None, device_id: str | None = None
+) -> list[QueuedMessage]:
+    """Move dead letters back to their inboxes with ``attempts`` 0: these ``ids``, or all of ``device_id``.
+
+    All or nothing: an id that is not a dead letter, or a dead letter of a revoked device (whose
+    inbox is never delivered), refuses the whole call. Returns the messages moved, by id.
+    """
+    if (ids is None) == (device_id is None):
+        raise AdminError("name the dead letters to redrive: their ids or their device, not both")
+    if device_id is not None:
+        device = await _known_device(store, device_id)
+        if device.revoked_at is not None:
+            raise AdminError(f"device {device_id!r} is revoked: its messages can never be delivered")
+        return await store.redrive(device_id=device_id)
+    assert ids is not None
+    wanted = sorted(set(ids))
+    if not wanted:
+        raise AdminError("no dead letter ids given")
+    # The store looks dead letters up by device or user only, so an id is checked against all of them.
+    dead = {letter.message.id: letter.message for letter in await store.dead_letters(limit=sys.maxsize)}
+    missing = [str(dead_id) for dead_id in wanted if dead_id not in dead]
+    if missing:
+        raise AdminError(f"no dead letter with id {', '.join(missing)}")
+    for target in sorted({dead[dead_id].device for dead_id in wanted}):
+        record = await store.get_device(target)
+        if record is None or record.revoked_at is not None:
+            first = next(dead_id for dead_id in wanted if dead[dead_id].device == target)
+            raise AdminError(f"dead letter {first} is for device {target!r}, which is revoked or gone: "
+                             "it can never be delivered")
+    return await store.redrive(ids=wanted)
+
+
+async def purge_dead_letters(store: Store, device_id: str) -> int:
+    """Delete a device's dead letters; returns how many."""
+    await _known_device(store, device_id)
+    return await store.purge(device_id, dead_letters=True)
+
+
+def priority_name(priority: int) -> str:
+    """LOW .. EMERGENCY; a number outside 0-4 (which no store should hold) as itself."""
+    return PRIORITY_NAMES[priority] if 0 <= priority < len(PRIORITY_NAMES) else str(priority)
+
+
+def queued_view(message: QueuedMessage) -> dict[str, Any]:
+    """An inbox message as JSON-friendly data, the msgpack body decoded into JSON values (never bytes).
+
+    A body that does not decode (the store should never hold one) is ``null`` with ``body_error``.
+    """
+    view: dict[str, Any] = {
+        "id": message.id,
+        "device": message.device,
+        "user": message.user,
+        "from": message.sender_device,
+        "msg_id": message.msg_id,
+        "type": message.type,
+        "priority": message.priority,
+        "priority_name": priority_name(message.priority),
+        "size": message.size,
+        "attempts": message.attempts,
+        "receipt": message.receipt,
+        "queued_at": message.ts,
+        "expires_at": message.expires_at,
+    }
+    try:
+        view["body"] = msgpack_body_to_json_value(message.body)
+    except (ValueError, TypeError, msgpack.UnpackException) as exc:
+        view["body"] = None
+        view["body_error"] = f"the body ({len(message.body)} bytes) is not valid msgpack: {exc}"
+    return view
+
+
+def dead_letter_view(dead: DeadLetter) -> dict[str, Any]:
+    """A dead letter: its message (``queued_view``) with why and when it became one."""
+    return {**queued_view(dead.message), "reason": dead.reason, "dead_at": dead.at}
 
 
 def user_view(user: UserRecord) -> dict[str, Any]:

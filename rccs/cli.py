@@ -1,6 +1,7 @@
-"""``rccs`` command line: ``serve``, ``token issue``, ``version``, and the registry commands
-``users``, ``devices`` and ``sessions``, which work on the store in the data directory
-(whether or not a server is running on it).
+"""``rccs`` command line: ``serve``, ``token issue``, ``version``, the registry commands
+``users``, ``devices`` and ``sessions``, and ``inbox`` and ``deadletters`` for durable
+delivery; these work on the store in the data directory (whether or not a server is
+running on it).
 """
 
 from __future__ import annotations
@@ -328,6 +329,107 @@ def cmd_sessions_revoke(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- inbox and dead letter commands -------------------------------------------
+
+DEFAULT_LIST_LIMIT = 1000
+
+
+def _limit(args: argparse.Namespace) -> int:
+    limit: int = args.limit
+    if limit < 1:
+        raise ValueError(f"--limit must be at least 1 (got {limit})")
+    return limit
+
+
+def _more_note(shown: int, what: str) -> None:
+    print(f"(only the first {shown} {what} are listed; --limit shows more)")
+
+
+def cmd_inbox_list(args: argparse.Namespace) -> int:
+    settings = _registry_settings(args, creates=False)
+    limit = _limit(args)
+    now = _now_ms()
+    # One more than asked for tells whether the list was cut short.
+    messages, count, size = _with_store(settings, lambda store: admin.device_inbox(store, args.device, now, limit + 1))
+    more = len(messages) > limit
+    messages = messages[:limit]
+    if args.json:
+        print(json.dumps({"device": args.device, "count": count, "bytes": size,
+                          "messages": [admin.queued_view(message) for message in messages]},
+                         indent=2, ensure_ascii=False))
+        return 0
+    rows = [(m.id, admin.priority_name(m.priority), m.sender_device, m.msg_id, m.type, m.size, m.attempts,
+             _iso(m.ts), _iso(m.expires_at)) for m in messages]
+    _print_table(("ID", "PRIORITY", "FROM", "MSG ID", "TYPE", "SIZE", "ATTEMPTS", "QUEUED", "EXPIRES"), rows,
+                 f"no queued messages for device {args.device}")
+    print(f"total: {count} message(s), {size} bytes")
+    if more:
+        _more_note(limit, "messages in delivery order")
+    elif count > len(messages):
+        # inbox() leaves out expired messages; inbox_size() counts them until the server takes them out.
+        print(f"({count - len(messages)} expired message(s) not listed: the server removes them "
+              "and sends their senders 'expired')")
+    return 0
+
+
+def cmd_inbox_purge(args: argparse.Namespace) -> int:
+    settings = _registry_settings(args, creates=False)
+    purged = _with_store(settings, lambda store: admin.purge_inbox(store, args.device))
+    print(f"purged {purged} message(s) from the inbox of device {args.device}")
+    if purged:
+        print("Their senders are NOT told: no receipt is sent for a purged message (operator action).")
+    return 0
+
+
+def cmd_deadletters_list(args: argparse.Namespace) -> int:
+    settings = _registry_settings(args, creates=False)
+    limit = _limit(args)
+    letters = _with_store(settings, lambda store: admin.list_dead_letters(store, args.user, args.device, limit + 1))
+    more = len(letters) > limit
+    letters = letters[:limit]
+    if args.json:
+        _print_json([admin.dead_letter_view(letter) for letter in letters])
+        return 0
+    rows = [(d.message.id, d.message.device, d.message.sender_device, d.message.msg_id, d.message.type,
+             admin.priority_name(d.message.priority), d.message.size, d.message.attempts, d.reason, _iso(d.at))
+            for d in letters]
+    _print_table(("ID", "DEVICE", "FROM", "MSG ID", "TYPE", "PRIORITY", "SIZE", "ATTEMPTS", "REASON", "DEAD SINCE"),
+                 rows, "no dead letters")
+    if more:
+        _more_note(limit, "dead letters, oldest first,")
+    return 0
+
+
+def cmd_deadletters_redrive(args: argparse.Namespace) -> int:
+    if bool(args.ids) == (args.device is not None):
+        raise ValueError("give either dead letter ids or --device DEVICE (all of that device's dead letters)")
+    settings = _registry_settings(args, creates=False)
+    moved = _with_store(settings, lambda store: admin.redrive_dead_letters(
+        store, ids=args.ids or None, device_id=args.device))
+    if not moved:
+        print("redriven 0 dead letters" + (f": device {args.device} has none" if args.device else ""))
+        return 0
+    per_device: dict[str, int] = {}
+    for message in moved:
+        per_device[message.device] = per_device.get(message.device, 0) + 1
+    targets = ", ".join(f"{device} ({count})" for device, count in sorted(per_device.items()))
+    print(f"redriven {len(moved)} dead letter(s) back to their inboxes, attempts reset: {targets}")
+    print("They reach each device when it next connects: a running server delivers a device's inbox when it "
+          "connects (a device connected now gets them after it reconnects).")
+    now = _now_ms()
+    expired = sum(1 for message in moved if message.expires_at is not None and message.expires_at <= now)
+    if expired:
+        print(f"{expired} of them expired already: the server removes those as expired instead of delivering them.")
+    return 0
+
+
+def cmd_deadletters_purge(args: argparse.Namespace) -> int:
+    settings = _registry_settings(args, creates=False)
+    purged = _with_store(settings, lambda store: admin.purge_dead_letters(store, args.device))
+    print(f"purged {purged} dead letter(s) of device {args.device}")
+    return 0
+
+
 def _store_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="TOML settings file (also RCCS_CONFIG)")
     parser.add_argument("--data-dir", dest="data_dir", help="data directory holding rccs.db (default ./rccs-data)")
@@ -395,6 +497,50 @@ def _add_registry_commands(sub: Any) -> None:
     session_revoke.set_defaults(handler=cmd_sessions_revoke)
 
 
+def _limit_flag(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument("--limit", type=int, default=DEFAULT_LIST_LIMIT,
+                        help=f"list at most this many {what} (default {DEFAULT_LIST_LIMIT})")
+
+
+def _add_inbox_commands(sub: Any) -> None:
+    inbox = sub.add_parser("inbox", help="list and purge a device's durable inbox")
+    inbox_sub = inbox.add_subparsers(dest="inbox_command", required=True)
+    inbox_list = inbox_sub.add_parser("list", help="a device's queued messages in delivery order, with the total")
+    inbox_list.add_argument("device", help="device id")
+    _limit_flag(inbox_list, "messages")
+    inbox_list.add_argument("--json", action="store_true",
+                            help="print a JSON object (device, count, bytes, messages) instead of a table")
+    _store_flags(inbox_list)
+    inbox_list.set_defaults(handler=cmd_inbox_list)
+    inbox_purge = inbox_sub.add_parser("purge", help="delete a device's whole inbox (the senders are not told)")
+    inbox_purge.add_argument("device", help="device id")
+    _store_flags(inbox_purge)
+    inbox_purge.set_defaults(handler=cmd_inbox_purge)
+
+    dead = sub.add_parser("deadletters", help="list, redrive and purge dead letters")
+    dead_sub = dead.add_subparsers(dest="deadletters_command", required=True)
+    dead_list = dead_sub.add_parser("list", help="dead letters, oldest first, with reason and time")
+    dead_list.add_argument("--user", help="only this user's dead letters")
+    dead_list.add_argument("--device", help="only this device's dead letters")
+    _limit_flag(dead_list, "dead letters")
+    _json_flag(dead_list)
+    _store_flags(dead_list)
+    dead_list.set_defaults(handler=cmd_deadletters_list)
+    redrive = dead_sub.add_parser(
+        "redrive", help="move dead letters back to their inboxes with attempts reset",
+        description="Move dead letters back to their inboxes with attempts reset: the ids given, or all of "
+                    "--device's. All or nothing: an id that is not a dead letter refuses the whole command "
+                    "(exit 2).")
+    redrive.add_argument("ids", nargs="*", type=int, metavar="ID", help="dead letter id (see 'deadletters list')")
+    redrive.add_argument("--device", help="all dead letters of this device")
+    _store_flags(redrive)
+    redrive.set_defaults(handler=cmd_deadletters_redrive)
+    dead_purge = dead_sub.add_parser("purge", help="delete a device's dead letters")
+    dead_purge.add_argument("--device", required=True, help="device id")
+    _store_flags(dead_purge)
+    dead_purge.set_defaults(handler=cmd_deadletters_purge)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rccs", description="rccs coordination server")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -413,6 +559,7 @@ def build_parser() -> argparse.ArgumentParser:
     issue.set_defaults(handler=cmd_token_issue)
 
     _add_registry_commands(sub)
+    _add_inbox_commands(sub)
 
     version = sub.add_parser("version", help="print the version and fast-path implementation")
     version.set_defaults(handler=cmd_version)
