@@ -56,7 +56,7 @@ SEEN_MESSAGES = 10000  # (sender, id) pairs the client remembers to drop redeliv
 SETTLED_STATUSES = frozenset({"delivered", "failed", "expired", "queued"})
 # Replies to requests, matched to the request by ``id``.
 REPLY_OPS = frozenset({"devices", "device", "ok", "sessions", "refreshed", "pair.code", "pair.pending"})
-EVENT_OPS = frozenset({"presence", "pair.request", "pair.joined", "pair.withdrawn"})
+EVENT_OPS = frozenset({"presence", "pair.request", "pair.joined", "pair.withdrawn", "retract"})
 
 
 @dataclass(frozen=True, slots=True)

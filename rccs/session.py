@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import msgpack
 
-from . import pairing
+from . import pairing, rpc
 from ._fastpath import EnvelopeError, append_seq, decode_envelope, encode_msg_prefix
 from ._fastpath import routing as fast_routing
 from .auth import TokenError
@@ -281,6 +281,8 @@ class Session:
                 self.send_control(pong)
             elif op in DEVICE_OPS:
                 DEVICE_OPS[op](self, header)
+            elif op in rpc.RPC_OPS:
+                rpc.RPC_OPS[op](self, header)
             elif op == "hello":
                 raise ProtocolError(ErrorCode.BAD_REQUEST, "hello was already accepted on this connection")
             elif isinstance(op, str):
@@ -764,6 +766,7 @@ class Session:
         if previous_state != OPEN:
             return
         hub.unregister(self)
+        rpc.on_closed(self)
         assert self.user is not None and self.device is not None
         now = now_ms()
         if not self.moved:
