@@ -16,6 +16,11 @@ a resume that the application already saw are not handed to it again.
 Server events (``presence``, ``pair.request``, ``pair.joined``, ...) arrive on
 ``client.events``.
 
+Devices call each other (protocol.md section 13)::
+
+    client.handle("battery", lambda params: {"level": 87})   # answer calls of this method
+    level = await other.call({"type": "mobile"}, "battery")  # -> {"level": 87}, or ClientError
+
 Incoming messages are acked automatically when the application takes them
 (from ``messages()``/``next_message()``, or after an ``on_message`` callback
 returns) unless ``auto_ack=False``. The client reconnects with exponential
@@ -28,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import itertools
 import json
 import logging
@@ -53,10 +59,13 @@ FATAL_CLOSE_CODES = frozenset({
 # Receipt statuses after which ``send(ack=True)`` stops waiting for a device: final ones, and ``queued``
 # (stored for an offline device; its final receipt arrives later on ``client.receipts``).
 SEEN_MESSAGES = 10000  # (sender, id) pairs the client remembers to drop redelivered duplicates
-SETTLED_STATUSES = frozenset({"delivered", "failed", "expired", "queued"})
+SETTLED_STATUSES = frozenset({"delivered", "failed", "expired", "queued", "retracted"})
 # Replies to requests, matched to the request by ``id``.
 REPLY_OPS = frozenset({"devices", "device", "ok", "sessions", "refreshed", "pair.code", "pair.pending"})
 EVENT_OPS = frozenset({"presence", "pair.request", "pair.joined", "pair.withdrawn", "retract"})
+# How much longer than a call's timeout ``call()`` waits for the server's answer before giving up itself.
+CALL_GRACE = 5.0
+CallHandler = Callable[[Any], Any]  # params -> result, or an awaitable of it
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,6 +132,9 @@ class _ReceiptWaiter:
             if status == "duplicate":  # an earlier send with this id was taken: nothing more comes
                 self.future.set_result(self.receipts)
                 return
+            if status == "moved" and self.expected is not None:  # a work item went to another device
+                self.expected.discard(envelope.get("from_device"))
+                self.expected.add(str(envelope.get("device")))
             if receipt.device is not None and status in SETTLED_STATUSES:
                 self.settled.add(receipt.device)
         if self.expected is not None and self.expected <= self.settled:
@@ -203,6 +215,9 @@ class Client:
         self._inbox: asyncio.Queue[Message | ConnectionClosed] = asyncio.Queue()
         self._waiters: dict[str | int, _ReceiptWaiter] = {}
         self._pings: dict[str, asyncio.Future[int]] = {}
+        self._calls: dict[str | int, asyncio.Future[Any]] = {}  # our calls waiting for their result
+        self._handlers: dict[str, CallHandler] = {}
+        self._handling: set[asyncio.Task[None]] = set()  # calls to us being answered
         self._ids = itertools.count(1)
         self._id_prefix = secrets.token_hex(4)
         self._transport: WSTransport | None = None
@@ -295,7 +310,8 @@ class Client:
         for waiter in self._waiters.values():
             if not waiter.future.done():
                 waiter.future.set_exception(reason)
-        futures: list[asyncio.Future[Any]] = [*self._pings.values(), *self._requests.values()]
+        futures: list[asyncio.Future[Any]] = [*self._pings.values(), *self._requests.values(),
+                                              *self._calls.values()]
         for future in futures:
             if not future.done():
                 future.set_exception(reason)
@@ -354,6 +370,7 @@ class Client:
         ttl: float | None = None,
         priority: int | str | None = None,
         durable: bool = False,
+        first_ack: bool = False,
     ) -> list[Receipt]:
         """Send a message. With ``ack=True``, wait until every target device has a settled receipt
         (``delivered``, ``failed``, ``expired``, or ``queued`` for an offline device: its final receipt
@@ -369,6 +386,8 @@ class Client:
             envelope["priority"] = priority
         if durable:
             envelope["durable"] = True
+        if first_ack:
+            envelope["first_ack"] = True
         if not ack:
             await self._send_when_connected(envelope)
             return []
@@ -463,6 +482,82 @@ class Client:
         finally:
             self._pings.pop(ping_id, None)
 
+    # ---- RPC ----------------------------------------------------------
+
+    async def call(self, to: Mapping[str, Any] | str, method: str, params: Any = None,
+                   timeout: float | None = 30.0, *, id: str | int | None = None) -> Any:
+        """Call ``method`` on one online device (``to`` is a selector, or a device id) and return its result.
+
+        The most recently active matching device answers (protocol.md section 13). Raises ClientError:
+        ``offline`` (no device got the call), ``timeout`` (no answer within ``timeout`` seconds; the
+        server's default when None), ``disconnected`` (the target, or this connection, went away before
+        the answer: the method may or may not have run), ``forbidden``, ``bad_request``, ... or the code
+        of the target's error (``unknown_method``, ``handler_error``, or whatever its handler raised).
+        """
+        call_id = self.new_id() if id is None else id
+        envelope: dict[str, Any] = {"op": "call", "id": call_id, "to": {"device": to} if isinstance(to, str)
+                                    else dict(to), "method": method, "params": params}
+        if timeout is not None:
+            envelope["timeout"] = timeout
+        if call_id in self._calls:
+            raise ValueError(f"a call with id {call_id!r} is already waiting")
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._calls[call_id] = future
+        try:
+            await self._send_when_connected(envelope)
+            wait = (30.0 if timeout is None else timeout) + CALL_GRACE
+            try:
+                return await asyncio.wait_for(future, wait)
+            except TimeoutError:
+                raise ClientError("timeout", "the server did not answer the call in time") from None
+        finally:
+            self._calls.pop(call_id, None)
+
+    def handle(self, method: str, handler: CallHandler | None) -> None:
+        """Answer calls of ``method`` with ``handler(params)`` (a function or a coroutine function; None removes it).
+
+        Its return value is the result. A ClientError it raises becomes an error result with that code and
+        message; any other exception an error result with code ``handler_error``. Calls of methods without
+        a handler are answered with code ``unknown_method``. Sync handlers run on the event loop: keep them short.
+        """
+        if handler is None:
+            self._handlers.pop(method, None)
+        else:
+            self._handlers[method] = handler
+
+    def _on_call(self, envelope: dict[str, Any]) -> None:
+        task = asyncio.get_running_loop().create_task(self._answer(envelope))
+        self._handling.add(task)
+        task.add_done_callback(self._handling.discard)
+
+    async def _answer(self, envelope: dict[str, Any]) -> None:
+        call_id = envelope.get("id")
+        method = envelope.get("method")
+        handler = self._handlers.get(method) if isinstance(method, str) else None
+        answer: dict[str, Any] = {"op": "result", "id": call_id}
+        if handler is None:
+            answer["error"] = {"code": "unknown_method", "message": f"no handler for method {method!r}"}
+        else:
+            try:
+                result = handler(envelope.get("params"))
+                if inspect.isawaitable(result):
+                    result = await result
+            except ClientError as exc:
+                answer["error"] = {"code": exc.code, "message": exc.message}
+            except Exception as exc:
+                log.exception("handler for method %r failed", method)
+                answer["error"] = {"code": "handler_error", "message": f"{type(exc).__name__}: {exc}"}
+            else:
+                answer["result"] = result
+        with contextlib.suppress(ConnectionError):  # the caller hears "disconnected" from the server
+            try:
+                if self.encoding == JSON and "result" in answer:
+                    json.dumps(answer["result"], allow_nan=False)  # the server refuses NaN in JSON
+                self._send(answer)
+            except (TypeError, ValueError, OverflowError) as exc:  # a result this encoding cannot carry
+                self._send({"op": "result", "id": call_id, "error": {
+                    "code": "handler_error", "message": f"the result cannot be encoded: {exc}"}})
+
     # ---- input --------------------------------------------------------
 
     async def next_message(self, timeout: float | None = None) -> Message:
@@ -523,6 +618,16 @@ class Client:
         elif op == "welcome":
             if self._welcomed is not None and not self._welcomed.done():
                 self._welcomed.set_result(envelope)
+        elif op == "result":
+            call = self._calls.get(envelope.get("id"))  # type: ignore[arg-type]
+            if call is not None and not call.done():
+                error = envelope.get("error")
+                if isinstance(error, dict):
+                    call.set_exception(ClientError(str(error.get("code")), str(error.get("message", ""))))
+                else:
+                    call.set_result(envelope.get("result"))
+        elif op == "call":
+            self._on_call(envelope)
         elif op == "pong":
             future = self._pings.get(envelope.get("id"))  # type: ignore[arg-type]
             if future is not None and not future.done():
@@ -541,10 +646,13 @@ class Client:
             msg_id = envelope.get("id")
             waiter = self._waiters.get(msg_id)  # type: ignore[arg-type]
             failed_request = self._requests.get(msg_id)  # type: ignore[arg-type]
+            failed_call = self._calls.get(msg_id)  # type: ignore[arg-type]
             if waiter is not None and not waiter.future.done():
                 waiter.future.set_exception(error)
             elif failed_request is not None and not failed_request.done():
                 failed_request.set_exception(error)
+            elif failed_call is not None and not failed_call.done():
+                failed_call.set_exception(error)
             elif msg_id == "pair" and self._welcomed is not None and not self._welcomed.done():
                 self._welcomed.set_exception(error)
             else:
@@ -566,6 +674,9 @@ class Client:
     def _on_disconnected(self, listener: _Listener) -> None:
         if self._welcomed is not None and not self._welcomed.done():
             self._welcomed.set_exception(ConnectionClosed(listener.close_code, listener.close_reason or "refused"))
+        for call in self._calls.values():  # the server forgets the calls of a connection that ended
+            if not call.done():
+                call.set_exception(ClientError("disconnected", "the connection ended before the result arrived"))
 
 
 async def pair(url: str, code: str, device: Mapping[str, Any], **options: Any) -> Client:

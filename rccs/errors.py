@@ -23,7 +23,11 @@ class ErrorCode(StrEnum):
     DUPLICATE_ID = "duplicate_id"  # an ack:true send reuses a recent message id with a different body
     OVERLOADED = "overloaded"  # reserved: the server sheds load
     NO_ROUTE = "no_route"  # a send without ack reached no device
-    UNCONVERTIBLE = "unconvertible"  # a JSON body that msgpack cannot carry
+    UNCONVERTIBLE = "unconvertible"  # a JSON body (or call params/result) that msgpack cannot carry
+    OFFLINE = "offline"  # a call matched no online device: it reached nobody
+    TIMEOUT = "timeout"  # a call got no result within its timeout
+    DISCONNECTED = "disconnected"  # a call's target went away after it got the call, before it answered
+    UNKNOWN_CALL = "unknown_call"  # a result for no call this connection was asked to answer
     INTERNAL = "internal"  # a bug in the server; the connection stays usable
 
 

@@ -52,6 +52,7 @@ FLUSH_INTERVAL = 1.0
 COUNTER_FLUSH_EVERY = 5  # flush intervals between writes of session counters
 CHANGE_POLL_INTERVAL = 0.25  # revocations made by the CLI reach live connections within this (plus a flush)
 FLUSH_SLICE = 500  # sessions snapshotted per event-loop turn when flushing
+MAX_CHANGE_RETRIES = 40  # polls (10 s) before a change that keeps failing is skipped
 CLEANUP_EVERY = 60  # flush intervals between deletions of stale sessions and pairing codes
 STATUS_REVOKED = "revoked"  # presence value announced once when a device is revoked
 
@@ -95,8 +96,8 @@ class AddressLimiter:
         """0 if an attempt is allowed (and counted), else the seconds until the next one is."""
         bucket = self._buckets.get(address)
         if bucket is None:
-            if len(self._buckets) > 100_000:  # forget full buckets rather than grow without bound
-                self._buckets = {k: b for k, b in self._buckets.items() if b.tokens < self.capacity}
+            if len(self._buckets) >= MAX_LIMITER_ADDRESSES:
+                self._forget_idle(now)
             bucket = self._buckets[address] = TokenBucket(self.capacity, now)
         bucket.tokens = min(self.capacity, bucket.tokens + (now - bucket.stamp) * self.rate)
         bucket.stamp = now
@@ -104,6 +105,19 @@ class AddressLimiter:
             bucket.tokens -= 1.0
             return 0.0
         return (1.0 - bucket.tokens) / self.rate
+
+    def _forget_idle(self, now: float) -> None:
+        """Drop buckets that have refilled (idle a minute): they would allow a full burst anyway.
+
+        Runs only when the table is full, and then removes everything idle, so its cost is paid
+        once per many new addresses, not per address."""
+        self._buckets = {address: bucket for address, bucket in self._buckets.items() if now - bucket.stamp < 60.0}
+        if len(self._buckets) >= MAX_LIMITER_ADDRESSES:  # all active: the oldest half goes
+            ordered = sorted(self._buckets.items(), key=lambda item: item[1].stamp)
+            self._buckets = dict(ordered[len(ordered) // 2:])
+
+
+MAX_LIMITER_ADDRESSES = 100_000
 
 
 class Hub:
@@ -137,6 +151,7 @@ class Hub:
         self._presence_writes: dict[str, tuple[str, int]] = {}
         self._expiries: list[tuple[int, str]] = []
         self._change_cursor = 0
+        self._change_failures = 0
         self._tasks: set[asyncio.Task[Any]] = set()
         self._loops: list[asyncio.Task[None]] = []
         self._flush_lock = asyncio.Lock()
@@ -298,6 +313,9 @@ class Hub:
 
     def watch_expiry(self, session: Session) -> None:
         heapq.heappush(self._expiries, (session.expires_at, session.id))
+        if len(self._expiries) > 2 * len(self.live) + 1024:  # closed sessions and refreshes leave entries
+            self._expiries = [(live.expires_at, live.id) for live in self.live.values()]
+            heapq.heapify(self._expiries)
 
     def keep_resumable(self, record: SessionRecord) -> None:
         self.detached[record.id] = record
@@ -466,8 +484,17 @@ class Hub:
                             await self._reload_session(change.key)
                         elif change.kind == CHANGE_USER:
                             await self._reload_user(change.key)
-                    except Exception:  # one bad change must not stall the feed for every later one
-                        log.exception("applying %s change %r from the store failed", change.kind, change.key)
+                    except Exception:
+                        # Not skipped: a revocation must not be lost to a transient store error. Retried
+                        # from this change at the next poll (a change that fails for good is skipped after
+                        # MAX_CHANGE_RETRIES polls, loudly).
+                        self._change_failures += 1
+                        if self._change_failures < MAX_CHANGE_RETRIES:
+                            log.exception("applying %s change %r failed; retrying", change.kind, change.key)
+                            break
+                        log.error("giving up on %s change %r after %d tries", change.kind, change.key,
+                                  self._change_failures)
+                    self._change_failures = 0
                     self._change_cursor = change.seq
                 async with self._changes_applied:
                     self._changes_applied.notify_all()
@@ -482,6 +509,8 @@ class Hub:
             self.revoke_device(device_id, stored.revoked_at, write=False)
             return
         current = self.registry.get(device_id)
+        if current is not None and current.revoked_at is not None:
+            return  # a read older than our own revocation: revocation is for good
         if current is not None:
             stored.status = current.status
             stored.last_seen = max(stored.last_seen, current.last_seen)
@@ -491,7 +520,8 @@ class Hub:
 
     async def _reload_session(self, session_id: str) -> None:
         stored = await self.store.get_session(session_id)
-        if stored is not None and stored.revoked_at is not None:
+        # Only revocations append session changes; a row already deleted by cleanup was revoked too.
+        if stored is None or stored.revoked_at is not None:
             live = self.live.get(session_id)
             if live is not None:
                 live.revoked = True

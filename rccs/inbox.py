@@ -212,12 +212,12 @@ class Deliveries:
         self._to_count.append(inbox_id)
         self._schedule()
 
-    def dead_letter_ids(self, ids: list[int], entry: tuple[Any, ...]) -> None:
+    def dead_letter_ids(self, ids: list[int], entry: tuple[Any, ...], device: str | None) -> None:
         """Inbox messages (written from the inbox, ``entry`` their pending tuple) that were never acked."""
         for inbox_id in ids:
             self.in_flight.pop(inbox_id, None)
         self.stats["dead_lettered"] += len(ids)
-        self.send_receipt(entry[0], entry[1], receipt(entry[2], "failed", None, ReceiptReason.UNDELIVERABLE.value))
+        self.send_receipt(entry[0], entry[1], receipt(entry[2], "failed", device, ReceiptReason.UNDELIVERABLE.value))
         self.hub.spawn(self.hub.store.dead_letter(ids, ReceiptReason.UNDELIVERABLE.value, self.hub.now()))
 
     def dead_letter_live(self, session: Session, entry: tuple[Any, ...]) -> None:

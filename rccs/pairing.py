@@ -92,7 +92,8 @@ def op_approve(session: Session, header: dict[str, Any]) -> None:
     request = _request(session, header)
     _forget(session.hub, request)
     session.reply(header, {"op": "ok"})
-    session.hub.spawn(_complete(request.session, request.user, request.fields, request.redeem, session.device))
+    session.hub.spawn(_complete_safely(request.session, request.user, request.fields, request.redeem,
+                                       session.device))
 
 
 def op_deny(session: Session, header: dict[str, Any]) -> None:
@@ -150,7 +151,30 @@ def redeem(session: Session, header: dict[str, Any]) -> None:
         session.send_error(exc.code, exc.message, msg_id, **extra)
         return
     session.state = AWAIT_APPROVAL  # no hello or second redeem while the store answers
-    hub.spawn(_redeem(session, header, parsed[0], parsed[1], fields))
+    hub.spawn(_redeem_safely(session, header, parsed[0], parsed[1], fields))
+
+
+async def _redeem_safely(session: Session, header: dict[str, Any], code_id: str, code_hash: str,
+                         fields: dict[str, Any]) -> None:
+    """A failure (e.g. the store) must not leave an unauthenticated connection waiting forever."""
+    try:
+        await _redeem(session, header, code_id, code_hash, fields)
+    except Exception:
+        log.exception("pairing redemption from %s failed", session.sink.peer)
+        session.send_error(ErrorCode.INTERNAL, "internal server error", header.get("id"))
+        session.close(CloseCode.INTERNAL_ERROR, "pairing failed")
+
+
+async def _issuer_is_valid(hub: Hub, user: str, issuer: str | None) -> bool:
+    """The code's user exists and its issuing device (if any) was not revoked since it made the code."""
+    if user not in hub.registry.users:
+        if await hub.store.get_user(user) is None:  # the CLI may have added the user a moment ago
+            return False
+        hub.registry.users.add(user)
+    if issuer is None:
+        return True
+    device = hub.registry.get(issuer) or await hub.store.get_device(issuer)
+    return device is not None and device.revoked_at is None and device.user == user
 
 
 async def _redeem(session: Session, header: dict[str, Any], code_id: str, code_hash: str,
@@ -159,19 +183,21 @@ async def _redeem(session: Session, header: dict[str, Any], code_id: str, code_h
 
     hub = session.hub
     settings = hub.settings
-    now = now_ms()
-    code = await hub.store.redeem_pairing_code(code_id, code_hash, now, settings.pairing_max_attempts)
+    code = await hub.store.redeem_pairing_code(code_id, code_hash, now_ms(), settings.pairing_max_attempts)
     if session.state == CLOSED:
         return  # the code is used up; the user makes another
-    if code is None or code.user not in hub.registry.users:
+    if code is None or not await _issuer_is_valid(hub, code.user, code.issuer_device):
         hub.events["pairing_failed"] += 1
         session.state = AWAIT_HELLO
         session.send_error(ErrorCode.INVALID_CODE, INVALID_CODE_MESSAGE, header.get("id"))
-        if now - session.connected_at > settings.hello_timeout * 1000:
+        if now_ms() - session.connected_at > settings.hello_timeout * 1000:
             session.close(CloseCode.HELLO_TIMEOUT, "no hello in time")
         return
+    now = now_ms()
     if not code.approve:
         await _complete(session, code.user, fields, header, code.issuer_device)
+        return
+    if session.state == CLOSED:
         return
     request = PairingRequest(id=secrets.token_urlsafe(9), user=code.user, session=session, fields=fields,
                              expires_at=now + int(settings.pairing_code_ttl * 1000), redeem=header)
@@ -185,6 +211,16 @@ async def _redeem(session: Session, header: dict[str, Any], code_id: str, code_h
         "device": {name: (list(value) if name == "capabilities" else value) for name, value in fields.items()},
         "address": _address(session), "expires_at": request.expires_at,
     })
+
+
+async def _complete_safely(session: Session, user: str, fields: dict[str, Any], header: dict[str, Any],
+                           approver: str | None) -> None:
+    try:
+        await _complete(session, user, fields, header, approver)
+    except Exception:
+        log.exception("completing a pairing for user %s failed", user)
+        session.send_error(ErrorCode.INTERNAL, "internal server error", header.get("id"))
+        session.close(CloseCode.INTERNAL_ERROR, "pairing failed")
 
 
 async def _complete(session: Session, user: str, fields: dict[str, Any], header: dict[str, Any],

@@ -1,15 +1,311 @@
-"""RPC between a user's devices: ``call`` and ``result`` (to be filled in)."""
+"""RPC between a user's devices: ``call`` and ``result`` (docs/protocol.md section 13).
+
+Theory of operation: a ``call`` names one online device of the caller's user
+(its selector is resolved with pick-one semantics: the most recently active
+match). The server gives the call an id of its own towards the target, so the
+ids of different callers never clash, remembers the call (server id -> caller
+connection and the caller's id, target connection, timer) and writes
+``{"op":"call","id":<server id>,"from":..,"method":..,"params":..,"deadline":..}``
+to the target. The target's ``result`` with that id is written to the caller
+under the caller's id.
+
+A call ends with the first of: the target's result (relayed), its timeout (the
+caller gets ``error`` ``timeout``), the end of the target's connection
+(``disconnected``), or the end of the caller's connection (nothing to tell).
+A call that ended without a result stays known to the server until
+``LATE_RESULT_GRACE`` seconds after its deadline, so that the asked device's
+late result is dropped quietly instead of being refused. Calls are live only:
+nothing is written to the store, and the state lives in an ``RpcRegistry`` per
+hub, created on the first call.
+
+``params`` and ``result`` are envelope fields (not ``body``): they are decoded
+by the server and encoded again for the other side, converted between JSON and
+msgpack as in section 6.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import itertools
+import math
+import weakref
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
+
+import msgpack
+
+from ._fastpath import routing as fast_routing
+from .errors import ErrorCode, ProtocolError
+from .protocol import MAX_ID_CHARS, MSGPACK, Selector, check_message_id, json_dumps, parse_selector, to_json_value
 
 if TYPE_CHECKING:
+    from .hub import Hub
     from .session import Session
 
-RPC_OPS: dict[str, Callable[[Session, dict[str, Any]], None]] = {}
+DEFAULT_TIMEOUT = 30.0  # seconds a caller waits for the result when the call names no timeout
+MAX_TIMEOUT = 300.0  # the longest timeout a call may ask for
+LATE_RESULT_GRACE = 60.0  # seconds after its deadline that a late result is still dropped quietly
+MAX_METHOD_CHARS = MAX_ID_CHARS
+MAX_ERROR_CODE_CHARS = MAX_ID_CHARS
+
+_SELECT_KIND = {
+    "all": fast_routing.SELECT_ALL,
+    "type": fast_routing.SELECT_TYPE,
+    "capability": fast_routing.SELECT_CAPABILITY,
+}
+
+
+class Call:
+    """One call: waiting for its result, or (``caller`` None) ended and waiting only for a late result."""
+
+    __slots__ = ("call_id", "caller", "caller_id", "deadline", "overdue", "target", "timer")
+
+    def __init__(self, call_id: str, caller: Session, caller_id: str | int, target: Session, deadline: int):
+        self.call_id = call_id  # the server's id, known to the target
+        self.caller: Session | None = caller  # None once the caller no longer waits (timeout, gone)
+        self.caller_id = caller_id  # the caller's id, echoed in its result or error
+        self.target = target
+        self.deadline = deadline  # ms since the epoch
+        self.overdue = False  # the deadline passed: the timer now counts down LATE_RESULT_GRACE
+        self.timer: asyncio.TimerHandle | None = None
+
+
+class RpcRegistry:
+    """The calls of one hub, by server id and indexed by caller and target connection."""
+
+    def __init__(self) -> None:
+        self.calls: dict[str, Call] = {}
+        self.by_caller: dict[Session, dict[str | int, Call]] = {}  # only calls whose caller still waits
+        self.by_target: dict[Session, dict[str, Call]] = {}
+        self._ids = itertools.count(1)
+
+    def __len__(self) -> int:
+        return len(self.calls)
+
+    def new_id(self) -> str:
+        return f"c{next(self._ids)}"
+
+    def waiting(self, caller: Session, caller_id: str | int) -> bool:
+        calls = self.by_caller.get(caller)
+        return calls is not None and caller_id in calls
+
+    def add(self, call: Call) -> None:
+        assert call.caller is not None
+        self.calls[call.call_id] = call
+        self.by_caller.setdefault(call.caller, {})[call.caller_id] = call
+        self.by_target.setdefault(call.target, {})[call.call_id] = call
+
+    def release_caller(self, call: Call) -> Session | None:
+        """The caller stops waiting for ``call``; returns the caller (None if it had already stopped)."""
+        caller = call.caller
+        if caller is not None:
+            call.caller = None
+            _pop_nested(self.by_caller, caller, call.caller_id)
+        return caller
+
+    def discard(self, call: Call) -> None:
+        """Forget ``call`` for good and stop its timer."""
+        if self.calls.get(call.call_id) is call:
+            del self.calls[call.call_id]
+        self.release_caller(call)
+        _pop_nested(self.by_target, call.target, call.call_id)
+        if call.timer is not None:
+            call.timer.cancel()
+            call.timer = None
+
+
+def _pop_nested(index: dict[Session, dict[Any, Call]], session: Session, key: str | int) -> None:
+    calls = index.get(session)
+    if calls is not None:
+        calls.pop(key, None)
+        if not calls:
+            del index[session]
+
+
+_REGISTRIES: weakref.WeakKeyDictionary[Hub, RpcRegistry] = weakref.WeakKeyDictionary()
+
+
+def registry_of(hub: Hub) -> RpcRegistry:
+    """The hub's calls; created on first use."""
+    registry = _REGISTRIES.get(hub)
+    if registry is None:
+        registry = _REGISTRIES[hub] = RpcRegistry()
+    return registry
+
+
+# ---- parsing ---------------------------------------------------------------
+
+
+def _text(value: Any, field: str, limit: int) -> str:
+    if not isinstance(value, str) or not value:
+        raise ProtocolError(ErrorCode.BAD_REQUEST, f"'{field}' must be a non-empty string")
+    if len(value) > limit:
+        raise ProtocolError(ErrorCode.TOO_LARGE, f"'{field}' is longer than {limit} characters")
+    return value
+
+
+def parse_timeout(value: Any) -> float:
+    """Seconds a call may wait: default DEFAULT_TIMEOUT, more than 0 and at most MAX_TIMEOUT."""
+    if value is None:
+        return DEFAULT_TIMEOUT
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "'timeout' must be a positive number of seconds")
+    if value > MAX_TIMEOUT:
+        raise ProtocolError(ErrorCode.TOO_LARGE, f"'timeout' is longer than {MAX_TIMEOUT:g} seconds")
+    return float(value)
+
+
+def parse_error(value: Any) -> dict[str, str]:
+    """A result's ``error``: ``code`` (1-128 chars) and an optional ``message``; other keys are dropped."""
+    if not isinstance(value, dict):
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "'error' must be a map with 'code' and 'message'")
+    code = _text(value.get("code"), "error.code", MAX_ERROR_CODE_CHARS)
+    message = value.get("message", "")
+    if not isinstance(message, str):
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "'error.message' must be a string")
+    return {"code": code, "message": message}
+
+
+# ---- encoding --------------------------------------------------------------
+
+
+def _encode(session: Session, envelope: dict[str, Any], what: str) -> tuple[bytes, bool]:
+    """``envelope`` as a frame in ``session``'s encoding; ProtocolError(unconvertible) if it cannot be."""
+    if session.encoding == MSGPACK:
+        try:
+            return msgpack.packb(envelope, use_bin_type=True), False
+        except (OverflowError, ValueError, TypeError) as exc:
+            raise ProtocolError(ErrorCode.UNCONVERTIBLE, f"'{what}' cannot be encoded as msgpack: {exc}") from None
+    try:
+        return json_dumps(envelope), True
+    except ValueError:  # NaN or an infinity from a msgpack sender: convert as for bodies (section 6)
+        return json_dumps(to_json_value(envelope)), True
+    except RecursionError:
+        raise ProtocolError(ErrorCode.UNCONVERTIBLE, f"'{what}' is nested too deeply") from None
+
+
+def _write(session: Session, frame: tuple[bytes, bool]) -> None:
+    if session.state_is_open():
+        session.sink.send_frame(frame[0], frame[1])
+
+
+# ---- ops -------------------------------------------------------------------
+
+
+def _resolve(session: Session, selector: Selector) -> Session | None:
+    """The one online device a call goes to: the most recently active match, or None."""
+    hub = session.hub
+    user = session.user
+    assert user is not None
+    exclude = None if selector.include_self else session.device
+    if selector.kind in ("device", "devices"):
+        names: list[str] = [selector.value] if selector.kind == "device" else selector.value
+        for name in names:
+            owner = hub.owner_of(name)
+            if owner is not None and owner != user:
+                raise ProtocolError(ErrorCode.FORBIDDEN, f"device {name!r} belongs to another user")
+        return cast("Session | None", hub.routing.most_recent(user, [name for name in names if name != exclude]))
+    found = hub.routing.select(user, _SELECT_KIND[selector.kind], selector.value, True, exclude)
+    return cast("Session", found[0]) if found else None
+
+
+def op_call(session: Session, header: dict[str, Any]) -> None:
+    hub = session.hub
+    assert session.device is not None
+    caller_id = check_message_id(header.get("id"))
+    method = _text(header.get("method"), "method", MAX_METHOD_CHARS)
+    timeout = parse_timeout(header.get("timeout"))
+    selector = parse_selector(header.get("to"))
+    registry = registry_of(hub)
+    if registry.waiting(session, caller_id):
+        raise ProtocolError(ErrorCode.DUPLICATE_ID, "a call with this id is still waiting for its result")
+    target = _resolve(session, selector)
+    if target is None:
+        hub.events["rpc_offline"] += 1
+        raise ProtocolError(ErrorCode.OFFLINE, "no online device matched 'to': the call reached nobody")
+    loop = asyncio.get_running_loop()
+    call = Call(registry.new_id(), session, caller_id, target, hub.now() + int(timeout * 1000))
+    frame = _encode(target, {"op": "call", "id": call.call_id, "from": session.device, "method": method,
+                             "params": header.get("params"), "deadline": call.deadline}, "params")
+    registry.add(call)
+    call.timer = loop.call_later(timeout, _on_timer, hub, registry, call)
+    hub.events["rpc_calls"] += 1
+    _write(target, frame)
+
+
+def _on_timer(hub: Hub, registry: RpcRegistry, call: Call) -> None:
+    """At the deadline the caller hears ``timeout``; LATE_RESULT_GRACE later the call is forgotten."""
+    if registry.calls.get(call.call_id) is not call:
+        return
+    if call.overdue:
+        call.timer = None
+        registry.discard(call)
+        return
+    call.overdue = True
+    call.timer = asyncio.get_running_loop().call_later(LATE_RESULT_GRACE, _on_timer, hub, registry, call)
+    caller = registry.release_caller(call)
+    if caller is not None:
+        hub.events["rpc_timeouts"] += 1
+        caller.send_error(ErrorCode.TIMEOUT, f"no result from {call.target.device!r} in time", call.caller_id)
+
+
+def op_result(session: Session, header: dict[str, Any]) -> None:
+    hub = session.hub
+    call_id = check_message_id(header.get("id"))
+    error = None
+    if "error" in header:
+        if "result" in header:
+            raise ProtocolError(ErrorCode.BAD_REQUEST, "a result holds either 'result' or 'error', not both")
+        error = parse_error(header["error"])
+    registry = _REGISTRIES.get(hub)
+    call = registry.calls.get(call_id) if registry is not None and isinstance(call_id, str) else None
+    if call is None or call.target is not session:
+        raise ProtocolError(ErrorCode.UNKNOWN_CALL, "no call with this id waits for a result from this connection")
+    assert registry is not None
+    caller = call.caller
+    if caller is None:  # the caller stopped waiting (timeout, or its connection ended): dropped quietly
+        registry.discard(call)
+        hub.events["rpc_late_results"] += 1
+        return
+    answer: dict[str, Any] = {"op": "result", "id": call.caller_id, "from": session.device}
+    if error is not None:
+        answer["error"] = error
+    else:
+        answer["result"] = header.get("result")
+    registry.discard(call)
+    try:
+        frame = _encode(caller, answer, "result")
+    except ProtocolError as exc:
+        hub.events["rpc_unconvertible"] += 1
+        caller.send_error(ErrorCode.UNCONVERTIBLE, f"the result from {session.device!r} cannot be converted: "
+                          f"{exc.message}", call.caller_id)
+        raise ProtocolError(ErrorCode.UNCONVERTIBLE, f"{exc.message}; the caller was told") from None
+    hub.events["rpc_results"] += 1
+    _write(caller, frame)
+
+
+RPC_OPS: dict[str, Callable[[Session, dict[str, Any]], None]] = {
+    "call": op_call,
+    "result": op_result,
+}
 
 
 def on_closed(session: Session) -> None:
     """A connection ended: calls it made or was asked to answer are settled."""
+    registry = _REGISTRIES.get(session.hub)
+    if registry is None:
+        return
+    asked = registry.by_target.get(session)
+    if asked:
+        for call in list(asked.values()):
+            caller = registry.release_caller(call)
+            registry.discard(call)
+            if caller is not None and caller is not session:
+                session.hub.events["rpc_disconnected"] += 1
+                caller.send_error(ErrorCode.DISCONNECTED, f"{session.device!r} went away before it answered",
+                                  call.caller_id)
+    made = registry.by_caller.get(session)
+    if made:
+        for call in list(made.values()):
+            registry.release_caller(call)  # a late result from the target is dropped quietly
+            session.hub.events["rpc_abandoned"] += 1

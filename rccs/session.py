@@ -155,13 +155,19 @@ class _Refusal(Exception):
         self.close_code = close_code
 
 
+class _CredentialNotCached(Exception):
+    def __init__(self, credential_hash: str):
+        super().__init__("credential not in the registry")
+        self.credential_hash = credential_hash
+
+
 class Session:
     """Protocol state of one connection. All methods run on the event loop thread."""
 
     __slots__ = ("__weakref__", "base_counters", "connected_at", "connected_ms", "created", "device", "encoding",
                  "ended", "expired", "expires_at", "flushed_total", "hub", "id", "inbox_ids", "inbox_loaded",
                  "inbox_more", "last_activity", "moved", "next_seq", "peer_said_goodbye", "pending", "retry",
-                 "revoked", "sink", "state", "user")
+                 "revoked", "sink", "state", "user", "work")
 
     def __init__(self, hub: Hub, sink: Sink):
         self.hub = hub
@@ -190,6 +196,7 @@ class Session:
         # seq -> [deadline ms, attempts] of unacked messages (None until the first redelivery sweep).
         self.inbox_ids: dict[int, int] | None = None
         self.retry: dict[int, list[int]] | None = None
+        self.work: dict[int, Any] | None = None  # seq -> work item / first-ack group this message belongs to
         self.inbox_loaded = False  # the inbox was read after welcome: new inbox messages go out at once
         self.inbox_more = False  # the inbox held more than one page
         hub.attach(self)
@@ -313,7 +320,7 @@ class Session:
 
     # ---- hello --------------------------------------------------------
 
-    def _on_hello(self, op: Any, header: dict[str, Any], is_text: bool) -> None:
+    def _on_hello(self, op: Any, header: dict[str, Any], is_text: bool, looked_up: bool = False) -> None:
         self.encoding = JSON if is_text else MSGPACK
         if op == "pair.redeem":
             pairing.redeem(self, header)
@@ -323,13 +330,41 @@ class Session:
             return
         resume = parse_resume(header.get("resume"))
         try:
-            device, auth_expires_at = self.authenticate(header, header.get("device"))
+            device, auth_expires_at = self.authenticate(header, header.get("device"), looked_up)
         except _Refusal as refusal:
             self._refuse(refusal.error, refusal.message, refusal.close_code)
             return
+        except _CredentialNotCached as missing:
+            self.state = AWAIT_APPROVAL  # nothing else is handled while the store answers
+            self.hub.spawn(self._hello_after_lookup(header, is_text, missing.credential_hash))
+            return
         self.open(device, auth_expires_at, resume)
 
-    def authenticate(self, header: dict[str, Any], device_map: Any) -> tuple[DeviceRecord, int]:
+    async def _hello_after_lookup(self, header: dict[str, Any], is_text: bool, credential_hash: str) -> None:
+        """A credential this node does not know yet (made by the CLI a moment ago?): ask the store once."""
+        hub = self.hub
+        try:
+            device = await hub.store.find_device_by_credential(credential_hash)
+        except Exception:
+            log.exception("looking up a credential failed")
+            device = None
+        if self.state == CLOSED:
+            return
+        self.state = AWAIT_HELLO
+        known = hub.registry.get(device.id) if device is not None else None
+        if device is not None and device.revoked_at is None and (known is None or known.revoked_at is None):
+            hub.registry.users.add(device.user)
+            hub.registry.put(device)
+        self.on_envelope_hello(header, is_text)
+
+    def on_envelope_hello(self, header: dict[str, Any], is_text: bool) -> None:
+        try:
+            self._on_hello("hello", header, is_text, looked_up=True)
+        except ProtocolError as exc:
+            self._on_protocol_error(exc, header, is_text)
+
+    def authenticate(self, header: dict[str, Any], device_map: Any,
+                     looked_up: bool = True) -> tuple[DeviceRecord, int]:
         """The device a hello (or refresh) proves, and when that proof expires (ms). Raises _Refusal.
 
         Applies ``device_map`` (the device's self-description) to the registry; a dev token for an
@@ -344,6 +379,8 @@ class Session:
             if not looks_like_credential(credential):
                 raise _Refusal(ErrorCode.UNAUTHORIZED, "malformed credential", CloseCode.UNAUTHORIZED)
             device = hub.registry.by_credential(secret_hash(credential))
+            if device is None and not looked_up:
+                raise _CredentialNotCached(secret_hash(credential))
             if device is None:
                 raise _Refusal(ErrorCode.UNAUTHORIZED, "unknown or revoked credential", CloseCode.UNAUTHORIZED)
             expires_at = now + int(settings.session_ttl * 1000)
@@ -518,7 +555,16 @@ class Session:
             settings = self.hub.settings
             ttl, priority, durable = parse_delivery_options(header, settings.default_ttl, settings.max_ttl)
             selector = parse_selector(header.get("to"))
+            first_ack = header.get("first_ack", False)
+            if not isinstance(first_ack, bool):
+                raise ProtocolError(ErrorCode.BAD_REQUEST, "'first_ack' must be a boolean")
+            if first_ack and (not ack or selector.pick_one or durable):
+                raise ProtocolError(ErrorCode.BAD_REQUEST,
+                                    "'first_ack' needs 'ack': true, pick \"all\" and no 'durable'")
+            order = selector_order(header.get("to"), selector)
             targets, failures, offline = self._resolve(selector, ack)
+            if first_ack:
+                offline = []  # the first online device to ack wins; nothing waits in inboxes
         except ProtocolError:
             stats.record_route(_RESULT_REJECTED, time.perf_counter_ns() - started)
             raise
@@ -541,6 +587,7 @@ class Session:
             if offline:
                 self._enqueue(outgoing, offline, ttl, priority, "accepted" if durable else "queued", failures)
         delivered: list[str] = []
+        written: list[tuple[Session, int]] = []
         for target in targets:
             try:
                 target.deliver(outgoing, self.user)
@@ -550,6 +597,15 @@ class Session:
                 failures.append((target.device, ReceiptReason.UNCONVERTIBLE))
             else:
                 delivered.append(target.device)  # type: ignore[arg-type]
+                written.append((target, target.next_seq - 1))
+        if ack and written:
+            if first_ack and len(written) > 1:
+                group = FirstAckGroup(self.user, self.device, msg_id, written)
+                for target, seq in written:
+                    target.track(seq, group)
+            elif selector.pick_one:
+                target, seq = written[0]
+                target.track(seq, WorkItem(self.user, self.device, outgoing, selector, order, target))
         stats.count_frames(1, len(delivered))
         if delivered or offline:
             result = _RESULT_ROUTED
@@ -599,6 +655,22 @@ class Session:
                 type=outgoing.app_type, body=body, ts=outgoing.ts, priority=priority, expires_at=expires_at,
                 receipt=True), status)
 
+    def track(self, seq: int, item: Any) -> None:
+        if self.work is None:
+            self.work = {}
+        self.work[seq] = item
+
+    def withdraw(self, seq: int, msg_id: str | int, sender: str) -> tuple[Any, ...] | None:
+        """Take back an unacked message: forget it and tell the device to stop (``retract``)."""
+        entry = self.pending.pop(seq, None)
+        if self.work:
+            self.work.pop(seq, None)
+        if self.retry:
+            self.retry.pop(seq, None)
+        if entry is not None:
+            self.send_control({"op": "retract", "seq": seq, "id": msg_id, "from": sender})
+        return entry
+
     def on_repeated_send(self, msg_id: str | int, repeated: str) -> None:
         """An ack:true send whose id was used recently: never delivered twice."""
         if repeated == "duplicate":
@@ -635,6 +707,9 @@ class Session:
                 continue
             if now < state[0]:
                 continue
+            work = self.work.get(seq) if self.work else None
+            if work is not None and work.overdue(self, seq):
+                continue  # moved to another device
             inbox_id = self.inbox_ids.get(seq) if self.inbox_ids else None
             attempts = state[1] + 1
             if attempts > self.hub.settings.max_delivery_attempts:
@@ -642,7 +717,7 @@ class Session:
                 del retry[seq]
                 if inbox_id is not None:
                     del self.inbox_ids[seq]  # type: ignore[union-attr]
-                    deliveries.dead_letter_ids([inbox_id], entry)
+                    deliveries.dead_letter_ids([inbox_id], entry, self.device)
                 else:
                     deliveries.dead_letter_live(self, entry)
                 continue
@@ -745,6 +820,10 @@ class Session:
                     inbox_id = self.inbox_ids.pop(seq, None)
                     if inbox_id is not None:
                         self.hub.deliveries.on_acked(self, inbox_id)
+                if self.work:
+                    item = self.work.pop(seq, None)
+                    if item is not None:
+                        item.acked(self)
 
     # ---- end ----------------------------------------------------------
 
@@ -802,7 +881,7 @@ def parse_resume(resume: Any) -> tuple[str, int] | None:
     last_seq = resume.get("last_seq", 0)
     if not isinstance(session_id, str) or not 0 < len(session_id) <= MAX_ID_CHARS:
         raise ProtocolError(ErrorCode.BAD_REQUEST, "'resume.session' must be a session id string")
-    if not isinstance(last_seq, int) or isinstance(last_seq, bool) or not 0 <= last_seq < 2**63:
+    if not isinstance(last_seq, int) or isinstance(last_seq, bool) or not 0 <= last_seq < 2**53:
         raise ProtocolError(ErrorCode.BAD_REQUEST, "'resume.last_seq' must be a non-negative integer")
     return session_id, last_seq
 
@@ -814,3 +893,89 @@ def _matches(device: DeviceRecord, selector: Any) -> bool:
     if selector.kind == "capability":
         return selector.value in device.capabilities
     return True  # all
+
+
+def selector_order(to: Any, selector: Any) -> str:
+    """``to.order``: which device a pick-one work item moves to next ("recent" or, for ``devices``, "listed")."""
+    order = to.get("order", "recent") if isinstance(to, dict) else "recent"
+    if order not in ("recent", "listed") or (order == "listed" and selector.kind != "devices"):
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "'to.order' must be \"recent\", or \"listed\" with 'devices'")
+    return str(order)
+
+
+class FirstAckGroup:
+    """One message written to several devices with ``first_ack``: the first ack wins, the others are retracted."""
+
+    __slots__ = ("copies", "done", "msg_id", "sender_device", "sender_user")
+
+    def __init__(self, sender_user: str, sender_device: str, msg_id: str | int, copies: list[tuple[Session, int]]):
+        self.sender_user = sender_user
+        self.sender_device = sender_device
+        self.msg_id = msg_id
+        self.copies = copies
+        self.done = False
+
+    def acked(self, winner: Session) -> None:
+        if self.done:
+            return
+        self.done = True
+        for session, seq in self.copies:
+            if session is winner or session.state != OPEN:
+                continue
+            if session.withdraw(seq, self.msg_id, self.sender_device) is not None:
+                session.hub.send_receipt(self.sender_user, self.sender_device, {
+                    "op": "receipt", "id": self.msg_id, "status": "retracted", "device": session.device})
+
+    def overdue(self, session: Session, seq: int) -> bool:
+        return False  # each copy is written again like any unacked message
+
+
+class WorkItem:
+    """A pick-one message with ack: if its device does not ack in time, it moves to the next suitable device."""
+
+    __slots__ = ("order", "outgoing", "selector", "sender_device", "sender_user", "tried")
+
+    def __init__(self, sender_user: str, sender_device: str, outgoing: _Outgoing, selector: Any, order: str,
+                 first: Session):
+        self.sender_user = sender_user
+        self.sender_device = sender_device
+        self.outgoing = outgoing
+        self.selector = selector
+        self.order = order
+        self.tried = {first.device}
+
+    def acked(self, session: Session) -> None:
+        """The receipt ``delivered`` (sent by the ack path) names the device that processed it."""
+
+    def overdue(self, session: Session, seq: int) -> bool:
+        """Move to the next online candidate; False (keep retrying here) when there is none."""
+        hub = session.hub
+        user = self.sender_user
+        selector = self.selector
+        if selector.kind in ("device", "devices"):
+            names = [selector.value] if selector.kind == "device" else list(selector.value)
+        else:
+            names = [target.device for target in hub.routing.select(  # type: ignore[attr-defined]
+                user, _SELECT_KIND[selector.kind], selector.value, False, None)]
+        exclude = None if selector.include_self else self.sender_device
+        candidates = [name for name in names if name not in self.tried and name != exclude
+                      and hub.online(user, name) is not None]
+        if not candidates:
+            return False
+        if self.order == "listed":
+            chosen = hub.online(user, candidates[0])
+        else:
+            chosen = hub.routing.most_recent(user, candidates)  # type: ignore[assignment]
+        assert chosen is not None
+        session.withdraw(seq, self.outgoing.msg_id, self.sender_device)
+        try:
+            chosen.deliver(self.outgoing, user)
+        except ProtocolError:
+            self.tried.add(chosen.device)
+            return False
+        self.tried.add(chosen.device)
+        chosen.track(chosen.next_seq - 1, self)
+        hub.events["work_moved"] += 1
+        hub.send_receipt(user, self.sender_device, {"op": "receipt", "id": self.outgoing.msg_id, "status": "moved",
+                                                    "device": chosen.device, "from_device": session.device})
+        return True

@@ -221,7 +221,7 @@ class ServerConnection(WSListener):
     def _ack_direct(self, header: dict[str, Any]) -> bool:
         """An ack of one seq: settle it and give the sender its ``delivered`` receipt."""
         seq = header.get("seq")
-        if type(seq) is not int or self.session.inbox_ids:
+        if type(seq) is not int or self.session.inbox_ids or self.session.work:
             return False
         self._routing.touch(self._user, self._device)
         pending = self.session.pending.pop(seq, None)
@@ -240,8 +240,10 @@ class ServerConnection(WSListener):
         ack = header.get("ack", False)
         if not (type(to) is dict and len(to) == 1 and type(app_type) is str and (ack is False or ack is True)):
             return False
-        if "ttl" in header or "priority" in header or "durable" in header:
-            return False  # delivery options: validated and applied by the general path
+        # Any key beyond op, id, to, type, ack (body is not in the header) is a delivery option
+        # (ttl, priority, durable, first_ack, ...): validated and applied by the general path.
+        if len(header) > 5 or (len(header) == 5 and "ack" not in header):
+            return False
         if type(msg_id) is str:
             if not 0 < len(msg_id) <= MAX_ID_CHARS:
                 return False

@@ -192,3 +192,38 @@ async def test_bad_delivery_options(server, connect, options, code):
     assert refused.value.code == code
     assert await phone.ping() > 0
     assert laptop._inbox.empty()
+
+
+async def test_pick_one_work_item_moves_to_the_next_device(server, connect):
+    slow = await connect("alice", "slow", type="worker", auto_ack=False)
+    fast = await connect("alice", "fast", type="worker")
+    await slow.ping()  # slow is now the most recently active worker: it gets the job first
+    phone = await connect("alice", "phone", type="mobile")
+    sending = asyncio.ensure_future(phone.send({"type": "worker", "pick": "one"}, "job", "build", ack=True, id="j1"))
+    assert (await slow.next_message(timeout=5)).id == "j1"
+    hub = server.hub
+    start = now_ms()
+    hub.deliveries.retry_due(start)
+    hub.deliveries.retry_due(start + 40_000)  # past ack_timeout: the job moves on
+    taken, receipts = await asyncio.gather(fast.next_message(timeout=5), asyncio.wait_for(sending, 5))
+    assert taken.id == "j1"
+    assert [(r.status, r.device) for r in receipts] == [("moved", "fast"), ("delivered", "fast")]
+    retract = await slow.next_event("retract", timeout=5)
+    assert (retract["id"], retract["from"]) == ("j1", "phone")
+    await slow.ack(1)  # too late: ignored
+    assert await phone.ping() > 0 and phone.receipts.empty()
+
+
+async def test_first_ack_retracts_the_other_copies(server, connect):
+    desk = await connect("alice", "desk", auto_ack=False)
+    laptop = await connect("alice", "laptop", auto_ack=False)
+    phone = await connect("alice", "phone", type="mobile")
+    sending = asyncio.ensure_future(phone.send({"all": True}, "q", "who?", ack=True, first_ack=True, id="fa"))
+    on_desk = await desk.next_message(timeout=5)
+    await laptop.next_message(timeout=5)
+    await desk.ack(on_desk.seq)
+    retract = await laptop.next_event("retract", timeout=5)
+    assert retract["id"] == "fa"
+    receipts = await asyncio.wait_for(sending, 5)
+    assert sorted((r.status, r.device) for r in receipts) == [("delivered", "desk"), ("retracted", "laptop")]
+

@@ -602,3 +602,39 @@ async def test_first_device_of_a_new_user_bootstrapped_from_the_cli(server, caps
     assert laptop.paired["user"] == "dora"
     assert [d["name"] for d in await laptop.devices()] == ["Dora's laptop"]
     await laptop.close()
+
+
+async def test_codes_of_a_revoked_device_stop_working(server, connect, desktop):
+    laptop = await _pair(server, desktop)
+    code = (await laptop.create_pairing_code())["code"]
+    await desktop.revoke_device(laptop.paired["device"])
+    with pytest.raises(ClientError) as refused:
+        await pair(server.ws_url, code, PHONE)
+    assert refused.value.code == "invalid_code"
+
+
+async def test_cli_made_credentials_and_codes_work_at_once(server, capsys):
+    """No waiting for the change feed: a registry miss asks the store before refusing."""
+    data_dir = server.node.settings.data_dir
+    assert await asyncio.to_thread(cli.main, ["users", "add", "erin", "--device", "erin-pc",
+                                              "--data-dir", data_dir]) == 0
+    credential = next(line.split(":", 1)[1].strip() for line in capsys.readouterr().out.splitlines()
+                      if line.startswith("credential:"))
+    pc = Client(server.ws_url, None, credential=credential, reconnect=False)
+    assert (await pc.connect())["device"] == "erin-pc"
+    await pc.close()
+    assert await asyncio.to_thread(cli.main, ["users", "add", "fay", "--data-dir", data_dir]) == 0
+    code = next(line.split(":", 1)[1].strip() for line in capsys.readouterr().out.splitlines()
+                if line.startswith("pairing code:"))
+    tablet = await pair(server.ws_url, code, {"type": "tablet"})
+    assert tablet.paired["user"] == "fay"
+    await tablet.close()
+
+
+async def test_resume_last_seq_is_bounded(server):
+    reader, writer = await open_raw(server.ws_url)
+    hello = {"op": "hello", "token": server.issue_token("alice", "p"), "device": {"type": "m"},
+             "resume": {"session": "s", "last_seq": 2**53}}
+    writer.write(masked_frame(json.dumps(hello).encode(), 1))
+    assert json.loads((await read_frame(reader))[1])["code"] == "bad_request"
+    writer.close()

@@ -1137,29 +1137,37 @@ async def test_inboxes_append_no_change(store):
 
 
 async def test_queued_records_given_and_handed_out_are_copies(store):
-    message = queued(1)
-    outcome = await enqueue(store, message, queued(2, "phone"), queued("too-big", body=b"x" * 100), max_bytes=50)
-    message.priority = PRIORITY_LOW
-    message.msg_id = 99
-    outcome.stored[0].attempts = 9
-    outcome.rejected[0].body = b""
-    for page in (await store.inbox("laptop", NOW), await store.redrive(), await store.take_expired(NOW + HOUR)):
-        for handed_out in page:
-            handed_out.attempts = 7
-    [back] = await store.inbox("laptop", NOW)
-    assert (back.msg_id, back.priority, back.attempts) == (1, PRIORITY_NORMAL, 0)
-    assert message.id == 0
-    assert outcome.rejected[0] is not outcome.stored[0]
+    def scribble(*messages):
+        for message in messages:
+            message.priority = PRIORITY_LOW
+            message.attempts = 9
+            message.msg_id = "changed"
 
-    await store.dead_letter([back.id], "undeliverable", NOW)
+    async def unchanged():
+        [message] = await store.inbox("laptop", NOW)
+        assert (message.msg_id, message.priority, message.attempts) == (1, PRIORITY_NORMAL, 0)
+        return message
+
+    message = queued(1)
+    outcome = await enqueue(store, message, queued("too-big", body=b"x" * 100), max_bytes=50)
+    scribble(message, *outcome.stored)
+    assert message.id == 0
+    assert outcome.rejected[0] is not message
+    stored = await unchanged()
+
+    scribble(*await store.inbox("laptop", NOW))
+    await unchanged()
+
+    moved = await store.dead_letter([stored.id], "undeliverable", NOW)
+    scribble(*moved)
+    letters = await store.dead_letters()
+    scribble(*(letter.message for letter in letters))
+    letters[0].reason = "changed"
     [letter] = await store.dead_letters()
-    letter.message.attempts = 5
-    letter.reason = "changed"
-    [letter] = await store.dead_letters()
-    assert (letter.message.attempts, letter.reason) == (0, "undeliverable")
-    [redriven] = await store.redrive()
-    redriven.priority = PRIORITY_EMERGENCY
-    assert (await store.inbox("laptop", NOW))[0].priority == PRIORITY_NORMAL
+    assert (letter.message.msg_id, letter.message.attempts, letter.reason) == (1, 0, "undeliverable")
+
+    scribble(*await store.redrive())
+    await unchanged()
 
 
 # ---- receipts for offline senders -------------------------------------------------------------
