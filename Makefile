@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.rccs-installed
 SOURCES := pyproject.toml setup.py $(wildcard rccs/_fastpath/*.pyx rccs/_fastpath/*.pxd)
 
-.PHONY: serve test lint test-compiled test-pure bench-check loadtest-smoke bench bench-e2e bench-scale loadtest wheel clean
+.PHONY: serve test lint test-compiled test-pure bench-check loadtest-smoke bench bench-e2e bench-scale bench-store loadtest wheel clean
 
 $(STAMP): $(SOURCES)
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +43,11 @@ bench: $(STAMP)
 # End-to-end: CPU per routed message against a bare picows forwarder, several rounds (about 4 min).
 bench-e2e: $(STAMP)
 	$(BIN)/python benchmarks/e2e/run.py
+
+# Store throughput: registry/session writes, durable inbox enqueue and replay (SQLite and memory).
+bench-store: $(STAMP)
+	$(BIN)/python benchmarks/store_writes.py
+	$(BIN)/python benchmarks/store_inbox.py
 
 # Locust, headless: 1,200 devices for 60 s.
 loadtest: $(STAMP)
