@@ -171,6 +171,7 @@ class Hub:
                          and record.disconnected_at is not None and record.disconnected_at + grace_ms >= now)
             if resumable:
                 self.detached[record.id] = record
+        await self.deliveries.load_message_ids()
         self._loops = [asyncio.create_task(self._maintain()), asyncio.create_task(self._watch_changes())]
 
     async def stop(self) -> None:
@@ -183,6 +184,7 @@ class Hub:
         while self._tasks:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
         await self.deliveries.flush()
+        await self.deliveries.save_message_ids()
         await self.flush(all_sessions=True)
 
     async def settle(self) -> None:

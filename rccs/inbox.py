@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import zlib
 from collections import OrderedDict
 from typing import TYPE_CHECKING, Any
 
@@ -143,7 +144,7 @@ class Deliveries:
         seen = self._seen.get(sender_device)
         if seen is None:
             seen = self._seen[sender_device] = OrderedDict()
-        digest = hash(body)
+        digest = zlib.crc32(body)  # stable across processes (saved at shutdown), unlike hash()
         previous = seen.get(msg_id)
         window_ms = int(self.settings.idempotency_window * 1000)
         if previous is not None and previous[0] + window_ms > now:
@@ -154,6 +155,20 @@ class Deliveries:
         if len(seen) > self.settings.idempotency_cache:
             seen.popitem(last=False)
         return None
+
+    async def save_message_ids(self) -> None:
+        """At shutdown: the idempotency window survives a graceful restart (not a crash)."""
+        await self.hub.store.save_message_ids([
+            (device, msg_id, at, digest)
+            for device, seen in self._seen.items() for msg_id, (at, digest) in seen.items()])
+
+    async def load_message_ids(self) -> None:
+        since = self.hub.now() - int(self.settings.idempotency_window * 1000)
+        for device, msg_id, at, digest in await self.hub.store.load_message_ids(since):
+            seen = self._seen.setdefault(device, OrderedDict())
+            seen[msg_id] = (at, digest)
+            if len(seen) > self.settings.idempotency_cache:
+                seen.popitem(last=False)
 
     # ---- queueing ------------------------------------------------------------
 

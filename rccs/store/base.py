@@ -329,6 +329,16 @@ class Store(abc.ABC):
     async def take_receipts(self, device_id: str, limit: int = 10000) -> list[dict[str, Any]]:
         """Delete and return a device's kept receipts, oldest first."""
 
+    # ---- idempotency keys --------------------------------------------
+
+    @abc.abstractmethod
+    async def save_message_ids(self, entries: Sequence[tuple[str, str | int, int, int]]) -> None:
+        """Replace the remembered message ids: (sender device, message id, time ms, body digest)."""
+
+    @abc.abstractmethod
+    async def load_message_ids(self, since: int) -> list[tuple[str, str | int, int, int]]:
+        """The remembered message ids with time >= ``since``, oldest first."""
+
     # ---- change feed -------------------------------------------------
 
     @abc.abstractmethod

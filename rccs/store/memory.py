@@ -146,6 +146,7 @@ class MemoryStore(Store):
     def __init__(self) -> None:
         self._users: dict[str, UserRecord] = {}
         self._devices: dict[str, DeviceRecord] = {}
+        self._message_ids: list[tuple[str, str | int, int, int]] = []
         self._device_by_credential: dict[str, str] = {}
         self._sessions: dict[str, SessionRecord] = {}
         self._pairing_codes: dict[str, PairingCode] = {}
@@ -497,6 +498,16 @@ class MemoryStore(Store):
         else:
             del self._receipts[device_id]
         return [_unpack_receipt(envelope) for envelope in taken]
+
+    # ---- idempotency keys --------------------------------------------
+
+    async def save_message_ids(self, entries: Sequence[tuple[str, str | int, int, int]]) -> None:
+        self._message_ids = [(device, msg_id, at, digest) for device, msg_id, at, digest in entries]
+
+    async def load_message_ids(self, since: int) -> list[tuple[str, str | int, int, int]]:
+        kept = [entry for entry in self._message_ids if entry[2] >= since]
+        kept.sort(key=lambda entry: entry[2])
+        return kept
 
     # ---- change feed -------------------------------------------------
 

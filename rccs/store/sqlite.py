@@ -193,6 +193,15 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX receipts_by_device ON receipts (device, id);
     """,
+    # 3: the idempotency window's message ids, saved at shutdown (msg_id msgpack-encoded: str or int).
+    """
+    CREATE TABLE message_ids (
+        sender_device TEXT NOT NULL,
+        msg_id BLOB NOT NULL,
+        at INTEGER NOT NULL,
+        digest INTEGER NOT NULL
+    );
+    """,
 ]
 
 T = TypeVar("T")
@@ -1020,6 +1029,25 @@ class SqliteStore(Store):
             return [_unpack_receipt(envelope) for _, envelope in rows]
 
         return await self._write(work)
+
+    # ---- idempotency keys --------------------------------------------
+
+    async def save_message_ids(self, entries: Sequence[tuple[str, str | int, int, int]]) -> None:
+        rows = [(device, msgpack.packb(msg_id), at, digest) for device, msg_id, at, digest in entries]
+
+        def work(db: sqlite3.Connection) -> None:
+            db.execute("DELETE FROM message_ids")
+            db.executemany("INSERT INTO message_ids (sender_device, msg_id, at, digest) VALUES (?, ?, ?, ?)", rows)
+
+        await self._write(work)
+
+    async def load_message_ids(self, since: int) -> list[tuple[str, str | int, int, int]]:
+        def work(db: sqlite3.Connection) -> list[tuple[str, str | int, int, int]]:
+            rows = db.execute("SELECT sender_device, msg_id, at, digest FROM message_ids WHERE at >= ? ORDER BY at",
+                              (since,)).fetchall()
+            return [(device, msgpack.unpackb(msg_id), at, digest) for device, msg_id, at, digest in rows]
+
+        return await self._read(work)
 
     # ---- change feed -------------------------------------------------
 

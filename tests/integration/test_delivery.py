@@ -227,3 +227,23 @@ async def test_first_ack_retracts_the_other_copies(server, connect):
     receipts = await asyncio.wait_for(sending, 5)
     assert sorted((r.status, r.device) for r in receipts) == [("delivered", "desk"), ("retracted", "laptop")]
 
+
+
+async def test_idempotency_window_survives_a_graceful_restart(tmp_path):
+    from rccs.client import Client
+    from rccs.testing import running_server
+
+    data_dir = str(tmp_path)
+    async with running_server(data_dir=data_dir) as server:
+        laptop = Client(server.ws_url, server.issue_token("alice", "laptop"), {"type": "desktop"})
+        await laptop.connect()
+        await laptop.close()
+        phone = Client(server.ws_url, server.issue_token("alice", "phone"), {"type": "mobile"})
+        await phone.connect()
+        assert [r.status for r in await phone.send({"device": "laptop"}, "cmd", 1, ack=True, id="k")] == ["queued"]
+        await phone.close()
+    async with running_server(data_dir=data_dir) as server:
+        phone = Client(server.ws_url, server.issue_token("alice", "phone"), {"type": "mobile"})
+        await phone.connect()  # re-sends after the restart, not knowing whether the first one counted
+        assert [r.status for r in await phone.send({"device": "laptop"}, "cmd", 1, ack=True, id="k")] == ["duplicate"]
+        await phone.close()

@@ -1219,3 +1219,10 @@ async def test_receipts_given_and_handed_out_are_copies(store):
     first = await store.take_receipts("phone", limit=1)
     first[0]["nested"]["k"].append(3)
     assert await store.take_receipts("phone") == [{"op": "receipt", "nested": {"k": [1]}}]
+
+
+async def test_message_ids_round_trip_and_are_replaced(store):
+    await store.save_message_ids([("phone", "m-1", NOW - 10, 7), ("phone", 2**63 + 5, NOW, 8), ("pc", -3, NOW - 99, 9)])
+    assert await store.load_message_ids(NOW - 50) == [("phone", "m-1", NOW - 10, 7), ("phone", 2**63 + 5, NOW, 8)]
+    await store.save_message_ids([("pc", "x", NOW, 1)])
+    assert await store.load_message_ids(0) == [("pc", "x", NOW, 1)]
