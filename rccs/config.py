@@ -50,6 +50,16 @@ class Settings:
     max_delivery_attempts: int = 5  # deliveries without an ack before a message becomes a dead letter
     idempotency_window: float = 86400.0  # seconds a sender's ack:true message id is remembered
     idempotency_cache: int = 10000  # message ids remembered per sender device
+    admin_key: str = ""  # the admin HTTP API's bearer key; empty: the admin API is off
+    tls_cert: str = ""  # PEM certificate chain: with tls_key, serve wss:// and https://
+    tls_key: str = ""
+    log_format: str = "auto"  # "json" (JSON lines), "text", or "auto" (text on a terminal, else JSON)
+    drain_timeout: float = 30.0  # seconds SIGTERM waits for everything to be written before exiting
+    send_rate: float = 2000.0  # messages per second one device may send (token bucket), 0: unlimited
+    send_burst: int = 4000
+    # hellos per second per client address, 0: unlimited (off by default: behind a proxy every device
+    # shares one address, and a personal server's devices reconnect together after a restart)
+    hello_rate_per_address: float = 0.0
 
     def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)
@@ -131,6 +141,10 @@ def load_settings(
         raise ConfigError("setting 'store' must be 'sqlite' or 'memory'")
     if settings.session_ttl <= 0 or settings.pairing_code_ttl <= 0:
         raise ConfigError("settings 'session_ttl' and 'pairing_code_ttl' must be positive")
+    if settings.log_format not in ("auto", "json", "text"):
+        raise ConfigError("setting 'log_format' must be 'auto', 'json' or 'text'")
+    if bool(settings.tls_cert) != bool(settings.tls_key):
+        raise ConfigError("settings 'tls_cert' and 'tls_key' go together")
     if settings.inbox_overflow not in ("reject", "drop_oldest"):
         raise ConfigError("setting 'inbox_overflow' must be 'reject' or 'drop_oldest'")
     if settings.ack_timeout <= 0 or settings.max_delivery_attempts < 1 or settings.max_ttl <= 0:

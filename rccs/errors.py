@@ -17,7 +17,7 @@ class ErrorCode(StrEnum):
     FORBIDDEN = "forbidden"  # a selector names a device of another user; acting on another user's device
     NOT_FOUND = "not_found"  # an op names a device, session or pairing request that does not exist
     TOO_LARGE = "too_large"  # a field is longer than its documented limit
-    RATE_LIMITED = "rate_limited"  # too many attempts (pairing redemption); see retry_after
+    RATE_LIMITED = "rate_limited"  # over send_rate (any message) or pairing attempts; see retry_after
     INVALID_CODE = "invalid_code"  # a pairing code that is wrong, expired, used or burnt (one answer for all)
     REVOKED = "revoked"  # the credential, token or session belongs to a revoked device or session
     DUPLICATE_ID = "duplicate_id"  # an ack:true send reuses a recent message id with a different body
@@ -37,6 +37,7 @@ class CloseCode(IntEnum):
     NORMAL = 1000
     GOING_AWAY = 1001  # the server is shutting down: reconnect later
     PROTOCOL_ERROR = 1002  # WebSocket-level violation (bad framing)
+    POLICY_VIOLATION = 1008  # more than 1,000 messages in a row refused as rate_limited
     MESSAGE_TOO_BIG = 1009  # a message exceeds max_message_bytes
     INTERNAL_ERROR = 1011
     TRY_AGAIN_LATER = 1013  # the server is full (max_connections)
@@ -47,6 +48,7 @@ class CloseCode(IntEnum):
     REPLACED = 4409  # the same device connected again; the older connection is closed
     REVOKED = 4410  # the device or session was revoked; its credential and sessions no longer work
     SLOW_CONSUMER = 4413  # more than max_outbound_bytes waited to be written; the connection is aborted
+    TOO_MANY_HELLOS = 4429  # hello_rate_per_address exceeded: retry after the error's retry_after
     SESSION_EXPIRED = 4440  # the session's authentication expired without a refresh; hello again
 
 

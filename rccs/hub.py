@@ -85,11 +85,12 @@ class TokenBucket:
 
 
 class AddressLimiter:
-    """Per client address token buckets (pairing redemption attempts)."""
+    """Per client address token buckets (pairing redemption attempts, hellos): ``capacity`` deep,
+    refilled at ``rate`` per second."""
 
-    def __init__(self, per_minute: int):
-        self.capacity = float(per_minute)
-        self.rate = per_minute / 60.0
+    def __init__(self, capacity: float, rate: float):
+        self.capacity = float(capacity)
+        self.rate = float(rate)
         self._buckets: dict[str, TokenBucket] = {}
 
     def take(self, address: str, now: float) -> float:
@@ -135,7 +136,10 @@ class Hub:
         self.detached: dict[str, SessionRecord] = {}  # dropped sessions that may still be resumed
         self.presence: dict[str, str] = {}  # device id -> online/away (absent: offline)
         self.pair_requests: dict[str, PairingRequest] = {}
-        self.pair_limiter = AddressLimiter(settings.pairing_attempts_per_minute)
+        self.pair_limiter = AddressLimiter(settings.pairing_attempts_per_minute,
+                                           settings.pairing_attempts_per_minute / 60.0)
+        self.hello_limiter = AddressLimiter(max(1.0, 5 * settings.hello_rate_per_address),
+                                            settings.hello_rate_per_address)
         self.deliveries = Deliveries(self)
         self.errors_sent: Counter[str] = Counter()
         self.closes_sent: Counter[int] = Counter()

@@ -311,6 +311,20 @@ class Session:
             extra = {"retry_after": exc.retry_after} if exc.retry_after is not None else {}
             self.send_error(exc.code, exc.message, None if header is None else header.get("id"), **extra)
 
+    def on_rate_limited(self, payload: bytes, is_text: bool, retry_after: float) -> None:
+        """A message over the device's send rate: not handled; the error names its id when readable."""
+        msg_id = None
+        try:
+            if is_text:
+                header = json_loads(payload)
+                msg_id = header.get("id") if isinstance(header, dict) else None
+            else:
+                msg_id = decode_envelope(payload)[0].get("id")
+        except (ProtocolError, EnvelopeError):
+            pass
+        self.send_error(ErrorCode.RATE_LIMITED, "over this device's send rate; slow down", msg_id,
+                        retry_after=round(max(retry_after, 0.001), 3))
+
     def state_is_open(self) -> bool:
         return self.state == OPEN
 
@@ -328,6 +342,13 @@ class Session:
         if op != "hello":
             self._refuse(ErrorCode.UNAUTHORIZED, "the first message must be a hello", CloseCode.BAD_HELLO)
             return
+        if self.hub.settings.hello_rate_per_address > 0 and not looked_up:
+            wait = self.hub.hello_limiter.take(self.sink.peer.rsplit(":", 1)[0], time.monotonic())
+            if wait:
+                self.send_error(ErrorCode.RATE_LIMITED, "too many hellos from this address", header.get("id"),
+                                retry_after=round(wait, 3))
+                self.close(CloseCode.TOO_MANY_HELLOS, "too many hellos from this address")
+                return
         resume = parse_resume(header.get("resume"))
         try:
             device, auth_expires_at = self.authenticate(header, header.get("device"), looked_up)

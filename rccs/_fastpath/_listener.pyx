@@ -33,6 +33,7 @@ cdef extern from "<time.h>" nogil:
     clockid_t CLOCK_REALTIME
 
 MAX_ID_CHARS = 128
+MAX_REFUSED_IN_A_ROW = 1000  # rate-limited messages in a row before the connection is closed (1008)
 MIN_INT_ID = -(2**63)
 MAX_INT_ID = 2**64 - 1
 
@@ -138,6 +139,11 @@ cdef class ServerConnection(WSListener):
     cdef public long long frames_out
     cdef public long long bytes_in
     cdef public long long bytes_out
+    cdef double _rate
+    cdef double _burst
+    cdef double _tokens
+    cdef long long _stamp_ns
+    cdef long long _refused_in_a_row
 
     def __init__(self, hub, coalescer, session_factory):
         self.hub = hub
@@ -160,6 +166,11 @@ cdef class ServerConnection(WSListener):
         self.frames_out = 0
         self.bytes_in = 0
         self.bytes_out = 0
+        self._rate = 0.0
+        self._burst = 0.0
+        self._tokens = 0.0
+        self._stamp_ns = 0
+        self._refused_in_a_row = 0
 
     # ---- picows callbacks ----------------------------------------------
 
@@ -197,6 +208,9 @@ cdef class ServerConnection(WSListener):
                 payload = PyBytes_FromStringAndSize(frame.payload_ptr, frame.payload_size)
                 self.frames_in += 1
                 self.bytes_in += frame.payload_size
+                if self._rate > 0.0 and not self._take_token():
+                    self._refuse(payload, msg_type == WSMsgType.TEXT)
+                    return
                 if self._direct and msg_type == WSMsgType.BINARY:
                     self._on_binary(payload)
                 else:
@@ -217,6 +231,9 @@ cdef class ServerConnection(WSListener):
                 self._fragments = None
                 self.frames_in += 1
                 self.bytes_in += len(fragments)
+                if self._rate > 0.0 and not self._take_token():
+                    self._refuse(bytes(fragments), self._fragments_text)
+                    return
                 session.on_frame(bytes(fragments), self._fragments_text)
         elif msg_type == WSMsgType.CLOSE:
             session.on_peer_close(<int>frame.get_close_code())
@@ -258,6 +275,27 @@ cdef class ServerConnection(WSListener):
             self.session.send_error(ErrorCode.INTERNAL, "internal server error", header.get("id"))
             return
         self.session.on_envelope(header, payload, decoded[1], decoded[2], False)
+
+    cdef bint _take_token(self) noexcept:
+        cdef long long now = _monotonic_ns()
+        cdef double tokens = self._tokens + (now - self._stamp_ns) * 1e-9 * self._rate
+        if tokens > self._burst:
+            tokens = self._burst
+        self._stamp_ns = now
+        if tokens >= 1.0:
+            self._tokens = tokens - 1.0
+            self._refused_in_a_row = 0
+            return True
+        self._tokens = tokens
+        return False
+
+    cdef _refuse(self, bytes payload, bint text):
+        """Over the device's rate: answered, not handled; a device that keeps flooding is closed."""
+        self._refused_in_a_row += 1
+        if self._refused_in_a_row > MAX_REFUSED_IN_A_ROW:
+            self.session.close(CloseCode.POLICY_VIOLATION, "rate limit exceeded again and again")
+            return
+        self.session.on_rate_limited(payload, text, (1.0 - self._tokens) / self._rate)
 
     cdef bint _ack_direct(self, dict header) except -1:
         """An ack of one seq: settle it and give the sender its ``delivered`` receipt."""
@@ -394,3 +432,8 @@ cdef class ServerConnection(WSListener):
         self._routing = self.hub.routing
         self._stats = self.hub.stats
         self._direct = session.encoding == _MSGPACK
+        settings = self.hub.settings
+        self._rate = settings.send_rate
+        self._burst = max(1, settings.send_burst)
+        self._tokens = self._burst
+        self._stamp_ns = _monotonic_ns()

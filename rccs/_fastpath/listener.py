@@ -49,6 +49,7 @@ _SHORT_TEXT_HEADERS = [bytes((_FIN_TEXT, n)) for n in range(126)]
 _SHORT_BINARY_HEADERS = [bytes((_FIN_BINARY, n)) for n in range(126)]
 
 MAX_ID_CHARS = 128
+MAX_REFUSED_IN_A_ROW = 1000  # rate-limited messages in a row before the connection is closed (1008)
 MIN_INT_ID = -(2**63)
 MAX_INT_ID = 2**64 - 1
 _NIL = b"\xc0"
@@ -123,6 +124,12 @@ class ServerConnection(WSListener):
         self.frames_out = 0
         self.bytes_in = 0
         self.bytes_out = 0
+        # Per-device token bucket over every message after hello (send_rate per second, send_burst deep).
+        self._rate = 0.0
+        self._burst = 0.0
+        self._tokens = 0.0
+        self._stamp_ns = 0
+        self._refused_in_a_row = 0
 
     # ---- picows callbacks ----------------------------------------------
 
@@ -158,6 +165,9 @@ class ServerConnection(WSListener):
                 payload = frame.get_payload_as_bytes()
                 self.frames_in += 1
                 self.bytes_in += len(payload)
+                if self._rate > 0.0 and not self._take_token():
+                    self._refuse(payload, msg_type == _TEXT)
+                    return
                 if self._direct and msg_type == _BINARY:
                     self._on_binary(payload)
                 else:
@@ -178,6 +188,9 @@ class ServerConnection(WSListener):
                 self._fragments = None
                 self.frames_in += 1
                 self.bytes_in += len(fragments)
+                if self._rate > 0.0 and not self._take_token():
+                    self._refuse(bytes(fragments), self._fragments_text)
+                    return
                 session.on_frame(bytes(fragments), self._fragments_text)
         elif msg_type == _CLOSE:
             session.on_peer_close(int(frame.get_close_code()))  # type: ignore[call-overload]
@@ -193,6 +206,27 @@ class ServerConnection(WSListener):
             self._hello_timer = None
         if self.session is not None:
             self.session.on_closed()
+
+    # ---- rate limit ---------------------------------------------------------
+
+    def _take_token(self) -> bool:
+        now = time.monotonic_ns()
+        tokens = min(self._burst, self._tokens + (now - self._stamp_ns) * 1e-9 * self._rate)
+        self._stamp_ns = now
+        if tokens >= 1.0:
+            self._tokens = tokens - 1.0
+            self._refused_in_a_row = 0
+            return True
+        self._tokens = tokens
+        return False
+
+    def _refuse(self, payload: bytes, text: bool) -> None:
+        """Over the device's rate: answered, not handled; a device that keeps flooding is closed."""
+        self._refused_in_a_row += 1
+        if self._refused_in_a_row > MAX_REFUSED_IN_A_ROW:
+            self.session.close(CloseCode.POLICY_VIOLATION, "rate limit exceeded again and again")
+            return
+        self.session.on_rate_limited(payload, text, (1.0 - self._tokens) / self._rate)
 
     # ---- direct path --------------------------------------------------------
 
@@ -350,3 +384,7 @@ class ServerConnection(WSListener):
         self._routing = self.hub.routing
         self._stats = self.hub.stats
         self._direct = session.encoding == "msgpack"
+        settings = self.hub.settings
+        self._rate = float(settings.send_rate)
+        self._burst = self._tokens = float(max(1, settings.send_burst))
+        self._stamp_ns = time.monotonic_ns()

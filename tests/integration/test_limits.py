@@ -1,0 +1,79 @@
+"""Per-device send rate and per-address hello rate: refused with rate_limited, counted, others unaffected."""
+
+import asyncio
+import json
+
+import msgpack
+import pytest
+from rawws import masked_frame, open_raw, read_frame
+
+from rccs.client import Client, ConnectionClosed
+from rccs.errors import CloseCode
+from rccs.testing import running_server
+
+
+async def _raw_device(server, device, encoding="json"):
+    reader, writer = await open_raw(server.ws_url)
+    hello = {"op": "hello", "token": server.issue_token("alice", device), "device": {"type": "desktop"}}
+    if encoding == "json":
+        writer.write(masked_frame(json.dumps(hello).encode(), 1))
+    else:
+        writer.write(masked_frame(msgpack.packb(hello)))
+    await read_frame(reader)  # welcome
+    return reader, writer
+
+
+@pytest.mark.parametrize("encoding", ["json", "msgpack"])
+async def test_a_device_over_its_send_rate_is_refused_and_others_are_not(tmp_path, encoding):
+    async with running_server(data_dir=str(tmp_path), send_rate=1, send_burst=5) as server:
+        other = Client(server.ws_url, server.issue_token("alice", "other"), {"type": "desktop"})
+        await other.connect()
+        reader, writer = await _raw_device(server, "flooder", encoding)
+        for n in range(8):  # a burst of 5 passes, then about one per second
+            ping = {"op": "ping", "id": f"p{n}"}
+            writer.write(masked_frame(json.dumps(ping).encode(), 1) if encoding == "json"
+                         else masked_frame(msgpack.packb(ping)))
+        answers = []
+        for _ in range(8):
+            _, payload = await read_frame(reader)
+            answers.append(json.loads(payload) if encoding == "json" else msgpack.unpackb(payload))
+        answers = [a for a in answers if a["op"] != "presence"]
+        pongs = [a for a in answers if a["op"] == "pong"]
+        refused = [a for a in answers if a["op"] == "error"]
+        assert len(pongs) in (5, 6) and len(pongs) + len(refused) == 8
+        assert all(a["code"] == "rate_limited" and a["retry_after"] > 0 for a in refused)
+        assert {a["id"] for a in refused} <= {f"p{n}" for n in range(5, 8)}  # the error names the message
+        assert server.hub.errors_sent["rate_limited"] == len(refused)
+        assert await other.ping() > 0  # another device of the same user is not affected
+        writer.close()
+        await other.close()
+
+
+async def test_a_device_that_keeps_flooding_is_closed(tmp_path):
+    async with running_server(data_dir=str(tmp_path), send_rate=1, send_burst=1) as server:
+        reader, writer = await _raw_device(server, "flooder")
+        writer.write(b"".join(masked_frame(b'{"op":"ping"}', 1) for _ in range(1200)))
+        while True:
+            opcode, payload = await asyncio.wait_for(read_frame(reader), 10)
+            if opcode == 0x8:
+                break
+        assert int.from_bytes(payload[:2], "big") == CloseCode.POLICY_VIOLATION
+        assert server.hub.closes_sent[1008] == 1
+        writer.close()
+
+
+async def test_hello_rate_per_address(tmp_path):
+    async with running_server(data_dir=str(tmp_path), hello_rate_per_address=1) as server:
+        clients = []
+        for n in range(5):  # five seconds' worth of burst
+            client = Client(server.ws_url, server.issue_token("alice", f"d{n}"), {"type": "desktop"},
+                            reconnect=False)
+            await client.connect()
+            clients.append(client)
+        refused = Client(server.ws_url, server.issue_token("alice", "d5"), {"type": "desktop"}, reconnect=False)
+        with pytest.raises(ConnectionClosed) as closed:
+            await refused.connect()
+        assert closed.value.code == CloseCode.TOO_MANY_HELLOS
+        assert server.hub.errors_sent["rate_limited"] == 1
+        for client in clients:
+            await client.close()
