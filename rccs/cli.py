@@ -80,8 +80,14 @@ async def _serve(settings: Settings) -> None:
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
     await stop.wait()
-    logging.getLogger("rccs").info("signal received, shutting down")
-    await node.stop()
+    log = logging.getLogger("rccs")
+    log.info("signal received, draining: closing connections (1001), saving sessions, inboxes and receipts")
+    try:
+        await asyncio.wait_for(node.stop(), settings.drain_timeout)
+    except TimeoutError:
+        log.error("drain did not finish within %.0f s (drain_timeout); exiting anyway", settings.drain_timeout)
+        raise SystemExit(1) from None
+    log.info("drained")
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
