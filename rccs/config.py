@@ -50,6 +50,9 @@ class Settings:
     max_delivery_attempts: int = 5  # deliveries without an ack before a message becomes a dead letter
     idempotency_window: float = 86400.0  # seconds a sender's ack:true message id is remembered
     idempotency_cache: int = 10000  # message ids remembered per sender device
+    webhook_url: str = ""  # POST every event here (JSON, HMAC-SHA256 signed with webhook_secret); empty: off
+    webhook_secret: str = ""
+    webhook_events: str = ""  # comma-separated event kinds to send; empty: all
     admin_key: str = ""  # the admin HTTP API's bearer key; empty: the admin API is off
     tls_cert: str = ""  # PEM certificate chain: with tls_key, serve wss:// and https://
     tls_key: str = ""

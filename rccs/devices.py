@@ -38,6 +38,7 @@ def register_device(hub: Hub, user: str, device_id: str, now: int) -> DeviceReco
         hub.spawn(_add_user_if_missing(hub, user, now))
     record = DeviceRecord(id=device_id, user=user, type="", created=now, last_seen=now)
     hub.registry.put(record)
+    hub.bus.emit("device.registered", user=user, device=device_id, via="token")
     return record
 
 

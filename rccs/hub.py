@@ -30,6 +30,7 @@ from ._fastpath import routing as fast_routing
 from .auth import TokenAuthority
 from .config import Settings
 from .errors import CloseCode, ReceiptReason
+from .events import EventBus, Webhooks
 from .inbox import Deliveries, queued_from_frame
 from .registry import Registry
 from .store import (
@@ -141,6 +142,12 @@ class Hub:
         self.hello_limiter = AddressLimiter(max(1.0, 5 * settings.hello_rate_per_address),
                                             settings.hello_rate_per_address)
         self.deliveries = Deliveries(self)
+        self.bus = EventBus()
+        self.webhooks: Webhooks | None = None
+        if settings.webhook_url:
+            kinds = {k.strip() for k in settings.webhook_events.split(",") if k.strip()} or None
+            self.webhooks = Webhooks(settings.webhook_url, settings.webhook_secret, kinds)
+            self.bus.subscribe(self.webhooks)
         self.errors_sent: Counter[str] = Counter()
         self.closes_sent: Counter[int] = Counter()
         self.events: Counter[str] = Counter()  # sessions opened/resumed, pairings, revocations, ...
@@ -176,6 +183,8 @@ class Hub:
             if resumable:
                 self.detached[record.id] = record
         await self.deliveries.load_message_ids()
+        if self.webhooks is not None:
+            self.webhooks.start()
         self._loops = [asyncio.create_task(self._maintain()), asyncio.create_task(self._watch_changes())]
 
     async def stop(self) -> None:
@@ -190,6 +199,8 @@ class Hub:
         await self.deliveries.flush()
         await self.deliveries.save_message_ids()
         await self.flush(all_sessions=True)
+        if self.webhooks is not None:
+            await self.webhooks.stop()
 
     async def settle(self) -> None:
         """Wait for the background writes started so far, then flush (tests and shutdown use this)."""
@@ -274,12 +285,7 @@ class Hub:
 
     def send_receipt(self, user: str, device: str, receipt: dict[str, Any]) -> None:
         """Give a receipt to the sender device now, or keep it until the device connects."""
-        target = self.online(user, device)
-        if target is None:
-            self.receipts_undeliverable += 1  # counted: not delivered at once (kept in the store)
-            self.deliveries.send_receipt(user, device, receipt)
-            return
-        target.send_control(receipt)
+        self.deliveries.send_receipt(user, device, receipt)
 
     def requeue(self, record: SessionRecord, reason: ReceiptReason | None) -> None:
         """A session ends with unacked messages: they go to the device's inbox (or fail with ``reason``)."""
@@ -379,6 +385,7 @@ class Hub:
             self.end_detached(session_id, ReceiptReason.REVOKED)
         self.spawn(self.deliveries.fail_inbox(device_id, ReceiptReason.REVOKED))
         self.events["device_revoked"] += 1
+        self.bus.emit("device.revoked", user=record.user, device=device_id)
         if write:
             self.spawn(self.store.revoke_device(device_id, now))
         log.info("device %s of user %s revoked", device_id, record.user)
@@ -469,6 +476,7 @@ class Hub:
                 live.expired = True
                 live.close(CloseCode.SESSION_EXPIRED, "session expired: refresh before expires_at or hello again")
                 self.events["session_expired"] += 1
+                self.bus.emit("session.expired", user=live.user, device=live.device, session=live.id)
 
     def _expire_detached(self, now: int) -> None:
         grace_ms = int(self.settings.session_grace * 1000)

@@ -127,11 +127,17 @@ class Deliveries:
     # ---- receipts ------------------------------------------------------
 
     def send_receipt(self, user: str, device: str, envelope: dict[str, Any]) -> None:
-        """To the sender device now, or kept in the store until it connects."""
+        """To the sender device now, or kept in the store until it connects. Final failures are events."""
+        status = envelope.get("status")
+        if status in ("failed", "expired"):
+            self.hub.bus.emit("message.expired" if status == "expired" else "message.failed", user=user,
+                              sender=device, id=envelope.get("id"), device=envelope.get("device"),
+                              reason=envelope.get("reason"))
         target = self.hub.online(user, device)
         if target is not None:
             target.send_control(envelope)
             return
+        self.hub.receipts_undeliverable += 1  # counted: not delivered at once (kept in the store)
         self.stats["receipts_kept"] += 1
         self._receipts.append((device, envelope))
         self._schedule()
@@ -232,6 +238,7 @@ class Deliveries:
         for inbox_id in ids:
             self.in_flight.pop(inbox_id, None)
         self.stats["dead_lettered"] += len(ids)
+        self.hub.bus.emit("message.dead_lettered", user=entry[0], sender=entry[1], id=entry[2], device=device)
         self.send_receipt(entry[0], entry[1], receipt(entry[2], "failed", device, ReceiptReason.UNDELIVERABLE.value))
         self.hub.spawn(self.hub.store.dead_letter(ids, ReceiptReason.UNDELIVERABLE.value, self.hub.now()))
 
@@ -240,6 +247,7 @@ class Deliveries:
         assert session.device is not None and session.user is not None
         message = queued_from_frame(entry[3], entry[4], session.device, session.user, None)
         self.stats["dead_lettered"] += 1
+        self.hub.bus.emit("message.dead_lettered", user=entry[0], sender=entry[1], id=entry[2], device=session.device)
         self.send_receipt(entry[0], entry[1], receipt(entry[2], "failed", session.device,
                                                       ReceiptReason.UNDELIVERABLE.value))
         if message is not None:
@@ -254,6 +262,8 @@ class Deliveries:
         for message in messages:
             self.in_flight.pop(message.id, None)
             self.stats["dead_lettered"] += 1
+            self.hub.bus.emit("message.dead_lettered", user=message.user, sender=message.sender_device,
+                              id=message.msg_id, device=message.device)
             self.send_receipt(message.user, message.sender_device, receipt(
                 message.msg_id, "failed", message.device, ReceiptReason.UNDELIVERABLE.value))
         self.hub.spawn(self.hub.store.dead_letter([m.id for m in messages], ReceiptReason.UNDELIVERABLE.value,

@@ -109,6 +109,16 @@ class HubCollector:
         for event, count in sorted(hub.events.items()):
             events.add_metric([event], count)
         yield events
+        bus_events = CounterMetricFamily("rccs_bus_events", "Events on the event bus (and webhooks), by kind",
+                                         labels=["kind"])
+        for kind, count in sorted(hub.bus.counts.items()):
+            bus_events.add_metric([kind], count)
+        yield bus_events
+        if hub.webhooks is not None:
+            webhook = CounterMetricFamily("rccs_webhook_events", "Webhook deliveries by result", labels=["result"])
+            for result in ("delivered", "failed", "dropped"):
+                webhook.add_metric([result], hub.webhooks.results[result])
+            yield webhook
         yield GaugeMetricFamily("rccs_devices_registered", "Registered devices that are not revoked",
                                 value=sum(1 for d in hub.registry.devices.values() if d.revoked_at is None))
         yield GaugeMetricFamily("rccs_pairing_requests_pending", "Redeemed pairing codes awaiting approval",

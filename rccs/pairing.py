@@ -248,6 +248,8 @@ async def _complete(session: Session, user: str, fields: dict[str, Any], header:
         return
     hub.registry.put(record)
     hub.events["pairing_completed"] += 1
+    hub.bus.emit("device.registered", user=user, device=record.id, via="pairing")
+    hub.bus.emit("pairing.completed", user=user, device=record.id, approved_by=approver)
     session.reply(header, {"op": "paired", "user": user, "device": record.id, "credential": credential})
     session.open(record, now + int(hub.settings.session_ttl * 1000), None)
     _notify_user(hub, user, {"op": "pair.joined", "device": device_info(hub, record), "approved_by": approver},

@@ -503,6 +503,8 @@ class Session:
             # After the welcome: closing it fails its unacked messages, and those receipts may be ours.
             previous.close(CloseCode.REPLACED, "replaced by a newer connection of this device")
         hub.set_presence(self.user, self.device, STATUS_ONLINE, now)
+        hub.bus.emit("device.connected", user=self.user, device=self.device, session=self.id,
+                     resumed=resumed_from is not None, peer=self.sink.peer)
         hub.spawn(hub.deliveries.on_online(self))
         log.debug("device %s of user %s connected from %s (session %s%s)", self.device, self.user,
                   self.sink.peer, self.id, ", resumed" if resumed_from else "")
@@ -888,6 +890,7 @@ class Session:
                 record.pending = []
                 hub.spawn(hub.store.put_sessions([record]))
             self.pending = {}
+        hub.bus.emit("device.disconnected", user=self.user, device=self.device, session=self.id)
         if hub.online(self.user, self.device) is None:
             hub.set_presence(self.user, self.device, STATUS_OFFLINE, now)
         log.debug("device %s of user %s disconnected", self.device, self.user)
