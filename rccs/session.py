@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import msgpack
 
-from . import pairing, rpc
+from . import pairing, rpc, state
 from ._fastpath import EnvelopeError, append_seq, decode_envelope, encode_msg_prefix
 from ._fastpath import routing as fast_routing
 from .auth import TokenError
@@ -290,6 +290,8 @@ class Session:
                 DEVICE_OPS[op](self, header)
             elif op in rpc.RPC_OPS:
                 rpc.RPC_OPS[op](self, header)
+            elif op in state.STATE_OPS:
+                state.STATE_OPS[op](self, header)
             elif op == "hello":
                 raise ProtocolError(ErrorCode.BAD_REQUEST, "hello was already accepted on this connection")
             elif isinstance(op, str):
@@ -869,6 +871,7 @@ class Session:
             return
         hub.unregister(self)
         rpc.on_closed(self)
+        state.on_closed(self)
         assert self.user is not None and self.device is not None
         now = now_ms()
         if not self.moved:
