@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 from . import __version__, admin
 from .auth import TokenAuthority, TokenError, load_or_create_secret, parse_duration
 from .config import ConfigError, Settings, load_settings
+from .logs import configure_logging
 from .store import DB_FILE, STATUS_OFFLINE, SessionRecord, Store, StoreError, open_store
 
 T = TypeVar("T")
@@ -42,6 +43,23 @@ def _server_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-outbound-bytes", dest="max_outbound_bytes", type=int,
                         help="unsent bytes per connection before it is dropped as too slow (default 8 MiB)")
     parser.add_argument("--log-level", dest="log_level", help="DEBUG, INFO, WARNING, ERROR (default INFO)")
+    parser.add_argument("--log-format", dest="log_format", choices=("auto", "json", "text"),
+                        help="json: one JSON object per line; text: readable lines; auto: text on a terminal, "
+                             "else JSON (default auto)")
+    parser.add_argument("--admin-key", dest="admin_key",
+                        help="bearer key of the admin HTTP API (default: none, the API is off); prefer the "
+                             "RCCS_ADMIN_KEY environment variable or the config file: flags show in 'ps'")
+    parser.add_argument("--tls-cert", dest="tls_cert",
+                        help="PEM certificate chain; with --tls-key, serve wss:// and https://")
+    parser.add_argument("--tls-key", dest="tls_key", help="PEM private key of --tls-cert")
+    parser.add_argument("--drain-timeout", dest="drain_timeout", type=float,
+                        help="seconds SIGTERM/SIGINT waits for the drain before exiting anyway (default 30)")
+    parser.add_argument("--send-rate", dest="send_rate", type=float,
+                        help="messages per second one device may send, 0: unlimited (default 2000)")
+    parser.add_argument("--send-burst", dest="send_burst", type=int,
+                        help="largest burst of messages from one device (token bucket size, default 4000)")
+    parser.add_argument("--hello-rate-per-address", dest="hello_rate_per_address", type=float,
+                        help="hellos per second per client address (bursts of 5 s worth), 0: unlimited (default 0)")
     parser.add_argument("--store", choices=("sqlite", "memory"),
                         help="sqlite: <data-dir>/rccs.db; memory: lost at exit (default sqlite)")
     parser.add_argument("--dev-tokens", dest="dev_tokens", action=argparse.BooleanOptionalAction, default=None,
@@ -94,11 +112,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvloop
 
     settings = _settings(args)
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
-        # picows logs every accepted connection at INFO; keep that for DEBUG runs.
-        logging.getLogger("picows").setLevel(logging.WARNING)
-    uvloop.run(_serve(settings))
+    configure_logging(settings)  # JSON lines or text (log_format), secrets redacted; picows quiet below DEBUG
+    try:
+        uvloop.run(_serve(settings))
+    except (ConfigError, TokenError, ValueError, StoreError):
+        raise  # the operator's mistake or the store's: main() prints it as for every command
+    except Exception:
+        # Anything else (a port in use, a bug) is logged, not printed: a JSON log stays all JSON lines.
+        logging.getLogger("rccs").exception("rccs serve failed")
+        return 1
     return 0
 
 

@@ -41,6 +41,7 @@ import random
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
+from ssl import SSLContext
 from typing import Any
 
 import msgpack
@@ -184,6 +185,7 @@ class Client:
         backoff_max: float = 15.0,
         receipt_timeout: float = 30.0,
         on_message: Callable[[Message], Awaitable[None] | None] | None = None,
+        ssl: SSLContext | None = None,
     ):
         if encoding not in (MSGPACK, JSON):
             raise ValueError("encoding must be 'msgpack' or 'json'")
@@ -203,6 +205,7 @@ class Client:
         self.backoff_max = backoff_max
         self.receipt_timeout = receipt_timeout
         self.on_message = on_message
+        self.ssl = ssl  # for wss:// URLs: e.g. a context trusting a private CA (None: the system's defaults)
         self.welcome: dict[str, Any] | None = None
         self.errors: asyncio.Queue[ClientError] = asyncio.Queue()
         self.events: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
@@ -240,7 +243,8 @@ class Client:
     async def _connect_once(self) -> dict[str, Any]:
         loop = asyncio.get_running_loop()
         self._welcomed = loop.create_future()
-        transport, listener = await ws_connect(lambda: _Listener(self), self.url, enable_auto_ping=False)
+        transport, listener = await ws_connect(lambda: _Listener(self), self.url, enable_auto_ping=False,
+                                               ssl_context=self.ssl)
         assert isinstance(listener, _Listener)
         self._transport, self._listener = transport, listener
         if self.credential is None and self.token is None:

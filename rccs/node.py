@@ -4,24 +4,42 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 from typing import Any
 
 from picows import WSAutoPingStrategy, ws_create_server
 
 from . import __version__
 from ._fastpath import IMPLEMENTATION
+from .admin_api import admin_handler
 from .auth import TokenAuthority, load_or_create_secret
-from .config import Settings
+from .config import ConfigError, Settings
 from .errors import CloseCode
 from .hub import Hub
 from .metrics import build_registry
 from .protocol import WS_PATH
 from .session import Session
 from .store import open_store
-from .transport.http import http_router
+from .transport.http import HttpServer, http_router
 from .transport.ws import ServerConnection, WriteCoalescer
 
 log = logging.getLogger("rccs.node")
+
+
+def server_ssl_context(settings: Settings) -> ssl.SSLContext | None:
+    """The TLS context both listeners use when ``tls_cert`` and ``tls_key`` are set (None: plain TCP)."""
+    if not settings.tls_cert and not settings.tls_key:
+        return None
+    if not settings.tls_cert or not settings.tls_key:
+        raise ConfigError("'tls_cert' and 'tls_key' go together: set both (or neither)")
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(settings.tls_cert, settings.tls_key)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"cannot load the TLS certificate {settings.tls_cert!r} / key {settings.tls_key!r}: "
+                          f"{exc}") from None
+    return context
 
 
 class Node:
@@ -29,13 +47,14 @@ class Node:
 
     def __init__(self, settings: Settings):
         self.settings = settings
+        self.ssl_context = server_ssl_context(settings)  # first: a bad certificate fails before anything is written
         secret = settings.token_secret.encode() if settings.token_secret else load_or_create_secret(settings.data_dir)
         self.tokens = TokenAuthority(secret)
         self.store = open_store(settings.store, settings.data_dir)
         self.hub = Hub(settings, self.tokens, self.store)
         self.registry = build_registry(self.hub)
         self._ws_server: asyncio.Server | None = None
-        self._http_server: asyncio.Server | None = None
+        self._http_server: HttpServer | None = None
         self._ready = False
         self._coalescer = WriteCoalescer()
 
@@ -51,11 +70,13 @@ class Node:
 
     @property
     def ws_url(self) -> str:
-        return f"ws://{self.settings.host}:{self.ws_port}{WS_PATH}"
+        scheme = "ws" if self.ssl_context is None else "wss"
+        return f"{scheme}://{self.settings.host}:{self.ws_port}{WS_PATH}"
 
     @property
     def http_url(self) -> str:
-        return f"http://{self.settings.http_host}:{self.http_port}"
+        scheme = "http" if self.ssl_context is None else "https"
+        return f"{scheme}://{self.settings.http_host}:{self.http_port}"
 
     def is_ready(self) -> bool:
         return self._ready and self.hub.accepting
@@ -69,6 +90,8 @@ class Node:
         settings = self.settings
         await self.store.open()
         await self.hub.start()
+        tls: dict[str, Any] = {} if self.ssl_context is None else {
+            "ssl": self.ssl_context, "ssl_handshake_timeout": settings.hello_timeout}
         self._ws_server = await ws_create_server(
             self._accept,
             settings.host,
@@ -86,18 +109,16 @@ class Node:
             # The default accept backlog (100) overflows when many devices reconnect at once
             # (e.g. after a restart); a dropped SYN costs the client a 1 s retransmit.
             backlog=2048,
+            **tls,
         )
-        self._http_server = await ws_create_server(
-            http_router(self.hub, self.registry, self.is_ready),
-            settings.http_host,
-            settings.http_port,
-            websocket_handshake_timeout=10,
-            logger_name="rccs.picows.http",
-        )
+        self._http_server = HttpServer(
+            http_router(self.registry, self.is_ready, admin_handler(self.hub, settings.admin_key, self.is_ready)))
+        await self._http_server.start(settings.http_host, settings.http_port, self.ssl_context)
         self._ready = True
         log.info(
-            "rccs %s fastpath=%s listening on %s, http on %s, data dir %s",
-            __version__, IMPLEMENTATION, self.ws_url, self.http_url, settings.data_dir,
+            "rccs %s fastpath=%s listening on %s, http on %s, admin API %s, data dir %s",
+            __version__, IMPLEMENTATION, self.ws_url, self.http_url, "on" if settings.admin_key else "off",
+            settings.data_dir,
         )
 
     async def stop(self) -> None:

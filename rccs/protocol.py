@@ -263,6 +263,8 @@ PRIORITIES = {"LOW": 0, "NORMAL": 1, "HIGH": 2, "URGENT": 3, "EMERGENCY": 4}
 def parse_delivery_options(header: dict[str, Any], default_ttl: float, max_ttl: float) -> tuple[float, int, bool]:
     """(ttl seconds, priority 0..4, durable) of a send."""
     ttl = header.get("ttl", default_ttl)
+    if isinstance(ttl, int) and not isinstance(ttl, bool) and ttl > max_ttl:
+        raise ProtocolError(ErrorCode.TOO_LARGE, f"'ttl' is longer than the server's max_ttl ({max_ttl:g} s)")
     if isinstance(ttl, bool) or not isinstance(ttl, int | float) or not math.isfinite(ttl) or ttl <= 0:
         raise ProtocolError(ErrorCode.BAD_REQUEST, "'ttl' must be a positive number of seconds")
     if ttl > max_ttl:

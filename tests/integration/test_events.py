@@ -82,7 +82,7 @@ async def test_an_unreachable_webhook_never_blocks_the_server(tmp_path):
             client = Client(server.ws_url, server.issue_token("alice", f"d{n}"), {"type": "desktop"})
             await client.connect()
             clients.append(client)
-        receipts, message = await asyncio.gather(
+        receipts, _ = await asyncio.gather(
             clients[0].send({"device": "d1"}, "t", 1, ack=True), clients[1].next_message(timeout=5))
         assert receipts[0].status == "delivered"
         for client in clients:
