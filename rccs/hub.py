@@ -152,6 +152,9 @@ class Hub:
         self.closes_sent: Counter[int] = Counter()
         self.events: Counter[str] = Counter()  # sessions opened/resumed, pairings, revocations, ...
         self.receipts_undeliverable = 0
+        self.rate_refused = 0  # messages refused over a device's send rate (answered or not)
+        # Send-rate buckets of disconnected devices: (tokens, monotonic ns); a reconnect does not refill them.
+        self.rate_buckets: dict[str, tuple[float, int]] = {}
         # Messages in/out and bytes in/out of connections that have closed (metrics add the open ones).
         self.closed_traffic = [0, 0, 0, 0]
         self.started_at = time.time()

@@ -80,6 +80,9 @@ class HubCollector:
             closes.add_metric([str(close_code)], count)
         yield closes
 
+        yield CounterMetricFamily("rccs_rate_limited_messages",
+                                  "Messages refused over a device's send rate (only the first of a streak is answered)",
+                                  value=hub.rate_refused)
         yield CounterMetricFamily("rccs_receipts_undeliverable",
                                   "Receipts dropped because the sender device was offline",
                                   value=hub.receipts_undeliverable)

@@ -33,7 +33,7 @@ cdef extern from "<time.h>" nogil:
     clockid_t CLOCK_REALTIME
 
 MAX_ID_CHARS = 128
-MAX_REFUSED_IN_A_ROW = 1000  # rate-limited messages in a row before the connection is closed (1008)
+MAX_REFUSED_PER_SECOND = 1000  # rate-limited messages within one second before the connection is closed (1008)
 MIN_INT_ID = -(2**63)
 MAX_INT_ID = 2**64 - 1
 
@@ -144,6 +144,8 @@ cdef class ServerConnection(WSListener):
     cdef double _tokens
     cdef long long _stamp_ns
     cdef long long _refused_in_a_row
+    cdef long long _refused_in_window
+    cdef long long _window_ns
 
     def __init__(self, hub, coalescer, session_factory):
         self.hub = hub
@@ -171,6 +173,8 @@ cdef class ServerConnection(WSListener):
         self._tokens = 0.0
         self._stamp_ns = 0
         self._refused_in_a_row = 0
+        self._refused_in_window = 0
+        self._window_ns = 0
 
     # ---- picows callbacks ----------------------------------------------
 
@@ -244,6 +248,11 @@ cdef class ServerConnection(WSListener):
 
     cpdef on_ws_disconnected(self, WSTransport transport):
         self._direct = False
+        if self._rate > 0.0 and self._device:
+            buckets = self.hub.rate_buckets
+            if len(buckets) > 50000:  # they would have refilled long ago; keep the table small
+                buckets.clear()
+            buckets[self._device] = (self._tokens, self._stamp_ns)
         if self._hello_timer is not None:
             self._hello_timer.cancel()
             self._hello_timer = None
@@ -290,12 +299,21 @@ cdef class ServerConnection(WSListener):
         return False
 
     cdef _refuse(self, bytes payload, bint text):
-        """Over the device's rate: answered, not handled; a device that keeps flooding is closed."""
+        """Over the device's rate: not handled. The first refusal of a streak is answered (rate_limited);
+        the rest are dropped unanswered, so a flood cannot make the server write an error per frame.
+        More than MAX_REFUSED_PER_SECOND refusals within a second close the connection (1008)."""
+        cdef long long now = self._stamp_ns
+        if now - self._window_ns > 1000000000:
+            self._window_ns = now
+            self._refused_in_window = 0
+        self._refused_in_window += 1
         self._refused_in_a_row += 1
-        if self._refused_in_a_row > MAX_REFUSED_IN_A_ROW:
-            self.session.close(CloseCode.POLICY_VIOLATION, "rate limit exceeded again and again")
+        self.hub.rate_refused += 1
+        if self._refused_in_window > MAX_REFUSED_PER_SECOND:
+            self.session.close(CloseCode.POLICY_VIOLATION, "flooding: far over the send rate")
             return
-        self.session.on_rate_limited(payload, text, (1.0 - self._tokens) / self._rate)
+        if self._refused_in_a_row == 1:
+            self.session.on_rate_limited(payload, text, (1.0 - self._tokens) / self._rate)
 
     cdef bint _ack_direct(self, dict header) except -1:
         """An ack of one seq: settle it and give the sender its ``delivered`` receipt."""
@@ -435,5 +453,5 @@ cdef class ServerConnection(WSListener):
         settings = self.hub.settings
         self._rate = settings.send_rate
         self._burst = max(1, settings.send_burst)
-        self._tokens = self._burst
-        self._stamp_ns = _monotonic_ns()
+        # The bucket belongs to the device, not the connection: reconnecting does not refill it.
+        self._tokens, self._stamp_ns = self.hub.rate_buckets.pop(session.device, (self._burst, _monotonic_ns()))

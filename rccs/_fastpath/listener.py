@@ -49,7 +49,7 @@ _SHORT_TEXT_HEADERS = [bytes((_FIN_TEXT, n)) for n in range(126)]
 _SHORT_BINARY_HEADERS = [bytes((_FIN_BINARY, n)) for n in range(126)]
 
 MAX_ID_CHARS = 128
-MAX_REFUSED_IN_A_ROW = 1000  # rate-limited messages in a row before the connection is closed (1008)
+MAX_REFUSED_PER_SECOND = 1000  # rate-limited messages within one second before the connection is closed (1008)
 MIN_INT_ID = -(2**63)
 MAX_INT_ID = 2**64 - 1
 _NIL = b"\xc0"
@@ -129,7 +129,9 @@ class ServerConnection(WSListener):
         self._burst = 0.0
         self._tokens = 0.0
         self._stamp_ns = 0
-        self._refused_in_a_row = 0
+        self._refused_in_a_row = 0  # refusals since the last accepted message: only the first is answered
+        self._refused_in_window = 0  # refusals in the current one-second window
+        self._window_ns = 0
 
     # ---- picows callbacks ----------------------------------------------
 
@@ -201,6 +203,11 @@ class ServerConnection(WSListener):
 
     def on_ws_disconnected(self, transport: WSTransport) -> None:
         self._direct = False
+        if self._rate > 0.0 and self._device:
+            buckets = self.hub.rate_buckets
+            if len(buckets) > 50000:  # they would have refilled long ago; keep the table small
+                buckets.clear()
+            buckets[self._device] = (self._tokens, self._stamp_ns)
         if self._hello_timer is not None:
             self._hello_timer.cancel()
             self._hello_timer = None
@@ -221,12 +228,21 @@ class ServerConnection(WSListener):
         return False
 
     def _refuse(self, payload: bytes, text: bool) -> None:
-        """Over the device's rate: answered, not handled; a device that keeps flooding is closed."""
+        """Over the device's rate: not handled. The first refusal of a streak is answered (rate_limited);
+        the rest are dropped unanswered, so a flood cannot make the server write an error per frame.
+        More than MAX_REFUSED_PER_SECOND refusals within a second close the connection (1008)."""
+        now = self._stamp_ns
+        if now - self._window_ns > 1_000_000_000:
+            self._window_ns = now
+            self._refused_in_window = 0
+        self._refused_in_window += 1
         self._refused_in_a_row += 1
-        if self._refused_in_a_row > MAX_REFUSED_IN_A_ROW:
-            self.session.close(CloseCode.POLICY_VIOLATION, "rate limit exceeded again and again")
+        self.hub.rate_refused += 1
+        if self._refused_in_window > MAX_REFUSED_PER_SECOND:
+            self.session.close(CloseCode.POLICY_VIOLATION, "flooding: far over the send rate")
             return
-        self.session.on_rate_limited(payload, text, (1.0 - self._tokens) / self._rate)
+        if self._refused_in_a_row == 1:
+            self.session.on_rate_limited(payload, text, (1.0 - self._tokens) / self._rate)
 
     # ---- direct path --------------------------------------------------------
 
@@ -386,5 +402,6 @@ class ServerConnection(WSListener):
         self._direct = session.encoding == "msgpack"
         settings = self.hub.settings
         self._rate = float(settings.send_rate)
-        self._burst = self._tokens = float(max(1, settings.send_burst))
-        self._stamp_ns = time.monotonic_ns()
+        self._burst = float(max(1, settings.send_burst))
+        # The bucket belongs to the device, not the connection: reconnecting does not refill it.
+        self._tokens, self._stamp_ns = self.hub.rate_buckets.pop(session.device, (self._burst, time.monotonic_ns()))

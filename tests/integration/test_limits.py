@@ -34,16 +34,21 @@ async def test_a_device_over_its_send_rate_is_refused_and_others_are_not(tmp_pat
             writer.write(masked_frame(json.dumps(ping).encode(), 1) if encoding == "json"
                          else masked_frame(msgpack.packb(ping)))
         answers = []
-        for _ in range(8):
+        while len([a for a in answers if a["op"] in ("pong", "error")]) < 6:  # 5 (or 6) pongs and one error
             _, payload = await read_frame(reader)
             answers.append(json.loads(payload) if encoding == "json" else msgpack.unpackb(payload))
-        answers = [a for a in answers if a["op"] != "presence"]
+            if len([a for a in answers if a["op"] == "pong"]) == 6:
+                break
         pongs = [a for a in answers if a["op"] == "pong"]
         refused = [a for a in answers if a["op"] == "error"]
-        assert len(pongs) in (5, 6) and len(pongs) + len(refused) == 8
-        assert all(a["code"] == "rate_limited" and a["retry_after"] > 0 for a in refused)
-        assert {a["id"] for a in refused} <= {f"p{n}" for n in range(5, 8)}  # the error names the message
-        assert server.hub.errors_sent["rate_limited"] == len(refused)
+        assert len(pongs) in (5, 6) and len(refused) <= 1
+        if len(pongs) == 5:
+            # Only the first refusal of a streak is answered (a flood must not make the server write an
+            # error per frame); it names the message and says when to retry.
+            assert refused[0]["code"] == "rate_limited" and refused[0]["retry_after"] > 0
+            assert refused[0]["id"] == "p5"
+        assert server.hub.rate_refused == 8 - len(pongs)
+        assert server.hub.errors_sent["rate_limited"] == 1
         assert await other.ping() > 0  # another device of the same user is not affected
         writer.close()
         await other.close()
