@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.rccs-installed
 SOURCES := pyproject.toml setup.py $(wildcard rccs/_fastpath/*.pyx rccs/_fastpath/*.pxd)
 
-.PHONY: serve test lint test-compiled test-pure bench-check loadtest-smoke bench bench-e2e bench-scale bench-store loadtest wheel clean
+.PHONY: serve test lint test-compiled test-pure bench-check loadtest-smoke bench bench-e2e bench-scale bench-store bench-flood loadtest wheel clean
 
 $(STAMP): $(SOURCES)
 	$(PYTHON) -m venv $(VENV)
@@ -48,6 +48,10 @@ bench-e2e: $(STAMP)
 bench-store: $(STAMP)
 	$(BIN)/python benchmarks/store_writes.py
 	$(BIN)/python benchmarks/store_inbox.py
+
+# One device floods, one stalls, 1,000 others keep talking: p99 and memory against the unloaded run (~30 s).
+bench-flood: $(STAMP)
+	$(BIN)/python benchmarks/e2e/flood_stall.py
 
 # Locust, headless: 1,200 devices for 60 s.
 loadtest: $(STAMP)

@@ -391,7 +391,8 @@ class Hub:
         self.bus.emit("device.revoked", user=record.user, device=device_id)
         if write:
             self.spawn(self.store.revoke_device(device_id, now))
-        log.info("device %s of user %s revoked", device_id, record.user)
+        log.info("device %s of user %s revoked", device_id, record.user,
+                 extra={"user": record.user, "device": device_id})
         return True
 
     # ---- presence ----------------------------------------------------

@@ -237,6 +237,9 @@ class Session:
         self.on_closed()
 
     def _refuse(self, error: ErrorCode, message: str, close_code: CloseCode) -> None:
+        # A refused hello is worth a line (failed logins); never with the token or credential itself.
+        log.info("refused %s: %s (close %d)", self.sink.peer, message, int(close_code),
+                 extra={"peer": self.sink.peer, "reason": error.value, "close": int(close_code)})
         self.send_error(error, message)
         self.close(close_code, message[:120])
 
@@ -509,7 +512,8 @@ class Session:
                      resumed=resumed_from is not None, peer=self.sink.peer)
         hub.spawn(hub.deliveries.on_online(self))
         log.debug("device %s of user %s connected from %s (session %s%s)", self.device, self.user,
-                  self.sink.peer, self.id, ", resumed" if resumed_from else "")
+                  self.sink.peer, self.id, ", resumed" if resumed_from else "",
+                  extra={"user": self.user, "device": self.device, "session": self.id, "peer": self.sink.peer})
 
     def _redeliver(self, message: PendingMessage) -> None:
         frame, text = message.frame, message.text
@@ -896,7 +900,8 @@ class Session:
         hub.bus.emit("device.disconnected", user=self.user, device=self.device, session=self.id)
         if hub.online(self.user, self.device) is None:
             hub.set_presence(self.user, self.device, STATUS_OFFLINE, now)
-        log.debug("device %s of user %s disconnected", self.device, self.user)
+        log.debug("device %s of user %s disconnected", self.device, self.user,
+                  extra={"user": self.user, "device": self.device, "session": self.id, "peer": self.sink.peer})
 
 
 def parse_resume(resume: Any) -> tuple[str, int] | None:
