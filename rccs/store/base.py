@@ -22,6 +22,8 @@ import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
+import msgpack
+
 STATUS_ONLINE = "online"
 STATUS_AWAY = "away"
 STATUS_OFFLINE = "offline"
@@ -364,3 +366,25 @@ def session_is_stale(session: SessionRecord, cutoff: int, grace_ms: int) -> bool
     if session.revoked_at is not None and session.revoked_at < cutoff:
         return True
     return session.disconnected_at is not None and session.disconnected_at + grace_ms < cutoff
+
+
+def check_policy(policy: str) -> None:
+    """The overflow policies every store accepts."""
+    if policy not in (OVERFLOW_REJECT, OVERFLOW_DROP_OLDEST):
+        raise ValueError(f"unknown overflow policy {policy!r}: use {OVERFLOW_REJECT!r} or {OVERFLOW_DROP_OLDEST!r}")
+
+
+def pack_receipt(device_id: str, envelope: dict[str, Any]) -> bytes:
+    """A kept receipt as every store holds it: msgpack, so the same values are refused everywhere and the
+    same come back changed (tuples as lists), and nothing is shared with the caller."""
+    try:
+        packed: bytes = msgpack.packb(envelope, use_bin_type=True)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise StoreError(f"receipt for device {device_id!r} is not msgpack: {exc}") from None
+    return packed
+
+
+def unpack_receipt(packed: bytes) -> dict[str, Any]:
+    envelope: dict[str, Any] = msgpack.unpackb(packed, raw=False, strict_map_key=False)
+    return envelope
+

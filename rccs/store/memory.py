@@ -16,13 +16,10 @@ import json
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-import msgpack
-
 from .base import (
     CHANGE_DEVICE,
     CHANGE_SESSION,
     CHANGE_USER,
-    OVERFLOW_DROP_OLDEST,
     OVERFLOW_REJECT,
     STATUS_AWAY,
     STATUS_OFFLINE,
@@ -38,7 +35,10 @@ from .base import (
     Store,
     StoreError,
     UserRecord,
+    check_policy,
+    pack_receipt,
     session_is_stale,
+    unpack_receipt,
 )
 
 
@@ -84,25 +84,6 @@ def _queued_in(message: QueuedMessage) -> QueuedMessage:
     stored.body = bytes(message.body)  # a bytearray or memoryview would stay shared with the caller
     return stored
 
-
-def _check_policy(policy: str) -> None:
-    if policy not in (OVERFLOW_REJECT, OVERFLOW_DROP_OLDEST):
-        raise ValueError(f"unknown overflow policy {policy!r}: use {OVERFLOW_REJECT!r} or {OVERFLOW_DROP_OLDEST!r}")
-
-
-def _pack_receipt(device_id: str, envelope: dict[str, Any]) -> bytes:
-    # Kept packed, as the SQLite store keeps it: the same values are refused, the same come back changed
-    # (tuples as lists), and nothing is shared with the caller.
-    try:
-        packed: bytes = msgpack.packb(envelope, use_bin_type=True)
-    except (TypeError, ValueError, OverflowError) as exc:
-        raise StoreError(f"receipt for device {device_id!r} is not msgpack: {exc}") from None
-    return packed
-
-
-def _unpack_receipt(packed: bytes) -> dict[str, Any]:
-    envelope: dict[str, Any] = msgpack.unpackb(packed, raw=False, strict_map_key=False)
-    return envelope
 
 
 class _Inbox:
@@ -370,7 +351,7 @@ class MemoryStore(Store):
         """Every message given ends up in ``stored`` or ``rejected``. ``dropped`` may also list messages
         stored earlier in the same batch: a batch does what the same messages enqueued one call at a
         time would do."""
-        _check_policy(policy)
+        check_policy(policy)
         incoming = [_queued_in(message) for message in messages]
         outcome = EnqueueOutcome(stored=[], rejected=[], dropped=[])
         for message in incoming:
@@ -484,7 +465,7 @@ class MemoryStore(Store):
     # ---- receipts for offline senders ----------------------------------
 
     async def add_receipts(self, receipts: Sequence[tuple[str, dict[str, Any]]]) -> None:
-        packed = [(device_id, _pack_receipt(device_id, envelope)) for device_id, envelope in receipts]
+        packed = [(device_id, pack_receipt(device_id, envelope)) for device_id, envelope in receipts]
         for device_id, envelope in packed:  # packed first: a bad receipt keeps none of the batch
             self._receipts.setdefault(device_id, []).append(envelope)
 
@@ -497,7 +478,7 @@ class MemoryStore(Store):
             self._receipts[device_id] = rest
         else:
             del self._receipts[device_id]
-        return [_unpack_receipt(envelope) for envelope in taken]
+        return [unpack_receipt(envelope) for envelope in taken]
 
     # ---- idempotency keys --------------------------------------------
 

@@ -37,7 +37,6 @@ from .base import (
     CHANGE_DEVICE,
     CHANGE_SESSION,
     CHANGE_USER,
-    OVERFLOW_DROP_OLDEST,
     OVERFLOW_REJECT,
     STATUS_AWAY,
     STATUS_OFFLINE,
@@ -54,7 +53,10 @@ from .base import (
     Store,
     StoreError,
     UserRecord,
+    check_policy,
+    pack_receipt,
     session_is_stale,
+    unpack_receipt,
 )
 
 DB_FILE = "rccs.db"
@@ -363,23 +365,6 @@ def _dead_letter_record(row: Sequence[Any]) -> DeadLetter:
     *queued, reason, at = row
     return DeadLetter(message=_queued_record(queued), reason=reason, at=at)
 
-
-def _check_policy(policy: str) -> None:
-    if policy not in (OVERFLOW_REJECT, OVERFLOW_DROP_OLDEST):
-        raise ValueError(f"unknown overflow policy {policy!r}: use {OVERFLOW_REJECT!r} or {OVERFLOW_DROP_OLDEST!r}")
-
-
-def _pack_receipt(device_id: str, envelope: dict[str, Any]) -> bytes:
-    try:
-        packed: bytes = msgpack.packb(envelope, use_bin_type=True)
-    except (TypeError, ValueError, OverflowError) as exc:
-        raise StoreError(f"receipt for device {device_id!r} is not msgpack: {exc}") from None
-    return packed
-
-
-def _unpack_receipt(packed: bytes) -> dict[str, Any]:
-    envelope: dict[str, Any] = msgpack.unpackb(packed, raw=False, strict_map_key=False)
-    return envelope
 
 
 def _id_chunks(ids: Sequence[int]) -> Iterator[tuple[str, list[int]]]:
@@ -841,7 +826,7 @@ class SqliteStore(Store):
         """Every message given ends up in ``stored`` or ``rejected``. ``dropped`` may also list messages
         stored earlier in the same batch: a batch does what the same messages enqueued one call at a
         time would do."""
-        _check_policy(policy)
+        check_policy(policy)
         # Copied and converted before the transaction: a bad record fails without touching the file.
         prepared: list[tuple[QueuedMessage, tuple[Any, ...]]] = []
         for message in messages:
@@ -1010,7 +995,7 @@ class SqliteStore(Store):
     # ---- receipts for offline senders ----------------------------------
 
     async def add_receipts(self, receipts: Sequence[tuple[str, dict[str, Any]]]) -> None:
-        rows = [(device_id, _pack_receipt(device_id, envelope)) for device_id, envelope in receipts]
+        rows = [(device_id, pack_receipt(device_id, envelope)) for device_id, envelope in receipts]
         if not rows:
             return
 
@@ -1026,7 +1011,7 @@ class SqliteStore(Store):
         def work(db: sqlite3.Connection) -> list[dict[str, Any]]:
             rows = db.execute(TAKE_RECEIPTS, (device_id, limit)).fetchall()
             rows.sort(key=lambda row: row[0])  # RETURNING comes in no particular order
-            return [_unpack_receipt(envelope) for _, envelope in rows]
+            return [unpack_receipt(envelope) for _, envelope in rows]
 
         return await self._write(work)
 
