@@ -48,6 +48,7 @@ import msgpack
 from picows import WSFrame, WSListener, WSMsgType, WSTransport, ws_connect
 
 from .errors import CloseCode
+from .mergepatch import merge_patch
 from .protocol import JSON, MSGPACK
 
 log = logging.getLogger("rccs.client")
@@ -62,7 +63,8 @@ FATAL_CLOSE_CODES = frozenset({
 SEEN_MESSAGES = 10000  # (sender, id) pairs the client remembers to drop redelivered duplicates
 SETTLED_STATUSES = frozenset({"delivered", "failed", "expired", "queued", "retracted"})
 # Replies to requests, matched to the request by ``id``.
-REPLY_OPS = frozenset({"devices", "device", "ok", "sessions", "refreshed", "pair.code", "pair.pending"})
+REPLY_OPS = frozenset({"devices", "device", "ok", "sessions", "refreshed", "pair.code", "pair.pending",
+                       "state", "state.ok", "state.subscribed"})
 EVENT_OPS = frozenset({"presence", "pair.request", "pair.joined", "pair.withdrawn", "retract"})
 # How much longer than a call's timeout ``call()`` waits for the server's answer before giving up itself.
 CALL_GRACE = 5.0
@@ -95,6 +97,114 @@ class ClientError(Exception):
         super().__init__(f"{code}: {message}")
         self.code = code
         self.message = message
+
+
+class StateConflict(ClientError):
+    """``state_patch`` with ``if_rev`` found the document at another revision: ``rev`` and ``value`` are current."""
+
+    def __init__(self, message: str, rev: int, value: Any):
+        super().__init__("conflict", message)
+        self.rev = rev
+        self.value = value
+
+
+@dataclass(frozen=True, slots=True)
+class StateDoc:
+    doc: str
+    rev: int  # 0 for a document that does not exist
+    value: Any  # None: the document does not exist (or was deleted)
+
+
+@dataclass(frozen=True, slots=True)
+class StatePatchResult:
+    doc: str
+    rev: int
+    prev_rev: int
+    noop: bool
+
+
+@dataclass(frozen=True, slots=True)
+class StateChange:
+    """One step of a subscribed document: a change (``patch`` applied, by device ``by``) or, with ``snapshot``,
+    the whole document (after a subscribe or reconnect the log could not bridge). ``value`` is the document
+    after it, kept by the client."""
+
+    doc: str
+    rev: int
+    prev_rev: int
+    patch: Any
+    by: str | None
+    value: Any
+    snapshot: bool = False
+
+
+class StateSubscription:
+    """``async for change in subscription``: the documents' changes, gap-free across reconnects (the client
+    subscribes again with ``since`` after every reconnect). Ends when the client is closed for good."""
+
+    def __init__(self, client: Client, doc: str | None, prefix: str | None):
+        self.client = client
+        self.doc = doc
+        self.prefix = prefix
+        self.revs: dict[str, int] = {}  # document -> revision the application has seen
+        self.values: dict[str, Any] = {}
+        self._queue: asyncio.Queue[StateChange | ConnectionClosed] = asyncio.Queue()
+
+    def matches(self, doc: str) -> bool:
+        return doc == self.doc if self.doc is not None else doc.startswith(self.prefix or "")
+
+    def subscribe_fields(self) -> dict[str, Any]:
+        if self.doc is not None:
+            fields: dict[str, Any] = {"doc": self.doc}
+            if self.doc in self.revs:
+                fields["since"] = self.revs[self.doc]
+            return fields
+        return {"prefix": self.prefix, "since": dict(self.revs)}
+
+    def _on_envelope(self, envelope: dict[str, Any]) -> None:
+        doc, rev = str(envelope["doc"]), int(envelope["rev"])
+        if envelope["op"] == "state":
+            if self.revs.get(doc) == rev:
+                return
+            value = envelope.get("value")
+            change = StateChange(doc, rev, self.revs.get(doc, 0), None, None, value, True)
+        else:
+            if rev <= self.revs.get(doc, 0):
+                return  # seen already (a repeated catch-up)
+            value = merge_patch(self.values.get(doc), envelope.get("patch"))
+            change = StateChange(doc, rev, int(envelope["prev_rev"]), envelope.get("patch"), envelope.get("by"),
+                                 value)
+        self.revs[doc] = rev
+        self.values[doc] = value
+        self._queue.put_nowait(change)
+
+    async def next(self, timeout: float | None = None) -> StateChange:
+        item = await asyncio.wait_for(self._queue.get(), timeout)
+        if isinstance(item, ConnectionClosed):
+            self._queue.put_nowait(item)
+            raise item
+        return item
+
+    def __aiter__(self) -> AsyncIterator[StateChange]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[StateChange]:
+        while True:
+            try:
+                yield await self.next()
+            except ConnectionClosed:
+                return
+
+    async def close(self) -> None:
+        """Stop the subscription (``state.unsubscribe``)."""
+        client = self.client
+        if self in client._state_subs:
+            client._state_subs.remove(self)
+            fields = {"doc": self.doc} if self.doc is not None else {"prefix": self.prefix}
+            if not any((other.doc, other.prefix) == (self.doc, self.prefix) for other in client._state_subs):
+                with contextlib.suppress(ConnectionError, ConnectionClosed, ClientError, TimeoutError):
+                    await client.request("state.unsubscribe", **fields)
+        self._queue.put_nowait(ConnectionClosed(None, "unsubscribed"))
 
 
 class ConnectionClosed(Exception):
@@ -231,6 +341,7 @@ class Client:
         self._closing = False
         self.paired: dict[str, Any] | None = None  # the ``paired`` envelope (user, device, credential)
         self.closed: asyncio.Future[ConnectionClosed] = asyncio.get_running_loop().create_future()
+        self._state_subs: list[StateSubscription] = []
 
     # ---- lifecycle ----------------------------------------------------
 
@@ -299,6 +410,7 @@ class Client:
                     log.debug("reconnect to %s failed: %s", self.url, exc)
                 else:
                     self.reconnects += 1
+                    self._resubscribe_state()
                     self.reconnected.set()
                     delay = self.backoff_initial
                     break
@@ -311,6 +423,8 @@ class Client:
         if not self.closed.done():
             self.closed.set_result(reason)
         self._inbox.put_nowait(reason)
+        for subscription in self._state_subs:
+            subscription._queue.put_nowait(reason)
         for waiter in self._waiters.values():
             if not waiter.future.done():
                 waiter.future.set_exception(reason)
@@ -486,6 +600,86 @@ class Client:
         finally:
             self._pings.pop(ping_id, None)
 
+    # ---- state documents (protocol.md section 14) ------------------------
+
+    async def state_get(self, doc: str) -> StateDoc:
+        reply = await self.request("state.get", doc=doc)
+        return StateDoc(doc, int(reply["rev"]), reply.get("value"))
+
+    async def state_patch(self, doc: str, patch: Any, *, if_rev: int | None = None,
+                          id: str | int | None = None) -> StatePatchResult:
+        """Apply a JSON merge patch (RFC 7396: null deletes a member, arrays are replaced whole; ``None`` as
+        the whole patch deletes the document). If the connection drops before the answer, the patch is sent
+        again with the same ``id`` after the reconnect: the server applies it once. Raises StateConflict
+        (``if_rev`` is not the current revision), ClientError ``too_large``, ``forbidden``, ``bad_request``."""
+        patch_id = f"patch-{self.new_id()}" if id is None else id
+        envelope: dict[str, Any] = {"op": "state.patch", "id": patch_id, "doc": doc, "patch": patch}
+        if if_rev is not None:
+            envelope["if_rev"] = if_rev
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.receipt_timeout
+        while True:
+            future: asyncio.Future[dict[str, Any]] = loop.create_future()
+            self._requests[patch_id] = future
+            try:
+                await self._send_when_connected(envelope)
+                transport = self._transport
+                assert transport is not None
+                lost: asyncio.Future[Any] = loop.create_task(transport.wait_disconnected())
+                waiting: set[asyncio.Future[Any]] = {future, lost}
+                try:
+                    await asyncio.wait(waiting, timeout=max(0.0, deadline - loop.time()),
+                                       return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    lost.cancel()
+                if future.done():
+                    reply = future.result()
+                    return StatePatchResult(doc, int(reply["rev"]), int(reply["prev_rev"]), bool(reply["noop"]))
+                if not lost.done() or loop.time() >= deadline:
+                    raise TimeoutError(f"no answer to state.patch {patch_id!r}")
+            finally:
+                self._requests.pop(patch_id, None)
+
+    async def state_subscribe(self, doc: str | None = None, *, prefix: str | None = None,
+                              known: Mapping[str, tuple[int, Any]] | None = None) -> StateSubscription:
+        """Subscribe to one document or to every document whose name starts with ``prefix``; the returned
+        subscription yields the current state first (a snapshot per document, or, for documents in ``known``:
+        document -> (revision, value) the application already has, the changes since), then every change."""
+        if (doc is None) == (prefix is None):
+            raise ValueError("give a doc or a prefix")
+        subscription = StateSubscription(self, doc, prefix)
+        for name, (rev, value) in (known or {}).items():
+            subscription.revs[name] = rev
+            subscription.values[name] = value
+        self._state_subs.append(subscription)
+        try:
+            await self.request("state.subscribe", **subscription.subscribe_fields())
+        except BaseException:
+            self._state_subs.remove(subscription)
+            raise
+        return subscription
+
+    def _resubscribe_state(self) -> None:
+        """After a reconnect: every subscription continues from what it has (``since``)."""
+        for subscription in list(self._state_subs):
+            task = asyncio.get_running_loop().create_task(self._resubscribe(subscription))
+            self._handling.add(task)
+            task.add_done_callback(self._handling.discard)
+
+    async def _resubscribe(self, subscription: StateSubscription) -> None:
+        try:
+            await self.request("state.subscribe", **subscription.subscribe_fields())
+        except (ClientError, ConnectionError, ConnectionClosed, TimeoutError) as exc:
+            log.warning("could not subscribe again to %s: %s", subscription.doc or subscription.prefix, exc)
+
+    def _on_state(self, envelope: dict[str, Any]) -> None:
+        doc = envelope.get("doc")
+        if not isinstance(doc, str):
+            return
+        for subscription in self._state_subs:
+            if subscription.matches(doc):
+                subscription._on_envelope(envelope)
+
     # ---- RPC ----------------------------------------------------------
 
     async def call(self, to: Mapping[str, Any] | str, method: str, params: Any = None,
@@ -636,6 +830,8 @@ class Client:
             future = self._pings.get(envelope.get("id"))  # type: ignore[arg-type]
             if future is not None and not future.done():
                 future.set_result(envelope["server_time"])
+        elif op == "state.changed" or (op == "state" and envelope.get("id") not in self._requests):
+            self._on_state(envelope)
         elif op in REPLY_OPS and envelope.get("id") in self._requests:
             request = self._requests[envelope["id"]]
             if not request.done():
@@ -647,6 +843,8 @@ class Client:
             self.events.put_nowait(envelope)
         elif op == "error":
             error = ClientError(str(envelope.get("code")), str(envelope.get("message")))
+            if envelope.get("code") == "conflict" and "rev" in envelope:
+                error = StateConflict(str(envelope.get("message")), int(envelope["rev"]), envelope.get("value"))
             msg_id = envelope.get("id")
             waiter = self._waiters.get(msg_id)  # type: ignore[arg-type]
             failed_request = self._requests.get(msg_id)  # type: ignore[arg-type]

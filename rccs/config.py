@@ -63,6 +63,8 @@ class Settings:
     # hellos per second per client address, 0: unlimited (off by default: behind a proxy every device
     # shares one address, and a personal server's devices reconnect together after a restart)
     hello_rate_per_address: float = 0.0
+    state_max_doc_bytes: int = 256 * 1024  # a state document after the merge, as compact JSON
+    state_max_user_bytes: int = 4 * 1024 * 1024  # all of a user's durable state documents together
 
     def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)

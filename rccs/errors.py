@@ -28,6 +28,7 @@ class ErrorCode(StrEnum):
     TIMEOUT = "timeout"  # a call got no result within its timeout
     DISCONNECTED = "disconnected"  # a call's target went away after it got the call, before it answered
     UNKNOWN_CALL = "unknown_call"  # a result for no call this connection was asked to answer
+    CONFLICT = "conflict"  # state.patch with an if_rev that is not the document's revision (rev, value attached)
     INTERNAL = "internal"  # a bug in the server; the connection stays usable
 
 

@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import msgpack
+
+from ..mergepatch import canonical_json, json_size, merge_patch
 
 STATUS_ONLINE = "online"
 STATUS_AWAY = "away"
@@ -162,6 +164,75 @@ class Change:
     seq: int
     kind: str  # CHANGE_USER, CHANGE_DEVICE or CHANGE_SESSION
     key: str  # the user, device or session id
+
+
+@dataclasses.dataclass
+class StateDoc:
+    """A durable state document. ``value`` None: deleted, or never written (``rev`` 0). A deleted document
+    keeps its ``rev`` (a tombstone), so revisions never go backwards across delete and re-create."""
+
+    user: str
+    name: str
+    rev: int = 0
+    value: Any = None  # a JSON value
+    by: str = ""  # the device that made the last change
+    updated: int = 0  # ms of the last change
+
+
+@dataclasses.dataclass
+class StateChange:
+    """One change of a document, kept in its change log (the newest ``keep_changes`` per document)."""
+
+    user: str
+    doc: str
+    rev: int
+    prev_rev: int
+    patch: Any  # the merge patch as applied
+    by: str  # the device that sent it
+    patch_id: str | int | None  # the id of its ``state.patch`` (a retry with the same id is applied once)
+    at: int
+
+
+@dataclasses.dataclass
+class StatePatched:
+    """What ``patch_state`` did: ``change`` None when nothing changed (``noop``) or for a retry
+    (``duplicate``: the patch with this id was applied before, ``rev`` is what it made then)."""
+
+    doc: StateDoc
+    rev: int
+    prev_rev: int
+    noop: bool = False
+    duplicate: bool = False
+    change: StateChange | None = None
+
+
+@dataclasses.dataclass
+class StateCatchUp:
+    """One document of ``state_catch_up``: ``changes`` after the caller's revision (oldest first), or None
+    when the caller needs the whole ``doc`` (no revision given, older than the change log, or newer than
+    the document)."""
+
+    doc: StateDoc
+    changes: list[StateChange] | None
+
+
+class StateConflict(StoreError):
+    """``if_rev`` is not the document's revision: the current revision and value come with it."""
+
+    def __init__(self, rev: int, value: Any):
+        super().__init__(f"the document is at revision {rev}")
+        self.rev = rev
+        self.value = value
+
+
+class StateTooLarge(StoreError):
+    """The merged document, or the user's documents with it, would exceed a limit."""
+
+    def __init__(self, limit: str, max_bytes: int, size: int):
+        super().__init__(f"{limit} is {max_bytes} bytes; the result would be {size} bytes")
+        self.limit = limit
+        self.max_bytes = max_bytes
+        self.size = size
 
 
 class Store(abc.ABC):
@@ -341,6 +412,29 @@ class Store(abc.ABC):
     async def load_message_ids(self, since: int) -> list[tuple[str, str | int, int, int]]:
         """The remembered message ids with time >= ``since``, oldest first."""
 
+    # ---- state documents -----------------------------------------------
+
+    @abc.abstractmethod
+    async def get_state(self, user_id: str, doc: str) -> StateDoc:
+        """The document (``rev`` 0, ``value`` None if it was never written)."""
+
+    @abc.abstractmethod
+    async def patch_state(self, user_id: str, doc: str, patch: Any, by: str, patch_id: str | int | None,
+                          if_rev: int | None, now: int, max_doc_bytes: int, max_user_bytes: int,
+                          keep_changes: int) -> StatePatched:
+        """Apply an RFC 7396 merge patch (JSON values only, else StoreError) in one transaction, following
+        ``plan_state_patch``. A change gets ``rev`` = the old rev + 1, is appended to the document's change
+        log, and the log is cut to the newest ``keep_changes``. A patch whose ``(by, patch_id)`` and patch
+        equal a change still in the log is not applied again: it returns that change's revisions with
+        ``duplicate`` set. Raises StateConflict / StateTooLarge and changes nothing then."""
+
+    @abc.abstractmethod
+    async def state_catch_up(self, user_id: str, since: Mapping[str, int], doc: str | None = None,
+                             prefix: str | None = None) -> list[StateCatchUp]:
+        """In one read: the document ``doc`` (always, also when it does not exist), or every document of the
+        user whose name starts with ``prefix`` and that exists, or is deleted but named in ``since``;
+        ordered by name. ``since`` maps document names to the revision the caller has (see StateCatchUp)."""
+
     # ---- change feed -------------------------------------------------
 
     @abc.abstractmethod
@@ -366,6 +460,36 @@ def session_is_stale(session: SessionRecord, cutoff: int, grace_ms: int) -> bool
     if session.revoked_at is not None and session.revoked_at < cutoff:
         return True
     return session.disconnected_at is not None and session.disconnected_at + grace_ms < cutoff
+
+
+def plan_state_patch(current: StateDoc, current_size: int, user_bytes: int, patch: Any, if_rev: int | None,
+                     max_doc_bytes: int, max_user_bytes: int) -> tuple[Any, int] | None:
+    """The one rule every store uses for ``patch_state``: the merged value and its size, or None for a
+    patch that changes nothing. ``if_rev`` other than the current revision (also one in the future):
+    StateConflict. Limits are measured on the merged document (``json_size``) and on the user's total
+    (``user_bytes`` includes ``current_size``); a result over a limit is refused (StateTooLarge) unless it
+    is no larger than the document was, so a patch that shrinks an oversized document is accepted."""
+    if if_rev is not None and if_rev != current.rev:
+        raise StateConflict(current.rev, current.value)
+    merged = merge_patch(current.value, patch)
+    if (merged is None) == (current.value is None) and canonical_json(merged) == canonical_json(current.value):
+        return None
+    size = json_size(merged)
+    if size > current_size:
+        if size > max_doc_bytes:
+            raise StateTooLarge("state_max_doc_bytes", max_doc_bytes, size)
+        total = user_bytes - current_size + size
+        if total > max_user_bytes:
+            raise StateTooLarge("state_max_user_bytes", max_user_bytes, total)
+    return merged, size
+
+
+def state_patch_text(patch: Any) -> str:
+    """A patch as stores keep it; StoreError if it is not JSON."""
+    try:
+        return canonical_json(patch)
+    except (TypeError, ValueError) as exc:
+        raise StoreError(f"the patch is not JSON: {exc}") from None
 
 
 def check_policy(policy: str) -> None:

@@ -10,10 +10,11 @@ that only goes up, so, as in SQLite, an id is never handed out twice.
 
 from __future__ import annotations
 
+import collections
 import copy
 import hmac
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from .base import (
@@ -32,12 +33,18 @@ from .base import (
     PairingCode,
     QueuedMessage,
     SessionRecord,
+    StateCatchUp,
+    StateChange,
+    StateDoc,
+    StatePatched,
     Store,
     StoreError,
     UserRecord,
     check_policy,
     pack_receipt,
+    plan_state_patch,
     session_is_stale,
+    state_patch_text,
     unpack_receipt,
 )
 
@@ -123,6 +130,30 @@ class _Inbox:
             yield from self.buckets[priority].values()
 
 
+class _StateEntry:
+    """A document as the memory store keeps it: JSON text (so nothing is shared), and its change log as
+    (rev, patch text, by, patch id, at), oldest first."""
+
+    __slots__ = ("by", "changes", "rev", "size", "updated", "value")
+
+    def __init__(self) -> None:
+        self.rev = 0
+        self.value: str | None = None
+        self.size = 0
+        self.by = ""
+        self.updated = 0
+        self.changes: collections.deque[tuple[int, str, str, str | int | None, int]] = collections.deque()
+
+    def record(self, user: str, name: str) -> StateDoc:
+        value = None if self.value is None else json.loads(self.value)
+        return StateDoc(user=user, name=name, rev=self.rev, value=value, by=self.by, updated=self.updated)
+
+    def change_records(self, user: str, name: str, after: int) -> list[StateChange]:
+        return [StateChange(user=user, doc=name, rev=rev, prev_rev=rev - 1, patch=json.loads(patch), by=by,
+                            patch_id=patch_id, at=at)
+                for rev, patch, by, patch_id, at in self.changes if rev > after]
+
+
 class MemoryStore(Store):
     def __init__(self) -> None:
         self._users: dict[str, UserRecord] = {}
@@ -137,6 +168,7 @@ class MemoryStore(Store):
         self._expiring: dict[int, QueuedMessage] = {}  # the queued messages that have an expires_at
         self._dead: dict[int, DeadLetter] = {}
         self._last_queued_id = 0  # ids are never reused: neither after a delete nor by a dead letter
+        self._state: dict[str, dict[str, _StateEntry]] = {}  # user -> document name -> document
         self._receipts: dict[str, list[bytes]] = {}  # device -> packed envelopes, oldest first
 
     async def open(self) -> None:
@@ -489,6 +521,69 @@ class MemoryStore(Store):
         kept = [entry for entry in self._message_ids if entry[2] >= since]
         kept.sort(key=lambda entry: entry[2])
         return kept
+
+    # ---- state documents -----------------------------------------------
+
+    async def get_state(self, user_id: str, doc: str) -> StateDoc:
+        entry = self._state.get(user_id, {}).get(doc)
+        return StateDoc(user=user_id, name=doc) if entry is None else entry.record(user_id, doc)
+
+    async def patch_state(self, user_id: str, doc: str, patch: Any, by: str, patch_id: str | int | None,
+                          if_rev: int | None, now: int, max_doc_bytes: int, max_user_bytes: int,
+                          keep_changes: int) -> StatePatched:
+        patch_text = state_patch_text(patch)
+        docs = self._state.get(user_id, {})
+        entry = docs.get(doc)
+        if entry is not None and patch_id is not None:
+            for rev, text, change_by, change_id, _ in entry.changes:
+                if change_by == by and change_id == patch_id and type(change_id) is type(patch_id) \
+                        and text == patch_text:
+                    return StatePatched(doc=entry.record(user_id, doc), rev=rev, prev_rev=rev - 1, duplicate=True)
+        current = StateDoc(user=user_id, name=doc) if entry is None else entry.record(user_id, doc)
+        user_bytes = sum(other.size for other in docs.values())
+        planned = plan_state_patch(current, 0 if entry is None else entry.size, user_bytes, json.loads(patch_text),
+                                   if_rev, max_doc_bytes, max_user_bytes)
+        if planned is None:
+            return StatePatched(doc=current, rev=current.rev, prev_rev=current.rev, noop=True)
+        merged, size = planned
+        if entry is None:
+            entry = self._state.setdefault(user_id, {})[doc] = _StateEntry()
+        entry.rev += 1
+        entry.value = None if merged is None else json.dumps(merged, ensure_ascii=False, allow_nan=False)
+        entry.size = size
+        entry.by = by
+        entry.updated = now
+        entry.changes.append((entry.rev, patch_text, by, patch_id, now))
+        while len(entry.changes) > max(keep_changes, 0):
+            entry.changes.popleft()
+        change = StateChange(user=user_id, doc=doc, rev=entry.rev, prev_rev=entry.rev - 1,
+                             patch=json.loads(patch_text), by=by, patch_id=patch_id, at=now)
+        return StatePatched(doc=entry.record(user_id, doc), rev=entry.rev, prev_rev=entry.rev - 1, change=change)
+
+    async def state_catch_up(self, user_id: str, since: Mapping[str, int], doc: str | None = None,
+                             prefix: str | None = None) -> list[StateCatchUp]:
+        docs = self._state.get(user_id, {})
+        if doc is not None:
+            names = [doc]
+        else:
+            start = prefix or ""
+            names = sorted(name for name, entry in docs.items()
+                           if name.startswith(start) and (entry.value is not None or name in since))
+        caught: list[StateCatchUp] = []
+        for name in names:
+            entry = docs.get(name)
+            if entry is None:
+                caught.append(StateCatchUp(doc=StateDoc(user=user_id, name=name),
+                                           changes=[] if since.get(name) == 0 else None))
+                continue
+            have = since.get(name)
+            changes: list[StateChange] | None = None
+            if have is not None and have <= entry.rev:
+                oldest = entry.changes[0][0] if entry.changes else entry.rev + 1
+                if have == entry.rev or oldest <= have + 1:
+                    changes = entry.change_records(user_id, name, have)
+            caught.append(StateCatchUp(doc=entry.record(user_id, name), changes=changes))
+        return caught
 
     # ---- change feed -------------------------------------------------
 

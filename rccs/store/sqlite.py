@@ -27,7 +27,7 @@ import hmac
 import json
 import os
 import sqlite3
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
@@ -50,12 +50,18 @@ from .base import (
     PendingMessage,
     QueuedMessage,
     SessionRecord,
+    StateCatchUp,
+    StateChange,
+    StateDoc,
+    StatePatched,
     Store,
     StoreError,
     UserRecord,
     check_policy,
     pack_receipt,
+    plan_state_patch,
     session_is_stale,
+    state_patch_text,
     unpack_receipt,
 )
 
@@ -204,6 +210,31 @@ MIGRATIONS: list[str] = [
         digest INTEGER NOT NULL
     );
     """,
+    # 4: state documents (value NULL: deleted, the row kept as a tombstone for its rev) and their change
+    # logs (patch and patch_id as JSON text).
+    """
+    CREATE TABLE state_docs (
+        user TEXT NOT NULL,
+        name TEXT NOT NULL,
+        rev INTEGER NOT NULL,
+        value TEXT,
+        size INTEGER NOT NULL,
+        by TEXT NOT NULL,
+        updated INTEGER NOT NULL,
+        PRIMARY KEY (user, name)
+    ) WITHOUT ROWID;
+
+    CREATE TABLE state_changes (
+        user TEXT NOT NULL,
+        doc TEXT NOT NULL,
+        rev INTEGER NOT NULL,
+        patch TEXT NOT NULL,
+        by TEXT NOT NULL,
+        patch_id TEXT,
+        at INTEGER NOT NULL,
+        PRIMARY KEY (user, doc, rev)
+    ) WITHOUT ROWID;
+    """,
 ]
 
 T = TypeVar("T")
@@ -219,6 +250,25 @@ PAIRING_COLUMNS = ("id", "secret_hash", "user", "issuer_device", "created", "exp
                    "used_at")
 QUEUED_COLUMNS = ("id", "device", "user", "sender_device", "msg_id", "type", "body", "ts", "priority", "expires_at",
                   "receipt", "attempts", "size")
+
+
+SELECT_STATE_DOC = "SELECT rev, value, size, by, updated FROM state_docs WHERE user = ? AND name = ?"
+SELECT_STATE_CHANGES = ("SELECT rev, patch, by, patch_id, at FROM state_changes WHERE user = ? AND doc = ? AND rev > ?"
+                        " ORDER BY rev")
+
+
+def _state_doc(user: str, name: str, row: Sequence[Any] | None) -> StateDoc:
+    if row is None:
+        return StateDoc(user=user, name=name)
+    rev, value, _, by, updated = row
+    return StateDoc(user=user, name=name, rev=rev, value=None if value is None else json.loads(value), by=by,
+                    updated=updated)
+
+
+def _state_changes(db: sqlite3.Connection, user: str, doc: str, after: int) -> list[StateChange]:
+    return [StateChange(user=user, doc=doc, rev=rev, prev_rev=rev - 1, patch=json.loads(patch), by=by,
+                        patch_id=None if patch_id is None else json.loads(patch_id), at=at)
+            for rev, patch, by, patch_id, at in db.execute(SELECT_STATE_CHANGES, (user, doc, after))]
 
 
 def _select(table: str, columns: Sequence[str]) -> str:
@@ -1033,6 +1083,87 @@ class SqliteStore(Store):
             return [(device, msgpack.unpackb(msg_id), at, digest) for device, msg_id, at, digest in rows]
 
         return await self._read(work)
+
+    # ---- state documents -----------------------------------------------
+
+    async def get_state(self, user_id: str, doc: str) -> StateDoc:
+        def work(db: sqlite3.Connection) -> StateDoc:
+            return _state_doc(user_id, doc, db.execute(SELECT_STATE_DOC, (user_id, doc)).fetchone())
+
+        return await self._read(work)
+
+    async def patch_state(self, user_id: str, doc: str, patch: Any, by: str, patch_id: str | int | None,
+                          if_rev: int | None, now: int, max_doc_bytes: int, max_user_bytes: int,
+                          keep_changes: int) -> StatePatched:
+        patch_text = state_patch_text(patch)
+        id_text = None if patch_id is None else json.dumps(patch_id)
+        patch_value = json.loads(patch_text)
+
+        def work(db: sqlite3.Connection) -> StatePatched:
+            row = db.execute(SELECT_STATE_DOC, (user_id, doc)).fetchone()
+            current = _state_doc(user_id, doc, row)
+            if row is not None and id_text is not None:
+                earlier = db.execute(
+                    "SELECT rev FROM state_changes WHERE user = ? AND doc = ? AND by = ? AND patch_id = ?"
+                    " AND patch = ? ORDER BY rev DESC LIMIT 1", (user_id, doc, by, id_text, patch_text)).fetchone()
+                if earlier is not None:
+                    return StatePatched(doc=current, rev=earlier[0], prev_rev=earlier[0] - 1, duplicate=True)
+            current_size = 0 if row is None else row[2]
+            user_bytes: int = db.execute("SELECT COALESCE(SUM(size), 0) FROM state_docs WHERE user = ?",
+                                         (user_id,)).fetchone()[0]
+            planned = plan_state_patch(current, current_size, user_bytes, patch_value, if_rev, max_doc_bytes,
+                                       max_user_bytes)
+            if planned is None:
+                return StatePatched(doc=current, rev=current.rev, prev_rev=current.rev, noop=True)
+            merged, size = planned
+            rev = current.rev + 1
+            value = None if merged is None else json.dumps(merged, ensure_ascii=False, allow_nan=False)
+            db.execute("INSERT INTO state_docs (user, name, rev, value, size, by, updated) VALUES (?, ?, ?, ?, ?, ?, ?)"
+                       " ON CONFLICT (user, name) DO UPDATE SET rev = excluded.rev, value = excluded.value,"
+                       " size = excluded.size, by = excluded.by, updated = excluded.updated",
+                       (user_id, doc, rev, value, size, by, now))
+            db.execute("INSERT INTO state_changes (user, doc, rev, patch, by, patch_id, at)"
+                       " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                       (user_id, doc, rev, patch_text, by, id_text, now))
+            db.execute("DELETE FROM state_changes WHERE user = ? AND doc = ? AND rev <= ?",
+                       (user_id, doc, rev - max(keep_changes, 0)))
+            change = StateChange(user=user_id, doc=doc, rev=rev, prev_rev=rev - 1, patch=patch_value, by=by,
+                                 patch_id=patch_id, at=now)
+            stored = StateDoc(user=user_id, name=doc, rev=rev, value=merged, by=by, updated=now)
+            return StatePatched(doc=stored, rev=rev, prev_rev=rev - 1, change=change)
+
+        return await self._write(work)
+
+    async def state_catch_up(self, user_id: str, since: Mapping[str, int], doc: str | None = None,
+                             prefix: str | None = None) -> list[StateCatchUp]:
+        wanted = dict(since)
+
+        def work(db: sqlite3.Connection) -> list[StateCatchUp]:
+            if doc is not None:
+                rows = [(doc, db.execute(SELECT_STATE_DOC, (user_id, doc)).fetchone())]
+            else:
+                start = prefix or ""
+                rows = [(name, row) for name, *row in db.execute(
+                    "SELECT name, rev, value, size, by, updated FROM state_docs"
+                    " WHERE user = ? AND substr(name, 1, ?) = ? ORDER BY name", (user_id, len(start), start))
+                        if row[1] is not None or name in wanted]
+            caught: list[StateCatchUp] = []
+            for name, row in rows:
+                current = _state_doc(user_id, name, row)
+                have = wanted.get(name)
+                changes: list[StateChange] | None = None
+                if have is not None and have <= current.rev:
+                    if have == current.rev:
+                        changes = []
+                    else:
+                        oldest = db.execute("SELECT MIN(rev) FROM state_changes WHERE user = ? AND doc = ?",
+                                            (user_id, name)).fetchone()[0]
+                        if oldest is not None and oldest <= have + 1:
+                            changes = _state_changes(db, user_id, name, have)
+                caught.append(StateCatchUp(doc=current, changes=changes))
+            return caught
+
+        return await self._write(work)  # one transaction: the documents and their logs as of one moment
 
     # ---- change feed -------------------------------------------------
 

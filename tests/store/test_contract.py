@@ -30,6 +30,8 @@ from rccs.store import (
     QueuedMessage,
     SessionRecord,
     SqliteStore,
+    StateConflict,
+    StateTooLarge,
     StoreError,
     UserRecord,
     open_store,
@@ -1226,3 +1228,134 @@ async def test_message_ids_round_trip_and_are_replaced(store):
     assert await store.load_message_ids(NOW - 50) == [("phone", "m-1", NOW - 10, 7), ("phone", 2**63 + 5, NOW, 8)]
     await store.save_message_ids([("pc", "x", NOW, 1)])
     assert await store.load_message_ids(0) == [("pc", "x", NOW, 1)]
+
+
+# ---- state documents ----------------------------------------------------
+
+KIB = 1024
+
+
+async def patch(store, doc, value, by="phone", patch_id=None, if_rev=None, user="alice", at=NOW,
+                max_doc=256 * KIB, max_user=4096 * KIB, keep=1000):
+    return await store.patch_state(user, doc, value, by, patch_id, if_rev, at, max_doc, max_user, keep)
+
+
+async def test_a_document_never_written_is_at_revision_zero_with_value_null(store):
+    doc = await store.get_state("alice", "user/draft")
+    assert (doc.rev, doc.value) == (0, None)
+
+
+async def test_patches_merge_and_each_change_bumps_the_revision_by_one(store):
+    first = await patch(store, "user/draft", {"text": "hi", "tags": ["a"]}, patch_id="p1")
+    assert (first.rev, first.prev_rev, first.noop, first.duplicate) == (1, 0, False, False)
+    assert first.change is not None and first.change.patch == {"tags": ["a"], "text": "hi"}
+    assert first.change.by == "phone" and first.change.patch_id == "p1"
+    second = await patch(store, "user/draft", {"tags": ["b"], "text": None, "n": 1}, by="desktop", at=NOW + 1)
+    assert (second.rev, second.prev_rev) == (2, 1)
+    doc = await store.get_state("alice", "user/draft")
+    assert (doc.rev, doc.value, doc.by, doc.updated) == (2, {"tags": ["b"], "n": 1}, "desktop", NOW + 1)
+
+
+async def test_documents_belong_to_one_user(store):
+    await patch(store, "user/draft", {"a": 1})
+    assert (await store.get_state("bob", "user/draft")).rev == 0
+    assert await store.state_catch_up("bob", {}, prefix="") == []
+
+
+async def test_a_patch_that_changes_nothing_bumps_nothing_and_logs_nothing(store):
+    await patch(store, "user/x", {"a": 1, "b": [1, 2]})
+    for same in ({"a": 1}, {"b": [1, 2]}, {"c": None}, {}):
+        outcome = await patch(store, "user/x", same)
+        assert (outcome.rev, outcome.prev_rev, outcome.noop, outcome.change) == (1, 1, True, None)
+    # 1.0 and true are not 1: a changed type is a change
+    assert (await patch(store, "user/x", {"a": 1.0})).rev == 2
+    assert (await patch(store, "user/x", {"a": True})).rev == 3
+    assert (await patch(store, "user/never", None)).noop
+    caught = await store.state_catch_up("alice", {"user/x": 0}, doc="user/x")
+    assert [change.rev for change in caught[0].changes] == [1, 2, 3]
+
+
+async def test_if_rev_other_than_the_current_revision_is_a_conflict_with_the_current_value(store):
+    await patch(store, "user/x", {"a": 1})
+    for wrong in (0, 2, 99):
+        with pytest.raises(StateConflict) as caught:
+            await patch(store, "user/x", {"a": 2}, if_rev=wrong)
+        assert (caught.value.rev, caught.value.value) == (1, {"a": 1})
+    assert (await patch(store, "user/x", {"a": 2}, if_rev=1)).rev == 2
+    assert (await store.get_state("alice", "user/x")).value == {"a": 2}
+
+
+async def test_a_retried_patch_with_the_same_id_from_the_same_device_is_applied_once(store):
+    await patch(store, "user/n", {"n": 1}, patch_id="p1")
+    await patch(store, "user/n", {"n": 2}, by="desktop", patch_id="d1")
+    again = await patch(store, "user/n", {"n": 1}, patch_id="p1")
+    assert (again.rev, again.prev_rev, again.duplicate, again.change) == (1, 0, True, None)
+    assert (await store.get_state("alice", "user/n")).value == {"n": 2}
+    # the same id from another device, another patch under a reused id, or an int id "1" vs 1: new patches
+    assert not (await patch(store, "user/n", {"n": 1}, by="tablet", patch_id="p1")).duplicate
+    assert (await patch(store, "user/n", {"n": 3}, patch_id="p1")).rev == 4
+    await patch(store, "user/n", {"k": 1}, patch_id=7)
+    assert not (await patch(store, "user/n", {"k": 2}, patch_id="7")).duplicate
+    assert (await patch(store, "user/n", {"k": 1}, patch_id=7)).duplicate
+
+
+async def test_a_deleted_document_keeps_its_revision_and_a_re_created_one_continues_it(store):
+    await patch(store, "user/x", {"a": 1})
+    deleted = await patch(store, "user/x", None)
+    assert (deleted.rev, deleted.change.patch) == (2, None)
+    doc = await store.get_state("alice", "user/x")
+    assert (doc.rev, doc.value) == (2, None)
+    assert (await patch(store, "user/x", {"b": 2})).rev == 3
+
+
+async def test_limits_are_measured_on_the_merged_document_and_a_shrinking_patch_is_accepted(store):
+    await patch(store, "user/big", {"a": "x" * 80})
+    with pytest.raises(StateTooLarge) as caught:
+        await patch(store, "user/big", {"b": "y" * 10}, max_doc=100)
+    assert caught.value.limit == "state_max_doc_bytes" and caught.value.max_bytes == 100
+    assert caught.value.size == len('{"a":"' + "x" * 80 + '","b":"' + "y" * 10 + '"}')
+    assert (await store.get_state("alice", "user/big")).rev == 1
+    # already over a (lowered) limit: a patch that does not grow it is accepted
+    assert (await patch(store, "user/big", {"a": "x" * 70}, max_doc=50)).rev == 2
+    await patch(store, "user/other", {"c": "z" * 40})
+    with pytest.raises(StateTooLarge) as caught:
+        await patch(store, "user/third", {"d": 1}, max_user=120)
+    assert caught.value.limit == "state_max_user_bytes" and caught.value.size > 120
+    assert (await store.get_state("alice", "user/third")).rev == 0
+
+
+async def test_the_change_log_keeps_the_newest_changes_and_older_catch_ups_need_a_snapshot(store):
+    for n in range(1, 11):
+        await patch(store, "user/c", {"n": n}, keep=4)
+    [caught] = await store.state_catch_up("alice", {"user/c": 6}, doc="user/c")
+    assert [(c.rev, c.prev_rev, c.patch) for c in caught.changes] == [(7, 6, {"n": 7}), (8, 7, {"n": 8}),
+                                                                      (9, 8, {"n": 9}), (10, 9, {"n": 10})]
+    assert (caught.doc.rev, caught.doc.value) == (10, {"n": 10})
+    for too_old_or_missing in ({"user/c": 5}, {"user/c": 11}, {}):
+        [caught] = await store.state_catch_up("alice", too_old_or_missing, doc="user/c")
+        assert caught.changes is None and caught.doc.rev == 10
+    [caught] = await store.state_catch_up("alice", {"user/c": 10}, doc="user/c")
+    assert caught.changes == []
+
+
+async def test_catch_up_by_prefix_lists_existing_documents_and_deleted_ones_the_caller_knows(store):
+    await patch(store, "user/a", {"v": 1})
+    await patch(store, "user/b", {"v": 1})
+    await patch(store, "user/b", None)
+    await patch(store, "users/z", {"v": 1})
+    await patch(store, "device/phone/x", {"v": 1})
+    assert [c.doc.name for c in await store.state_catch_up("alice", {}, prefix="user/")] == ["user/a"]
+    caught = await store.state_catch_up("alice", {"user/b": 1}, prefix="user/")
+    assert [(c.doc.name, c.doc.rev) for c in caught] == [("user/a", 1), ("user/b", 2)]
+    assert [c.rev for c in caught[1].changes] == [2] and caught[1].changes[0].patch is None
+    assert len(await store.state_catch_up("alice", {}, prefix="")) == 3
+    [missing] = await store.state_catch_up("alice", {}, doc="user/none")
+    assert (missing.doc.rev, missing.doc.value, missing.changes) == (0, None, None)
+
+
+async def test_a_patch_that_is_not_json_is_refused(store):
+    with pytest.raises(StoreError):
+        await patch(store, "user/x", {"a": float("nan")})
+    with pytest.raises(StoreError):
+        await patch(store, "user/x", {"a": b"bytes"})
+    assert (await store.get_state("alice", "user/x")).rev == 0
