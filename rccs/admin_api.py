@@ -153,10 +153,10 @@ class _BackendSink:
         self.envelopes.append(json.loads(data))
 
     def close(self, code: int, reason: str) -> None:
-        pass
+        """The backend's pseudo-connection has no socket to close."""
 
     def hello_done(self) -> None:
-        pass
+        """No hello timer and no direct path for the backend."""
 
 
 # ---- request helpers ------------------------------------------------------------

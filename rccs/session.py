@@ -319,14 +319,12 @@ class Session:
     def on_rate_limited(self, payload: bytes, is_text: bool, retry_after: float) -> None:
         """A message over the device's send rate: not handled; the error names its id when readable."""
         msg_id = None
-        try:
+        with contextlib.suppress(ProtocolError, EnvelopeError):  # an unreadable message gets an error without id
             if is_text:
                 header = json_loads(payload)
                 msg_id = header.get("id") if isinstance(header, dict) else None
             else:
                 msg_id = decode_envelope(payload)[0].get("id")
-        except (ProtocolError, EnvelopeError):
-            pass
         self.send_error(ErrorCode.RATE_LIMITED, "over this device's send rate; slow down", msg_id,
                         retry_after=round(max(retry_after, 0.001), 3))
 

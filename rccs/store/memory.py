@@ -172,10 +172,10 @@ class MemoryStore(Store):
         self._receipts: dict[str, list[bytes]] = {}  # device -> packed envelopes, oldest first
 
     async def open(self) -> None:
-        pass
+        """Nothing to create: the dictionaries exist from the start."""
 
     async def close(self) -> None:
-        pass
+        """Nothing to release: the data goes with the object."""
 
     def _append_change(self, kind: str, key: str) -> None:
         # seq == position + 1, so changes_since can slice instead of search.
