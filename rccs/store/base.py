@@ -41,7 +41,7 @@ class StoreError(Exception):
 
 
 class AlreadyExists(StoreError):
-    pass
+    """A record with this id exists already (users, pairing codes)."""
 
 
 @dataclasses.dataclass

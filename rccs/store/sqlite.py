@@ -319,6 +319,19 @@ INT64_MIN = -(2**63)
 INT64_MAX = 2**63 - 1
 
 
+def _user_device_filter(user_id: str | None, device_id: str | None) -> tuple[str, list[Any]]:
+    """A WHERE clause (or "") and its parameters for the optional user / device filters of the list calls."""
+    conditions: list[str] = []
+    parameters: list[Any] = []
+    if user_id is not None:
+        conditions.append("user = ?")
+        parameters.append(user_id)
+    if device_id is not None:
+        conditions.append("device = ?")
+        parameters.append(device_id)
+    return (f" WHERE {' AND '.join(conditions)}" if conditions else ""), parameters
+
+
 # ---- rows <-> records ------------------------------------------------
 
 
@@ -777,15 +790,7 @@ class SqliteStore(Store):
         return await self._read(work)
 
     async def list_sessions(self, user_id: str | None = None, device_id: str | None = None) -> list[SessionRecord]:
-        conditions: list[str] = []
-        parameters: list[Any] = []
-        if user_id is not None:
-            conditions.append("user = ?")
-            parameters.append(user_id)
-        if device_id is not None:
-            conditions.append("device = ?")
-            parameters.append(device_id)
-        where = f" WHERE {' AND '.join(conditions)}" if conditions else ""
+        where, parameters = _user_device_filter(user_id, device_id)
         query = f"{SELECT_SESSION}{where} ORDER BY user, device, created, id"
 
         def work(db: sqlite3.Connection) -> list[SessionRecord]:
@@ -984,15 +989,7 @@ class SqliteStore(Store):
                            limit: int = 1000) -> list[DeadLetter]:
         if limit <= 0:
             return []
-        conditions: list[str] = []
-        parameters: list[Any] = []
-        if user_id is not None:
-            conditions.append("user = ?")
-            parameters.append(user_id)
-        if device_id is not None:
-            conditions.append("device = ?")
-            parameters.append(device_id)
-        where = f" WHERE {' AND '.join(conditions)}" if conditions else ""
+        where, parameters = _user_device_filter(user_id, device_id)
         query = f"{SELECT_DEAD}{where} ORDER BY id LIMIT ?"
 
         def work(db: sqlite3.Connection) -> list[DeadLetter]:

@@ -96,7 +96,7 @@ Handler = Callable[[Request], Awaitable[Response]]
 
 
 class _BodyTooLarge(Exception):
-    pass
+    """The request body passed the limit: answered 413."""
 
 
 class _Connection:
