@@ -65,6 +65,10 @@ class Settings:
     hello_rate_per_address: float = 0.0
     state_max_doc_bytes: int = 256 * 1024  # a state document after the merge, as compact JSON
     state_max_user_bytes: int = 4 * 1024 * 1024  # all of a user's durable state documents together
+    task_lease_ttl: float = 30.0  # seconds a task lease lasts when a claim or renew names no ttl
+    handoff_prepare_timeout: float = 10.0  # seconds the owner has to answer handoff.prepare
+    handoff_accept_timeout: float = 30.0  # seconds the target has to answer handoff.offer
+    handoff_max_checkpoint_bytes: int = 256 * 1024  # a handoff's checkpoint, as msgpack
 
     def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)
@@ -154,6 +158,9 @@ def load_settings(
         raise ConfigError("setting 'inbox_overflow' must be 'reject' or 'drop_oldest'")
     if settings.ack_timeout <= 0 or settings.max_delivery_attempts < 1 or settings.max_ttl <= 0:
         raise ConfigError("settings 'ack_timeout', 'max_delivery_attempts' and 'max_ttl' must be positive")
+    if min(settings.task_lease_ttl, settings.handoff_prepare_timeout, settings.handoff_accept_timeout) <= 0:
+        raise ConfigError("settings 'task_lease_ttl', 'handoff_prepare_timeout' and 'handoff_accept_timeout' "
+                          "must be positive")
     if settings.pairing_max_attempts < 1 or settings.pairing_attempts_per_minute < 1:
         raise ConfigError("settings 'pairing_max_attempts' and 'pairing_attempts_per_minute' must be at least 1")
     return settings

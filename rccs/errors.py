@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 from enum import IntEnum, StrEnum
+from typing import Any
 
 
 class ErrorCode(StrEnum):
@@ -28,7 +29,10 @@ class ErrorCode(StrEnum):
     TIMEOUT = "timeout"  # a call got no result within its timeout
     DISCONNECTED = "disconnected"  # a call's target went away after it got the call, before it answered
     UNKNOWN_CALL = "unknown_call"  # a result for no call this connection was asked to answer
-    CONFLICT = "conflict"  # state.patch with an if_rev that is not the document's revision (rev, value attached)
+    CONFLICT = "conflict"  # state.patch with an if_rev that is not the document's revision (rev, value attached);
+    # task.claim of a task another device holds (owner, epoch, expires attached)
+    STALE_EPOCH = "stale_epoch"  # an op for a task with an epoch older than the task's, or of a released lease
+    HANDOFF_BUSY = "handoff_busy"  # a handoff of this task is open (handoff attached)
     INTERNAL = "internal"  # a bug in the server; the connection stays usable
 
 
@@ -69,8 +73,9 @@ class ReceiptReason(StrEnum):
 class ProtocolError(Exception):
     """An envelope the server answers with an ``error`` (the connection stays open)."""
 
-    def __init__(self, code: ErrorCode, message: str, retry_after: float | None = None):
+    def __init__(self, code: ErrorCode, message: str, retry_after: float | None = None, **extra: Any):
         super().__init__(message)
         self.code = code
         self.message = message
         self.retry_after = retry_after  # seconds, for rate_limited
+        self.extra = extra  # more fields of the error envelope (the current lease of a stale_epoch, ...)

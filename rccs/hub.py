@@ -551,5 +551,7 @@ class Hub:
             self.registry.users.discard(user_id)
             for device in self.registry.user_devices(user_id):
                 self.revoke_device(device.id, now_ms(), write=False)
+            from . import tasks  # a late import: tasks builds on the hub
+            tasks.forget_user(self, user_id)
         else:
             self.registry.users.add(user_id)

@@ -9,7 +9,7 @@ from typing import Any
 
 from picows import WSAutoPingStrategy, ws_create_server
 
-from . import __version__
+from . import __version__, tasks
 from ._fastpath import IMPLEMENTATION
 from .admin_api import admin_handler
 from .auth import TokenAuthority, load_or_create_secret
@@ -127,6 +127,7 @@ class Node:
         self.hub.accepting = False
         if self._ws_server is not None:
             self._ws_server.close()
+        tasks.abort_all(self.hub, "shutdown")
         self.hub.close_all(CloseCode.GOING_AWAY, "server shutting down")
         if self._ws_server is not None:
             await self._ws_server.wait_closed()

@@ -194,10 +194,15 @@ def _write(session: Session, frame: tuple[bytes, bool]) -> None:
 
 def _resolve(session: Session, selector: Selector) -> Session | None:
     """The one online device a call goes to: the most recently active match, or None."""
+    return resolve_target(session, selector, None if selector.include_self else session.device)
+
+
+def resolve_target(session: Session, selector: Selector, exclude: str | None) -> Session | None:
+    """The most recently active online device of ``session``'s user that ``selector`` matches, other than
+    ``exclude``; None if there is none. A selector naming another user's device is ``forbidden``."""
     hub = session.hub
     user = session.user
     assert user is not None
-    exclude = None if selector.include_self else session.device
     if selector.kind in ("device", "devices"):
         names: list[str] = [selector.value] if selector.kind == "device" else selector.value
         for name in names:

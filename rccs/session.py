@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import msgpack
 
-from . import pairing, rpc, state
+from . import pairing, rpc, state, tasks
 from ._fastpath import EnvelopeError, append_seq, decode_envelope, encode_msg_prefix
 from ._fastpath import routing as fast_routing
 from .auth import TokenError
@@ -295,6 +295,8 @@ class Session:
                 rpc.RPC_OPS[op](self, header)
             elif op in state.STATE_OPS:
                 state.STATE_OPS[op](self, header)
+            elif op in tasks.TASK_OPS:
+                tasks.TASK_OPS[op](self, header)
             elif op == "hello":
                 raise ProtocolError(ErrorCode.BAD_REQUEST, "hello was already accepted on this connection")
             elif isinstance(op, str):
@@ -314,7 +316,8 @@ class Session:
             self._refuse(exc.code, exc.message, CloseCode.BAD_HELLO)
         else:
             extra = {"retry_after": exc.retry_after} if exc.retry_after is not None else {}
-            self.send_error(exc.code, exc.message, None if header is None else header.get("id"), **extra)
+            self.send_error(exc.code, exc.message, None if header is None else header.get("id"), **extra,
+                            **exc.extra)
 
     def on_rate_limited(self, payload: bytes, is_text: bool, retry_after: float) -> None:
         """A message over the device's send rate: not handled; the error names its id when readable."""
@@ -509,6 +512,7 @@ class Session:
         hub.bus.emit("device.connected", user=self.user, device=self.device, session=self.id,
                      resumed=resumed_from is not None, peer=self.sink.peer)
         hub.spawn(hub.deliveries.on_online(self))
+        tasks.on_welcome(self)
         log.debug("device %s of user %s connected from %s (session %s%s)", self.device, self.user,
                   self.sink.peer, self.id, ", resumed" if resumed_from else "",
                   extra={"user": self.user, "device": self.device, "session": self.id, "peer": self.sink.peer})
@@ -874,6 +878,7 @@ class Session:
         hub.unregister(self)
         rpc.on_closed(self)
         state.on_closed(self)
+        tasks.on_closed(self)
         assert self.user is not None and self.device is not None
         now = now_ms()
         if not self.moved:

@@ -28,12 +28,14 @@ catching up on one is always a snapshot.
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import weakref
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from . import tasks
 from .errors import ErrorCode, ProtocolError
 from .hub import now_ms
 from .mergepatch import canonical_json, json_problem, json_size, merge_patch
@@ -167,7 +169,7 @@ def _run(session: Session, header: dict[str, Any], work: Callable[[], Coroutine[
         try:
             await work()
         except ProtocolError as exc:
-            session.send_error(exc.code, exc.message, msg_id)
+            session.send_error(exc.code, exc.message, msg_id, **exc.extra)
         except StateConflict as exc:
             session.send_error(ErrorCode.CONFLICT, str(exc), msg_id, rev=exc.rev, value=exc.value)
         except StateTooLarge as exc:
@@ -218,16 +220,26 @@ def op_patch(session: Session, header: dict[str, Any]) -> None:
     writer = _writer_of(doc)
     if writer is not None and writer != device:
         raise ProtocolError(ErrorCode.FORBIDDEN, f"{doc[:64]!r} is written only by device {writer!r}")
+    fence = tasks.parse_fence(header)
     hub = session.hub
     settings = hub.settings
     if _is_live(doc):
-        _patch_live(session, header, user, device, doc, patch, patch_id, if_rev)
+        if fence is None:
+            _patch_live(session, header, user, device, doc, patch, patch_id, if_rev)
+            return
+
+        async def fenced_live() -> None:
+            async with tasks.fenced(session, *fence):
+                _patch_live(session, header, user, device, doc, patch, patch_id, if_rev)
+
+        _run(session, header, fenced_live)
         return
 
     async def work() -> None:
-        outcome = await hub.store.patch_state(user, doc, patch, device, patch_id, if_rev, now_ms(),
-                                              settings.state_max_doc_bytes, settings.state_max_user_bytes,
-                                              KEEP_CHANGES)
+        async with tasks.fenced(session, *fence) if fence is not None else contextlib.nullcontext():
+            outcome = await hub.store.patch_state(user, doc, patch, device, patch_id, if_rev, now_ms(),
+                                                  settings.state_max_doc_bytes, settings.state_max_user_bytes,
+                                                  KEEP_CHANGES)
         session.reply(header, {"op": "state.ok", "doc": doc, "rev": outcome.rev, "prev_rev": outcome.prev_rev,
                                "noop": outcome.noop})
         change = outcome.change

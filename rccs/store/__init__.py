@@ -37,6 +37,7 @@ from .base import (
     StateTooLarge,
     Store,
     StoreError,
+    TaskLease,
     UserRecord,
     session_is_stale,
 )
@@ -82,6 +83,7 @@ __all__ = [
     "StateTooLarge",
     "Store",
     "StoreError",
+    "TaskLease",
     "UserRecord",
     "open_store",
     "session_is_stale",

@@ -235,6 +235,22 @@ class StateTooLarge(StoreError):
         self.size = size
 
 
+@dataclasses.dataclass
+class TaskLease:
+    """Who owns a task (docs/protocol.md section 15). ``epoch`` is the fencing token: it grows by one with every
+    new owner and never goes back, so the record is kept after a release (``owner`` None) for as long as the
+    user exists. ``handoff``: the handoff that gave ``owner`` the lease, until the owner has used it (its
+    ``handoff.committed`` is sent again after each of its hellos until then)."""
+
+    user: str
+    task: str
+    owner: str | None  # the device, None once released
+    epoch: int
+    expires: int  # ms since the epoch; 0 once released
+    handoff: str | None = None
+    updated: int = 0
+
+
 class Store(abc.ABC):
     """Persistent users, devices, sessions and pairing codes. Safe to call from one event loop."""
 
@@ -261,9 +277,9 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def remove_user(self, user_id: str, now: int) -> bool:
-        """Delete a user: its devices are revoked (kept as tombstones), its sessions and pairing
-        codes deleted. False if there was no such user. Appends a user change and a device change
-        per revoked device."""
+        """Delete a user: its devices are revoked (kept as tombstones), its sessions, pairing codes,
+        state documents (with their change logs) and task leases deleted. False if there was no such
+        user. Appends a user change and a device change per revoked device."""
 
     # ---- devices -----------------------------------------------------
 
@@ -434,6 +450,17 @@ class Store(abc.ABC):
         """In one read: the document ``doc`` (always, also when it does not exist), or every document of the
         user whose name starts with ``prefix`` and that exists, or is deleted but named in ``since``;
         ordered by name. ``since`` maps document names to the revision the caller has (see StateCatchUp)."""
+
+    # ---- task leases -------------------------------------------------
+
+    @abc.abstractmethod
+    async def load_tasks(self, user_id: str) -> list[TaskLease]:
+        """Every task lease of the user, released ones included, ordered by task name."""
+
+    @abc.abstractmethod
+    async def put_task(self, lease: TaskLease) -> None:
+        """Create or replace the lease of ``(lease.user, lease.task)``. StoreError for an unknown user. The
+        caller serialises the changes of one user (the server holds one lock per user around each)."""
 
     # ---- change feed -------------------------------------------------
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import collections
 import copy
+import dataclasses
 import hmac
 import json
 from collections.abc import Iterable, Mapping, Sequence
@@ -39,6 +40,7 @@ from .base import (
     StatePatched,
     Store,
     StoreError,
+    TaskLease,
     UserRecord,
     check_policy,
     pack_receipt,
@@ -170,6 +172,7 @@ class MemoryStore(Store):
         self._last_queued_id = 0  # ids are never reused: neither after a delete nor by a dead letter
         self._state: dict[str, dict[str, _StateEntry]] = {}  # user -> document name -> document
         self._receipts: dict[str, list[bytes]] = {}  # device -> packed envelopes, oldest first
+        self._tasks: dict[str, dict[str, TaskLease]] = {}  # user -> task -> lease (copies, never shared)
 
     async def open(self) -> None:
         """Nothing to create: the dictionaries exist from the start."""
@@ -211,6 +214,8 @@ class MemoryStore(Store):
             del self._sessions[session_id]
         for code_id in [cid for cid, code in self._pairing_codes.items() if code.user == user_id]:
             del self._pairing_codes[code_id]
+        self._state.pop(user_id, None)
+        self._tasks.pop(user_id, None)
         return True
 
     # ---- devices -----------------------------------------------------
@@ -521,6 +526,16 @@ class MemoryStore(Store):
         kept = [entry for entry in self._message_ids if entry[2] >= since]
         kept.sort(key=lambda entry: entry[2])
         return kept
+
+    # ---- task leases -------------------------------------------------
+
+    async def load_tasks(self, user_id: str) -> list[TaskLease]:
+        return [dataclasses.replace(lease) for _, lease in sorted(self._tasks.get(user_id, {}).items())]
+
+    async def put_task(self, lease: TaskLease) -> None:
+        if lease.user not in self._users:
+            raise StoreError(f"unknown user {lease.user!r}")
+        self._tasks.setdefault(lease.user, {})[lease.task] = dataclasses.replace(lease)
 
     # ---- state documents -----------------------------------------------
 

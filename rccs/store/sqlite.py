@@ -56,6 +56,7 @@ from .base import (
     StatePatched,
     Store,
     StoreError,
+    TaskLease,
     UserRecord,
     check_policy,
     pack_receipt,
@@ -233,6 +234,19 @@ MIGRATIONS: list[str] = [
         patch_id TEXT,
         at INTEGER NOT NULL,
         PRIMARY KEY (user, doc, rev)
+    ) WITHOUT ROWID;
+    """,
+    # 5: task leases (owner NULL: released; the row stays so that the epoch never goes back).
+    """
+    CREATE TABLE tasks (
+        user TEXT NOT NULL,
+        task TEXT NOT NULL,
+        owner TEXT,
+        epoch INTEGER NOT NULL,
+        expires INTEGER NOT NULL,
+        handoff TEXT,
+        updated INTEGER NOT NULL,
+        PRIMARY KEY (user, task)
     ) WITHOUT ROWID;
     """,
 ]
@@ -678,6 +692,9 @@ class SqliteStore(Store):
             db.executemany(INSERT_CHANGE, [(CHANGE_DEVICE, device_id) for device_id in live_devices])
             db.execute("DELETE FROM sessions WHERE user = ?", (user_id,))
             db.execute("DELETE FROM pairing_codes WHERE user = ?", (user_id,))
+            db.execute("DELETE FROM state_docs WHERE user = ?", (user_id,))
+            db.execute("DELETE FROM state_changes WHERE user = ?", (user_id,))
+            db.execute("DELETE FROM tasks WHERE user = ?", (user_id,))
             return True
 
         return await self._write(work)
@@ -1161,6 +1178,30 @@ class SqliteStore(Store):
             return caught
 
         return await self._write(work)  # one transaction: the documents and their logs as of one moment
+
+    # ---- task leases -------------------------------------------------
+
+    async def load_tasks(self, user_id: str) -> list[TaskLease]:
+        def work(db: sqlite3.Connection) -> list[TaskLease]:
+            rows = db.execute("SELECT task, owner, epoch, expires, handoff, updated FROM tasks WHERE user = ?"
+                              " ORDER BY task", (user_id,))
+            return [TaskLease(user=user_id, task=task, owner=owner, epoch=epoch, expires=expires, handoff=handoff,
+                              updated=updated) for task, owner, epoch, expires, handoff, updated in rows]
+
+        return await self._read(work)
+
+    async def put_task(self, lease: TaskLease) -> None:
+        row = (lease.user, lease.task, lease.owner, lease.epoch, lease.expires, lease.handoff, lease.updated)
+
+        def work(db: sqlite3.Connection) -> None:
+            if db.execute("SELECT 1 FROM users WHERE id = ?", (lease.user,)).fetchone() is None:
+                raise StoreError(f"unknown user {lease.user!r}")
+            db.execute("INSERT INTO tasks (user, task, owner, epoch, expires, handoff, updated)"
+                       " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (user, task) DO UPDATE SET owner = excluded.owner,"
+                       " epoch = excluded.epoch, expires = excluded.expires, handoff = excluded.handoff,"
+                       " updated = excluded.updated", row)
+
+        await self._write(work)
 
     # ---- change feed -------------------------------------------------
 

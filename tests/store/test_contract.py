@@ -33,6 +33,7 @@ from rccs.store import (
     StateConflict,
     StateTooLarge,
     StoreError,
+    TaskLease,
     UserRecord,
     open_store,
     session_is_stale,
@@ -1359,3 +1360,55 @@ async def test_a_patch_that_is_not_json_is_refused(store):
     with pytest.raises(StoreError):
         await patch(store, "user/x", {"a": b"bytes"})
     assert (await store.get_state("alice", "user/x")).rev == 0
+
+
+# ---- task leases -----------------------------------------------------------
+
+
+async def test_task_leases_round_trip_and_are_replaced_whole(store):
+    await add_users(store, "alice", "bob")
+    assert await store.load_tasks("alice") == []
+    await store.put_task(TaskLease(user="alice", task="build", owner="laptop", epoch=1, expires=NOW + MINUTE,
+                                   updated=NOW))
+    await store.put_task(TaskLease(user="alice", task="agent/main", owner="phone", epoch=4, expires=NOW + HOUR,
+                                   handoff="h1", updated=NOW))
+    await store.put_task(TaskLease(user="bob", task="build", owner="pc", epoch=9, expires=NOW, updated=NOW))
+    await store.put_task(TaskLease(user="alice", task="build", owner=None, epoch=1, expires=0, updated=NOW + 1))
+    assert await store.load_tasks("alice") == [
+        TaskLease(user="alice", task="agent/main", owner="phone", epoch=4, expires=NOW + HOUR, handoff="h1",
+                  updated=NOW),
+        TaskLease(user="alice", task="build", owner=None, epoch=1, expires=0, updated=NOW + 1),
+    ]
+    assert [lease.epoch for lease in await store.load_tasks("bob")] == [9]
+
+
+async def test_a_loaded_task_lease_is_a_copy(store):
+    await add_users(store, "alice")
+    lease = TaskLease(user="alice", task="build", owner="laptop", epoch=1, expires=NOW + MINUTE)
+    await store.put_task(lease)
+    lease.epoch = 99
+    (loaded,) = await store.load_tasks("alice")
+    loaded.owner = "mallory"
+    assert await store.load_tasks("alice") == [
+        TaskLease(user="alice", task="build", owner="laptop", epoch=1, expires=NOW + MINUTE)]
+
+
+async def test_a_task_lease_needs_a_known_user(store):
+    with pytest.raises(StoreError):
+        await store.put_task(TaskLease(user="nobody", task="build", owner="laptop", epoch=1, expires=NOW))
+    assert await store.load_tasks("nobody") == []
+
+
+async def test_removing_a_user_deletes_its_state_documents_and_task_leases(store):
+    await add_users(store, "alice", "bob")
+    for user in ("alice", "bob"):
+        await store.patch_state(user, "user/draft", {"text": "hi"}, "laptop", "p1", None, NOW, 1 << 20, 1 << 22, 10)
+        await store.put_task(TaskLease(user=user, task="build", owner="laptop", epoch=3, expires=NOW + MINUTE))
+    assert await store.remove_user("alice", NOW) is True
+    assert await store.load_tasks("alice") == []
+    assert (await store.get_state("alice", "user/draft")).rev == 0
+    assert await store.state_catch_up("alice", {"user/draft": 0}, prefix="") == []
+    await add_users(store, "alice")  # a new user of the same name starts empty
+    assert await store.load_tasks("alice") == []
+    assert (await store.get_state("bob", "user/draft")).value == {"text": "hi"}
+    assert [lease.epoch for lease in await store.load_tasks("bob")] == [3]

@@ -1,0 +1,595 @@
+"""Task leases with fencing epochs, and the four-step handoff (docs/protocol.md section 15).
+
+Theory of operation. A task is owned through a lease: an owner device, an ``epoch`` and an expiry. The
+epoch is the fencing token: it grows by one with every new owner and never goes back (the lease record
+stays in the store after a release, and a restart reloads it). Every op that acts for a task carries the
+epoch its sender believes it holds; an older one is ``stale_epoch``, so a device that lost a task, while
+it was disconnected or paused, cannot act on it any more.
+
+All changes to one user's leases run one at a time under that user's lock (``_Book.lock``): read the
+lease (loaded from the store on first use), decide, write the new lease to the store, and only then
+change the copy in memory and answer. So the store always holds what a device has been told, and two
+changes can never both see the same old lease. Fenced ``state.patch`` takes the same lock around its
+store write, so a write at epoch E and a handoff to epoch E+1 are ordered.
+
+A handoff is coordinated by the server and lives in memory only (a restart aborts it; the lease stays
+where it was):
+
+    request -> PREPARE: the owner got handoff.prepare; its disconnect, refusal or timeout fails it.
+            -> OFFER: the owner answered prepared (it has paused); the target got handoff.offer. The target's
+               disconnect, rejection or timeout fails it; the owner's disconnect does not any more.
+            -> COMMIT: the target accepted; the new lease (target, E+1) is being written. Nothing fails it but
+               a store error.
+
+While a handoff is open it holds the task: claims by others get ``handoff_busy`` even if the lease
+expires meanwhile, the owner cannot release, and after ``prepared`` the owner's fenced writes are refused
+(it promised to pause). The owner may renew. When a handoff fails, the old owner keeps its lease at the
+same epoch. The new owner gets ``handoff.committed`` at once when connected and again after each of its
+hellos until it has used the lease (claim, renew, release or a fenced write), so a notice lost with a
+dropped connection is never lost for good.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import math
+import secrets
+import weakref
+from collections.abc import AsyncIterator, Callable, Coroutine
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any
+
+import msgpack
+
+from . import rpc
+from .errors import ErrorCode, ProtocolError
+from .hub import now_ms
+from .protocol import check_message_id, parse_selector
+from .store import StoreError, TaskLease
+
+if TYPE_CHECKING:
+    from .hub import Hub
+    from .session import Session
+
+log = logging.getLogger("rccs.tasks")
+
+MAX_TASK_CHARS = 256
+MAX_TASKS_PER_USER = 10_000  # lease records per user (released ones count: they keep the epoch)
+MAX_LEASE_TTL = 3600.0  # seconds
+
+PREPARE = "prepare"
+OFFER = "offer"
+COMMIT = "commit"
+
+
+@dataclass(eq=False)  # identity: kept in sets
+class Handoff:
+    id: str
+    user: str
+    task: str
+    requester: str  # devices; messages go to whichever connection of the device is open when they are sent
+    owner: str
+    target: str
+    epoch: int  # the owner's epoch; the target gets epoch + 1
+    owner_session: Session
+    target_session: Session
+    stage: str = PREPARE
+    timer: asyncio.TimerHandle | None = None
+
+
+@dataclass
+class _Book:
+    """One user's leases (None until loaded from the store) and open handoffs."""
+
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    leases: dict[str, TaskLease] | None = None
+    handoffs: dict[str, Handoff] = field(default_factory=dict)  # task -> its open handoff
+
+
+class TaskHub:
+    """The task books and open handoffs of one hub."""
+
+    def __init__(self) -> None:
+        self.books: dict[str, _Book] = {}
+        self.handoffs: dict[str, Handoff] = {}  # handoff id -> handoff
+        self.by_session: dict[Session, set[Handoff]] = {}  # owner and target connections of open handoffs
+        self._serial = itertools.count(1)
+
+    def book(self, user: str) -> _Book:
+        book = self.books.get(user)
+        if book is None:
+            book = self.books[user] = _Book()
+        return book
+
+    def new_handoff_id(self) -> str:
+        # unguessable and unique across restarts: a step naming a handoff proves its sender was told of it
+        return f"h{next(self._serial)}-{secrets.token_urlsafe(9)}"
+
+
+_HUBS: weakref.WeakKeyDictionary[Hub, TaskHub] = weakref.WeakKeyDictionary()
+
+
+def tasks_of(hub: Hub) -> TaskHub:
+    tasks = _HUBS.get(hub)
+    if tasks is None:
+        tasks = _HUBS[hub] = TaskHub()
+    return tasks
+
+
+# ---- parsing ----------------------------------------------------------------
+
+
+def _task_name(header: dict[str, Any]) -> str:
+    name = header.get("task")
+    if not isinstance(name, str) or not name:
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "'task' must be a non-empty string")
+    if len(name) > MAX_TASK_CHARS:
+        raise ProtocolError(ErrorCode.TOO_LARGE, f"'task' is longer than {MAX_TASK_CHARS} characters")
+    return name
+
+
+def _epoch(header: dict[str, Any]) -> int:
+    value = header.get("epoch")
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value < 2**63:
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "'epoch' must be the lease's epoch: an integer >= 1")
+    return value
+
+
+def _ttl_ms(session: Session, header: dict[str, Any]) -> int:
+    value = header.get("ttl")
+    if value is None:
+        return int(session.hub.settings.task_lease_ttl * 1000)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "'ttl' must be a positive number of seconds")
+    if value > MAX_LEASE_TTL:
+        raise ProtocolError(ErrorCode.TOO_LARGE, f"'ttl' is longer than {MAX_LEASE_TTL:g} seconds")
+    return max(1, int(value * 1000))
+
+
+def _handoff_id(header: dict[str, Any]) -> str:
+    value = header.get("handoff")
+    if not isinstance(value, str) or not value:
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "'handoff' must be the handoff's id")
+    return value
+
+
+def parse_fence(header: dict[str, Any]) -> tuple[str, int] | None:
+    """``task`` and ``epoch`` of an op that acts for a task (a fenced ``state.patch``), or None."""
+    if "task" not in header and "epoch" not in header:
+        return None
+    return _task_name(header), _epoch(header)
+
+
+# ---- envelopes ----------------------------------------------------------------
+
+
+def _lease_envelope(lease: TaskLease) -> dict[str, Any]:
+    return {"op": "task.lease", "task": lease.task, "owner": lease.owner, "epoch": lease.epoch,
+            "expires": lease.expires}
+
+
+def _is_live(lease: TaskLease | None, now: int) -> bool:
+    return lease is not None and lease.owner is not None and lease.expires > now
+
+
+def _send_to_device(hub: Hub, user: str, device: str, envelope: dict[str, Any]) -> None:
+    session = hub.online(user, device)
+    if session is not None:
+        session.send_control(dict(envelope))
+
+
+def _tell(hub: Hub, handoff: Handoff, devices: list[str], envelope: dict[str, Any]) -> None:
+    for device in dict.fromkeys(devices):  # once per device, in order
+        _send_to_device(hub, handoff.user, device, envelope)
+
+
+# ---- the serialised part ------------------------------------------------------
+
+
+async def _leases(hub: Hub, user: str, book: _Book) -> dict[str, TaskLease]:
+    """The user's leases; call with ``book.lock`` held."""
+    if book.leases is None:
+        book.leases = {lease.task: lease for lease in await hub.store.load_tasks(user)}
+    return book.leases
+
+
+async def _write(hub: Hub, book: _Book, lease: TaskLease) -> None:
+    """Store ``lease``, then adopt it; call with ``book.lock`` held."""
+    await hub.store.put_task(lease)
+    assert book.leases is not None
+    book.leases[lease.task] = lease
+
+
+def _serialised(session: Session, header: dict[str, Any],
+                work: Callable[[dict[str, TaskLease], _Book], Coroutine[Any, Any, None]]) -> None:
+    """Run ``work`` under the user's lock, in the background; its ProtocolError answers the request."""
+    hub = session.hub
+    user = session.user
+    assert user is not None
+    msg_id = header.get("id")
+    book = tasks_of(hub).book(user)
+
+    async def run() -> None:
+        try:
+            async with book.lock:
+                await work(await _leases(hub, user, book), book)
+        except ProtocolError as exc:
+            session.send_error(exc.code, exc.message, msg_id, **exc.extra)
+        except StoreError as exc:
+            log.error("task store failure for %r from %s: %s", header.get("op"), session.sink.peer, exc)
+            session.send_error(ErrorCode.INTERNAL, "internal server error", msg_id)
+        except Exception:
+            log.exception("internal error in %r from %s", header.get("op"), session.sink.peer)
+            session.send_error(ErrorCode.INTERNAL, "internal server error", msg_id)
+
+    hub.spawn(run())
+
+
+def _check_holder(lease: TaskLease | None, task: str, device: str, epoch: int) -> TaskLease:
+    """The lease ``device`` holds at ``epoch`` (live or expired, as long as nobody took the task since)."""
+    if lease is None or epoch > lease.epoch:
+        raise ProtocolError(ErrorCode.BAD_REQUEST, f"task {task[:64]!r} has no epoch {epoch} yet")
+    if epoch < lease.epoch or lease.owner != device:
+        raise ProtocolError(ErrorCode.STALE_EPOCH, f"epoch {epoch} of task {task[:64]!r} is stale"
+                       + ("" if lease.owner is None else f": {lease.owner!r} holds epoch {lease.epoch}"),
+                       task=task, epoch=lease.epoch, owner=lease.owner)
+    return lease
+
+
+def _confirmed(lease: TaskLease, now: int, **changes: Any) -> TaskLease:
+    return replace(lease, handoff=None, updated=now, **changes)
+
+
+# ---- lease ops ----------------------------------------------------------------
+
+
+def op_claim(session: Session, header: dict[str, Any]) -> None:
+    device = session.device
+    assert device is not None
+    task = _task_name(header)
+    ttl = _ttl_ms(session, header)
+    hub = session.hub
+
+    async def work(leases: dict[str, TaskLease], book: _Book) -> None:
+        now = now_ms()
+        lease = leases.get(task)
+        if lease is not None and lease.owner == device:
+            new = _confirmed(lease, now, expires=now + ttl)
+        elif _is_live(lease, now):
+            assert lease is not None
+            raise ProtocolError(ErrorCode.CONFLICT, f"task {task[:64]!r} is held by {lease.owner!r} at epoch "
+                           f"{lease.epoch}", task=task, owner=lease.owner, epoch=lease.epoch, expires=lease.expires)
+        elif task in book.handoffs:
+            raise ProtocolError(ErrorCode.HANDOFF_BUSY, f"task {task[:64]!r} is being handed off",
+                           task=task, handoff=book.handoffs[task].id)
+        else:
+            if lease is None and len(leases) >= MAX_TASKS_PER_USER:
+                raise ProtocolError(ErrorCode.TOO_LARGE, f"more than {MAX_TASKS_PER_USER} tasks for one user")
+            new = TaskLease(user=session.user or "", task=task, owner=device,
+                            epoch=(0 if lease is None else lease.epoch) + 1, expires=now + ttl, updated=now)
+        await _write(hub, book, new)
+        hub.events["task_claims"] += 1
+        session.reply(header, _lease_envelope(new))
+
+    _serialised(session, header, work)
+
+
+def op_renew(session: Session, header: dict[str, Any]) -> None:
+    device = session.device
+    assert device is not None
+    task = _task_name(header)
+    epoch = _epoch(header)
+    ttl = _ttl_ms(session, header)
+    hub = session.hub
+
+    async def work(leases: dict[str, TaskLease], book: _Book) -> None:
+        lease = _check_holder(leases.get(task), task, device, epoch)
+        now = now_ms()
+        new = _confirmed(lease, now, expires=now + ttl)
+        await _write(hub, book, new)
+        session.reply(header, _lease_envelope(new))
+
+    _serialised(session, header, work)
+
+
+def op_release(session: Session, header: dict[str, Any]) -> None:
+    device = session.device
+    assert device is not None
+    task = _task_name(header)
+    epoch = _epoch(header)
+    hub = session.hub
+
+    async def work(leases: dict[str, TaskLease], book: _Book) -> None:
+        lease = _check_holder(leases.get(task), task, device, epoch)
+        if task in book.handoffs:
+            raise ProtocolError(ErrorCode.HANDOFF_BUSY, f"task {task[:64]!r} is being handed off: refuse or "
+                           "let it finish first", task=task, handoff=book.handoffs[task].id)
+        await _write(hub, book, _confirmed(lease, now_ms(), owner=None, expires=0))
+        session.reply(header, {"op": "task.released", "task": task, "epoch": epoch})
+
+    _serialised(session, header, work)
+
+
+def op_list(session: Session, header: dict[str, Any]) -> None:
+    only = _task_name(header) if "task" in header else None
+
+    async def work(leases: dict[str, TaskLease], book: _Book) -> None:
+        now = now_ms()
+        listed = []
+        for name in sorted(leases):
+            if only is not None and name != only:
+                continue
+            lease = leases[name]
+            entry: dict[str, Any] = {"task": name, "owner": lease.owner, "epoch": lease.epoch,
+                                     "expires": lease.expires, "live": _is_live(lease, now)}
+            if name in book.handoffs:
+                entry["handoff"] = book.handoffs[name].id
+            listed.append(entry)
+        session.reply(header, {"op": "tasks", "tasks": listed, "server_time": now})
+
+    _serialised(session, header, work)
+
+
+@contextlib.asynccontextmanager
+async def fenced(session: Session, task: str, epoch: int) -> AsyncIterator[None]:
+    """Hold the user's task lock while a write for ``task`` at ``epoch`` happens; refuse a stale one."""
+    hub = session.hub
+    user, device = session.user, session.device
+    assert user is not None and device is not None
+    book = tasks_of(hub).book(user)
+    async with book.lock:
+        leases = await _leases(hub, user, book)
+        lease = _check_holder(leases.get(task), task, device, epoch)
+        handoff = book.handoffs.get(task)
+        if handoff is not None and handoff.stage != PREPARE:
+            raise ProtocolError(ErrorCode.HANDOFF_BUSY, f"task {task[:64]!r} is being handed off and its owner "
+                           "said it paused", task=task, handoff=handoff.id)
+        if lease.handoff is not None:
+            await _write(hub, book, _confirmed(lease, now_ms()))
+        yield
+
+
+# ---- handoff --------------------------------------------------------------------
+
+
+def op_handoff_request(session: Session, header: dict[str, Any]) -> None:
+    device = session.device
+    user = session.user
+    assert device is not None and user is not None
+    check_message_id(header.get("id"))
+    task = _task_name(header)
+    selector = parse_selector(header.get("to"))
+    hub = session.hub
+    registry = tasks_of(hub)
+
+    async def work(leases: dict[str, TaskLease], book: _Book) -> None:
+        now = now_ms()
+        lease = leases.get(task)
+        if not _is_live(lease, now):
+            raise ProtocolError(ErrorCode.NOT_FOUND, f"task {task[:64]!r} has no owner: claim it instead", task=task)
+        assert lease is not None and lease.owner is not None
+        if task in book.handoffs:
+            raise ProtocolError(ErrorCode.HANDOFF_BUSY, f"task {task[:64]!r} is already being handed off",
+                           task=task, handoff=book.handoffs[task].id)
+        owner = lease.owner
+        if selector.kind == "device" and selector.value == owner:
+            raise ProtocolError(ErrorCode.BAD_REQUEST, f"{owner!r} already owns task {task[:64]!r}")
+        owner_session = hub.online(user, owner)
+        if owner_session is None:
+            raise ProtocolError(ErrorCode.OFFLINE, f"the owner {owner!r} is not connected: it cannot hand the task "
+                           "over (its lease ends at 'expires' unless it renews)", task=task, owner=owner,
+                           epoch=lease.epoch, expires=lease.expires)
+        # the target may be the requester itself (a pull); never the owner
+        target_session = rpc.resolve_target(session, selector, exclude=owner)
+        if target_session is None or target_session.device is None:
+            raise ProtocolError(ErrorCode.OFFLINE, "no online device other than the owner matched 'to'")
+        handoff = Handoff(id=registry.new_handoff_id(), user=user, task=task, requester=device, owner=owner,
+                          target=target_session.device, epoch=lease.epoch, owner_session=owner_session,
+                          target_session=target_session)
+        book.handoffs[task] = handoff
+        registry.handoffs[handoff.id] = handoff
+        for party in (owner_session, target_session):
+            registry.by_session.setdefault(party, set()).add(handoff)
+        timeout = hub.settings.handoff_prepare_timeout
+        handoff.timer = asyncio.get_running_loop().call_later(timeout, _on_timeout, hub, handoff, PREPARE)
+        hub.events["handoffs_requested"] += 1
+        session.reply(header, {"op": "handoff.started", "handoff": handoff.id, "task": task, "from": owner,
+                               "to": handoff.target, "epoch": lease.epoch})
+        owner_session.send_control({"op": "handoff.prepare", "handoff": handoff.id, "task": task,
+                                    "to": handoff.target, "epoch": lease.epoch,
+                                    "deadline": now + int(timeout * 1000)})
+
+    _serialised(session, header, work)
+
+
+def _open_handoff(session: Session, header: dict[str, Any], party: str, stage: str) -> Handoff:
+    """The handoff a step names, checked: it exists for this user, ``party`` is this device, at ``stage``."""
+    handoff_id = _handoff_id(header)
+    handoff = tasks_of(session.hub).handoffs.get(handoff_id)
+    if handoff is None or handoff.user != session.user:
+        raise ProtocolError(ErrorCode.NOT_FOUND, "no open handoff has this id (unknown, finished or failed)",
+                       handoff=handoff_id)
+    expected = handoff.owner if party == "owner" else handoff.target
+    if session.device != expected:
+        raise ProtocolError(ErrorCode.FORBIDDEN, f"only {expected!r} answers this step of handoff {handoff_id}",
+                       handoff=handoff_id)
+    if handoff.stage != stage:
+        raise ProtocolError(ErrorCode.BAD_REQUEST, f"handoff {handoff_id} is not waiting for this step "
+                       f"(it is at '{handoff.stage}')", handoff=handoff_id)
+    return handoff
+
+
+def op_handoff_prepared(session: Session, header: dict[str, Any]) -> None:
+    handoff = _open_handoff(session, header, "owner", PREPARE)
+    hub = session.hub
+    checkpoint = header.get("checkpoint")
+    limit = hub.settings.handoff_max_checkpoint_bytes
+    try:
+        size = len(msgpack.packb(checkpoint, use_bin_type=True))
+    except (OverflowError, ValueError, TypeError):
+        size = limit + 1
+    if size > limit:
+        _fail(hub, handoff, "checkpoint_too_large")
+        raise ProtocolError(ErrorCode.TOO_LARGE, f"the checkpoint is {size} bytes as msgpack; "
+                       f"handoff_max_checkpoint_bytes is {limit}: the handoff failed",
+                       handoff=handoff.id, limit="handoff_max_checkpoint_bytes", max=limit, size=size)
+    _cancel_timer(handoff)
+    handoff.stage = OFFER
+    timeout = hub.settings.handoff_accept_timeout
+    handoff.timer = asyncio.get_running_loop().call_later(timeout, _on_timeout, hub, handoff, OFFER)
+    handoff.target_session.send_control({
+        "op": "handoff.offer", "handoff": handoff.id, "task": handoff.task, "from": handoff.owner,
+        "checkpoint": checkpoint, "epoch": handoff.epoch + 1, "deadline": now_ms() + int(timeout * 1000)})
+
+
+def op_handoff_refuse(session: Session, header: dict[str, Any]) -> None:
+    _fail(session.hub, _open_handoff(session, header, "owner", PREPARE), "refused", header.get("reason"))
+
+
+def op_handoff_reject(session: Session, header: dict[str, Any]) -> None:
+    _fail(session.hub, _open_handoff(session, header, "target", OFFER), "rejected", header.get("reason"))
+
+
+def op_handoff_accept(session: Session, header: dict[str, Any]) -> None:
+    handoff = _open_handoff(session, header, "target", OFFER)
+    hub = session.hub
+    _cancel_timer(handoff)
+    handoff.stage = COMMIT
+    book = tasks_of(hub).book(handoff.user)
+
+    async def commit() -> None:
+        try:
+            async with book.lock:
+                leases = await _leases(hub, handoff.user, book)
+                lease = leases.get(handoff.task)
+                if lease is None or lease.epoch != handoff.epoch or lease.owner != handoff.owner:
+                    _fail(hub, handoff, "lease_changed")  # cannot happen while the handoff holds the task
+                    return
+                now = now_ms()
+                new = TaskLease(user=handoff.user, task=handoff.task, owner=handoff.target, epoch=handoff.epoch + 1,
+                                expires=now + int(hub.settings.task_lease_ttl * 1000), handoff=handoff.id, updated=now)
+                await _write(hub, book, new)
+                _forget(hub, handoff)
+        except Exception:
+            log.exception("handoff %s of task %r could not be committed", handoff.id, handoff.task)
+            _fail(hub, handoff, "internal")
+            return
+        hub.events["handoffs_committed"] += 1
+        committed = {"op": "handoff.committed", "handoff": handoff.id, "task": handoff.task, "owner": new.owner,
+                     "epoch": new.epoch, "expires": new.expires}
+        _tell(hub, handoff, [handoff.target, handoff.requester], committed)
+        _send_to_device(hub, handoff.user, handoff.owner, {
+            "op": "handoff.revoked", "handoff": handoff.id, "task": handoff.task, "epoch": new.epoch,
+            "owner": new.owner})
+        hub.bus.emit("task.handed_off", user=handoff.user, task=handoff.task, owner=new.owner,
+                     previous=handoff.owner, epoch=new.epoch)
+
+    hub.spawn(commit())
+
+
+def _cancel_timer(handoff: Handoff) -> None:
+    if handoff.timer is not None:
+        handoff.timer.cancel()
+        handoff.timer = None
+
+
+def _forget(hub: Hub, handoff: Handoff) -> bool:
+    """Remove an open handoff; False if it was not open any more."""
+    registry = tasks_of(hub)
+    if registry.handoffs.get(handoff.id) is not handoff:
+        return False
+    del registry.handoffs[handoff.id]
+    book = registry.book(handoff.user)
+    if book.handoffs.get(handoff.task) is handoff:
+        del book.handoffs[handoff.task]
+    for party in (handoff.owner_session, handoff.target_session):
+        open_here = registry.by_session.get(party)
+        if open_here is not None:
+            open_here.discard(handoff)
+            if not open_here:
+                del registry.by_session[party]
+    _cancel_timer(handoff)
+    return True
+
+
+def _fail(hub: Hub, handoff: Handoff, reason: str, detail: Any = None) -> None:
+    if not _forget(hub, handoff):
+        return
+    hub.events["handoffs_failed"] += 1
+    envelope: dict[str, Any] = {"op": "handoff.failed", "handoff": handoff.id, "task": handoff.task,
+                                "reason": reason}
+    if isinstance(detail, str) and detail:
+        envelope["detail"] = detail[:256]
+    _tell(hub, handoff, [handoff.requester, handoff.owner, handoff.target], envelope)
+
+
+def _on_timeout(hub: Hub, handoff: Handoff, stage: str) -> None:
+    if handoff.stage == stage:
+        handoff.timer = None
+        _fail(hub, handoff, "prepare_timeout" if stage == PREPARE else "accept_timeout")
+
+
+TASK_OPS: dict[str, Callable[[Session, dict[str, Any]], None]] = {
+    "task.claim": op_claim,
+    "task.renew": op_renew,
+    "task.release": op_release,
+    "task.list": op_list,
+    "handoff.request": op_handoff_request,
+    "handoff.prepared": op_handoff_prepared,
+    "handoff.refuse": op_handoff_refuse,
+    "handoff.accept": op_handoff_accept,
+    "handoff.reject": op_handoff_reject,
+}
+
+
+def on_closed(session: Session) -> None:
+    """The owner gone before ``prepared`` or the target gone before ``accept`` fails its handoffs."""
+    registry = _HUBS.get(session.hub)
+    if registry is None:
+        return
+    for handoff in list(registry.by_session.get(session, ())):
+        if session is handoff.target_session and handoff.stage in (PREPARE, OFFER):
+            _fail(session.hub, handoff, "target_disconnected")
+        elif session is handoff.owner_session and handoff.stage == PREPARE:
+            _fail(session.hub, handoff, "owner_disconnected")
+
+
+def on_welcome(session: Session) -> None:
+    """Send ``handoff.committed`` again for every lease a handoff gave this device that it has not used yet."""
+    hub, user, device = session.hub, session.user, session.device
+    assert user is not None and device is not None
+    book = tasks_of(hub).book(user)
+
+    async def resend() -> None:
+        async with book.lock:
+            leases = await _leases(hub, user, book)
+            for lease in leases.values():
+                if lease.owner == device and lease.handoff is not None:
+                    session.send_control({"op": "handoff.committed", "handoff": lease.handoff, "task": lease.task,
+                                          "owner": device, "epoch": lease.epoch, "expires": lease.expires})
+
+    hub.spawn(resend())
+
+
+def abort_all(hub: Hub, reason: str) -> None:
+    """Fail every open handoff (the server is shutting down; leases stay as they are)."""
+    registry = _HUBS.get(hub)
+    if registry is not None:
+        for handoff in list(registry.handoffs.values()):
+            if handoff.stage != COMMIT:
+                _fail(hub, handoff, reason)
+
+
+def forget_user(hub: Hub, user: str) -> None:
+    """The user was removed: its leases went with it from the store; drop the copy and fail its handoffs."""
+    registry = _HUBS.get(hub)
+    if registry is None:
+        return
+    book = registry.books.get(user)
+    if book is not None:
+        for handoff in list(book.handoffs.values()):
+            _fail(hub, handoff, "revoked")
+        del registry.books[user]
