@@ -35,7 +35,7 @@ log = logging.getLogger("rccs.events")
 
 EVENT_KINDS = (
     "device.registered", "device.connected", "device.disconnected", "device.revoked", "session.expired",
-    "message.failed", "message.expired", "message.dead_lettered", "pairing.completed",
+    "message.failed", "message.expired", "message.dead_lettered", "pairing.completed", "task.handed_off",
 )
 SIGNATURE_HEADER = "X-Rccs-Signature"  # "sha256=" + hex HMAC-SHA256 of the body with webhook_secret
 Subscriber = Callable[[dict[str, Any]], None]
