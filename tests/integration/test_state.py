@@ -3,10 +3,13 @@ revisions, catch-up, limits, live documents, restarts."""
 
 import asyncio
 import itertools
+import json
 
 import msgpack
+import picows
 import pytest
 import websockets
+from test_bad_input import _Collector
 from test_delivery_crash import ServerProcess, data_directory, issue_token
 
 from rccs import state
@@ -392,3 +395,25 @@ async def test_every_acknowledged_patch_survives_kill_9():
             raise
         finally:
             server.kill()
+
+
+async def test_a_live_document_of_a_silent_connection_goes_within_the_heartbeat_timeout():
+    async with running_server(heartbeat=0.2) as server:
+        desktop = Client(server.ws_url, server.issue_token("alice", "alice-desktop"), {"type": "desktop"})
+        await desktop.connect()
+        subscription = await desktop.state_subscribe("live/alice-phone/cursor")
+        transport, listener = await picows.ws_connect(_Collector, server.ws_url, enable_auto_pong=False)
+        hello = {"op": "hello", "token": server.issue_token("alice", "alice-phone"), "device": {"type": "mobile"}}
+        transport.send(picows.WSMsgType.TEXT, json.dumps(hello).encode())
+        assert (await listener.next())["op"] == "welcome"
+        assert (await subscription.next(5)).rev == 0  # the catch-up: the document does not exist yet
+        patch = {"op": "state.patch", "id": "p1", "doc": "live/alice-phone/cursor", "patch": {"line": 3}}
+        transport.send(picows.WSMsgType.TEXT, json.dumps(patch).encode())
+        assert (await listener.next())["op"] == "state.ok"
+        assert (await subscription.next(5)).value == {"line": 3}
+        # The phone's socket stays open but it answers no ping: the server gives up after 2 x heartbeat
+        # (0.4 s here), and the document goes with the connection. Nothing else would remove it.
+        removed = await subscription.next(5)
+        assert (removed.rev, removed.value, removed.by) == (2, None, "alice-phone")
+        transport.disconnect()
+        await desktop.close()
