@@ -27,6 +27,27 @@ returns) unless ``auto_ack=False``. The client reconnects with exponential
 backoff and full jitter after a connection is lost, except when the server
 refused it for good (bad token, forbidden device, replaced by a newer
 connection) or ``close()`` was called.
+
+Shared state documents (protocol.md section 14) continue across devices and reconnects::
+
+    draft = await client.state_get("user/draft")                    # StateDoc(doc, rev, value)
+    await client.state_patch("user/draft", {"text": "Dear Bob"}, if_rev=draft.rev)  # or StateConflict
+    async for change in await client.state_subscribe("user/draft"):  # a snapshot, then every change
+        ...
+
+Tasks that one device at a time should do (protocol.md section 15) are held through leases with a
+fencing epoch, and moved between devices in a handoff the server coordinates::
+
+    lease = await client.task_claim("agent")                       # TaskLease, or TaskConflict
+    keeper = client.keep_task(lease)                                # renews it until it is lost or stopped
+    await client.state_patch("user/agent", {"step": 3}, task="agent", epoch=lease.epoch)  # fenced write
+    client.on_handoff_prepare(lambda prepare: {"step": 3})        # pause; the checkpoint for the target
+    other.on_handoff_offer(lambda offer: True)                    # accept: continue from offer.checkpoint
+    other.on_task_gained(lambda result: ...)                      # the handoff committed: it owns the task
+    result = await client.handoff("agent", {"device": "alice-phone"})  # HandoffResult, or HandoffFailed
+
+A device without an ``on_handoff_prepare`` callback refuses every handoff of its tasks, and one without
+an ``on_handoff_offer`` callback rejects every task offered to it.
 """
 
 from __future__ import annotations
@@ -39,6 +60,7 @@ import json
 import logging
 import random
 import secrets
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from ssl import SSLContext
@@ -64,11 +86,15 @@ SEEN_MESSAGES = 10000  # (sender, id) pairs the client remembers to drop redeliv
 SETTLED_STATUSES = frozenset({"delivered", "failed", "expired", "queued", "retracted"})
 # Replies to requests, matched to the request by ``id``.
 REPLY_OPS = frozenset({"devices", "device", "ok", "sessions", "refreshed", "pair.code", "pair.pending",
-                       "state", "state.ok", "state.subscribed"})
+                       "state", "state.ok", "state.subscribed", "task.lease", "task.released", "tasks"})
 EVENT_OPS = frozenset({"presence", "pair.request", "pair.joined", "pair.withdrawn", "retract"})
 # How much longer than a call's timeout ``call()`` waits for the server's answer before giving up itself.
 CALL_GRACE = 5.0
 CallHandler = Callable[[Any], Any]  # params -> result, or an awaitable of it
+# How long ``handoff()`` waits for the outcome by default: the server's default prepare (10 s) and accept
+# (30 s) timeouts, after which it reports ``handoff.failed`` itself, and some time for the messages.
+HANDOFF_TIMEOUT = 10.0 + 30.0 + CALL_GRACE
+SEEN_HANDOFFS = 1000  # handoff ids the client remembers to act on a re-sent handoff.committed once
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,21 +117,163 @@ class Receipt:
 
 
 class ClientError(Exception):
-    """The server answered with an ``error`` envelope."""
+    """The server answered with an ``error`` envelope; ``details`` holds its other fields (``task``, ...)."""
 
-    def __init__(self, code: str, message: str):
+    def __init__(self, code: str, message: str, details: Mapping[str, Any] | None = None):
         super().__init__(f"{code}: {message}")
         self.code = code
         self.message = message
+        self.details: dict[str, Any] = dict(details or {})
 
 
 class StateConflict(ClientError):
     """``state_patch`` with ``if_rev`` found the document at another revision: ``rev`` and ``value`` are current."""
 
     def __init__(self, message: str, rev: int, value: Any):
-        super().__init__("conflict", message)
+        super().__init__("conflict", message, {"rev": rev, "value": value})
         self.rev = rev
         self.value = value
+
+
+class TaskConflict(ClientError):
+    """``task_claim`` found another device holding a live lease: ``owner``, its ``epoch`` and ``expires`` (ms)."""
+
+    def __init__(self, message: str, task: str, owner: str, epoch: int, expires: int):
+        super().__init__("conflict", message, {"task": task, "owner": owner, "epoch": epoch, "expires": expires})
+        self.task = task
+        self.owner = owner
+        self.epoch = epoch
+        self.expires = expires
+
+
+class StaleEpoch(ClientError):
+    """This device does not hold the task at the epoch it named any more: the task is at ``epoch``, held by
+    ``owner`` (None: released). Stop acting for the task."""
+
+    def __init__(self, message: str, task: str, epoch: int, owner: str | None):
+        super().__init__("stale_epoch", message, {"task": task, "epoch": epoch, "owner": owner})
+        self.task = task
+        self.epoch = epoch
+        self.owner = owner
+
+
+class HandoffBusy(ClientError):
+    """A handoff of the task is open (``handoff`` is its id): claims by others, a release, another handoff
+    request, and the owner's fenced writes after it answered ``prepared`` wait until it ends."""
+
+    def __init__(self, message: str, task: str | None, handoff: str | None):
+        super().__init__("handoff_busy", message, {"task": task, "handoff": handoff})
+        self.task = task
+        self.handoff = handoff
+
+
+class HandoffFailed(ClientError):
+    """A handoff ended without moving the task (the old owner keeps it): ``reason`` is the server's
+    (``refused``, ``rejected``, ``prepare_timeout``, ``accept_timeout``, ``owner_disconnected``, ...),
+    ``detail`` the refusing or rejecting device's reason, if it gave one."""
+
+    def __init__(self, handoff: str, task: str, reason: str, detail: str | None = None):
+        super().__init__("handoff_failed", f"handoff {handoff} of task {task!r} failed: {reason}"
+                         + (f" ({detail})" if detail else ""),
+                         {"handoff": handoff, "task": task, "reason": reason, "detail": detail})
+        self.handoff = handoff
+        self.task = task
+        self.reason = reason
+        self.detail = detail
+
+
+class HandoffRefusal(Exception):
+    """Raise it in an ``on_handoff_prepare`` callback to refuse the handoff, or in an ``on_handoff_offer``
+    callback to reject the task; ``reason`` reaches the other devices as the failure's ``detail``."""
+
+    def __init__(self, reason: str = ""):
+        super().__init__(reason)
+        self.reason = reason
+
+
+def _error_from(envelope: dict[str, Any]) -> ClientError:
+    """The ClientError (or the subclass with the fields its code carries) for an ``error`` envelope."""
+    code, message = str(envelope.get("code")), str(envelope.get("message", ""))
+    details = {key: value for key, value in envelope.items() if key not in ("op", "code", "message", "id")}
+    error: ClientError
+    if code == "conflict" and "rev" in envelope:
+        error = StateConflict(message, int(envelope["rev"]), envelope.get("value"))
+    elif code == "conflict" and "owner" in envelope:
+        error = TaskConflict(message, str(envelope.get("task")), str(envelope["owner"]), int(envelope["epoch"]),
+                             int(envelope["expires"]))
+    elif code == "stale_epoch":
+        owner = envelope.get("owner")
+        error = StaleEpoch(message, str(envelope.get("task")), int(envelope.get("epoch", 0)),
+                           None if owner is None else str(owner))
+    elif code == "handoff_busy":
+        task, handoff = envelope.get("task"), envelope.get("handoff")
+        error = HandoffBusy(message, None if task is None else str(task), None if handoff is None else str(handoff))
+    else:
+        error = ClientError(code, message)
+    error.details.update(details)
+    return error
+
+
+@dataclass(frozen=True, slots=True)
+class TaskLease:
+    """A lease this device holds: ``epoch`` is the fencing token to name in ops for the task, ``expires`` the
+    end of the lease in ms since the Unix epoch by the server's clock."""
+
+    task: str
+    owner: str
+    epoch: int
+    expires: int
+
+
+@dataclass(frozen=True, slots=True)
+class TaskStatus:
+    """One task of the user, as ``task_list`` reports it: ``owner`` None once released, ``live`` when owned and
+    not expired, ``handoff`` the id of an open handoff."""
+
+    task: str
+    owner: str | None
+    epoch: int
+    expires: int
+    live: bool
+    handoff: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class HandoffResult:
+    """A committed handoff: ``owner`` holds ``task`` at ``epoch`` now (``expires`` is None in a revocation)."""
+
+    handoff: str
+    task: str
+    owner: str
+    epoch: int
+    expires: int | None = None
+
+    @property
+    def lease(self) -> TaskLease:
+        return TaskLease(self.task, self.owner, self.epoch, self.expires or 0)
+
+
+@dataclass(frozen=True, slots=True)
+class HandoffPrepare:
+    """The server asks this device, the owner at ``epoch``, to pause ``task`` for device ``to``."""
+
+    handoff: str
+    task: str
+    to: str
+    epoch: int
+    deadline: int  # ms since the Unix epoch (server clock): answer before it
+
+
+@dataclass(frozen=True, slots=True)
+class HandoffOffer:
+    """Device ``from_device`` paused ``task`` at ``checkpoint``; accepting gives this device ``epoch``."""
+
+    handoff: str
+    task: str
+    from_device: str
+    checkpoint: Any
+    epoch: int
+    deadline: int  # ms since the Unix epoch (server clock): answer before it
 
 
 @dataclass(frozen=True, slots=True)
@@ -205,6 +373,59 @@ class StateSubscription:
                 with contextlib.suppress(ConnectionError, ConnectionClosed, ClientError, TimeoutError):
                     await client.request("state.unsubscribe", **fields)
         self._queue.put_nowait(ConnectionClosed(None, "unsubscribed"))
+
+
+class TaskKeeper:
+    """Renews a lease (``Client.keep_task``) at a third of its lifetime until ``stop()``, or until the lease
+    is lost. ``lease`` is the latest lease; ``renewed`` is set after every renewal (clear it to wait for the
+    next); ``ended`` resolves to the StaleEpoch (or other ClientError) that ended it: the task was handed off
+    or claimed by another device after the lease ran out; None after ``stop()`` or a release."""
+
+    def __init__(self, client: Client, lease: TaskLease, ttl: float | None):
+        self.client = client
+        self.lease = lease
+        self.ttl = ttl
+        self.renewed = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        self.ended: asyncio.Future[ClientError | None] = loop.create_future()
+        self._runner = loop.create_task(self._run())
+
+    def _interval(self) -> float:
+        if self.ttl is not None:
+            return self.ttl / 3
+        remaining_ms = self.lease.expires - self.client.server_time()
+        return max(0.05, remaining_ms / 3000)
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self._interval())
+            try:
+                self.lease = await self.client.task_renew(self.lease.task, self.lease.epoch, ttl=self.ttl)
+            except ConnectionClosed:
+                self._end(None)
+                return
+            except ClientError as exc:
+                self._end(exc)
+                return
+            except (ConnectionError, TimeoutError) as exc:
+                # not connected right now: try again (the lease lasts a while yet) after a shorter wait
+                log.debug("renewing task %r failed, will retry: %s", self.lease.task, exc)
+                continue
+            self.renewed.set()
+
+    def _end(self, reason: ClientError | None) -> None:
+        if not self.ended.done():
+            self.ended.set_result(reason)
+        if self.client._keepers.get(self.lease.task) is self:
+            del self.client._keepers[self.lease.task]
+        if self._runner is not asyncio.current_task():
+            self._runner.cancel()
+
+    async def stop(self) -> None:
+        """Stop renewing (the lease stays until it expires; ``task_release`` gives it up at once)."""
+        self._end(None)
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._runner
 
 
 class ConnectionClosed(Exception):
@@ -342,6 +563,17 @@ class Client:
         self.paired: dict[str, Any] | None = None  # the ``paired`` envelope (user, device, credential)
         self.closed: asyncio.Future[ConnectionClosed] = asyncio.get_running_loop().create_future()
         self._state_subs: list[StateSubscription] = []
+        self.device_id: str | None = None  # this device's id, from the latest welcome
+        self._clock_offset_ms = 0.0  # the server's clock minus ours, from the latest welcome
+        self._handoff_requests: dict[str | int, asyncio.Future[HandoffResult]] = {}  # request id -> outcome
+        self._handoff_outcomes: dict[str, asyncio.Future[HandoffResult]] = {}  # handoff id -> outcome
+        self._handoffs_seen: dict[tuple[str, str], None] = {}  # recent (op, handoff id) told to the application
+        self._keepers: dict[str, TaskKeeper] = {}  # task -> its renewer
+        self._on_prepare: Callable[[HandoffPrepare], Any] | None = None
+        self._on_offer: Callable[[HandoffOffer], Any] | None = None
+        self._on_gained: Callable[[HandoffResult], Any] | None = None
+        self._on_lost: Callable[[HandoffResult], Any] | None = None
+        self._on_failed: Callable[[HandoffFailed], Any] | None = None
 
     # ---- lifecycle ----------------------------------------------------
 
@@ -429,7 +661,10 @@ class Client:
             if not waiter.future.done():
                 waiter.future.set_exception(reason)
         futures: list[asyncio.Future[Any]] = [*self._pings.values(), *self._requests.values(),
-                                              *self._calls.values()]
+                                              *self._calls.values(), *self._handoff_requests.values(),
+                                              *self._handoff_outcomes.values()]
+        for keeper in list(self._keepers.values()):
+            keeper._end(None)
         for future in futures:
             if not future.done():
                 future.set_exception(reason)
@@ -526,14 +761,7 @@ class Client:
 
     async def request(self, op: str, **fields: Any) -> dict[str, Any]:
         """Send a request op and return its reply; raises ClientError for an ``error`` reply."""
-        request_id = f"req-{self.new_id()}"
-        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-        self._requests[request_id] = future
-        try:
-            await self._send_when_connected({"op": op, "id": request_id, **fields})
-            return await asyncio.wait_for(future, self.receipt_timeout)
-        finally:
-            self._requests.pop(request_id, None)
+        return await self.request_with_id(f"req-{self.new_id()}", op, **fields)
 
     async def devices(self) -> list[dict[str, Any]]:
         """The user's devices with their status and capabilities."""
@@ -607,15 +835,25 @@ class Client:
         return StateDoc(doc, int(reply["rev"]), reply.get("value"))
 
     async def state_patch(self, doc: str, patch: Any, *, if_rev: int | None = None,
-                          id: str | int | None = None) -> StatePatchResult:
+                          id: str | int | None = None, task: str | None = None,
+                          epoch: int | None = None) -> StatePatchResult:
         """Apply a JSON merge patch (RFC 7396: null deletes a member, arrays are replaced whole; ``None`` as
         the whole patch deletes the document). If the connection drops before the answer, the patch is sent
         again with the same ``id`` after the reconnect: the server applies it once. Raises StateConflict
-        (``if_rev`` is not the current revision), ClientError ``too_large``, ``forbidden``, ``bad_request``."""
+        (``if_rev`` is not the current revision), ClientError ``too_large``, ``forbidden``, ``bad_request``.
+
+        With ``task`` and ``epoch`` the write is fenced: applied only while this device holds the task at that
+        epoch, else StaleEpoch (it lost the task) or HandoffBusy (it answered a handoff's prepare and must stay
+        paused until the handoff ends)."""
+        if (task is None) != (epoch is None):
+            raise ValueError("a fenced patch names both task and epoch")
         patch_id = f"patch-{self.new_id()}" if id is None else id
         envelope: dict[str, Any] = {"op": "state.patch", "id": patch_id, "doc": doc, "patch": patch}
         if if_rev is not None:
             envelope["if_rev"] = if_rev
+        if task is not None:
+            envelope["task"] = task
+            envelope["epoch"] = epoch
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.receipt_timeout
         while True:
@@ -679,6 +917,243 @@ class Client:
         for subscription in self._state_subs:
             if subscription.matches(doc):
                 subscription._on_envelope(envelope)
+
+    # ---- tasks: leases and handoff (protocol.md section 15) ---------------
+
+    def server_time(self) -> float:
+        """The server's clock now (ms since the Unix epoch), estimated from the latest ``welcome``."""
+        return time.time() * 1000 + self._clock_offset_ms
+
+    async def task_claim(self, task: str, *, ttl: float | None = None) -> TaskLease:
+        """Own ``task``: a new lease at the next epoch, or this device's own lease extended (same epoch).
+        ``ttl``: seconds the lease lasts (the server's ``task_lease_ttl``, 30 s, when None); renew it in
+        time (``task_renew`` or ``keep_task``). Raises TaskConflict (another device holds a live lease),
+        HandoffBusy (a handoff of the task is open), ClientError ``too_large`` / ``bad_request``."""
+        fields: dict[str, Any] = {"task": task}
+        if ttl is not None:
+            fields["ttl"] = ttl
+        return self._lease(await self.request("task.claim", **fields))
+
+    async def task_renew(self, task: str, epoch: int, *, ttl: float | None = None) -> TaskLease:
+        """Extend this device's lease at ``epoch`` (also after it expired, if nobody claimed the task since).
+        Raises StaleEpoch when the task moved on: stop acting for it."""
+        fields: dict[str, Any] = {"task": task, "epoch": epoch}
+        if ttl is not None:
+            fields["ttl"] = ttl
+        return self._lease(await self.request("task.renew", **fields))
+
+    async def task_release(self, task: str, epoch: int) -> None:
+        """Give the lease up (and stop its ``keep_task`` renewer): nobody owns the task; the next claim gets the
+        next epoch. Raises StaleEpoch, or HandoffBusy while a handoff of the task is open."""
+        await self.request("task.release", task=task, epoch=epoch)
+        keeper = self._keepers.get(task)
+        if keeper is not None and keeper.lease.epoch == epoch:
+            keeper._end(None)
+
+    async def task_list(self, task: str | None = None) -> list[TaskStatus]:
+        """Every task of the user ever claimed (or only ``task``): who owns it, at which epoch, until when."""
+        reply = await self.request("task.list", **({} if task is None else {"task": task}))
+        return [TaskStatus(str(entry["task"]), entry.get("owner"), int(entry["epoch"]), int(entry["expires"]),
+                           bool(entry.get("live")), entry.get("handoff")) for entry in reply["tasks"]]
+
+    def keep_task(self, lease: TaskLease, *, ttl: float | None = None) -> TaskKeeper:
+        """Renew ``lease`` in the background at a third of its lifetime (``ttl`` seconds per renewal, or the
+        server's default) until the lease is lost (handed off: ``keeper.ended`` gets a StaleEpoch) or
+        ``keeper.stop()``. Replaces an earlier keeper of the same task."""
+        earlier = self._keepers.get(lease.task)
+        if earlier is not None:
+            earlier._end(None)
+        keeper = self._keepers[lease.task] = TaskKeeper(self, lease, ttl)
+        return keeper
+
+    @staticmethod
+    def _lease(reply: dict[str, Any]) -> TaskLease:
+        return TaskLease(str(reply["task"]), str(reply["owner"]), int(reply["epoch"]), int(reply["expires"]))
+
+    async def handoff(self, task: str, to: Mapping[str, Any] | str, *,
+                      timeout: float | None = HANDOFF_TIMEOUT) -> HandoffResult:
+        """Move ``task`` from its owner to the device ``to`` selects (a selector, or a device id): push from
+        the owner, pull to this device, or from a third device. Waits for the outcome: returns the committed
+        HandoffResult (new owner, new epoch), raises HandoffFailed (the old owner keeps the task) or, if it
+        cannot start, ClientError ``not_found`` (nobody holds the task), HandoffBusy, ``offline`` (the owner
+        or every matching device is not connected), ``bad_request`` (``to`` names the owner). ``timeout``
+        (seconds; the default outlasts the server's default prepare and accept timeouts) raises TimeoutError;
+        the handoff may still finish then. The owner's ``on_handoff_prepare`` and the target's
+        ``on_handoff_offer`` callbacks decide it; the new owner's ``on_task_gained`` hears the commit."""
+        request_id = f"handoff-{self.new_id()}"
+        loop = asyncio.get_running_loop()
+        outcome: asyncio.Future[HandoffResult] = loop.create_future()
+        self._handoff_requests[request_id] = outcome  # moved to _handoff_outcomes by handoff.started
+        handoff_id: str | None = None
+        try:
+            started = await self.request_with_id(
+                request_id, "handoff.request", task=task, to={"device": to} if isinstance(to, str) else dict(to))
+            handoff_id = str(started["handoff"])
+            try:
+                return await asyncio.wait_for(outcome, timeout)
+            except TimeoutError:
+                raise TimeoutError(f"no outcome of handoff {handoff_id} of task {task!r} in time") from None
+        finally:
+            self._handoff_requests.pop(request_id, None)
+            if handoff_id is not None:
+                self._handoff_outcomes.pop(handoff_id, None)
+
+    async def request_with_id(self, request_id: str, op: str, **fields: Any) -> dict[str, Any]:
+        """``request`` with an ``id`` chosen by the caller."""
+        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._requests[request_id] = future
+        try:
+            await self._send_when_connected({"op": op, "id": request_id, **fields})
+            return await asyncio.wait_for(future, self.receipt_timeout)
+        finally:
+            self._requests.pop(request_id, None)
+
+    def on_handoff_prepare(self, callback: Callable[[HandoffPrepare], Any] | None) -> None:
+        """``callback(prepare)`` (sync or async) runs when a handoff asks this device to give up one of its
+        tasks: pause the work at a safe point and return the checkpoint the target continues from (any
+        JSON/msgpack value, at most 256 KiB), or raise HandoffRefusal(reason) to refuse (the task stays
+        here). Until the handoff ends this device's fenced writes for the task get HandoffBusy; then either
+        ``on_task_lost`` (the task moved) or ``on_handoff_failed`` (it stays: resume) follows. Without a
+        callback (None removes it) every handoff of this device's tasks is refused; another exception
+        refuses too (and is logged)."""
+        self._on_prepare = callback
+
+    def on_handoff_offer(self, callback: Callable[[HandoffOffer], Any] | None) -> None:
+        """``callback(offer)`` (sync or async) runs when another device's task is offered to this one: return
+        True to accept (the task becomes this device's at ``offer.epoch`` when ``on_task_gained`` fires),
+        False, or raise HandoffRefusal(reason), to reject. Without a callback every offer is rejected."""
+        self._on_offer = callback
+
+    def on_task_gained(self, callback: Callable[[HandoffResult], Any] | None) -> None:
+        """``callback(result)`` runs once per handoff that gave this device a task (``result.lease`` is its
+        lease), also when the server repeats the news after a reconnect because this device has not used
+        the lease yet (renew it, e.g. with ``keep_task(result.lease)``, or write fenced with it)."""
+        self._on_gained = callback
+
+    def on_task_lost(self, callback: Callable[[HandoffResult], Any] | None) -> None:
+        """``callback(result)`` runs when a handoff moved one of this device's tasks to ``result.owner``: stop
+        working on it (its ops at the old epoch get StaleEpoch from now on). A ``keep_task`` renewer of the
+        task stops by itself."""
+        self._on_lost = callback
+
+    def on_handoff_failed(self, callback: Callable[[HandoffFailed], Any] | None) -> None:
+        """``callback(failure)`` runs for every handoff this device took part in that failed; the owner keeps
+        the task and, if it paused in ``on_handoff_prepare``, should resume."""
+        self._on_failed = callback
+
+    def _remember_handoff(self, op: str, handoff: str) -> bool:
+        """True the first time (op, handoff) is seen: the server repeats ``handoff.committed``."""
+        key = (op, handoff)
+        if key in self._handoffs_seen:
+            return False
+        self._handoffs_seen[key] = None
+        if len(self._handoffs_seen) > SEEN_HANDOFFS:
+            del self._handoffs_seen[next(iter(self._handoffs_seen))]
+        return True
+
+    def _background(self, coroutine: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(coroutine)
+        self._handling.add(task)
+        task.add_done_callback(self._handling.discard)
+
+    async def _notify(self, name: str, callback: Callable[[Any], Any] | None, argument: Any) -> None:
+        if callback is None:
+            return
+        try:
+            result = callback(argument)
+            if inspect.isawaitable(result):
+                await result
+        except Exception:
+            log.exception("%s callback failed", name)
+
+    def _on_handoff(self, envelope: dict[str, Any]) -> None:
+        op = envelope["op"]
+        handoff, task = str(envelope.get("handoff")), str(envelope.get("task"))
+        if op == "handoff.started":
+            outcome = self._handoff_requests.pop(envelope.get("id"), None)  # type: ignore[arg-type]
+            if outcome is not None:  # registered before any later envelope can report the outcome
+                self._handoff_outcomes[handoff] = outcome
+            request = self._requests.get(envelope.get("id"))  # type: ignore[arg-type]
+            if request is not None and not request.done():
+                request.set_result(envelope)
+        elif op == "handoff.prepare":
+            prepare = HandoffPrepare(handoff, task, str(envelope.get("to")), int(envelope.get("epoch", 0)),
+                                     int(envelope.get("deadline", 0)))
+            self._background(self._answer_prepare(prepare))
+        elif op == "handoff.offer":
+            offer = HandoffOffer(handoff, task, str(envelope.get("from")), envelope.get("checkpoint"),
+                                 int(envelope.get("epoch", 0)), int(envelope.get("deadline", 0)))
+            self._background(self._answer_offer(offer))
+        elif op in ("handoff.committed", "handoff.revoked"):
+            expires = envelope.get("expires")
+            result = HandoffResult(handoff, task, str(envelope.get("owner")), int(envelope.get("epoch", 0)),
+                                   None if expires is None else int(expires))
+            outcome = self._handoff_outcomes.get(handoff)
+            if op == "handoff.committed" and outcome is not None and not outcome.done():
+                outcome.set_result(result)
+            if op == "handoff.committed" and result.owner == self.device_id and self._remember_handoff(op, handoff):
+                self._background(self._notify("on_task_gained", self._on_gained, result))
+            elif op == "handoff.revoked" and self._remember_handoff(op, handoff):
+                keeper = self._keepers.get(task)
+                if keeper is not None and keeper.lease.epoch < result.epoch:
+                    keeper._end(StaleEpoch(f"task {task!r} was handed off to {result.owner!r}", task,
+                                           result.epoch, result.owner))
+                self._background(self._notify("on_task_lost", self._on_lost, result))
+        elif op == "handoff.failed":
+            detail = envelope.get("detail")
+            failure = HandoffFailed(handoff, task, str(envelope.get("reason")), None if detail is None else str(detail))
+            outcome = self._handoff_outcomes.get(handoff)
+            if outcome is not None and not outcome.done():
+                outcome.set_exception(failure)
+            if self._remember_handoff(op, handoff):
+                self._background(self._notify("on_handoff_failed", self._on_failed, failure))
+
+    async def _answer_prepare(self, prepare: HandoffPrepare) -> None:
+        def refuse(reason: str) -> dict[str, Any]:
+            return {"op": "handoff.refuse", "handoff": prepare.handoff, "reason": reason}
+
+        callback = self._on_prepare
+        if callback is None:
+            answer = refuse("this device hands off no tasks (it has no on_handoff_prepare callback)")
+        else:
+            try:
+                checkpoint = callback(prepare)
+                if inspect.isawaitable(checkpoint):
+                    checkpoint = await checkpoint
+            except HandoffRefusal as exc:
+                answer = refuse(exc.reason)
+            except Exception as exc:
+                log.exception("on_handoff_prepare callback failed for task %r", prepare.task)
+                answer = refuse(f"{type(exc).__name__}: {exc}")
+            else:
+                answer = {"op": "handoff.prepared", "handoff": prepare.handoff, "checkpoint": checkpoint}
+        with contextlib.suppress(ConnectionError):  # gone: the server fails the handoff (owner_disconnected)
+            try:
+                if self.encoding == JSON and "checkpoint" in answer:
+                    json.dumps(answer["checkpoint"], allow_nan=False)  # the server refuses NaN in JSON
+                self._send(answer)
+            except (TypeError, ValueError, OverflowError) as exc:  # a checkpoint this encoding cannot carry
+                self._send(refuse(f"the checkpoint cannot be encoded: {exc}"))
+
+    async def _answer_offer(self, offer: HandoffOffer) -> None:
+        callback = self._on_offer
+        accepted, reason = False, "this device takes no tasks (it has no on_handoff_offer callback)"
+        if callback is not None:
+            try:
+                verdict = callback(offer)
+                if inspect.isawaitable(verdict):
+                    verdict = await verdict
+                accepted, reason = bool(verdict), "declined"
+            except HandoffRefusal as exc:
+                reason = exc.reason
+            except Exception as exc:
+                log.exception("on_handoff_offer callback failed for task %r", offer.task)
+                reason = f"{type(exc).__name__}: {exc}"
+        answer: dict[str, Any] = {"op": "handoff.accept" if accepted else "handoff.reject", "handoff": offer.handoff}
+        if not accepted:
+            answer["reason"] = reason
+        with contextlib.suppress(ConnectionError):  # gone: the server fails the handoff (target_disconnected)
+            self._send(answer)
 
     # ---- RPC ----------------------------------------------------------
 
@@ -814,6 +1289,10 @@ class Client:
                 self.receipts.put_nowait(Receipt(envelope["id"], str(envelope.get("status")), envelope.get("device"),
                                                  envelope.get("reason")))
         elif op == "welcome":
+            # Taken here, not when connect() resumes: envelopes that follow in the same read need them.
+            self.device_id = envelope.get("device")
+            if isinstance(envelope.get("server_time"), int | float):
+                self._clock_offset_ms = envelope["server_time"] - time.time() * 1000
             if self._welcomed is not None and not self._welcomed.done():
                 self._welcomed.set_result(envelope)
         elif op == "result":
@@ -830,6 +1309,8 @@ class Client:
             future = self._pings.get(envelope.get("id"))  # type: ignore[arg-type]
             if future is not None and not future.done():
                 future.set_result(envelope["server_time"])
+        elif isinstance(op, str) and op.startswith("handoff."):
+            self._on_handoff(envelope)
         elif op == "state.changed" or (op == "state" and envelope.get("id") not in self._requests):
             self._on_state(envelope)
         elif op in REPLY_OPS and envelope.get("id") in self._requests:
@@ -842,9 +1323,7 @@ class Client:
         elif op in EVENT_OPS or op == "pair.pending":
             self.events.put_nowait(envelope)
         elif op == "error":
-            error = ClientError(str(envelope.get("code")), str(envelope.get("message")))
-            if envelope.get("code") == "conflict" and "rev" in envelope:
-                error = StateConflict(str(envelope.get("message")), int(envelope["rev"]), envelope.get("value"))
+            error = _error_from(envelope)
             msg_id = envelope.get("id")
             waiter = self._waiters.get(msg_id)  # type: ignore[arg-type]
             failed_request = self._requests.get(msg_id)  # type: ignore[arg-type]
