@@ -38,7 +38,7 @@ import weakref
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
-from . import admin
+from . import admin, tasks
 from .auth import valid_id
 from .errors import ErrorCode, ProtocolError
 from .hub import now_ms
@@ -242,6 +242,7 @@ class AdminAPI:
             ("GET", ("stats",), self.stats),
             ("GET", ("users",), self.users),
             ("GET", ("users", "{}", "devices"), self.user_devices),
+            ("GET", ("users", "{}", "tasks"), self.user_tasks),
             ("GET", ("sessions",), self.sessions),
             ("POST", ("sessions", "{}", "revoke"), self.revoke_session),
             ("GET", ("devices", "{}", "inbox"), self.inbox),
@@ -402,6 +403,13 @@ class AdminAPI:
         views = [self._device_view(device) for device in sorted(records.values(), key=lambda d: (d.created, d.id))
                  if include_revoked or device.revoked_at is None]
         return json_response(200, {"user": user, "devices": views})
+
+    async def user_tasks(self, request: Request, params: list[str]) -> Response:
+        _query(request, set())
+        user = _check_id("user", params[0])
+        if not await self._known_user(user):
+            raise ApiError(ErrorCode.NOT_FOUND, f"unknown user {user!r}")
+        return json_response(200, {"user": user, "tasks": await tasks.list_tasks(self.hub, user)})
 
     async def sessions(self, request: Request, params: list[str]) -> Response:
         query = _query(request, {"user", "device"})

@@ -313,24 +313,33 @@ def op_release(session: Session, header: dict[str, Any]) -> None:
     _serialised(session, header, work)
 
 
+def _listing(leases: dict[str, TaskLease], book: _Book, now: int, only: str | None = None) -> list[dict[str, Any]]:
+    listed = []
+    for name in sorted(leases) if only is None else [only] if only in leases else []:
+        lease = leases[name]
+        entry: dict[str, Any] = {"task": name, "owner": lease.owner, "epoch": lease.epoch, "expires": lease.expires,
+                                 "live": _is_live(lease, now)}
+        if name in book.handoffs:
+            entry["handoff"] = book.handoffs[name].id
+        listed.append(entry)
+    return listed
+
+
 def op_list(session: Session, header: dict[str, Any]) -> None:
     only = _task_name(header) if "task" in header else None
 
     async def work(leases: dict[str, TaskLease], book: _Book) -> None:
         now = now_ms()
-        listed = []
-        for name in sorted(leases):
-            if only is not None and name != only:
-                continue
-            lease = leases[name]
-            entry: dict[str, Any] = {"task": name, "owner": lease.owner, "epoch": lease.epoch,
-                                     "expires": lease.expires, "live": _is_live(lease, now)}
-            if name in book.handoffs:
-                entry["handoff"] = book.handoffs[name].id
-            listed.append(entry)
-        session.reply(header, {"op": "tasks", "tasks": listed, "server_time": now})
+        session.reply(header, {"op": "tasks", "tasks": _listing(leases, book, now, only), "server_time": now})
 
     _serialised(session, header, work)
+
+
+async def list_tasks(hub: Hub, user: str) -> list[dict[str, Any]]:
+    """The user's tasks as ``task.list`` shows them (for the admin API)."""
+    book = tasks_of(hub).book(user)
+    async with book.lock:
+        return _listing(await _leases(hub, user, book), book, now_ms())
 
 
 @contextlib.asynccontextmanager

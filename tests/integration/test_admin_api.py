@@ -141,6 +141,22 @@ async def test_users_and_their_devices_with_live_status(server, connect):
     assert reply.status == 400
 
 
+async def test_a_users_tasks_with_owner_and_epoch(server, connect):
+    ide = await connect("alice", "ide")
+    assert (await api(server, "GET", "/admin/users/alice/tasks")).body == {"user": "alice", "tasks": []}
+    lease = await ide.request("task.claim", task="agent")
+    await ide.request("task.claim", task="primary")
+    await ide.request("task.release", task="primary", epoch=1)
+    reply = await api(server, "GET", "/admin/users/alice/tasks")
+    assert reply.status == 200
+    assert reply.body == {"user": "alice", "tasks": [
+        {"task": "agent", "owner": "ide", "epoch": 1, "expires": lease["expires"], "live": True},
+        {"task": "primary", "owner": None, "epoch": 1, "expires": 0, "live": False},
+    ]}
+    assert (await api(server, "GET", "/admin/users/nobody/tasks")).status == 404
+    assert (await api(server, "GET", "/admin/users/alice/tasks?all=true")).status == 400
+
+
 async def test_sessions_show_live_counters(server, connect):
     a1 = await connect("alice", "a1")
     a2 = await connect("alice", "a2")
