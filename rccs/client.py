@@ -375,6 +375,9 @@ class StateSubscription:
         self._queue.put_nowait(ConnectionClosed(None, "unsubscribed"))
 
 
+TRANSIENT_ERRORS = frozenset({"rate_limited", "internal", "overloaded"})  # a renewal refused for now, not for good
+
+
 class TaskKeeper:
     """Renews a lease (``Client.keep_task``) at a third of its lifetime until ``stop()``, or until the lease
     is lost. ``lease`` is the latest lease; ``renewed`` is set after every renewal (clear it to wait for the
@@ -399,12 +402,18 @@ class TaskKeeper:
     async def _run(self) -> None:
         while True:
             await asyncio.sleep(self._interval())
+            # wait no longer than the lease lasts: a renewal lost with a connection is sent again at once
+            remaining = (self.lease.expires - self.client.server_time()) / 1000
             try:
-                self.lease = await self.client.task_renew(self.lease.task, self.lease.epoch, ttl=self.ttl)
+                self.lease = await self.client.task_renew(self.lease.task, self.lease.epoch, ttl=self.ttl,
+                                                          timeout=max(1.0, remaining))
             except ConnectionClosed:
                 self._end(None)
                 return
             except ClientError as exc:
+                if exc.code in TRANSIENT_ERRORS:
+                    log.debug("renewing task %r refused for now, will retry: %s", self.lease.task, exc)
+                    continue
                 self._end(exc)
                 return
             except (ConnectionError, TimeoutError) as exc:
@@ -854,13 +863,20 @@ class Client:
         if task is not None:
             envelope["task"] = task
             envelope["epoch"] = epoch
+        reply = await self._request_resent(envelope, self.receipt_timeout)
+        return StatePatchResult(doc, int(reply["rev"]), int(reply["prev_rev"]), bool(reply["noop"]))
+
+    async def _request_resent(self, envelope: dict[str, Any], timeout: float) -> dict[str, Any]:
+        """Send a request that may safely arrive twice (its ``id`` makes the repeat harmless); if the connection
+        drops before the answer, send it again after the reconnect. TimeoutError after ``timeout`` seconds."""
+        request_id = envelope["id"]
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.receipt_timeout
+        deadline = loop.time() + timeout
         while True:
             future: asyncio.Future[dict[str, Any]] = loop.create_future()
-            self._requests[patch_id] = future
+            self._requests[request_id] = future
             try:
-                await self._send_when_connected(envelope)
+                await asyncio.wait_for(self._send_when_connected(envelope), max(0.0, deadline - loop.time()))
                 transport = self._transport
                 assert transport is not None
                 lost: asyncio.Future[Any] = loop.create_task(transport.wait_disconnected())
@@ -871,12 +887,11 @@ class Client:
                 finally:
                     lost.cancel()
                 if future.done():
-                    reply = future.result()
-                    return StatePatchResult(doc, int(reply["rev"]), int(reply["prev_rev"]), bool(reply["noop"]))
+                    return future.result()
                 if not lost.done() or loop.time() >= deadline:
-                    raise TimeoutError(f"no answer to state.patch {patch_id!r}")
+                    raise TimeoutError(f"no answer to {envelope.get('op')} {request_id!r}")
             finally:
-                self._requests.pop(patch_id, None)
+                self._requests.pop(request_id, None)
 
     async def state_subscribe(self, doc: str | None = None, *, prefix: str | None = None,
                               known: Mapping[str, tuple[int, Any]] | None = None) -> StateSubscription:
@@ -934,13 +949,16 @@ class Client:
             fields["ttl"] = ttl
         return self._lease(await self.request("task.claim", **fields))
 
-    async def task_renew(self, task: str, epoch: int, *, ttl: float | None = None) -> TaskLease:
+    async def task_renew(self, task: str, epoch: int, *, ttl: float | None = None,
+                         timeout: float | None = None) -> TaskLease:
         """Extend this device's lease at ``epoch`` (also after it expired, if nobody claimed the task since).
-        Raises StaleEpoch when the task moved on: stop acting for it."""
-        fields: dict[str, Any] = {"task": task, "epoch": epoch}
+        Raises StaleEpoch when the task moved on: stop acting for it; TimeoutError after ``timeout`` seconds
+        (default ``receipt_timeout``) without an answer, across reconnects."""
+        envelope: dict[str, Any] = {"op": "task.renew", "id": f"req-{self.new_id()}", "task": task, "epoch": epoch}
         if ttl is not None:
-            fields["ttl"] = ttl
-        return self._lease(await self.request("task.renew", **fields))
+            envelope["ttl"] = ttl
+        # a renewal may arrive twice: it is sent again after a reconnect instead of waiting out receipt_timeout
+        return self._lease(await self._request_resent(envelope, timeout or self.receipt_timeout))
 
     async def task_release(self, task: str, epoch: int) -> None:
         """Give the lease up (and stop its ``keep_task`` renewer): nobody owns the task; the next claim gets the

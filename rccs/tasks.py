@@ -13,7 +13,8 @@ changes can never both see the same old lease. Fenced ``state.patch`` takes the 
 store write, so a write at epoch E and a handoff to epoch E+1 are ordered.
 
 A handoff is coordinated by the server and lives in memory only (a restart aborts it; the lease stays
-where it was):
+where it was). Its steps run under the same per-user lock, so they are ordered with the parties' other
+task ops (a fenced write sent before ``prepared`` is judged before it) and never overtake a commit:
 
     request -> PREPARE: the owner got handoff.prepare; its disconnect, refusal or timeout fails it.
             -> OFFER: the owner answered prepared (it has paused); the target got handoff.offer. The target's
@@ -47,7 +48,8 @@ import msgpack
 from . import rpc
 from .errors import ErrorCode, ProtocolError
 from .hub import now_ms
-from .protocol import check_message_id, parse_selector
+from .mergepatch import canonical_json, json_problem
+from .protocol import MAX_ID_CHARS, check_message_id, parse_selector
 from .store import StoreError, TaskLease
 
 if TYPE_CHECKING:
@@ -105,7 +107,7 @@ class TaskHub:
         return book
 
     def new_handoff_id(self) -> str:
-        # unguessable and unique across restarts: a step naming a handoff proves its sender was told of it
+        # unique across restarts, so a step meant for an aborted handoff can never hit a new one
         return f"h{next(self._serial)}-{secrets.token_urlsafe(9)}"
 
 
@@ -151,7 +153,7 @@ def _ttl_ms(session: Session, header: dict[str, Any]) -> int:
 
 def _handoff_id(header: dict[str, Any]) -> str:
     value = header.get("handoff")
-    if not isinstance(value, str) or not value:
+    if not isinstance(value, str) or not value or len(value) > MAX_ID_CHARS:
         raise ProtocolError(ErrorCode.BAD_REQUEST, "'handoff' must be the handoff's id")
     return value
 
@@ -258,13 +260,14 @@ def op_claim(session: Session, header: dict[str, Any]) -> None:
         lease = leases.get(task)
         if lease is not None and lease.owner == device:
             new = _confirmed(lease, now, expires=now + ttl)
+        elif task in book.handoffs:  # the handoff holds the task, even past the lease's expiry
+            raise ProtocolError(ErrorCode.HANDOFF_BUSY, f"task {task[:64]!r} is being handed off",
+                                task=task, handoff=book.handoffs[task].id)
         elif _is_live(lease, now):
             assert lease is not None
             raise ProtocolError(ErrorCode.CONFLICT, f"task {task[:64]!r} is held by {lease.owner!r} at epoch "
-                           f"{lease.epoch}", task=task, owner=lease.owner, epoch=lease.epoch, expires=lease.expires)
-        elif task in book.handoffs:
-            raise ProtocolError(ErrorCode.HANDOFF_BUSY, f"task {task[:64]!r} is being handed off",
-                           task=task, handoff=book.handoffs[task].id)
+                                f"{lease.epoch}", task=task, owner=lease.owner, epoch=lease.epoch,
+                                expires=lease.expires)
         else:
             if lease is None and len(leases) >= MAX_TASKS_PER_USER:
                 raise ProtocolError(ErrorCode.TOO_LARGE, f"more than {MAX_TASKS_PER_USER} tasks for one user")
@@ -420,72 +423,96 @@ def _open_handoff(session: Session, header: dict[str, Any], party: str, stage: s
     handoff = tasks_of(session.hub).handoffs.get(handoff_id)
     if handoff is None or handoff.user != session.user:
         raise ProtocolError(ErrorCode.NOT_FOUND, "no open handoff has this id (unknown, finished or failed)",
-                       handoff=handoff_id)
+                            handoff=handoff_id)
     expected = handoff.owner if party == "owner" else handoff.target
     if session.device != expected:
         raise ProtocolError(ErrorCode.FORBIDDEN, f"only {expected!r} answers this step of handoff {handoff_id}",
-                       handoff=handoff_id)
+                            handoff=handoff_id)
     if handoff.stage != stage:
         raise ProtocolError(ErrorCode.BAD_REQUEST, f"handoff {handoff_id} is not waiting for this step "
-                       f"(it is at '{handoff.stage}')", handoff=handoff_id)
+                            f"(it is at '{handoff.stage}')", handoff=handoff_id)
     return handoff
 
 
+def _step(session: Session, header: dict[str, Any], party: str, stage: str,
+          act: Callable[[Handoff, dict[str, TaskLease], _Book], Coroutine[Any, Any, None]]) -> None:
+    """Run a handoff step under the user's lock: in order with the sender's earlier task ops (a fenced write
+    sent before ``prepared`` is judged before it), and never in the middle of a commit."""
+    _handoff_id(header)
+
+    async def work(leases: dict[str, TaskLease], book: _Book) -> None:
+        await act(_open_handoff(session, header, party, stage), leases, book)
+
+    _serialised(session, header, work)
+
+
+def _checkpoint_size(checkpoint: Any) -> int:
+    """The larger of the checkpoint's msgpack and compact JSON sizes: the offer goes out in either."""
+    return max(len(msgpack.packb(checkpoint, use_bin_type=True)), len(canonical_json(checkpoint).encode()))
+
+
 def op_handoff_prepared(session: Session, header: dict[str, Any]) -> None:
-    handoff = _open_handoff(session, header, "owner", PREPARE)
-    hub = session.hub
+    handoff_id = _handoff_id(header)
     checkpoint = header.get("checkpoint")
-    limit = hub.settings.handoff_max_checkpoint_bytes
-    try:
-        size = len(msgpack.packb(checkpoint, use_bin_type=True))
-    except (OverflowError, ValueError, TypeError):
-        size = limit + 1
-    if size > limit:
-        _fail(hub, handoff, "checkpoint_too_large")
-        raise ProtocolError(ErrorCode.TOO_LARGE, f"the checkpoint is {size} bytes as msgpack; "
-                       f"handoff_max_checkpoint_bytes is {limit}: the handoff failed",
-                       handoff=handoff.id, limit="handoff_max_checkpoint_bytes", max=limit, size=size)
-    _cancel_timer(handoff)
-    handoff.stage = OFFER
-    timeout = hub.settings.handoff_accept_timeout
-    handoff.timer = asyncio.get_running_loop().call_later(timeout, _on_timeout, hub, handoff, OFFER)
-    handoff.target_session.send_control({
-        "op": "handoff.offer", "handoff": handoff.id, "task": handoff.task, "from": handoff.owner,
-        "checkpoint": checkpoint, "epoch": handoff.epoch + 1, "deadline": now_ms() + int(timeout * 1000)})
+    problem = json_problem(checkpoint)
+    if problem is not None:
+        raise ProtocolError(ErrorCode.BAD_REQUEST, f"the checkpoint must be a JSON value: {problem}",
+                            handoff=handoff_id)
+    hub = session.hub
+
+    async def act(handoff: Handoff, leases: dict[str, TaskLease], book: _Book) -> None:
+        limit = hub.settings.handoff_max_checkpoint_bytes
+        size = _checkpoint_size(checkpoint)
+        if size > limit:
+            _fail(hub, handoff, "checkpoint_too_large")
+            raise ProtocolError(ErrorCode.TOO_LARGE, f"the checkpoint is {size} bytes; "
+                                f"handoff_max_checkpoint_bytes is {limit}: the handoff failed",
+                                handoff=handoff.id, limit="handoff_max_checkpoint_bytes", max=limit, size=size)
+        _cancel_timer(handoff)
+        timeout = hub.settings.handoff_accept_timeout
+        handoff.target_session.send_control({
+            "op": "handoff.offer", "handoff": handoff.id, "task": handoff.task, "from": handoff.owner,
+            "checkpoint": checkpoint, "epoch": handoff.epoch + 1, "deadline": now_ms() + int(timeout * 1000)})
+        handoff.stage = OFFER
+        handoff.timer = asyncio.get_running_loop().call_later(timeout, _on_timeout, hub, handoff, OFFER)
+
+    _step(session, header, "owner", PREPARE, act)
 
 
 def op_handoff_refuse(session: Session, header: dict[str, Any]) -> None:
-    _fail(session.hub, _open_handoff(session, header, "owner", PREPARE), "refused", header.get("reason"))
+    async def act(handoff: Handoff, leases: dict[str, TaskLease], book: _Book) -> None:
+        _fail(session.hub, handoff, "refused", header.get("reason"))
+
+    _step(session, header, "owner", PREPARE, act)
 
 
 def op_handoff_reject(session: Session, header: dict[str, Any]) -> None:
-    _fail(session.hub, _open_handoff(session, header, "target", OFFER), "rejected", header.get("reason"))
+    async def act(handoff: Handoff, leases: dict[str, TaskLease], book: _Book) -> None:
+        _fail(session.hub, handoff, "rejected", header.get("reason"))
+
+    _step(session, header, "target", OFFER, act)
 
 
 def op_handoff_accept(session: Session, header: dict[str, Any]) -> None:
-    handoff = _open_handoff(session, header, "target", OFFER)
     hub = session.hub
-    _cancel_timer(handoff)
-    handoff.stage = COMMIT
-    book = tasks_of(hub).book(handoff.user)
 
-    async def commit() -> None:
+    async def act(handoff: Handoff, leases: dict[str, TaskLease], book: _Book) -> None:
+        _cancel_timer(handoff)
+        handoff.stage = COMMIT  # from here on, only a store failure ends it without a commit
+        lease = leases.get(handoff.task)
+        if lease is None or lease.epoch != handoff.epoch or lease.owner != handoff.owner:
+            _fail(hub, handoff, "lease_changed")  # cannot happen while the handoff holds the task
+            return
+        now = now_ms()
+        new = TaskLease(user=handoff.user, task=handoff.task, owner=handoff.target, epoch=handoff.epoch + 1,
+                        expires=now + int(hub.settings.task_lease_ttl * 1000), handoff=handoff.id, updated=now)
         try:
-            async with book.lock:
-                leases = await _leases(hub, handoff.user, book)
-                lease = leases.get(handoff.task)
-                if lease is None or lease.epoch != handoff.epoch or lease.owner != handoff.owner:
-                    _fail(hub, handoff, "lease_changed")  # cannot happen while the handoff holds the task
-                    return
-                now = now_ms()
-                new = TaskLease(user=handoff.user, task=handoff.task, owner=handoff.target, epoch=handoff.epoch + 1,
-                                expires=now + int(hub.settings.task_lease_ttl * 1000), handoff=handoff.id, updated=now)
-                await _write(hub, book, new)
-                _forget(hub, handoff)
+            await _write(hub, book, new)
         except Exception:
             log.exception("handoff %s of task %r could not be committed", handoff.id, handoff.task)
             _fail(hub, handoff, "internal")
             return
+        _forget(hub, handoff)
         hub.events["handoffs_committed"] += 1
         committed = {"op": "handoff.committed", "handoff": handoff.id, "task": handoff.task, "owner": new.owner,
                      "epoch": new.epoch, "expires": new.expires}
@@ -496,7 +523,7 @@ def op_handoff_accept(session: Session, header: dict[str, Any]) -> None:
         hub.bus.emit("task.handed_off", user=handoff.user, task=handoff.task, owner=new.owner,
                      previous=handoff.owner, epoch=new.epoch)
 
-    hub.spawn(commit())
+    _step(session, header, "target", OFFER, act)
 
 
 def _cancel_timer(handoff: Handoff) -> None:
