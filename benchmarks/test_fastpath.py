@@ -1,6 +1,6 @@
 """Micro-benchmarks of the fast path, both implementations side by side.
 
-Run with ``make bench``. Each group holds the pure-Python twin and the
+Run with ``make bench-micro`` (``make bench`` runs it first). Each group holds the pure-Python twin and the
 compiled module on the same input, plus a baseline where one exists
 (msgpack-python's C unpacker/packer doing the nearest equivalent work), so
 results read as ratios measured in one run.
