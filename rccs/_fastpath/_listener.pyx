@@ -180,6 +180,11 @@ cdef class ServerConnection(WSListener):
 
     cpdef on_ws_connected(self, WSTransport transport):
         self.transport = transport
+        # picows keeps the parsed upgrade request and our 101 response (header dicts, ~1 KB) for the
+        # connection's lifetime; nothing reads them after the handshake, and idle devices are many.
+        # (Read-only from Python: the pure-Python twin cannot drop them.)
+        transport.request = None
+        transport.response = None
         peername = transport.underlying_transport.get_extra_info("peername")
         if peername:
             self.peer = f"{peername[0]}:{peername[1]}"

@@ -137,6 +137,8 @@ class ServerConnection(WSListener):
 
     def on_ws_connected(self, transport: WSTransport) -> None:
         self.transport = transport
+        # The compiled twin drops picows' retained upgrade request/response here (~1 KB per idle
+        # device); their attributes are read-only from Python, so this one keeps them.
         peername = transport.underlying_transport.get_extra_info("peername")
         if peername:
             self.peer = f"{peername[0]}:{peername[1]}"
