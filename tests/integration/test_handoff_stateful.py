@@ -22,7 +22,7 @@ did happen). After every step:
   SIGKILL, refused ones absent), each from the device holding that epoch: epoch -> device is a
   function and the epochs never decrease in revision order.
 
-``RCCS_HANDOFF_EXAMPLES`` raises the number of examples (default 8) for a longer hunt.
+``RCCS_HANDOFF_EXAMPLES`` (default 20) and ``RCCS_HANDOFF_STEPS`` (default 20) make a longer hunt.
 """
 
 from __future__ import annotations
@@ -49,7 +49,6 @@ from hypothesis.stateful import (
     RuleBasedStateMachine,
     initialize,
     invariant,
-    precondition,
     rule,
     run_state_machine_as_test,
 )
@@ -67,7 +66,7 @@ SERVER_ENV = {
     "RCCS_TASK_LEASE_TTL": "2",
 }
 BOUND = 5.0  # the longest any awaited envelope may take: a liveness bound, never a synchronisation
-MAX_EXAMPLES = int(os.environ.get("RCCS_HANDOFF_EXAMPLES", "8"))
+MAX_EXAMPLES = int(os.environ.get("RCCS_HANDOFF_EXAMPLES", "20"))
 STEPS = int(os.environ.get("RCCS_HANDOFF_STEPS", "20"))
 MAX_CRASHES = 2  # standalone server kills per example (the handoff answers may kill it too)
 PREPARE, OFFER = "prepare", "offer"
@@ -125,6 +124,7 @@ class Conn:
         self.inbox: list[dict[str, Any]] = []
         self.closed = False
         self.failed_seen: dict[str, int] = {}  # handoff id -> handoff.failed envelopes on this connection
+        self.failure: BaseException | None = None
         self._on_envelope = on_envelope
         self._changed = asyncio.Event()
         self._reader = asyncio.ensure_future(self._read())
@@ -141,6 +141,11 @@ class Conn:
                 self._changed.set()
         except (ConnectionClosed, OSError):
             pass
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:  # a failed check on a notice: the step waiting on this device raises it
+            self.failure = exc
+            raise
         finally:
             self.closed = True
             self._changed.set()
@@ -155,6 +160,8 @@ class Conn:
         deadline = loop.time() + BOUND
         while True:
             self._changed.clear()
+            if self.failure is not None:
+                raise self.failure
             for envelope in self.inbox[start:]:
                 if predicate(envelope):
                     return envelope
@@ -219,6 +226,7 @@ class HandoffMachine(RuleBasedStateMachine):
         self.doc = f"user/log-{n}"
         self.ids = itertools.count(1)
         self.conns: dict[str, Conn] = {}
+        self.all_conns: list[Conn] = []  # also the closed ones: a failed check in a notice handler is kept there
         self.beliefs = {d: Belief() for d in DEVICES}
         self.handoff: Handoff | None = None
         self.failed: dict[str, str] = {}  # handoff id -> reason
@@ -230,6 +238,7 @@ class HandoffMachine(RuleBasedStateMachine):
         self.last_rev = 0
         self.notified = asyncio.Event()
         self.crashes = 0
+        self.last_entry: dict[str, Any] | None = None  # the task as task.list showed it last
         self.trace: list[str] = []
         try:
             self.run(self._start())
@@ -245,7 +254,9 @@ class HandoffMachine(RuleBasedStateMachine):
         arguments = {k: v for k, v in sys._getframe(1).f_locals.items() if k not in ("self", "__class__")}
         self.note(f"-- {step} {arguments}" if step != "consistent" else "-- check")
         try:
-            return self.loop.run_until_complete(asyncio.wait_for(coro, 30))
+            result = self.loop.run_until_complete(asyncio.wait_for(coro, 30))
+            self.raise_failures()
+            return result
         except BaseException:
             if self.world.first_failure is None:  # hypothesis may not replay a failure that depends on timing
                 self.world.first_failure = "\n".join([*self.trace, traceback.format_exc()])
@@ -278,6 +289,7 @@ class HandoffMachine(RuleBasedStateMachine):
                                       max_size=None)
         conn = Conn(device, ws, self.on_envelope)
         self.conns[device] = conn
+        self.all_conns.append(conn)
         await conn.send({"op": "hello", "token": self.world.tokens[device],
                          "device": {"type": "desktop", "name": device}})
         welcome = await conn.wait(lambda e: True, "welcome")
@@ -351,6 +363,11 @@ class HandoffMachine(RuleBasedStateMachine):
         event(what)
         self.world.seen[what] += 1
 
+    def raise_failures(self) -> None:
+        for conn in self.all_conns:
+            if conn.failure is not None:
+                raise conn.failure
+
     def grant(self, epoch: int, device: str) -> None:
         assert self.granted.setdefault(epoch, device) == device, \
             f"epoch {epoch} given to {self.granted[epoch]} and to {device}"
@@ -365,6 +382,7 @@ class HandoffMachine(RuleBasedStateMachine):
         loop = asyncio.get_running_loop()
         deadline = loop.time() + BOUND
         while not condition():
+            self.raise_failures()
             remaining = deadline - loop.time()
             if remaining <= 0:
                 raise AssertionError(f"no {what} within {BOUND}s")
@@ -388,6 +406,7 @@ class HandoffMachine(RuleBasedStateMachine):
         epoch = 0 if entry is None else entry["epoch"]
         assert epoch >= self.max_epoch, f"the task's epoch went back from {self.max_epoch} to {epoch}"
         self.max_epoch = epoch
+        self.last_entry = entry
         if entry is not None and entry["owner"] is not None and entry["epoch"] in self.granted:
             assert self.granted[entry["epoch"]] == entry["owner"], (entry, self.granted)
         return entry
@@ -416,6 +435,8 @@ class HandoffMachine(RuleBasedStateMachine):
             if belief.epoch is not None and belief.epoch == epoch:
                 holders.append(device)
         assert len(holders) <= 1, f"split ownership: {holders} all believe they hold epoch {epoch}"
+        believed = [b.epoch for b in self.beliefs.values() if b.epoch is not None]
+        assert len(believed) == len(set(believed)), f"two devices believe the same epoch: {self.beliefs}"
         if holders:
             assert owner == holders[0], f"{holders[0]} believes it holds epoch {epoch}, task.list says {entry}"
         await self.check_log()
@@ -442,10 +463,6 @@ class HandoffMachine(RuleBasedStateMachine):
     @initialize(device=st.sampled_from(DEVICES))
     def first_claim(self, device: str) -> None:
         self.run(self._claim(device, None))
-
-    @rule(device=st.sampled_from(DEVICES), ttl=st.sampled_from([None, None, None, 0.3]))
-    def claim(self, device: str, ttl: float | None) -> None:
-        self.run(self._claim(device, ttl))
 
     async def _claim(self, device: str, ttl: float | None) -> None:
         entry = await self.truth()
@@ -490,14 +507,18 @@ class HandoffMachine(RuleBasedStateMachine):
         if belief.epoch is not None and belief.epoch <= used:
             belief.epoch = None
 
-    @precondition(lambda self: any(b.last is not None for b in self.beliefs.values()))
-    @rule(op=st.sampled_from(["renew", "renew", "write", "write", "write", "release"]),
+    @rule(op=st.sampled_from(["claim", "claim", "short claim", "renew", "renew", "write", "write", "write",
+                              "release"]),
           pick=st.sampled_from(range(len(DEVICES))))
     def lease_op(self, op: str, pick: int) -> None:
-        """An op at the epoch a device (one that ever held the task) believes it holds, or its last one:
-        the holder's renew, fenced write or release (released less often: it ends the lease), or a stale one."""
-        device = self.with_epoch(pick)
-        self.run({"renew": self._renew, "write": self._fenced_write, "release": self._release}[op](device))
+        """A claim by any device (a short one expires soon), or an op at the epoch a device that ever held the
+        task believes it holds, else its last one: the holder's renew, fenced write or release (less often: it
+        ends the lease), or a stale one."""
+        if op.endswith("claim"):
+            self.run(self._claim(DEVICES[pick], 0.3 if op == "short claim" else None))
+        else:
+            device = self.with_epoch(pick)
+            self.run({"renew": self._renew, "write": self._fenced_write, "release": self._release}[op](device))
 
     def with_epoch(self, pick: int) -> str:
         """One of the devices that hold or once held an epoch (its op is the holder's or a stale one)."""
@@ -559,9 +580,29 @@ class HandoffMachine(RuleBasedStateMachine):
 
     # -- handoff --------------------------------------------------------------------------
 
-    @rule(requester=st.sampled_from(DEVICES), to=st.sampled_from(DEVICES))
-    def request_handoff(self, requester: str, to: str) -> None:
-        self.run(self._request_handoff(requester, to))
+    @rule(requester=st.sampled_from(DEVICES), to=st.sampled_from(["other", "other", *DEVICES]),
+          pick=st.sampled_from([0, 1]), owner_answer=st.sampled_from(["prepared", "write+prepared", "refuse"]),
+          target_answer=st.sampled_from(["accept", "accept", "reject"]),
+          die=st.sampled_from([None, None, None, "party", "server"]))
+    def handoff_step(self, requester: str, to: str, pick: int, owner_answer: str, target_answer: str,
+                     die: str | None) -> None:
+        """One step of a handoff, so that other ops come between the steps: the request (to any device, mostly
+        one other than the owner) when none is open, else the owner's or the target's answer, after which the
+        answering device ("party") or the server may die at once."""
+        h = self.open_handoff()
+        if h is None:
+            self.run(self._request_handoff(requester, self.to_device(to, pick)))
+        elif h.stage == PREPARE:
+            self.run(self._owner_answers(owner_answer, "owner" if die == "party" else die))
+        else:
+            self.run(self._target_answers(target_answer, "target" if die == "party" else die))
+
+    def to_device(self, to: str, pick: int) -> str:
+        if to != "other":
+            return to
+        owner = self.last_entry["owner"] if self.last_entry is not None else None
+        others = [d for d in DEVICES if d != owner]
+        return others[pick % len(others)]
 
     async def _request_handoff(self, requester: str, target: str) -> None:
         entry = await self.truth()
@@ -594,20 +635,28 @@ class HandoffMachine(RuleBasedStateMachine):
         prepare = await self.conns[owner].wait(is_op("handoff.prepare", handoff=hid), "handoff.prepare")
         assert (prepare["task"], prepare["to"], prepare["epoch"]) == (self.task, target, entry["epoch"]), prepare
 
-    @precondition(lambda self: (h := self.open_handoff()) is not None and h.stage == PREPARE)
-    @rule(answer=st.sampled_from(["prepared", "refuse"]), die=st.sampled_from([None, None, "owner", "server"]))
-    def owner_answers(self, answer: str, die: str | None) -> None:
-        self.run(self._owner_answers(answer, die))
-
     async def _owner_answers(self, answer: str, die: str | None) -> None:
         h = self.open_handoff()
         assert h is not None
         owner = self.conns[h.owner]
         start = len(owner.inbox)
-        if answer == "prepared":
+        write_id = key = None
+        if answer == "write+prepared" and die is None:
+            # a last fenced write sent just before prepared, without waiting: it is judged before the prepared
+            # (section 15.3), while the owner has not paused yet, so it is accepted
+            key, write_id = f"w{next(self.ids)}", f"m{next(self.ids)}"
+            await owner.send({"op": "state.patch", "id": write_id, "doc": self.doc, "task": self.task,
+                              "epoch": h.epoch, "patch": {key: {"dev": h.owner, "epoch": h.epoch}}})
+        if answer != "refuse":
             await owner.send({"op": "handoff.prepared", "handoff": h.id, "checkpoint": {"epoch": h.epoch}})
         else:
             await owner.send({"op": "handoff.refuse", "handoff": h.id, "reason": "not now"})
+        if write_id is not None and key is not None:
+            written = await owner.wait(lambda e: e.get("id") == write_id, "the answer to the last write", start)
+            self.note(f"{h.owner}: last write before prepared -> {written}")
+            assert written["op"] == "state.ok" and written["prev_rev"] == self.last_rev, written
+            self.last_rev = written["rev"]
+            self.writes[key] = (h.owner, h.epoch, written["rev"])
         if die == "server":
             await self.crash_server()
             return
@@ -623,7 +672,7 @@ class HandoffMachine(RuleBasedStateMachine):
                 allowed = {"owner_disconnected", "prepare_timeout"} | ({"refused"} if answer == "refuse" else set())
                 assert ended["reason"] in allowed, (ended, answer)
                 return
-            assert answer == "prepared", ended
+            assert answer != "refuse", ended
         else:
             ended = await self.outcome((h.target, is_op("handoff.offer", handoff=h.id), 0),
                                        (h.owner, is_op("handoff.failed", handoff=h.id), 0),
@@ -638,15 +687,10 @@ class HandoffMachine(RuleBasedStateMachine):
                     return
                 assert answer == "refuse" and ended.get("detail") == "not now", ended
                 return
-            assert answer == "prepared", ended
+            assert answer != "refuse", ended
         assert (ended["task"], ended["from"], ended["epoch"], ended["checkpoint"]) == (
             self.task, h.owner, h.epoch + 1, {"epoch": h.epoch}), ended
         h.stage = OFFER
-
-    @precondition(lambda self: (h := self.open_handoff()) is not None and h.stage == OFFER)
-    @rule(answer=st.sampled_from(["accept", "reject"]), die=st.sampled_from([None, None, "target", "server"]))
-    def target_answers(self, answer: str, die: str | None) -> None:
-        self.run(self._target_answers(answer, die))
 
     async def _target_answers(self, answer: str, die: str | None) -> None:
         h = self.open_handoff()
@@ -696,7 +740,7 @@ class HandoffMachine(RuleBasedStateMachine):
             await self.conns[h.requester].wait(is_op("handoff.committed", handoff=h.id), "committed to the requester")
 
     @rule(requester=st.sampled_from(DEVICES), pick=st.sampled_from([0, 1]),
-          owner_answer=st.sampled_from(["prepared", "prepared", "refuse"]),
+          owner_answer=st.sampled_from(["prepared", "write+prepared", "refuse"]),
           target_answer=st.sampled_from(["accept", "accept", "reject"]),
           at=st.sampled_from(["nowhere", "prepare", "prepared", "offer", "accepted"]),
           what=st.sampled_from(["owner", "target", "requester", "server", "timeout"]))
@@ -711,9 +755,8 @@ class HandoffMachine(RuleBasedStateMachine):
     async def _whole_handoff(self, requester: str, pick: int, owner_answer: str, target_answer: str, at: str,
                              what: str) -> None:
         if self.open_handoff() is None:
-            entry = await self.truth()
-            others = [d for d in DEVICES if entry is None or d != entry["owner"]]
-            await self._request_handoff(requester, others[pick % len(others)])
+            await self.truth()
+            await self._request_handoff(requester, self.to_device("other", pick))
 
         async def disrupt(h: Handoff) -> None:
             if what == "server":
@@ -745,9 +788,21 @@ class HandoffMachine(RuleBasedStateMachine):
 
     # -- failures ---------------------------------------------------------------------------
 
-    @rule(device=st.sampled_from(DEVICES))
-    def kill_and_reconnect(self, device: str) -> None:
-        self.run(self._kill_and_reconnect(device))
+    @rule(what=st.sampled_from(["owner", "target", "requester", "device", "server", "timeout"]),
+          pick=st.sampled_from(range(len(DEVICES))))
+    def disrupt(self, what: str, pick: int) -> None:
+        """Whatever step the open handoff is at: abort the connection of its owner, target or requester (or of
+        any device) and reconnect it, SIGKILL the server and restart it, or wait for the handoff's timeout."""
+        h = self.open_handoff()
+        if what == "server" and self.crashes < MAX_CRASHES:  # each costs a server start: keep the run short
+            self.crashes += 1
+            self.run(self.crash_server())
+        elif what == "timeout" and h is not None:
+            self.run(self._let_it_time_out())
+        elif what in ("owner", "target", "requester") and h is not None:
+            self.run(self._kill_and_reconnect(getattr(h, what)))
+        else:
+            self.run(self._kill_and_reconnect(DEVICES[pick]))
 
     async def _kill_and_reconnect(self, device: str) -> None:
         h = self.open_handoff()
@@ -762,12 +817,6 @@ class HandoffMachine(RuleBasedStateMachine):
             timeout = "prepare_timeout" if h.stage == PREPARE else "accept_timeout"
             assert failed["reason"] in (expected, timeout), (failed, h)
         await self.connect(device)
-
-    @precondition(lambda self: self.crashes < MAX_CRASHES)  # each costs a server start: keep the run short
-    @rule()
-    def crash(self) -> None:
-        self.crashes += 1
-        self.run(self.crash_server())
 
     async def crash_server(self, maybe_committed: Handoff | None = None) -> None:
         """SIGKILL the server, start it on the same data, reconnect every device."""
@@ -792,11 +841,6 @@ class HandoffMachine(RuleBasedStateMachine):
         else:
             self.event(f"server killed: handoff aborted at {h.stage}")
             assert (entry["owner"], entry["epoch"]) == (h.owner, h.epoch), (entry, h)
-
-    @precondition(lambda self: self.open_handoff() is not None)
-    @rule()
-    def let_it_time_out(self) -> None:
-        self.run(self._let_it_time_out())
 
     async def _let_it_time_out(self) -> None:
         h = self.open_handoff()
