@@ -3,10 +3,12 @@
 A hypothesis state machine drives three devices of one user that share one task, speaking the raw
 protocol (JSON and msgpack) to ``rccs serve`` on a SQLite data directory. Its rules claim, renew and
 release the lease, write fenced ``state.patch``es, start handoffs from any device to any device, answer
-``handoff.prepare`` (prepared / refuse) and ``handoff.offer`` (accept / reject), optionally dying right
-after the answer, abort a device's TCP connection at whatever step the handoff is in and reconnect it,
-SIGKILL the server and restart it on the same data, and wait for a handoff timeout (by waiting for its
-``handoff.failed``; the server runs with 0.3 s handoff timeouts and 2 s leases).
+``handoff.prepare`` (prepared, a last fenced write sent just before prepared, or refuse) and
+``handoff.offer`` (accept / reject), optionally dying right after the answer, abort a device's TCP
+connection at whatever step the handoff is in and reconnect it, SIGKILL the server and restart it on the
+same data, and wait for a handoff timeout (by waiting for its ``handoff.failed``; the server runs with
+0.3 s handoff timeouts and 2 s leases). One rule runs a whole handoff disrupted at one step, another
+runs one step at a time so that lease ops come in between.
 
 Each device keeps what a careful client would believe: the epoch it holds, learnt from ``task.lease``,
 ``handoff.committed`` (acted on once per handoff id), ``handoff.revoked`` and ``stale_epoch``. Every answer
@@ -71,7 +73,7 @@ STEPS = int(os.environ.get("RCCS_HANDOFF_STEPS", "20"))
 MAX_CRASHES = 2  # standalone server kills per example (the handoff answers may kill it too)
 PREPARE, OFFER = "prepare", "offer"
 FAIL_REASONS = {"refused", "rejected", "prepare_timeout", "accept_timeout", "owner_disconnected",
-                "target_disconnected", "checkpoint_too_large", "shutdown", "revoked", "internal"}
+                "target_disconnected", "checkpoint_too_large", "shutdown", "revoked", "lease_changed", "internal"}
 
 
 # ---------------------------------------------------------------------------
@@ -352,6 +354,7 @@ class HandoffMachine(RuleBasedStateMachine):
         elif op == "handoff.failed":
             hid, reason = envelope["handoff"], envelope["reason"]
             assert reason in FAIL_REASONS, envelope
+            assert reason not in ("lease_changed", "internal"), f"the server reports a bug: {envelope}"
             assert self.failed.setdefault(hid, reason) == reason, (envelope, self.failed[hid])
             assert hid not in self.committed, envelope
             self.event(f"handoff.failed: {reason}")
@@ -390,11 +393,11 @@ class HandoffMachine(RuleBasedStateMachine):
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.notified.wait(), remaining)
 
-    async def timed_out(self, h: Handoff) -> None:
+    async def timed_out(self, h: Handoff, *also: str) -> None:
         """An answer says ``h`` is no longer open although the model did not end it: only its timeout may."""
         await self.until_notified(lambda: h.id in self.failed, f"handoff.failed for {h.id}")
         expected = "prepare_timeout" if h.stage == PREPARE else "accept_timeout"
-        assert self.failed[h.id] == expected, (h, self.failed[h.id])
+        assert self.failed[h.id] in (expected, *also), (h, self.failed[h.id])
 
     async def truth(self) -> dict[str, Any] | None:
         """The task as ``task.list`` shows it; the epoch never goes back."""
@@ -581,8 +584,9 @@ class HandoffMachine(RuleBasedStateMachine):
     # -- handoff --------------------------------------------------------------------------
 
     @rule(requester=st.sampled_from(DEVICES), to=st.sampled_from(["other", "other", *DEVICES]),
-          pick=st.sampled_from([0, 1]), owner_answer=st.sampled_from(["prepared", "write+prepared", "refuse"]),
-          target_answer=st.sampled_from(["accept", "accept", "reject"]),
+          pick=st.sampled_from([0, 1]),
+          owner_answer=st.sampled_from(["prepared", "write+prepared", "prepared+write", "refuse"]),
+          target_answer=st.sampled_from(["accept", "accept+write", "reject"]),
           die=st.sampled_from([None, None, None, "party", "server"]))
     def handoff_step(self, requester: str, to: str, pick: int, owner_answer: str, target_answer: str,
                      die: str | None) -> None:
@@ -635,36 +639,52 @@ class HandoffMachine(RuleBasedStateMachine):
         prepare = await self.conns[owner].wait(is_op("handoff.prepare", handoff=hid), "handoff.prepare")
         assert (prepare["task"], prepare["to"], prepare["epoch"]) == (self.task, target, entry["epoch"]), prepare
 
+    async def send_write(self, device: str, epoch: int) -> tuple[str, str]:
+        """Send a fenced write without waiting for its answer; returns (its key in the log, its id)."""
+        key, write_id = f"w{next(self.ids)}", f"m{next(self.ids)}"
+        await self.conns[device].send({"op": "state.patch", "id": write_id, "doc": self.doc, "task": self.task,
+                                       "epoch": epoch, "patch": {key: {"dev": device, "epoch": epoch}}})
+        return key, write_id
+
+    async def write_answer(self, device: str, write_id: str, start: int) -> dict[str, Any]:
+        answer = await self.conns[device].wait(lambda e: e.get("id") == write_id, "the answer to a write", start)
+        self.note(f"{device}: the write {write_id} -> {answer}")
+        self.event(f"state.patch next to a step -> {answer.get('code', answer['op'])}")
+        return answer
+
+    def accepted(self, key: str, device: str, epoch: int, answer: dict[str, Any]) -> None:
+        assert answer["op"] == "state.ok" and not answer["noop"], answer
+        assert answer["prev_rev"] == self.last_rev and answer["rev"] > self.last_rev, (answer, self.last_rev)
+        self.last_rev = answer["rev"]
+        self.writes[key] = (device, epoch, answer["rev"])
+
     async def _owner_answers(self, answer: str, die: str | None) -> None:
+        """The owner answers ``prepared`` (alone, just after a fenced write, or just before one) or ``refuse``;
+        with ``die`` its connection or the server dies right after."""
         h = self.open_handoff()
         assert h is not None
         owner = self.conns[h.owner]
         start = len(owner.inbox)
-        write_id = key = None
+        before = after = None
         if answer == "write+prepared" and die is None:
-            # a last fenced write sent just before prepared, without waiting: it is judged before the prepared
-            # (section 15.3), while the owner has not paused yet, so it is accepted
-            key, write_id = f"w{next(self.ids)}", f"m{next(self.ids)}"
-            await owner.send({"op": "state.patch", "id": write_id, "doc": self.doc, "task": self.task,
-                              "epoch": h.epoch, "patch": {key: {"dev": h.owner, "epoch": h.epoch}}})
+            # judged before the prepared (section 15.3), while the owner has not paused yet: accepted
+            before = await self.send_write(h.owner, h.epoch)
         if answer != "refuse":
             await owner.send({"op": "handoff.prepared", "handoff": h.id, "checkpoint": {"epoch": h.epoch}})
         else:
             await owner.send({"op": "handoff.refuse", "handoff": h.id, "reason": "not now"})
-        if write_id is not None and key is not None:
-            written = await owner.wait(lambda e: e.get("id") == write_id, "the answer to the last write", start)
-            self.note(f"{h.owner}: last write before prepared -> {written}")
-            assert written["op"] == "state.ok" and written["prev_rev"] == self.last_rev, written
-            self.last_rev = written["rev"]
-            self.writes[key] = (h.owner, h.epoch, written["rev"])
+        if answer == "prepared+write" and die is None:
+            # judged after the prepared: the owner promised to pause, so handoff_busy
+            after = await self.send_write(h.owner, h.epoch)
+        if before is not None:
+            self.accepted(before[0], h.owner, h.epoch, await self.write_answer(h.owner, before[1], start))
         if die == "server":
             await self.crash_server()
             return
-        target = self.conns[h.target]
         if die == "owner":
             # the answer may or may not have reached the server before the connection broke
             await self.kill_device(h.owner)
-            ended = await target.wait(lambda e: e.get("handoff") == h.id and e.get("op") in (
+            ended = await self.conns[h.target].wait(lambda e: e.get("handoff") == h.id and e.get("op") in (
                 "handoff.offer", "handoff.failed"), "the offer or the failure")
             await self.connect(h.owner)
             self.event(f"owner died after {answer}: {ended['op']}")
@@ -677,32 +697,47 @@ class HandoffMachine(RuleBasedStateMachine):
             ended = await self.outcome((h.target, is_op("handoff.offer", handoff=h.id), 0),
                                        (h.owner, is_op("handoff.failed", handoff=h.id), 0),
                                        (h.owner, step_error(h.id), start))
-            if ended["op"] == "error":  # the handoff timed out before the answer was handled
-                assert ended["code"] == "not_found", ended
-                await self.timed_out(h)
+            if ended["op"] == "error" or (ended["op"] == "handoff.failed" and ended["reason"] != "refused"):
+                # the handoff timed out before the answer was handled
+                assert ended["op"] == "handoff.failed" or ended["code"] == "not_found", ended
+                # (or, on a slow machine, the offer went out and the accept timeout ran out before it was read)
+                await self.timed_out(h, "accept_timeout")
+                if after is not None:  # the owner still holds the lease, with no handoff open
+                    self.accepted(after[0], h.owner, h.epoch, await self.write_answer(h.owner, after[1], start))
                 return
             if ended["op"] == "handoff.failed":
-                if ended["reason"] != "refused":
-                    await self.timed_out(h)
-                    return
                 assert answer == "refuse" and ended.get("detail") == "not now", ended
                 return
             assert answer != "refuse", ended
         assert (ended["task"], ended["from"], ended["epoch"], ended["checkpoint"]) == (
             self.task, h.owner, h.epoch + 1, {"epoch": h.epoch}), ended
         h.stage = OFFER
+        if after is not None:
+            written = await self.write_answer(h.owner, after[1], start)
+            if written["op"] == "state.ok":  # only if the accept timeout ended the handoff first
+                await self.until_notified(lambda: h.id in self.failed, f"handoff.failed for {h.id}")
+                assert self.failed[h.id] == "accept_timeout", (written, self.failed[h.id])
+                self.accepted(after[0], h.owner, h.epoch, written)
+            else:
+                assert (written["op"], written["code"], written["handoff"]) == ("error", "handoff_busy", h.id), written
 
     async def _target_answers(self, answer: str, die: str | None) -> None:
+        """The target answers ``accept`` (alone, or just before a fenced write at the offered epoch) or
+        ``reject``; with ``die`` its connection or the server dies right after."""
         h = self.open_handoff()
         assert h is not None
         target = self.conns[h.target]
         start = len(target.inbox)
-        if answer == "accept":
+        after = None
+        if answer != "reject":
             await target.send({"op": "handoff.accept", "handoff": h.id})
         else:
             await target.send({"op": "handoff.reject", "handoff": h.id, "reason": "no room"})
+        if answer == "accept+write" and die is None:
+            # judged after the accept, so after the commit: the new owner's first write at the new epoch
+            after = await self.send_write(h.target, h.epoch + 1)
         if die == "server":
-            await self.crash_server(maybe_committed=h if answer == "accept" else None)
+            await self.crash_server(maybe_committed=h if answer != "reject" else None)
             return
         if die == "target":
             await self.kill_device(h.target)
@@ -715,33 +750,39 @@ class HandoffMachine(RuleBasedStateMachine):
                 allowed = {"target_disconnected", "accept_timeout"} | ({"rejected"} if answer == "reject" else set())
                 assert ended["reason"] in allowed, (ended, answer)
                 return
-            assert answer == "accept", ended
+            assert answer != "reject", ended
             # the new owner missed handoff.committed: it comes again after its hello
             await self.expect_committed(h)
             return
         ended = await self.outcome((h.target, is_op("handoff.committed", handoff=h.id), start),
                                    (h.target, is_op("handoff.failed", handoff=h.id), 0),
                                    (h.target, step_error(h.id), start))
-        if ended["op"] == "error":  # the handoff timed out before the answer was handled
-            assert ended["code"] == "not_found", ended
+        if ended["op"] == "error" or (ended["op"] == "handoff.failed" and ended["reason"] != "rejected"):
+            # the handoff timed out before the answer was handled
+            assert ended["op"] == "handoff.failed" or ended["code"] == "not_found", ended
             await self.timed_out(h)
+            if after is not None:  # epoch E+1 was never given
+                written = await self.write_answer(h.target, after[1], start)
+                assert (written["op"], written["code"]) == ("error", "bad_request"), written
             return
         if ended["op"] == "handoff.failed":
-            if ended["reason"] != "rejected":
-                await self.timed_out(h)
-                return
             assert answer == "reject" and ended.get("detail") == "no room", ended
             return
-        assert answer == "accept", ended
+        assert answer != "reject", ended
         await self.expect_committed(h)
+        if after is not None:
+            written = await self.write_answer(h.target, after[1], start)
+            self.accepted(after[0], h.target, h.epoch + 1, written)
+            # handoff.committed came first: it was sent when the accept was handled, before the write was
+            assert target.inbox.index(ended) < target.inbox.index(written), (ended, written)
         revoked = await self.conns[h.owner].wait(is_op("handoff.revoked", handoff=h.id), "handoff.revoked")
         assert (revoked["epoch"], revoked["owner"]) == (h.epoch + 1, h.target), revoked
         if h.requester != h.target:
             await self.conns[h.requester].wait(is_op("handoff.committed", handoff=h.id), "committed to the requester")
 
     @rule(requester=st.sampled_from(DEVICES), pick=st.sampled_from([0, 1]),
-          owner_answer=st.sampled_from(["prepared", "write+prepared", "refuse"]),
-          target_answer=st.sampled_from(["accept", "accept", "reject"]),
+          owner_answer=st.sampled_from(["prepared", "write+prepared", "prepared+write", "refuse"]),
+          target_answer=st.sampled_from(["accept", "accept+write", "reject"]),
           at=st.sampled_from(["nowhere", "prepare", "prepared", "offer", "accepted"]),
           what=st.sampled_from(["owner", "target", "requester", "server", "timeout"]))
     def whole_handoff(self, requester: str, pick: int, owner_answer: str, target_answer: str, at: str,
