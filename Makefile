@@ -36,10 +36,15 @@ loadtest-smoke: $(STAMP)
 
 test: lint test-compiled test-pure bench-check loadtest-smoke
 
+# scale.py draws docs/scaling.png with matplotlib, which the package itself does not need: install it
+# before a long run rather than fail at its end.
+PLOT_DEPS = $(BIN)/python -c "import matplotlib" 2>/dev/null || $(BIN)/python -m pip install --quiet matplotlib
+
 # Everything in one run (about 15 min): micro-benchmarks, the end-to-end ratio table, the scale parts,
 # then the goals against what was just measured. Commands in sequence, not prerequisites, so -j cannot
 # run two benchmarks at once on the same cores.
 bench: $(STAMP)
+	$(PLOT_DEPS)
 	$(MAKE) --no-print-directory bench-micro
 	$(BIN)/python benchmarks/e2e/run.py
 	$(BIN)/python benchmarks/e2e/scale.py all
@@ -56,6 +61,7 @@ bench-e2e: $(STAMP)
 
 # Scale: 19,000 devices (memory, connect rate), latency with 10,000 idle, fan-out, scaling + docs/scaling.png.
 bench-scale: $(STAMP)
+	$(PLOT_DEPS)
 	$(BIN)/python benchmarks/e2e/scale.py all
 
 # Store throughput: registry/session writes, durable inbox enqueue and replay (SQLite and memory).
