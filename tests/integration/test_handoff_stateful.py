@@ -103,6 +103,27 @@ class TunedServer(ServerProcess):
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
+    async def start_ready(self) -> None:
+        """Start and wait until this process accepts WebSocket connections. ``wait_ready`` alone can be fooled
+        when another test's server took the port ``free_ports`` chose and answers /readyz: then ours cannot
+        listen and exits, and it is started again on other ports."""
+        for _attempt in range(3):
+            self.start()
+            await self.wait_ready()
+            port = int(self.ws_url.rsplit(":", 1)[1].split("/")[0])
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + BOUND
+            while self.running() and loop.time() < deadline:
+                try:
+                    _, writer = await asyncio.open_connection("127.0.0.1", port)
+                except OSError:
+                    await asyncio.sleep(0.05)  # polling a port that is not open yet (bounded)
+                    continue
+                writer.close()
+                return
+            self.kill()
+        raise AssertionError(f"rccs serve did not start:\n{self.logs()}")
+
 
 @dataclass
 class World:
@@ -270,8 +291,7 @@ class HandoffMachine(RuleBasedStateMachine):
 
     async def _start(self) -> None:
         if not self.world.server.running():
-            self.world.server.start()
-            await self.world.server.wait_ready()
+            await self.world.server.start_ready()
         for device in DEVICES:
             await self.connect(device)
 
@@ -865,8 +885,7 @@ class HandoffMachine(RuleBasedStateMachine):
         h = self.open_handoff()
         self.world.server.kill()
         await self._close_all()
-        self.world.server.start()
-        await self.world.server.wait_ready()
+        await self.world.server.start_ready()
         for device in DEVICES:
             await self.connect(device)
         entry = await self.truth()
