@@ -186,6 +186,8 @@ class Hub:
             if resumable:
                 self.detached[record.id] = record
         await self.deliveries.load_message_ids()
+        from . import tasks  # a late import: tasks builds on the hub
+        await tasks.load_notices(self)
         if self.webhooks is not None:
             self.webhooks.start()
         self._loops = [asyncio.create_task(self._maintain()), asyncio.create_task(self._watch_changes())]
@@ -413,8 +415,9 @@ class Hub:
                 record.status = status
                 self._presence_writes[device] = (status, now)
         envelope = {"op": "presence", "device": device, "status": status, "last_seen": now}
+        frames: dict[str, tuple[bytes, bool]] = {}  # a user with many devices: encode once, not per device
         for other in self.routing.select(user, fast_routing.SELECT_ALL, True, False, device):
-            other.send_control(envelope)  # type: ignore[attr-defined]
+            other.send_shared(envelope, frames)  # type: ignore[attr-defined]
 
     def status_of(self, device: str) -> str:
         return self.presence.get(device, STATUS_OFFLINE)

@@ -212,6 +212,16 @@ class Session:
         else:
             self.sink.send_frame(json_dumps(envelope), True)
 
+    def send_shared(self, envelope: dict[str, Any], frames: dict[str, tuple[bytes, bool]]) -> None:
+        """Send an envelope that goes to many connections, encoded once per encoding (``frames`` caches it)."""
+        if self.state == CLOSED:
+            return
+        frame = frames.get(self.encoding)
+        if frame is None:
+            frame = frames[self.encoding] = ((msgpack.packb(envelope, use_bin_type=True), False)
+                                             if self.encoding == MSGPACK else (json_dumps(envelope), True))
+        self.sink.send_frame(frame[0], frame[1])
+
     def send_error(self, code: ErrorCode, message: str, msg_id: Any = None, **extra: Any) -> None:
         self.hub.errors_sent[code.value] += 1
         envelope: dict[str, Any] = {"op": "error", "code": code.value, "message": message, **extra}

@@ -98,6 +98,8 @@ class TaskHub:
         self.books: dict[str, _Book] = {}
         self.handoffs: dict[str, Handoff] = {}  # handoff id -> handoff
         self.by_session: dict[Session, set[Handoff]] = {}  # owner and target connections of open handoffs
+        # Users that may have a committed notice to send again; the others' hellos need not load their leases.
+        self.notice_users: set[str] = set()
         self._serial = itertools.count(1)
 
     def book(self, user: str) -> _Book:
@@ -506,6 +508,7 @@ def op_handoff_accept(session: Session, header: dict[str, Any]) -> None:
         now = now_ms()
         new = TaskLease(user=handoff.user, task=handoff.task, owner=handoff.target, epoch=handoff.epoch + 1,
                         expires=now + int(hub.settings.task_lease_ttl * 1000), handoff=handoff.id, updated=now)
+        tasks_of(hub).notice_users.add(handoff.user)
         try:
             await _write(hub, book, new)
         except Exception:
@@ -597,7 +600,14 @@ def on_welcome(session: Session) -> None:
     """Send ``handoff.committed`` again for every lease a handoff gave this device that it has not used yet."""
     hub, user, device = session.hub, session.user, session.device
     assert user is not None and device is not None
-    book = tasks_of(hub).book(user)
+    registry = tasks_of(hub)
+    book = registry.books.get(user)
+    if book is None or book.leases is None:
+        if user not in registry.notice_users:
+            return  # the common hello: nothing to load, nothing to send
+        book = registry.book(user)
+    elif not any(lease.owner == device and lease.handoff is not None for lease in book.leases.values()):
+        return
 
     async def resend() -> None:
         async with book.lock:
@@ -608,6 +618,11 @@ def on_welcome(session: Session) -> None:
                                           "owner": device, "epoch": lease.epoch, "expires": lease.expires})
 
     hub.spawn(resend())
+
+
+async def load_notices(hub: Hub) -> None:
+    """At start: which users have committed notices to send again after a hello."""
+    tasks_of(hub).notice_users.update(await hub.store.users_with_task_notices())
 
 
 def abort_all(hub: Hub, reason: str) -> None:

@@ -458,6 +458,10 @@ class Store(abc.ABC):
         """Every task lease of the user, released ones included, ordered by task name."""
 
     @abc.abstractmethod
+    async def users_with_task_notices(self) -> list[str]:
+        """The users that have a lease with ``handoff`` set (a committed notice not yet confirmed), sorted."""
+
+    @abc.abstractmethod
     async def put_task(self, lease: TaskLease) -> None:
         """Create or replace the lease of ``(lease.user, lease.task)``. StoreError for an unknown user. The
         caller serialises the changes of one user (the server holds one lock per user around each)."""

@@ -532,6 +532,10 @@ class MemoryStore(Store):
     async def load_tasks(self, user_id: str) -> list[TaskLease]:
         return [dataclasses.replace(lease) for _, lease in sorted(self._tasks.get(user_id, {}).items())]
 
+    async def users_with_task_notices(self) -> list[str]:
+        return sorted(user for user, leases in self._tasks.items()
+                      if any(lease.handoff is not None for lease in leases.values()))
+
     async def put_task(self, lease: TaskLease) -> None:
         if lease.user not in self._users:
             raise StoreError(f"unknown user {lease.user!r}")

@@ -633,12 +633,17 @@ class SqliteStore(Store):
 
         return await self._submit(run)
 
-    async def _write(self, work: Work[T]) -> T:
+    async def _write(self, work: Work[T], unless: Callable[[sqlite3.Connection], T | None] | None = None) -> T:
         """``work`` on the worker thread, in one write transaction: committed if it returns,
-        rolled back if it raises."""
+        rolled back if it raises. ``unless``, run first on the same thread, may answer instead (not None):
+        a common case that writes nothing then costs no transaction (a commit is most of a small write)."""
         def run() -> T:
             db = self._connection()
             try:
+                if unless is not None:
+                    answer = unless(db)
+                    if answer is not None:
+                        return answer
                 db.execute("BEGIN IMMEDIATE")
                 try:
                     result = work(db)
@@ -1077,7 +1082,12 @@ class SqliteStore(Store):
             rows.sort(key=lambda row: row[0])  # RETURNING comes in no particular order
             return [unpack_receipt(envelope) for _, envelope in rows]
 
-        return await self._write(work)
+        def none_kept(db: sqlite3.Connection) -> list[dict[str, Any]] | None:
+            # every hello asks; almost always there is nothing, and then no write transaction is needed
+            kept = db.execute("SELECT 1 FROM receipts WHERE device = ? LIMIT 1", (device_id,)).fetchone()
+            return [] if kept is None else None
+
+        return await self._write(work, unless=none_kept)
 
     # ---- idempotency keys --------------------------------------------
 
@@ -1187,6 +1197,13 @@ class SqliteStore(Store):
                               " ORDER BY task", (user_id,))
             return [TaskLease(user=user_id, task=task, owner=owner, epoch=epoch, expires=expires, handoff=handoff,
                               updated=updated) for task, owner, epoch, expires, handoff, updated in rows]
+
+        return await self._read(work)
+
+    async def users_with_task_notices(self) -> list[str]:
+        def work(db: sqlite3.Connection) -> list[str]:
+            return [user for (user,) in db.execute(
+                "SELECT DISTINCT user FROM tasks WHERE handoff IS NOT NULL ORDER BY user")]
 
         return await self._read(work)
 

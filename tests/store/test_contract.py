@@ -1412,3 +1412,15 @@ async def test_removing_a_user_deletes_its_state_documents_and_task_leases(store
     assert await store.load_tasks("alice") == []
     assert (await store.get_state("bob", "user/draft")).value == {"text": "hi"}
     assert [lease.epoch for lease in await store.load_tasks("bob")] == [3]
+
+
+async def test_users_with_task_notices_are_those_with_an_unconfirmed_handoff(store):
+    await add_users(store, "alice", "bob", "carol")
+    assert await store.users_with_task_notices() == []
+    await store.put_task(TaskLease(user="carol", task="a", owner="pc", epoch=2, expires=NOW, handoff="h1"))
+    await store.put_task(TaskLease(user="alice", task="a", owner="pc", epoch=1, expires=NOW))
+    await store.put_task(TaskLease(user="alice", task="b", owner="pc", epoch=5, expires=NOW, handoff="h2"))
+    await store.put_task(TaskLease(user="bob", task="a", owner="pc", epoch=1, expires=NOW))
+    assert await store.users_with_task_notices() == ["alice", "carol"]
+    await store.put_task(TaskLease(user="carol", task="a", owner="pc", epoch=2, expires=NOW))  # confirmed
+    assert await store.users_with_task_notices() == ["alice"]
