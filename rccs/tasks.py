@@ -238,8 +238,8 @@ def _check_holder(lease: TaskLease | None, task: str, device: str, epoch: int) -
         raise ProtocolError(ErrorCode.BAD_REQUEST, f"task {task[:64]!r} has no epoch {epoch} yet")
     if epoch < lease.epoch or lease.owner != device:
         raise ProtocolError(ErrorCode.STALE_EPOCH, f"epoch {epoch} of task {task[:64]!r} is stale"
-                       + ("" if lease.owner is None else f": {lease.owner!r} holds epoch {lease.epoch}"),
-                       task=task, epoch=lease.epoch, owner=lease.owner)
+                            + ("" if lease.owner is None else f": {lease.owner!r} holds epoch {lease.epoch}"),
+                            task=task, epoch=lease.epoch, owner=lease.owner)
     return lease
 
 
@@ -311,7 +311,7 @@ def op_release(session: Session, header: dict[str, Any]) -> None:
         lease = _check_holder(leases.get(task), task, device, epoch)
         if task in book.handoffs:
             raise ProtocolError(ErrorCode.HANDOFF_BUSY, f"task {task[:64]!r} is being handed off: refuse or "
-                           "let it finish first", task=task, handoff=book.handoffs[task].id)
+                                "let it finish first", task=task, handoff=book.handoffs[task].id)
         await _write(hub, book, _confirmed(lease, now_ms(), owner=None, expires=0))
         session.reply(header, {"op": "task.released", "task": task, "epoch": epoch})
 
@@ -360,7 +360,7 @@ async def fenced(session: Session, task: str, epoch: int) -> AsyncIterator[None]
         handoff = book.handoffs.get(task)
         if handoff is not None and handoff.stage != PREPARE:
             raise ProtocolError(ErrorCode.HANDOFF_BUSY, f"task {task[:64]!r} is being handed off and its owner "
-                           "said it paused", task=task, handoff=handoff.id)
+                                "said it paused", task=task, handoff=handoff.id)
         if lease.handoff is not None:
             await _write(hub, book, _confirmed(lease, now_ms()))
         yield
@@ -387,15 +387,15 @@ def op_handoff_request(session: Session, header: dict[str, Any]) -> None:
         assert lease is not None and lease.owner is not None
         if task in book.handoffs:
             raise ProtocolError(ErrorCode.HANDOFF_BUSY, f"task {task[:64]!r} is already being handed off",
-                           task=task, handoff=book.handoffs[task].id)
+                                task=task, handoff=book.handoffs[task].id)
         owner = lease.owner
         if selector.kind == "device" and selector.value == owner:
             raise ProtocolError(ErrorCode.BAD_REQUEST, f"{owner!r} already owns task {task[:64]!r}")
         owner_session = hub.online(user, owner)
         if owner_session is None:
             raise ProtocolError(ErrorCode.OFFLINE, f"the owner {owner!r} is not connected: it cannot hand the task "
-                           "over (its lease ends at 'expires' unless it renews)", task=task, owner=owner,
-                           epoch=lease.epoch, expires=lease.expires)
+                                "over (its lease ends at 'expires' unless it renews)", task=task, owner=owner,
+                                epoch=lease.epoch, expires=lease.expires)
         # the target may be the requester itself (a pull); never the owner
         target_session = rpc.resolve_target(session, selector, exclude=owner)
         if target_session is None or target_session.device is None:
