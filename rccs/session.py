@@ -28,6 +28,7 @@ import contextlib
 import logging
 import secrets
 import time
+from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any, Protocol
 
 import msgpack
@@ -56,7 +57,7 @@ from .protocol import (
     parse_device_fields,
     parse_selector,
 )
-from .store import STATUS_OFFLINE, STATUS_ONLINE, DeviceRecord, PendingMessage, SessionRecord
+from .store import STATUS_OFFLINE, STATUS_ONLINE, DeviceRecord, PendingMessage, SessionRecord, StoreError
 from .store.base import QueuedMessage
 
 if TYPE_CHECKING:
@@ -237,6 +238,25 @@ class Session:
             with contextlib.suppress(ProtocolError):
                 envelope["id"] = check_message_id(msg_id)
         self.send_control(envelope)
+
+    def run_request(self, header: dict[str, Any], work: Callable[[], Coroutine[Any, Any, None]]) -> None:
+        """Handle a request in the background (it needs the store); a refusal ``work`` raises
+        (ProtocolError, with its fields) answers the request, as does a failure (``internal``, logged)."""
+        msg_id = header.get("id")
+
+        async def run() -> None:
+            try:
+                await work()
+            except ProtocolError as exc:
+                self.send_error(exc.code, exc.message, msg_id, **exc.extra)
+            except StoreError as exc:
+                log.error("store failure in %r from %s: %s", header.get("op"), self.sink.peer, exc)
+                self.send_error(ErrorCode.INTERNAL, "internal server error", msg_id)
+            except Exception:
+                log.exception("internal error in %r from %s", header.get("op"), self.sink.peer)
+                self.send_error(ErrorCode.INTERNAL, "internal server error", msg_id)
+
+        self.hub.spawn(run())
 
     def close(self, code: int, reason: str) -> None:
         """Close the connection; ``on_closed`` follows when the transport reports it."""

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import logging
 import weakref
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
@@ -40,13 +39,12 @@ from .errors import ErrorCode, ProtocolError
 from .hub import now_ms
 from .mergepatch import canonical_json, json_problem, json_size, merge_patch
 from .protocol import check_message_id
-from .store import StateCatchUp, StateConflict, StateTooLarge, StoreError
+from .store import StateCatchUp, StateConflict, StateTooLarge
 
 if TYPE_CHECKING:
     from .hub import Hub
     from .session import Session
 
-log = logging.getLogger("rccs.state")
 
 KEEP_CHANGES = 1000  # changes kept per durable document for catch-up
 MAX_DOC_NAME_CHARS = 256
@@ -163,26 +161,16 @@ def _snapshot(doc: str, rev: int, value: Any) -> dict[str, Any]:
 
 def _run(session: Session, header: dict[str, Any], work: Callable[[], Coroutine[Any, Any, None]]) -> None:
     """Background work that needs the store; its refusals become the request's error."""
-    msg_id = header.get("id")
-
     async def run() -> None:
         try:
             await work()
-        except ProtocolError as exc:
-            session.send_error(exc.code, exc.message, msg_id, **exc.extra)
         except StateConflict as exc:
-            session.send_error(ErrorCode.CONFLICT, str(exc), msg_id, rev=exc.rev, value=exc.value)
+            raise ProtocolError(ErrorCode.CONFLICT, str(exc), rev=exc.rev, value=exc.value) from None
         except StateTooLarge as exc:
-            session.send_error(ErrorCode.TOO_LARGE, str(exc), msg_id, limit=exc.limit, max=exc.max_bytes,
-                               size=exc.size)
-        except StoreError as exc:
-            log.error("state store failure for %r from %s: %s", header.get("op"), session.sink.peer, exc)
-            session.send_error(ErrorCode.INTERNAL, "internal server error", msg_id)
-        except Exception:
-            log.exception("internal error in %r from %s", header.get("op"), session.sink.peer)
-            session.send_error(ErrorCode.INTERNAL, "internal server error", msg_id)
+            raise ProtocolError(ErrorCode.TOO_LARGE, str(exc), limit=exc.limit, max=exc.max_bytes,
+                                size=exc.size) from None
 
-    session.hub.spawn(run())
+    session.run_request(header, run)
 
 
 # ---- ops --------------------------------------------------------------------

@@ -50,7 +50,7 @@ from .errors import ErrorCode, ProtocolError
 from .hub import now_ms
 from .mergepatch import canonical_json, json_problem
 from .protocol import MAX_ID_CHARS, check_message_id, parse_selector
-from .store import StoreError, TaskLease
+from .store import TaskLease
 
 if TYPE_CHECKING:
     from .hub import Hub
@@ -213,23 +213,13 @@ def _serialised(session: Session, header: dict[str, Any],
     hub = session.hub
     user = session.user
     assert user is not None
-    msg_id = header.get("id")
     book = tasks_of(hub).book(user)
 
-    async def run() -> None:
-        try:
-            async with book.lock:
-                await work(await _leases(hub, user, book), book)
-        except ProtocolError as exc:
-            session.send_error(exc.code, exc.message, msg_id, **exc.extra)
-        except StoreError as exc:
-            log.error("task store failure for %r from %s: %s", header.get("op"), session.sink.peer, exc)
-            session.send_error(ErrorCode.INTERNAL, "internal server error", msg_id)
-        except Exception:
-            log.exception("internal error in %r from %s", header.get("op"), session.sink.peer)
-            session.send_error(ErrorCode.INTERNAL, "internal server error", msg_id)
+    async def locked() -> None:
+        async with book.lock:
+            await work(await _leases(hub, user, book), book)
 
-    hub.spawn(run())
+    session.run_request(header, locked)
 
 
 def _check_holder(lease: TaskLease | None, task: str, device: str, epoch: int) -> TaskLease:
