@@ -404,16 +404,8 @@ class AdminAPI:
                  if include_revoked or device.revoked_at is None]
         return json_response(200, {"user": user, "devices": views})
 
-    async def user_tasks(self, request: Request, params: list[str]) -> Response:
-        _query(request, set())
-        user = _check_id("user", params[0])
-        if not await self._known_user(user):
-            raise ApiError(ErrorCode.NOT_FOUND, f"unknown user {user!r}")
-        return json_response(200, {"user": user, "tasks": await tasks.list_tasks(self.hub, user)})
-
-    async def sessions(self, request: Request, params: list[str]) -> Response:
-        query = _query(request, {"user", "device"})
-        hub = self.hub
+    async def _user_device_filter(self, query: dict[str, str]) -> tuple[str | None, str | None]:
+        """The ``user`` and ``device`` query parameters, checked: 400 if malformed, 404 if unknown."""
         user = query.get("user")
         device = query.get("device")
         if user is not None:
@@ -422,6 +414,18 @@ class AdminAPI:
                 raise ApiError(ErrorCode.NOT_FOUND, f"unknown user {user!r}")
         if device is not None:
             await self._device(device)
+        return user, device
+
+    async def user_tasks(self, request: Request, params: list[str]) -> Response:
+        _query(request, set())
+        user = _check_id("user", params[0])
+        if not await self._known_user(user):
+            raise ApiError(ErrorCode.NOT_FOUND, f"unknown user {user!r}")
+        return json_response(200, {"user": user, "tasks": await tasks.list_tasks(self.hub, user)})
+
+    async def sessions(self, request: Request, params: list[str]) -> Response:
+        hub = self.hub
+        user, device = await self._user_device_filter(_query(request, {"user", "device"}))
 
         def wanted(record: SessionRecord) -> bool:
             return (user is None or record.user == user) and (device is None or record.device == device)
@@ -455,14 +459,7 @@ class AdminAPI:
     async def dead_letters(self, request: Request, params: list[str]) -> Response:
         query = _query(request, {"user", "device", "limit"})
         limit = _limit(query)
-        user = query.get("user")
-        device = query.get("device")
-        if user is not None:
-            _check_id("user", user)
-            if not await self._known_user(user):
-                raise ApiError(ErrorCode.NOT_FOUND, f"unknown user {user!r}")
-        if device is not None:
-            await self._device(device)
+        user, device = await self._user_device_filter(query)
         letters = await self.hub.store.dead_letters(user, device, limit + 1)
         return json_response(200, {"dead_letters": [admin.dead_letter_view(d) for d in letters[:limit]],
                                     "more": len(letters) > limit})

@@ -124,6 +124,12 @@ async def start_handoff(requester, owner, target_name, task="agent"):
     return started["handoff"]
 
 
+async def offered(owner, target, handoff, checkpoint):
+    """The owner answers prepared with ``checkpoint``; the target's offer."""
+    await owner.send({"op": "handoff.prepared", "handoff": handoff, "checkpoint": checkpoint})
+    return await target.next("handoff.offer", handoff=handoff)
+
+
 async def lease_of(device, task="agent"):
     listed = await device.request("task.list", task=task)
     assert listed["op"] == "tasks", listed
@@ -251,8 +257,7 @@ async def test_a_handoff_pushed_by_the_owner_moves_the_task_with_its_checkpoint(
     ide, phone = await devices("ide", "phone", encoding=encoding)
     await claimed(ide)
     handoff = await start_handoff(ide, ide, "phone")
-    await ide.send({"op": "handoff.prepared", "handoff": handoff, "checkpoint": {"step": 3, "files": ["a.py"]}})
-    offer = await phone.next("handoff.offer", handoff=handoff)
+    offer = await offered(ide, phone, handoff, {"step": 3, "files": ["a.py"]})
     assert (offer["task"], offer["from"], offer["epoch"], offer["checkpoint"]) == (
         "agent", "ide", 2, {"step": 3, "files": ["a.py"]})
     await phone.send({"op": "handoff.accept", "handoff": handoff})
@@ -279,8 +284,7 @@ async def test_a_handoff_pulled_by_the_target_and_one_asked_by_a_third_device(de
     started = await web.request("handoff.request", task="agent", to={"device": "ide"})
     assert (started["from"], started["to"], started["epoch"]) == ("phone", "ide", 2)
     await phone.next("handoff.prepare", handoff=started["handoff"])
-    await phone.send({"op": "handoff.prepared", "handoff": started["handoff"], "checkpoint": {"step": 4}})
-    await ide.next("handoff.offer", handoff=started["handoff"])
+    await offered(phone, ide, started["handoff"], {"step": 4})
     await ide.send({"op": "handoff.accept", "handoff": started["handoff"]})
     assert (await web.next("handoff.committed", handoff=started["handoff"]))["owner"] == "ide"
     assert (await ide.next("handoff.committed", handoff=started["handoff"]))["epoch"] == 3
@@ -327,8 +331,7 @@ async def test_the_target_rejecting_fails_the_handoff(devices):
     ide, phone = await devices("ide", "phone")
     await claimed(ide)
     handoff = await start_handoff(phone, ide, "phone")
-    await ide.send({"op": "handoff.prepared", "handoff": handoff, "checkpoint": {"step": 1}})
-    await phone.next("handoff.offer", handoff=handoff)
+    await offered(ide, phone, handoff, {"step": 1})
     await phone.send({"op": "handoff.reject", "handoff": handoff, "reason": "battery low"})
     failed = await ide.next("handoff.failed", handoff=handoff)
     assert (failed["reason"], failed["detail"]) == ("rejected", "battery low")
@@ -353,8 +356,7 @@ async def test_a_target_that_does_not_answer_in_time_gets_nothing(devices):
     ide, phone = await devices("ide", "phone")
     await claimed(ide)
     handoff = await start_handoff(ide, ide, "phone")
-    await ide.send({"op": "handoff.prepared", "handoff": handoff, "checkpoint": 1})
-    await phone.next("handoff.offer", handoff=handoff)
+    await offered(ide, phone, handoff, 1)
     await assert_failed([ide, phone], handoff, "accept_timeout")
     late = await phone.request("handoff.accept", handoff=handoff)
     assert late["code"] == "not_found"
@@ -375,8 +377,7 @@ async def test_the_owner_gone_after_prepared_does_not_stop_the_commit(devices):
     ide, phone = await devices("ide", "phone")
     await claimed(ide)
     handoff = await start_handoff(phone, ide, "phone")
-    await ide.send({"op": "handoff.prepared", "handoff": handoff, "checkpoint": {"step": 7}})
-    await phone.next("handoff.offer", handoff=handoff)
+    await offered(ide, phone, handoff, {"step": 7})
     ide.drop()
     await phone.next("presence", device="ide", status="offline")  # the server has seen the owner go
     await phone.send({"op": "handoff.accept", "handoff": handoff})
@@ -394,8 +395,7 @@ async def test_the_target_gone_before_accept_aborts(devices):
     await assert_failed([ide], handoff, "target_disconnected")
     await phone.open()
     handoff = await start_handoff(ide, ide, "phone")
-    await ide.send({"op": "handoff.prepared", "handoff": handoff, "checkpoint": 1})
-    await phone.next("handoff.offer", handoff=handoff)
+    await offered(ide, phone, handoff, 1)
     phone.drop()  # after the offer
     await assert_failed([ide], handoff, "target_disconnected")
     await assert_still_owned_by(ide)
@@ -405,8 +405,7 @@ async def test_a_committed_notice_the_new_owner_missed_comes_after_its_next_hell
     ide, phone = await devices("ide", "phone")
     await claimed(ide)
     handoff = await start_handoff(ide, ide, "phone")
-    await ide.send({"op": "handoff.prepared", "handoff": handoff, "checkpoint": 1})
-    await phone.next("handoff.offer", handoff=handoff)
+    await offered(ide, phone, handoff, 1)
     await phone.send({"op": "handoff.accept", "handoff": handoff})
     await ide.next("handoff.revoked", handoff=handoff)
     phone.drop()  # whether or not the committed notice made it before the connection went
@@ -434,8 +433,7 @@ async def test_one_open_handoff_per_task(devices):
     assert (await ide.request("task.release", task="agent", epoch=1))["code"] == "handoff_busy"
     listed = await lease_of(web)
     assert listed["handoff"] == handoff
-    await ide.send({"op": "handoff.prepared", "handoff": handoff, "checkpoint": 1})
-    await phone.next("handoff.offer", handoff=handoff)
+    await offered(ide, phone, handoff, 1)
     paused = await ide.request("state.patch", doc="user/tasks/agent", patch={"x": 1}, task="agent", epoch=1)
     assert (paused["code"], paused["handoff"]) == ("handoff_busy", handoff)
     assert (await ide.request("task.renew", task="agent", epoch=1))["op"] == "task.lease"  # may still renew
@@ -472,8 +470,7 @@ async def test_handoff_steps_from_the_wrong_device_or_at_the_wrong_time_are_refu
     assert (await ide.request("handoff.prepared", handoff="h0-nope"))["code"] == "not_found"
     assert (await ide.request("handoff.prepared", handoff=7))["code"] == "bad_request"
     assert (await ide.request("handoff.prepared", handoff="h" * 129))["code"] == "bad_request"
-    await ide.send({"op": "handoff.prepared", "handoff": handoff, "checkpoint": 1})
-    await phone.next("handoff.offer", handoff=handoff)
+    await offered(ide, phone, handoff, 1)
     twice = await ide.request("handoff.prepared", handoff=handoff, checkpoint=2)
     assert twice["code"] == "bad_request"
     await phone.send({"op": "handoff.accept", "handoff": handoff})
@@ -497,8 +494,7 @@ async def test_the_requester_gone_does_not_stop_the_handoff(devices):
     await claimed(ide)
     handoff = await start_handoff(web, ide, "phone")
     await web.close()
-    await ide.send({"op": "handoff.prepared", "handoff": handoff, "checkpoint": 1})
-    await phone.next("handoff.offer", handoff=handoff)
+    await offered(ide, phone, handoff, 1)
     await phone.send({"op": "handoff.accept", "handoff": handoff})
     assert (await phone.next("handoff.committed", handoff=handoff))["owner"] == "phone"
 
@@ -513,8 +509,7 @@ async def test_a_restart_aborts_uncommitted_handoffs_and_keeps_committed_ones(tm
         await claimed(ide, task="music")
         open_handoff = await start_handoff(phone, ide, "phone", task="agent")
         committed = await start_handoff(phone, ide, "phone", task="music")
-        await ide.send({"op": "handoff.prepared", "handoff": committed, "checkpoint": 1})
-        await phone.next("handoff.offer", handoff=committed)
+        await offered(ide, phone, committed, 1)
         await phone.send({"op": "handoff.accept", "handoff": committed})
         await ide.next("handoff.revoked", handoff=committed)
     # a graceful shutdown tells the parties; the connections are closed with 1001 after it
@@ -547,6 +542,5 @@ async def test_a_checkpoint_must_be_json_and_is_measured_as_the_larger_encoding(
     assert (refused["code"], refused["size"]) == ("too_large", 6 * (limit // 6 + 1) + 2)
     await assert_failed([phone, ide], handoff, "checkpoint_too_large")
     handoff = await start_handoff(phone, ide, "phone")
-    await ide.send({"op": "handoff.prepared", "handoff": handoff, "checkpoint": "\x01" * (limit // 6 - 1)})
-    offer = await phone.next("handoff.offer", handoff=handoff)
+    offer = await offered(ide, phone, handoff, "\x01" * (limit // 6 - 1))
     assert offer["checkpoint"] == "\x01" * (limit // 6 - 1)
