@@ -62,7 +62,7 @@ import random
 import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from ssl import SSLContext
 from typing import Any
 
@@ -106,6 +106,15 @@ class Message:
     body: Any
     ts: int
     ack: bool
+
+
+@dataclass(slots=True)
+class _SeenMessage:
+    """An ack:true message this client received: the seq the server wrote it with last, in which session
+    generation, and whether the application has taken it (queued -> handling -> taken)."""
+    seq: int
+    generation: int
+    stage: str = "queued"
 
 
 @dataclass(frozen=True, slots=True)
@@ -550,7 +559,10 @@ class Client:
         self.errors: asyncio.Queue[ClientError] = asyncio.Queue()
         self.events: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         self.receipts: asyncio.Queue[Receipt] = asyncio.Queue()  # receipts no send() is waiting for any more
-        self._seen_messages: dict[tuple[str, str | int], None] = {}  # recent (sender, id) of ack:true messages
+        # Recent (sender, id) of ack:true messages and where each stands. A repeat of one the application has
+        # not finished taking is never acked: only taking it acks (with the seq the server wrote it with last).
+        self._seen_messages: dict[tuple[str, str | int], _SeenMessage] = {}
+        self._session_generation = 0  # +1 for every new (not resumed) session: seqs of older ones mean nothing
         self.duplicates = 0  # redelivered messages not handed to the application again
         self._requests: dict[str | int, asyncio.Future[dict[str, Any]]] = {}
         self.reconnects = 0
@@ -622,6 +634,7 @@ class Client:
             raise
         if not welcome.get("resumed"):
             self.last_seq = 0
+            self._session_generation += 1
         self.session_id = welcome.get("session")
         self.welcome = welcome
         self._connected.set()
@@ -1257,8 +1270,7 @@ class Client:
         if isinstance(item, ConnectionClosed):
             self._inbox.put_nowait(item)
             raise item
-        await self._auto_ack(item)
-        return item
+        return self._taken(item)
 
     async def messages(self) -> AsyncIterator[Message]:
         """Iterate incoming messages until the client is closed for good."""
@@ -1268,10 +1280,27 @@ class Client:
             except ConnectionClosed:
                 return
 
-    async def _auto_ack(self, message: Message) -> None:
-        if self.auto_ack and message.ack:
+    def _taken(self, message: Message) -> Message:
+        """The application has taken ``message``: ack it now (auto_ack), with the seq the server wrote it with
+        last. Returns the message carrying that seq, for an application that acks by hand."""
+        if not message.ack:
+            return message
+        seen = self._seen_messages.get((message.sender, message.id))
+        if seen is None:  # forgotten (more than SEEN_MESSAGES since): its own seq is all there is
+            self._ack_now(message.seq)
+            return message
+        seen.stage = "taken"
+        if seen.generation != self._session_generation:
+            # Written in a session that is gone: the server writes it again in this one, and that repeat
+            # (recognised as taken) is acked when it arrives.
+            return message
+        self._ack_now(seen.seq)
+        return message if seen.seq == message.seq else replace(message, seq=seen.seq)
+
+    def _ack_now(self, seq: int) -> None:
+        if self.auto_ack:
             with contextlib.suppress(ConnectionError):
-                self._send({"op": "ack", "seq": message.seq})
+                self._send({"op": "ack", "seq": seq})
 
     def _on_envelope(self, envelope: Any) -> None:
         if not isinstance(envelope, dict):
@@ -1282,17 +1311,24 @@ class Client:
             message = Message(envelope["seq"], envelope["id"], envelope["from"], envelope["type"],
                               envelope.get("body"), envelope["ts"], bool(envelope.get("ack")))
             key = (message.sender, message.id)
-            if message.seq <= self.last_seq or (message.ack and key in self._seen_messages):
-                # Redelivered (after a resume, an ack timeout, or from the inbox after a reconnect) and already
-                # seen: ack it again (the first ack may be lost), but do not hand it to the application twice.
+            seen = self._seen_messages.get(key) if message.ack else None
+            if seen is not None:
+                # Redelivered (after a resume, an ack timeout, or from the inbox after a reconnect): never handed
+                # to the application twice. Acked again only once the application has taken it (the first ack
+                # may be lost); until then the ack that taking it sends uses this latest seq.
                 self.duplicates += 1
-                if self.auto_ack and message.ack:
-                    with contextlib.suppress(ConnectionError):
-                        self._send({"op": "ack", "seq": message.seq})
+                self.last_seq = max(self.last_seq, message.seq)
+                if seen.stage == "taken":
+                    self._ack_now(message.seq)
+                else:
+                    seen.seq, seen.generation = message.seq, self._session_generation
+                return
+            if not message.ack and message.seq <= self.last_seq:
+                self.duplicates += 1
                 return
             self.last_seq = max(self.last_seq, message.seq)
             if message.ack:
-                self._seen_messages[key] = None
+                self._seen_messages[key] = _SeenMessage(message.seq, self._session_generation)
                 if len(self._seen_messages) > SEEN_MESSAGES:
                     del self._seen_messages[next(iter(self._seen_messages))]
             if self.on_message is not None:
@@ -1361,14 +1397,20 @@ class Client:
 
     async def _dispatch(self, message: Message) -> None:
         assert self.on_message is not None
+        key = (message.sender, message.id)
+        seen = self._seen_messages.get(key) if message.ack else None
+        if seen is not None:
+            seen.stage = "handling"
         try:
             result = self.on_message(message)
             if result is not None:
                 await result
         except Exception:
             log.exception("on_message callback failed for message %r", message.id)
+            if seen is not None and self._seen_messages.get(key) is seen:
+                del self._seen_messages[key]  # not taken: the server's next write of it gets another try
             return
-        await self._auto_ack(message)
+        self._taken(message)
 
     def _on_disconnected(self, listener: _Listener) -> None:
         if self._welcomed is not None and not self._welcomed.done():
