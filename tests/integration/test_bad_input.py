@@ -309,12 +309,14 @@ async def test_exception_in_a_handler_is_contained(server, connect, monkeypatch)
 
 
 async def test_silent_client_is_dropped_by_heartbeat():
-    async with running_server(heartbeat=0.2) as server:
+    # The client is silent from its first byte: if the test stalls for two heartbeats before its hello, the
+    # server drops it before the welcome. A 1 s heartbeat makes that a 2 s stall, not 0.4 s.
+    async with running_server(heartbeat=1.0) as server:
         transport, listener = await picows.ws_connect(_Collector, server.ws_url, enable_auto_pong=False)
         hello = {"op": "hello", "token": server.issue_token("kim", "kim-1"), "device": {"type": "web"}}
         transport.send(picows.WSMsgType.TEXT, json.dumps(hello).encode())
-        assert (await listener.next())["heartbeat"] == 0.2
-        await asyncio.wait_for(transport.wait_disconnected(), 5)
+        assert (await listener.next())["heartbeat"] == 1.0
+        await asyncio.wait_for(transport.wait_disconnected(), 10)  # a bound: dropped after about 2 s
         await asyncio.wait_for(server.hub.wait_idle(), 5)
         assert len(server.hub.routing) == 0
 

@@ -1,8 +1,6 @@
 """The ``rccs`` command line, run as a real process."""
 
 import asyncio
-import os
-import re
 import signal
 import subprocess
 import sys
@@ -10,10 +8,12 @@ import sys
 from rccs import _fastpath
 from rccs.auth import TokenAuthority, load_or_create_secret
 from rccs.client import Client
+from rccs.testing import ServerProcess, child_environment
 
 
-def rccs(*args, **kwargs):
-    return subprocess.run([sys.executable, "-m", "rccs", *args], capture_output=True, text=True, timeout=60, **kwargs)
+def rccs(*args):
+    return subprocess.run([sys.executable, "-m", "rccs", *args], capture_output=True, text=True, timeout=60,
+                          env=child_environment())
 
 
 def test_token_issue_prints_a_token_the_server_accepts(tmp_path):
@@ -41,32 +41,22 @@ def test_version_names_the_fast_path():
 
 
 async def test_serve_logs_its_fast_path_serves_and_drains_on_sigterm(tmp_path):
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "rccs", "serve", "--port", "0", "--http-port", "0", "--data-dir", str(tmp_path),
-        stderr=asyncio.subprocess.PIPE, env={**os.environ, "RCCS_HEARTBEAT": "15"},
-    )
+    data_dir = tmp_path / "data"
+    server = ServerProcess(data_dir, env=child_environment(RCCS_HEARTBEAT="15"))
     try:
-        while True:
-            line = (await asyncio.wait_for(process.stderr.readline(), 30)).decode()
-            assert line, "server exited before listening"
-            match = re.search(r"fastpath=(\w+) listening on (ws://\S+), http on (http://\S+),", line)
-            if match:
-                break
-        assert match.group(1) == _fastpath.IMPLEMENTATION
-        ws_url = match.group(2)
-        token = rccs("token", "issue", "--user", "u", "--device", "u-1", "--data-dir", str(tmp_path)).stdout.strip()
-        client = Client(ws_url, token, {"type": "desktop"}, reconnect=False)
+        await server.start()  # it logged "fastpath=... listening on ..."
+        assert server.implementation == _fastpath.IMPLEMENTATION
+        token = rccs("token", "issue", "--user", "u", "--device", "u-1", "--data-dir", str(data_dir)).stdout.strip()
+        client = Client(server.ws_url, token, {"type": "desktop"}, reconnect=False)
         welcome = await client.connect()
         assert welcome["heartbeat"] == 15.0
         assert await client.ping() > 0
-        process.send_signal(signal.SIGTERM)
+        server.send_signal(signal.SIGTERM)
         closed = await asyncio.wait_for(client.closed, 10)
         assert closed.code == 1001
-        assert await asyncio.wait_for(process.wait(), 10) == 0
+        assert await asyncio.to_thread(server.wait, 10) == 0
     finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
+        server.kill()
 
 
 def test_serve_refuses_a_bad_config(tmp_path):

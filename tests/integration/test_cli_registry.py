@@ -21,6 +21,7 @@ from rccs.auth import TokenAuthority, load_or_create_secret
 from rccs.credentials import parse_pairing_code, secret_hash
 from rccs.store import MemoryStore, open_store
 from rccs.store.base import CHANGE_DEVICE, CHANGE_SESSION, CHANGE_USER, PendingMessage, SessionRecord
+from rccs.testing import child_environment
 
 CODE = re.compile(r"^pairing code: ([0-9A-Z]{4}-[0-9A-Z]{4})$", re.M)
 CREDENTIAL = re.compile(r"^credential: (rccs_\S+)$", re.M)
@@ -28,9 +29,10 @@ CREDENTIAL = re.compile(r"^credential: (rccs_\S+)$", re.M)
 
 @pytest.fixture(autouse=True)
 def no_rccs_environment(monkeypatch):
-    """Settings from the developer's environment must not leak into these runs."""
+    """Settings from the developer's environment must not leak into these runs. RCCS_PUREPYTHON is no
+    setting: it stays, so that the ``rccs`` processes run the fast path of the suite."""
     for name in list(os.environ):
-        if name.startswith("RCCS_"):
+        if name.startswith("RCCS_") and name != "RCCS_PUREPYTHON":
             monkeypatch.delenv(name)
 
 
@@ -553,8 +555,8 @@ def test_serve_flags_reach_the_new_settings():
 
 
 def rccs_process(*args):
-    env = {name: value for name, value in os.environ.items() if not name.startswith("RCCS_")}
-    return subprocess.run([sys.executable, "-m", "rccs", *args], capture_output=True, text=True, timeout=60, env=env)
+    return subprocess.run([sys.executable, "-m", "rccs", *args], capture_output=True, text=True, timeout=60,
+                          env=child_environment())
 
 
 def test_registry_commands_run_as_a_process(data_dir):

@@ -267,8 +267,10 @@ async def test_keep_task_renews_until_the_task_is_handed_away(connect):
     phone = await connect("alice", "alice-phone", type="mobile")
     ide.on_handoff_prepare(lambda prepare: None)
     phone.on_handoff_offer(lambda offer: True)
-    lease = await ide.task_claim("agent", ttl=0.3)
-    keeper = ide.keep_task(lease, ttl=0.3)
+    # The keeper renews every ttl/3 and the handoff needs the lease live: a stall of 2/3 ttl would fail the
+    # test, so the leases are long enough (3 s) for a loaded machine's stalls.
+    lease = await ide.task_claim("agent", ttl=3)
+    keeper = ide.keep_task(lease, ttl=3)
 
     await asyncio.wait_for(keeper.renewed.wait(), WAIT)
     assert keeper.lease.epoch == 1 and keeper.lease.expires > lease.expires

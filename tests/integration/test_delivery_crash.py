@@ -14,8 +14,9 @@ and checks, as a third-party client (plain ``websockets``, hand-built envelopes)
 - the sender, reconnecting after the receivers acked, gets the kept `delivered` receipts after its
   `welcome` (section 5.2), exactly one final receipt per message and device (section 4.2).
 
-From rccs itself only ``rccs.testing.free_ports`` and the documented command line
-(``rccs serve``, ``rccs token issue``) are used.
+From rccs itself only the documented command line (``rccs serve``, ``rccs token issue``) is used, through
+``rccs.testing.ServerProcess``, which starts ``rccs serve`` on free ports and checks that it runs the fast
+path this suite runs.
 """
 
 from __future__ import annotations
@@ -23,14 +24,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import signal
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -40,7 +38,7 @@ import pytest
 import websockets
 from websockets.exceptions import ConnectionClosed
 
-from rccs.testing import free_ports
+from rccs.testing import ServerProcess, child_environment
 
 USER = "crash-user"
 A, B, C = "crash-sender", "crash-offline", "crash-online"
@@ -60,77 +58,13 @@ def prio_value(priority: Any) -> int:
     return PRIORITY[priority] if isinstance(priority, str) else priority
 
 
-# ---------------------------------------------------------------------------
-# the server process
-# ---------------------------------------------------------------------------
-
-
-class ServerProcess:
-    def __init__(self, data_dir: Path):
-        self.data_dir = data_dir
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.ws_url = ""
-        self.http_url = ""
-        self.starts = 0
-
-    def start(self) -> None:
-        port, http_port = free_ports(2)
-        self.ws_url = f"ws://127.0.0.1:{port}/v1"
-        self.http_url = f"http://127.0.0.1:{http_port}"
-        self.starts += 1
-        log = open(self.data_dir.parent / f"server-{self.starts}.log", "wb")  # noqa: SIM115
-        env = {k: v for k, v in os.environ.items() if not k.startswith("RCCS_")}
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "rccs", "serve", "--port", str(port), "--http-port", str(http_port),
-             "--data-dir", str(self.data_dir)],
-            stdout=log, stderr=subprocess.STDOUT, env=env,
-        )
-        log.close()
-
-    async def wait_ready(self, timeout: float = 10.0) -> None:
-        """Poll GET /readyz until it answers 200 (README: "200 when accepting connections")."""
-        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-
-        def probe() -> bool:
-            try:
-                with opener.open(f"{self.http_url}/readyz", timeout=0.5) as response:
-                    return response.status == 200
-            except (urllib.error.URLError, OSError):
-                return False
-
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert self.proc is not None
-            if self.proc.poll() is not None:
-                raise AssertionError(f"rccs serve exited with {self.proc.returncode}:\n{self.logs()}")
-            if await asyncio.to_thread(probe):
-                return
-            await asyncio.sleep(0.05)
-        raise AssertionError(f"rccs serve not ready within {timeout}s:\n{self.logs()}")
-
-    def kill(self) -> None:
-        """SIGKILL (kill -9) and reap."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-        if self.proc is not None:
-            self.proc.wait(10)
-
-    def logs(self) -> str:
-        parts = []
-        for n in range(1, self.starts + 1):
-            path = self.data_dir.parent / f"server-{n}.log"
-            if path.exists():
-                parts.append(f"--- server run {n} ---\n" + path.read_text(errors="replace")[-4000:])
-        return "\n".join(parts)
-
-
 def issue_token(data_dir: Path, user: str, device: str) -> str:
     """`rccs token issue` (section 8): signs with <data-dir>/token.key, registers user and device."""
     out = subprocess.run(
         [sys.executable, "-m", "rccs", "token", "issue", "--user", user, "--device", device,
          "--data-dir", str(data_dir)],
         capture_output=True, text=True, timeout=30, check=False,
-        env={k: v for k, v in os.environ.items() if not k.startswith("RCCS_")},
+        env=child_environment(),
     )
     assert out.returncode == 0, out.stderr
     return out.stdout.strip()
@@ -309,8 +243,7 @@ async def _scenario(server: ServerProcess, clients: Clients) -> None:
     b_app, c_app = App(), App()
 
     # -- first run -----------------------------------------------------------------------
-    server.start()
-    await server.wait_ready()
+    await server.start()
     a = await clients.hello(A)
     # C stays online and does not ack anything yet
     c = await clients.hello(C, encoding="msgpack", app=c_app)
@@ -378,8 +311,7 @@ async def _scenario(server: ServerProcess, clients: Clients) -> None:
         await conn.until(lambda conn=conn: conn.closed is not None, "the connection to drop", timeout=5)
 
     # -- second run on the same data directory ---------------------------------------------
-    server.start()
-    await server.wait_ready()
+    await server.start()
 
     # C comes back as a client does after a lost connection: hello with resume (section 4.1)
     c2 = await clients.hello(C, encoding="msgpack", app=c_app, ack_policy=lambda m: True,
@@ -467,8 +399,7 @@ async def test_accepted_message_in_flight_survives_kill_9():
         server = ServerProcess(data_dir)
         clients = Clients(server, tokens)
         try:
-            server.start()
-            await server.wait_ready()
+            await server.start()
             a = await clients.hello(A)
             c = await clients.hello(C)
             await a.send({"op": "send", "id": "r-1", "to": {"device": C}, "type": "job", "body": {"k": [1, "two"]},
@@ -478,8 +409,7 @@ async def test_accepted_message_in_flight_survives_kill_9():
             original = c.msgs()[0]
 
             server.kill()
-            server.start()
-            await server.wait_ready()
+            await server.start()
 
             c2 = await clients.hello(C, resume={"session": c.welcome["session"], "last_seq": original["seq"]})
             # Resumed or not depends on whether the young session was written before the kill.
@@ -516,18 +446,15 @@ async def test_resume_after_kill_9_redelivers_the_accepted_message():
         server = ServerProcess(data_dir)
         clients = Clients(server, tokens)
         try:
-            server.start()
-            await server.wait_ready()
+            await server.start()
             c = await clients.hello(C)
             session = c.welcome["session"]
-            assert server.proc is not None
-            server.proc.send_signal(signal.SIGTERM)
-            assert server.proc.wait(10) is not None
+            server.send_signal(signal.SIGTERM)
+            assert await asyncio.to_thread(server.wait, 10) == 0
             await c.until(lambda: c.closed is not None, "the close on shutdown")
             assert c.closed is not None and c.closed.rcvd is not None and c.closed.rcvd.code == 1001, c.closed
 
-            server.start()
-            await server.wait_ready()
+            await server.start()
             c2 = await clients.hello(C, resume={"session": session, "last_seq": 0})
             assert c2.welcome.get("resumed") is True and c2.welcome["session"] == session, c2.welcome
             a = await clients.hello(A)
@@ -539,8 +466,7 @@ async def test_resume_after_kill_9_redelivers_the_accepted_message():
             assert original["seq"] == c2.welcome["next_seq"], (c2.welcome, original)
 
             server.kill()
-            server.start()
-            await server.wait_ready()
+            await server.start()
 
             c3 = await clients.hello(C, resume={"session": session, "last_seq": original["seq"]})
             assert c3.welcome.get("resumed") is True and c3.welcome["session"] == session, (

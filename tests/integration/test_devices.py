@@ -429,10 +429,12 @@ async def test_an_expired_session_is_closed(server, desktop):
 
 
 async def test_the_sweep_closes_expired_sessions_on_its_own(server):
-    phone = Client(server.ws_url, server.issue_token("alice", "alice-phone", ttl_seconds=1), PHONE,
+    # `exp` is whole seconds from an `iat` rounded down: a ttl of 2 lives 1-2 s, time enough to connect
+    # (a ttl of 1 can expire before the hello). The bound: that, then the once-a-second sweep, on a loaded machine.
+    phone = Client(server.ws_url, server.issue_token("alice", "alice-phone", ttl_seconds=2), PHONE,
                    reconnect=False)
     await phone.connect()
-    assert (await asyncio.wait_for(phone.closed, 5)).code == CloseCode.SESSION_EXPIRED
+    assert (await asyncio.wait_for(phone.closed, 10)).code == CloseCode.SESSION_EXPIRED
 
 
 async def test_refresh_with_a_credential_extends_the_session(tmp_path):

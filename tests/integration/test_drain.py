@@ -4,7 +4,9 @@ import asyncio
 import signal
 
 import pytest
-from test_delivery_crash import USER, Clients, ServerProcess, data_directory, issue_token
+from test_delivery_crash import USER, Clients, data_directory, issue_token
+
+from rccs.testing import ServerProcess
 
 SENDER, WORKER, SLEEPER = "drain-sender", "drain-worker", "drain-sleeper"
 
@@ -16,8 +18,7 @@ async def test_sigterm_under_load_loses_nothing_and_devices_resume():
         server = ServerProcess(data_dir)
         clients = Clients(server, tokens)
         try:
-            server.start()
-            await server.wait_ready()
+            await server.start()
             sleeper = await clients.hello(SLEEPER)
             await sleeper.ws.close(1000)  # registered, offline: its messages are queued
             worker = await clients.hello(WORKER, ack_policy=lambda msg: msg["body"] % 2 == 0)  # acks half
@@ -30,15 +31,13 @@ async def test_sigterm_under_load_loses_nothing_and_devices_resume():
                 await sender.send({"op": "send", "id": msg_id, "to": {"device": target}, "type": "t",
                                    "body": n, "ack": True})
             await sender.until(lambda: all(sender.receipts(i, "routed") for i, _ in ids), "every routed receipt")
-            assert server.proc is not None
-            server.proc.send_signal(signal.SIGTERM)  # while the worker still holds unacked messages
-            assert await asyncio.to_thread(server.proc.wait, 30) == 0
+            server.send_signal(signal.SIGTERM)  # while the worker still holds unacked messages
+            assert await asyncio.to_thread(server.wait, 30) == 0
             for conn in (sender, worker):
                 await conn.until(lambda conn=conn: conn.closed is not None, "the close on shutdown")
                 assert conn.closed.rcvd is not None and conn.closed.rcvd.code == 1001
 
-            server.start()
-            await server.wait_ready()
+            await server.start()
             # Every device comes back; the two that were connected resume their sessions.
             worker2 = await clients.hello(WORKER, ack_policy=lambda msg: True,
                                           resume={"session": worker.welcome["session"], "last_seq": 0})

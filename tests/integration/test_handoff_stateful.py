@@ -34,7 +34,6 @@ import contextlib
 import itertools
 import json
 import os
-import subprocess
 import sys
 import traceback
 from collections import Counter
@@ -54,14 +53,15 @@ from hypothesis.stateful import (
     rule,
     run_state_machine_as_test,
 )
-from test_delivery_crash import ServerProcess, data_directory, issue_token
+from test_delivery_crash import data_directory, issue_token
 from websockets.exceptions import ConnectionClosed
 
-from rccs.testing import free_ports
+from rccs.testing import ServerProcess, child_environment
 
 USER = "handoff-user"
 DEVICES = ("d0", "d1", "d2")
 ENCODING = {"d0": "json", "d1": "msgpack", "d2": "json"}
+# The server process is shared by the examples of one test run (each example has its own task).
 SERVER_ENV = {
     "RCCS_HANDOFF_PREPARE_TIMEOUT": "0.3",
     "RCCS_HANDOFF_ACCEPT_TIMEOUT": "0.3",
@@ -76,58 +76,9 @@ FAIL_REASONS = {"refused", "rejected", "prepare_timeout", "accept_timeout", "own
                 "target_disconnected", "checkpoint_too_large", "shutdown", "revoked", "lease_changed", "internal"}
 
 
-# ---------------------------------------------------------------------------
-# the server process, shared by the examples of one test run (each example has its own task)
-# ---------------------------------------------------------------------------
-
-
-class TunedServer(ServerProcess):
-    """``ServerProcess`` with short handoff timeouts and leases (settings come from RCCS_<NAME>)."""
-
-    def start(self) -> None:
-        port, http_port = free_ports(2)
-        self.ws_url = f"ws://127.0.0.1:{port}/v1"
-        self.http_url = f"http://127.0.0.1:{http_port}"
-        self.starts += 1
-        env = {k: v for k, v in os.environ.items() if not k.startswith("RCCS_")}
-        if os.environ.get("RCCS_PUREPYTHON"):  # the server runs the same implementation as the suite
-            env["RCCS_PUREPYTHON"] = os.environ["RCCS_PUREPYTHON"]
-        env.update(SERVER_ENV)
-        with open(self.data_dir.parent / f"server-{self.starts}.log", "wb") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "rccs", "serve", "--port", str(port), "--http-port", str(http_port),
-                 "--data-dir", str(self.data_dir)],
-                stdout=log, stderr=subprocess.STDOUT, env=env,
-            )
-
-    def running(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    async def start_ready(self) -> None:
-        """Start and wait until this process accepts WebSocket connections. ``wait_ready`` alone can be fooled
-        when another test's server took the port ``free_ports`` chose and answers /readyz: then ours cannot
-        listen and exits, and it is started again on other ports."""
-        for _attempt in range(3):
-            self.start()
-            await self.wait_ready()
-            port = int(self.ws_url.rsplit(":", 1)[1].split("/")[0])
-            loop = asyncio.get_running_loop()
-            deadline = loop.time() + BOUND
-            while self.running() and loop.time() < deadline:
-                try:
-                    _, writer = await asyncio.open_connection("127.0.0.1", port)
-                except OSError:
-                    await asyncio.sleep(0.05)  # polling a port that is not open yet (bounded)
-                    continue
-                writer.close()
-                return
-            self.kill()
-        raise AssertionError(f"rccs serve did not start:\n{self.logs()}")
-
-
 @dataclass
 class World:
-    server: TunedServer
+    server: ServerProcess
     tokens: dict[str, str]
     examples: itertools.count = field(default_factory=lambda: itertools.count(1))
     seen: Counter[str] = field(default_factory=Counter)  # what happened, over all examples (printed at the end)
@@ -291,7 +242,7 @@ class HandoffMachine(RuleBasedStateMachine):
 
     async def _start(self) -> None:
         if not self.world.server.running():
-            await self.world.server.start_ready()
+            await self.world.server.start()
         for device in DEVICES:
             await self.connect(device)
 
@@ -885,7 +836,7 @@ class HandoffMachine(RuleBasedStateMachine):
         h = self.open_handoff()
         self.world.server.kill()
         await self._close_all()
-        await self.world.server.start_ready()
+        await self.world.server.start()
         for device in DEVICES:
             await self.connect(device)
         entry = await self.truth()
@@ -915,7 +866,7 @@ class HandoffMachine(RuleBasedStateMachine):
 def test_handoffs_keep_epochs_increasing_and_ownership_whole():
     with data_directory() as data_dir:
         tokens = {device: issue_token(data_dir, USER, device) for device in DEVICES}
-        world = World(TunedServer(data_dir), tokens)
+        world = World(ServerProcess(data_dir, env=child_environment(**SERVER_ENV)), tokens)
         HandoffMachine.world = world
         try:
             run_state_machine_as_test(HandoffMachine, settings=settings(

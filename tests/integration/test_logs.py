@@ -8,14 +8,12 @@ import asyncio
 import io
 import json
 import logging
-import os
 import re
 import secrets
 import signal
 import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 import warnings
@@ -37,7 +35,7 @@ from rccs.logs import (
     make_handler,
     resolve_format,
 )
-from rccs.testing import free_ports
+from rccs.testing import ServerProcess, child_environment
 
 TS = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
 REQUIRED_KEYS = {"ts", "level", "logger", "msg"}
@@ -237,34 +235,8 @@ def test_serve_flags_reach_the_logging_admin_tls_drain_and_rate_settings(capsys)
 # ---- a real server --------------------------------------------------------------
 
 
-def clean_environment(**extra: str) -> dict[str, str]:
-    env = {name: value for name, value in os.environ.items() if not name.startswith("RCCS_")}
-    return {**env, **extra}
-
-
 def server_lines(path: Path) -> list[str]:
     return [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
-async def wait_ready(process: asyncio.subprocess.Process, http_url: str, output: Path, timeout: float = 20.0) -> None:
-    """Poll GET /readyz until it answers 200, at most ``timeout`` seconds."""
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-
-    def probe() -> bool:
-        try:
-            with opener.open(f"{http_url}/readyz", timeout=1) as response:
-                return bool(response.status == 200)
-        except (urllib.error.URLError, OSError):
-            return False
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.returncode is not None:
-            raise AssertionError(f"rccs serve exited with {process.returncode}:\n{output.read_text()}")
-        if await asyncio.to_thread(probe):
-            return
-        await asyncio.sleep(0.05)  # poll interval
-    raise AssertionError(f"rccs serve not ready within {timeout} s:\n{output.read_text()}")
 
 
 def http_get(url: str, headers: dict[str, str]) -> int:
@@ -285,21 +257,14 @@ async def refused(client: Client) -> None:
 async def test_a_served_json_log_holds_only_json_and_no_secret(tmp_path):
     token_secret = secrets.token_hex(32)
     admin_key = "admin-" + secrets.token_urlsafe(24)
-    port, http_port = free_ports(2)
-    ws_url, http_url = f"ws://127.0.0.1:{port}/v1", f"http://127.0.0.1:{http_port}"
-    output = tmp_path / "server.log"
-    with output.open("wb") as sink:
-        process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "rccs", "serve", "--port", str(port), "--http-port", str(http_port),
-            "--data-dir", str(tmp_path / "data"), "--log-format", "json", "--log-level", "DEBUG",
-            stdout=sink, stderr=sink,
-            env=clean_environment(RCCS_ADMIN_KEY=admin_key, RCCS_TOKEN_SECRET=token_secret,
-                                  RCCS_INBOX_MAX_MESSAGES="1"),
-        )
+    server = ServerProcess(tmp_path / "data", "--log-format", "json", "--log-level", "DEBUG",
+                           env=child_environment(RCCS_ADMIN_KEY=admin_key, RCCS_TOKEN_SECRET=token_secret,
+                                                 RCCS_INBOX_MAX_MESSAGES="1"))
     seen: list[str] = [admin_key, token_secret]  # every secret the server got; none may be in its log
     clients: list[Client] = []
     try:
-        await wait_ready(process, http_url, output)
+        await server.start()
+        ws_url, http_url = server.ws_url, server.http_url
         tokens = TokenAuthority(token_secret.encode())
         desktop_token = tokens.issue("alice", "alice-desktop", 3600)
         phone_token = tokens.issue("alice", "alice-phone", 3600)
@@ -366,19 +331,17 @@ async def test_a_served_json_log_holds_only_json_and_no_secret(tmp_path):
         assert [(r.status, r.reason) for r in second if r.status != "routed"] == [("failed", "inbox_full")]
 
         await tablet.close()
-        process.send_signal(signal.SIGTERM)  # the desktop is still connected: closed by the drain
+        server.send_signal(signal.SIGTERM)  # the desktop is still connected: closed by the drain
         closed = await asyncio.wait_for(desktop.closed, 10)
         assert closed.code == 1001
-        assert await asyncio.wait_for(process.wait(), 15) == 0
+        assert await asyncio.to_thread(server.wait, 15) == 0
     finally:
         for client in clients:
             await client.close()
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
+        server.kill()
 
-    text = output.read_text(encoding="utf-8")
-    lines = server_lines(output)
+    text = server.log_path.read_text(encoding="utf-8")  # the process that served (a retry has a log of its own)
+    lines = server_lines(server.log_path)
     assert lines, "the server logged nothing"
     records = []
     for line in lines:
@@ -410,11 +373,10 @@ def test_serve_logs_a_failure_to_start_as_json(tmp_path):
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        (http_port,) = free_ports(1)
         result = subprocess.run(
-            [sys.executable, "-m", "rccs", "serve", "--port", str(port), "--http-port", str(http_port),
+            [sys.executable, "-m", "rccs", "serve", "--port", str(port), "--http-port", "0",
              "--data-dir", str(tmp_path), "--store", "memory", "--log-format", "json"],
-            capture_output=True, text=True, timeout=60, env=clean_environment(),
+            capture_output=True, text=True, timeout=60, env=child_environment(),
         )
     assert result.returncode == 1
     assert result.stdout == ""

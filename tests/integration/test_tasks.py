@@ -8,6 +8,7 @@ import msgpack
 import pytest
 import websockets
 
+from rccs import tasks
 from rccs.testing import running_server
 
 PREPARE_TIMEOUT = 0.4
@@ -17,6 +18,28 @@ ACCEPT_TIMEOUT = 0.4
 @pytest.fixture
 def server_settings():
     return {"handoff_prepare_timeout": PREPARE_TIMEOUT, "handoff_accept_timeout": ACCEPT_TIMEOUT}
+
+
+class LeaseClock:
+    """The server's clock for task leases, moved forward by the test: a lease expires when the test says,
+    however long the round trips before took (a lease short enough to wait for can expire before them)."""
+
+    def __init__(self, real_now_ms):
+        self.real_now_ms = real_now_ms
+        self.ahead_ms = 0
+
+    def now_ms(self):
+        return self.real_now_ms() + self.ahead_ms
+
+    def move_past(self, expires):
+        self.ahead_ms += max(0, expires + 1 - self.now_ms())
+
+
+@pytest.fixture
+def lease_clock(monkeypatch):
+    clock = LeaseClock(tasks.now_ms)
+    monkeypatch.setattr(tasks, "now_ms", clock.now_ms)
+    return clock
 
 
 class Device:
@@ -163,16 +186,16 @@ async def test_claim_renew_release_and_epochs_that_only_grow(devices):
     assert (await lease_of(ide))["owner"] == "phone"
 
 
-async def test_an_expired_lease_can_be_claimed_by_another_device_with_the_next_epoch(devices):
+async def test_an_expired_lease_can_be_claimed_by_another_device_with_the_next_epoch(devices, lease_clock):
     ide, phone = await devices("ide", "phone")
-    await claimed(ide, ttl=0.05)
-    while (await lease_of(phone))["live"]:  # wait for the server's clock to pass 'expires'
-        await asyncio.sleep(0.02)
+    lease = await claimed(ide)
+    lease_clock.move_past(lease["expires"])
+    assert not (await lease_of(phone))["live"]
     renewed_late = await ide.request("task.renew", task="agent", epoch=1)  # nobody took it: still the holder's
     assert renewed_late["op"] == "task.lease"
-    await ide.request("task.renew", task="agent", epoch=1, ttl=0.05)
-    while (await lease_of(phone))["live"]:
-        await asyncio.sleep(0.02)
+    assert (await lease_of(phone))["live"]
+    lease_clock.move_past(renewed_late["expires"])
+    assert not (await lease_of(phone))["live"]
     taken = await claimed(phone)
     assert (taken["owner"], taken["epoch"]) == ("phone", 2)
     stale = await ide.request("task.renew", task="agent", epoch=1)
@@ -443,12 +466,15 @@ async def test_one_open_handoff_per_task(devices):
     assert (await web.request("handoff.request", task="agent", to={"device": "web"}))["op"] == "handoff.started"
 
 
-async def test_an_expired_lease_under_a_handoff_cannot_be_claimed(devices):
+# The handoff must still be open when the claim comes: timeouts no stall of the test can reach.
+@pytest.mark.parametrize("server_settings", [{"handoff_prepare_timeout": 60, "handoff_accept_timeout": 60}],
+                         ids=["open handoff"])
+async def test_an_expired_lease_under_a_handoff_cannot_be_claimed(devices, lease_clock):
     ide, phone, web = await devices("ide", "phone", "web")
-    await claimed(ide, ttl=0.05)
+    lease = await claimed(ide)
     handoff = await start_handoff(phone, ide, "phone")
-    while (await lease_of(web))["live"]:
-        await asyncio.sleep(0.02)
+    lease_clock.move_past(lease["expires"])
+    assert not (await lease_of(web))["live"]
     busy = await web.request("task.claim", task="agent")
     assert (busy["code"], busy["handoff"]) == ("handoff_busy", handoff)
 
