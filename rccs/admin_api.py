@@ -14,13 +14,13 @@ operations through ``rccs.admin`` (the CLI's functions), with the ids checked
 here first so that each mistake gets its own status code.
 
 ``POST /admin/publish`` sends a message from the backend with the routing and
-delivery semantics of a device's ``send``: it drives the session send path
-(``Session._on_send``) through a server-side pseudo sender whose device id is
-``SERVER_SENDER`` (``"server"``, the ``from`` receivers see). Receipts meant for
-that sender never reach a socket: the ones produced before the response (failed,
-routed, queued/accepted once the inbox write is committed, delivered if a device
-acked that fast) are returned in the response; later ones are counted and, for
-failures and expiries, emitted on the event bus (webhooks) as for any sender.
+delivery semantics of a device's ``send``: ``Messaging.publish`` with a backend
+sender whose device id is ``SERVER_SENDER`` (``"server"``, the ``from`` receivers
+see). Receipts meant for that sender never reach a socket: the ones produced
+before the response (failed, routed, queued/accepted once the inbox write is
+committed, delivered if a device acked that fast) are returned in the response;
+later ones are counted and, for failures and expiries, emitted on the event bus
+(webhooks) as for any sender (``messaging.BackendReceipts``).
 """
 
 from __future__ import annotations
@@ -29,30 +29,30 @@ import asyncio
 import collections
 import contextlib
 import hmac
-import json
 import logging
 import secrets
 import sys
 import urllib.parse
-import weakref
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
-from . import admin, tasks
+from . import admin
 from .auth import valid_id
+from .clock import now_ms
 from .errors import ErrorCode, ProtocolError
-from .hub import now_ms
-from .protocol import JSON, MAX_ID_CHARS, check_message_id, json_loads
-from .session import CLOSED, OPEN, Session
+from .messaging import SERVER_SENDER
+from .protocol import MAX_ID_CHARS, check_message_id, json_loads
 from .store import DeviceRecord, SessionRecord
 from .transport.http import Request, Response, json_error, json_response
 
 if TYPE_CHECKING:
     from .hub import Hub
+    from .messaging import Messaging
+    from .pairing import Pairing
+    from .tasks import Tasks
 
 log = logging.getLogger("rccs.admin_api")
 
-SERVER_SENDER = "server"  # the ``from`` of messages published by the backend
 PUBLISH_FIELDS = frozenset({"user", "to", "type", "body", "id", "ack", "ttl", "priority", "durable", "first_ack"})
 DEFAULT_LIMIT = 1000
 MAX_LIMIT = 100_000
@@ -81,85 +81,6 @@ class ApiError(Exception):
         self.code = code
         self.message = message
         self.status = status if status is not None else HTTP_STATUS.get(code, 400)
-
-
-# ---- receipts addressed to the backend pseudo-sender ----------------------
-
-
-class BackendReceipts:
-    """Takes the receipts meant for ``SERVER_SENDER`` before the hub would deliver or store them.
-
-    The hook: ``Deliveries.send_receipt`` (every receipt to a sender goes through it) is wrapped on the
-    hub's instance. A first-class version belongs in ``rccs/inbox.py``: at the top of
-    ``Deliveries.send_receipt``, ``if device == SERVER_SENDER and not owns_server_device(self.hub, user):
-    self.hub.backend_receipt(user, envelope); return``.
-    """
-
-    def __init__(self, hub: Hub):
-        self.hub = hub
-        self.waiting: dict[tuple[str, str | int], list[dict[str, Any]]] = {}
-        self.counts: collections.Counter[str] = collections.Counter()  # receipts taken, by status
-        self.published = 0
-        deliveries = hub.deliveries
-        original = deliveries.send_receipt
-
-        def send_receipt(user: str, device: str, envelope: dict[str, Any]) -> None:
-            if device == SERVER_SENDER and not owns_server_device(hub, user):
-                self.take(user, envelope)
-            else:
-                original(user, device, envelope)
-
-        deliveries.send_receipt = send_receipt  # type: ignore[method-assign]
-
-    def take(self, user: str, envelope: dict[str, Any]) -> None:
-        status = str(envelope.get("status"))
-        self.counts[status] += 1
-        if status in ("failed", "expired"):
-            self.hub.bus.emit("message.expired" if status == "expired" else "message.failed", user=user,
-                              sender=SERVER_SENDER, id=envelope.get("id"), device=envelope.get("device"),
-                              reason=envelope.get("reason"))
-        collected = self.waiting.get((user, envelope.get("id")))  # type: ignore[arg-type]
-        if collected is not None:
-            collected.append(envelope)
-
-
-def owns_server_device(hub: Hub, user: str) -> bool:
-    """True if ``user`` has a live device whose id is ``SERVER_SENDER`` (its receipts are its own, then)."""
-    record = hub.registry.get(SERVER_SENDER)
-    return record is not None and record.user == user and record.revoked_at is None
-
-
-_receipts: weakref.WeakKeyDictionary[Hub, BackendReceipts] = weakref.WeakKeyDictionary()
-
-
-def backend_receipts(hub: Hub) -> BackendReceipts:
-    """The hub's receipt hook, installed once."""
-    hook = _receipts.get(hub)
-    if hook is None:
-        hook = _receipts[hub] = BackendReceipts(hub)
-    return hook
-
-
-class _BackendSink:
-    """The pseudo sender's transport: what the send path writes to it (receipts, in JSON) is collected."""
-
-    peer = "admin-api"
-    frames_in = frames_out = bytes_in = bytes_out = 0
-
-    def __init__(self) -> None:
-        self.envelopes: list[dict[str, Any]] = []
-
-    def send_frame(self, data: bytes, text: bool) -> None:
-        self.envelopes.append(json.loads(data))
-
-    def close(self, code: int, reason: str) -> None:
-        """The backend's pseudo-connection has no socket to close."""
-
-    def hello_done(self) -> None:
-        """No hello timer and no direct path for the backend."""
-
-
-# ---- request helpers ------------------------------------------------------------
 
 
 def _check_id(kind: str, value: str) -> str:
@@ -230,13 +151,17 @@ Route = Callable[[Request, list[str]], Awaitable[Response]]
 class AdminAPI:
     """The ``/admin/`` handler of one node."""
 
-    def __init__(self, hub: Hub, key: str, is_ready: Callable[[], bool]):
+    def __init__(self, hub: Hub, key: str, is_ready: Callable[[], bool], messaging: Messaging, pairing: Pairing,
+                 tasks: Tasks):
         if not key:
             raise ValueError("the admin API needs a non-empty key")
         self.hub = hub
         self._key = key.encode()
         self.is_ready = is_ready
-        self.receipts = backend_receipts(hub)
+        self.messaging = messaging
+        self.pairing = pairing
+        self.tasks = tasks
+        self.receipts = messaging.backend
         # (method, path template); "{}" is one path segment, handed to the handler in order.
         self.routes: list[tuple[str, tuple[str, ...], Route]] = [
             ("GET", ("stats",), self.stats),
@@ -325,7 +250,7 @@ class AdminAPI:
 
     def _device_view(self, record: DeviceRecord) -> dict[str, Any]:
         view = admin.device_view(record)
-        view["status"] = "revoked" if record.revoked_at is not None else self.hub.status_of(record.id)
+        view["status"] = "revoked" if record.revoked_at is not None else self.hub.router.status_of(record.id)
         session = self.hub.online(record.user, record.id)
         view["session"] = session.id if session is not None else None
         return view
@@ -367,7 +292,7 @@ class AdminAPI:
             "sessions": {"live": len(hub.live), "resumable": len(hub.detached)},
             "registry": {"users": len(hub.registry.users), "devices": len(hub.registry.devices) - revoked,
                          "revoked_devices": revoked},
-            "pairing_requests_pending": len(hub.pair_requests),
+            "pairing_requests_pending": len(self.pairing.requests),
             "routing": {"results": route_stats["results"], "frames_in": route_stats["frames_in"],
                         "frames_out": route_stats["frames_out"]},
             "events": dict(sorted(hub.events.items())),
@@ -389,7 +314,7 @@ class AdminAPI:
         for device in (await self._merged_devices(None)).values():
             if device.revoked_at is None and device.user in counts:
                 counts[device.user][0] += 1
-                counts[device.user][1] += hub.status_of(device.id) != "offline"
+                counts[device.user][1] += hub.router.status_of(device.id) != "offline"
         views = [{"id": user, "created": created[user], "devices": counts[user][0], "online": counts[user][1]}
                  for user in sorted(created)]
         return json_response(200, {"users": views})
@@ -421,27 +346,14 @@ class AdminAPI:
         user = _check_id("user", params[0])
         if not await self._known_user(user):
             raise ApiError(ErrorCode.NOT_FOUND, f"unknown user {user!r}")
-        return json_response(200, {"user": user, "tasks": await tasks.list_tasks(self.hub, user)})
+        return json_response(200, {"user": user, "tasks": await self.tasks.list_tasks(user)})
 
     async def sessions(self, request: Request, params: list[str]) -> Response:
         hub = self.hub
         user, device = await self._user_device_filter(_query(request, {"user", "device"}))
-
-        def wanted(record: SessionRecord) -> bool:
-            return (user is None or record.user == user) and (device is None or record.device == device)
-
-        records = {record.id: record for record in await hub.store.list_sessions(user_id=user, device_id=device)}
-        for session_id, detached in hub.detached.items():
-            if wanted(detached):
-                records[session_id] = detached
-        for live in list(hub.live.values()):
-            if live.user is not None and live.device is not None:
-                snapshot = live.snapshot(with_pending=True)
-                if wanted(snapshot):
-                    records[live.id] = snapshot
         now = now_ms()
         views = []
-        for record in sorted(records.values(), key=lambda r: (r.user, r.device, r.created, r.id)):
+        for record in await hub.list_sessions(user, device):
             view = admin.session_view(record)
             view["state"] = _session_state(record, now)
             view["resumable"] = record.id in hub.detached
@@ -569,7 +481,7 @@ class AdminAPI:
         _check_id("user", user)
         if user not in hub.registry.users and not hub.registry.user_devices(user):
             raise ApiError(ErrorCode.NOT_FOUND, f"unknown user {user!r}")
-        if owns_server_device(hub, user):
+        if self.receipts.owns_server_device(user):
             raise ApiError(ErrorCode.FORBIDDEN, f"user {user!r} has a device named {SERVER_SENDER!r}, the sender id "
                                                 "of backend messages; revoke that device to publish to this user")
         ack = body.get("ack", False)
@@ -587,32 +499,29 @@ class AdminAPI:
             raise ApiError(exc.code, exc.message) from None
         header: dict[str, Any] = {"op": "send", "id": msg_id}
         header.update((key, value) for key, value in body.items() if key not in ("user", "id"))
-        sender, sink = self._pseudo_sender(user)
         key = (user, msg_id)
         collected: list[dict[str, Any]] = []
         if ack is True and key not in self.receipts.waiting:
             self.receipts.waiting[key] = collected
         try:
             try:
-                sender._on_send(header, b"", -1, -1, True)
+                sender = self.messaging.publish(user, header)
             except ProtocolError as exc:
                 raise ApiError(exc.code, exc.message) from None
-            self.receipts.published += 1
             if ack is not True:
                 return json_response(200, {"id": msg_id, "ack": False})
             # The inbox write is committed within this flush; its queued/accepted/inbox_full receipts come meanwhile.
             await hub.deliveries.flush()
         finally:
-            self._end_pseudo_sender(sender)
             if self.receipts.waiting.get(key) is collected:
                 del self.receipts.waiting[key]
-        errors = [envelope for envelope in sink.envelopes if envelope.get("op") == "error"]
+        errors = [envelope for envelope in sender.envelopes if envelope.get("op") == "error"]
         if errors:  # answered like a device would be (e.g. duplicate_id): nothing was sent
             code = str(errors[0].get("code"))
             known = {member.value for member in ErrorCode}
             raise ApiError(ErrorCode(code) if code in known else ErrorCode.BAD_REQUEST,
                            str(errors[0].get("message", "")))
-        receipts = sink.envelopes + collected
+        receipts = sender.envelopes + collected
         if any(r.get("status") == "duplicate" for r in receipts):
             return json_response(200, {"id": msg_id, "ack": True, "duplicate": True, "routed": [], "queued": [],
                                        "failed": [], "receipts": receipts})
@@ -625,28 +534,11 @@ class AdminAPI:
             "receipts": receipts,
         })
 
-    def _pseudo_sender(self, user: str) -> tuple[Session, _BackendSink]:
-        """A Session that is not a connection: an open session of ``user`` whose device is ``SERVER_SENDER``.
 
-        Never registered in the routing table (no selector reaches it) nor counted as a connection."""
-        sink = _BackendSink()
-        sender = Session(self.hub, sink)
-        self.hub.detach(sender)
-        sender.encoding = JSON
-        sender.user = user
-        sender.device = SERVER_SENDER
-        sender.id = "admin-api"
-        sender.state = OPEN
-        return sender, sink
-
-    @staticmethod
-    def _end_pseudo_sender(sender: Session) -> None:
-        sender.state = CLOSED  # inert from now on: nothing more is written to its sink
-
-
-def admin_handler(hub: Hub, key: str, is_ready: Callable[[], bool]) -> Callable[[Request], Awaitable[Response]] | None:
+def admin_handler(hub: Hub, key: str, is_ready: Callable[[], bool], messaging: Messaging, pairing: Pairing,
+                  tasks: Tasks) -> Callable[[Request], Awaitable[Response]] | None:
     """The ``/admin/`` handler, or None when ``key`` is empty (the API is off)."""
     if not key:
         return None
-    return AdminAPI(hub, key, is_ready)
+    return AdminAPI(hub, key, is_ready, messaging, pairing, tasks)
 

@@ -79,3 +79,21 @@ class ProtocolError(Exception):
         self.message = message
         self.retry_after = retry_after  # seconds, for rate_limited
         self.extra = extra  # more fields of the error envelope (the current lease of a stale_epoch, ...)
+
+
+class HelloRefused(Exception):
+    """A hello that cannot open a session: answered with an ``error``, then the close code."""
+
+    def __init__(self, error: ErrorCode, message: str, close_code: CloseCode):
+        super().__init__(message)
+        self.error = error
+        self.message = message
+        self.close_code = close_code
+
+
+class CredentialNotCached(Exception):
+    """A hello's credential is not in this node's registry: the store must be asked before it is judged."""
+
+    def __init__(self, credential_hash: str):
+        super().__init__("credential not in the registry")
+        self.credential_hash = credential_hash

@@ -31,6 +31,8 @@ import urllib.request
 from collections.abc import Callable
 from typing import Any
 
+from .clock import now_ms
+
 log = logging.getLogger("rccs.events")
 
 EVENT_KINDS = (
@@ -51,7 +53,7 @@ class EventBus:
 
     def emit(self, kind: str, **fields: Any) -> None:
         self.counts[kind] += 1
-        event = {"event": kind, "at": time.time_ns() // 1_000_000, **fields}
+        event = {"event": kind, "at": now_ms(), **fields}
         for subscriber in self._subscribers:
             try:
                 subscriber(event)

@@ -1,51 +1,55 @@
-"""The live connections of this node, the routing table that indexes them, and their sessions.
+"""The sessions of this node: live ones, dropped ones that may still be resumed, their expiry,
+revocation, and writing them down.
 
-The hub is the only object sessions share. It owns the fast-path routing
-table and counters, the registry (the in-memory view of users and devices),
-the sessions (live ones, and dropped ones that may still be resumed), presence,
-pending pairing approvals, and plain counters that metrics read at scrape time.
+Theory of operation. Sessions reach the hub through ``register``/``unregister`` (the routing table
+itself belongs to the router); the hub keeps them by id, keeps dropped ones resumable for
+``session_grace`` seconds, closes expired ones, and turns revocations (its own, or another process's
+through the store's change feed, or another node's through the broker) into closed sockets.
 
-Persistence is write-behind: the hub changes memory at once and hands the
-store copies in the background. Structural session changes and presence are
-flushed every second, session counters every five, everything at ``stop``.
-Other processes (the CLI) write to the store; ``_watch_changes`` polls the
+Persistence is write-behind: the hub changes memory at once and hands the store copies in the
+background. Structural session changes and presence are flushed every second, session counters every
+five, everything at ``stop``. Other processes (the CLI) write to the store; ``_watch_changes`` polls the
 store's change feed and brings their revocations, renames and removals in.
+
+The hub is also this node's ``BrokerNode``: what the broker brings for local connections is written
+here (through the router), and features register for their own broker channels (``on_event``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import heapq
 import logging
 import time
 from collections import Counter
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
 from . import __version__
 from ._fastpath import IMPLEMENTATION, RouteStats, RoutingTable
-from ._fastpath import routing as fast_routing
 from .auth import TokenAuthority
+from .broker import Broker
+from .clock import now_ms
 from .config import Settings
 from .errors import CloseCode, ReceiptReason
 from .events import EventBus, Webhooks
 from .inbox import Deliveries, queued_from_frame
 from .registry import Registry
+from .router import STATUS_REVOKED, Router
 from .store import (
     CHANGE_DEVICE,
     CHANGE_SESSION,
     CHANGE_USER,
-    STATUS_OFFLINE,
-    DeviceRecord,
     PendingMessage,
     SessionRecord,
     Store,
 )
 
 if TYPE_CHECKING:
-    from .session import Session
+    from .contracts import Handler, LiveSession
+
+__all__ = ["Hub", "now_ms"]
 
 log = logging.getLogger("rccs.hub")
 
@@ -55,103 +59,41 @@ CHANGE_POLL_INTERVAL = 0.25  # revocations made by the CLI reach live connection
 FLUSH_SLICE = 500  # sessions snapshotted per event-loop turn when flushing
 MAX_CHANGE_RETRIES = 40  # polls (10 s) before a change that keeps failing is skipped
 CLEANUP_EVERY = 60  # flush intervals between deletions of stale sessions and pairing codes
-STATUS_REVOKED = "revoked"  # presence value announced once when a device is revoked
-
-
-def now_ms() -> int:
-    return time.time_ns() // 1_000_000
-
-
-@dataclasses.dataclass
-class PairingRequest:
-    """A redeemed code that waits for one of the user's devices to approve the new device."""
-
-    id: str
-    user: str
-    session: Session
-    fields: dict[str, Any]
-    expires_at: int
-    redeem: dict[str, Any]  # the pair.redeem envelope: its id is echoed in the answers
-    timer: asyncio.TimerHandle | None = None
-
-
-class TokenBucket:
-    """``capacity`` attempts, refilled evenly over a minute; keyed buckets live in ``AddressLimiter``."""
-
-    __slots__ = ("stamp", "tokens")
-
-    def __init__(self, capacity: float, now: float):
-        self.tokens = capacity
-        self.stamp = now
-
-
-class AddressLimiter:
-    """Per client address token buckets (pairing redemption attempts, hellos): ``capacity`` deep,
-    refilled at ``rate`` per second."""
-
-    def __init__(self, capacity: float, rate: float):
-        self.capacity = float(capacity)
-        self.rate = float(rate)
-        self._buckets: dict[str, TokenBucket] = {}
-
-    def take(self, address: str, now: float) -> float:
-        """0 if an attempt is allowed (and counted), else the seconds until the next one is."""
-        bucket = self._buckets.get(address)
-        if bucket is None:
-            if len(self._buckets) >= MAX_LIMITER_ADDRESSES:
-                self._forget_idle(now)
-            bucket = self._buckets[address] = TokenBucket(self.capacity, now)
-        bucket.tokens = min(self.capacity, bucket.tokens + (now - bucket.stamp) * self.rate)
-        bucket.stamp = now
-        if bucket.tokens >= 1.0:
-            bucket.tokens -= 1.0
-            return 0.0
-        return (1.0 - bucket.tokens) / self.rate
-
-    def _forget_idle(self, now: float) -> None:
-        """Drop buckets that have refilled (idle a minute): they would allow a full burst anyway.
-
-        Runs only when the table is full, and then removes everything idle, so its cost is paid
-        once per many new addresses, not per address."""
-        self._buckets = {address: bucket for address, bucket in self._buckets.items() if now - bucket.stamp < 60.0}
-        if len(self._buckets) >= MAX_LIMITER_ADDRESSES:  # all active: the oldest half goes
-            ordered = sorted(self._buckets.items(), key=lambda item: item[1].stamp)
-            self._buckets = dict(ordered[len(ordered) // 2:])
-
-
-MAX_LIMITER_ADDRESSES = 100_000
 
 
 class Hub:
     """Connections and sessions of one node. Runs on the event loop thread only."""
 
-    def __init__(self, settings: Settings, tokens: TokenAuthority, store: Store):
+    def __init__(self, settings: Settings, tokens: TokenAuthority, store: Store, broker: Broker):
         self.settings = settings
         self.tokens = tokens
         self.store = store
-        self.registry = Registry()
-        self.routing = RoutingTable()
-        self.stats = RouteStats()
-        self.sessions: set[Session] = set()  # every connection, before and after hello
-        self.live: dict[str, Session] = {}  # session id -> its open connection
-        self.detached: dict[str, SessionRecord] = {}  # dropped sessions that may still be resumed
-        self.presence: dict[str, str] = {}  # device id -> online/away (absent: offline)
-        self.pair_requests: dict[str, PairingRequest] = {}
-        self.pair_limiter = AddressLimiter(settings.pairing_attempts_per_minute,
-                                           settings.pairing_attempts_per_minute / 60.0)
-        self.hello_limiter = AddressLimiter(max(1.0, 5 * settings.hello_rate_per_address),
-                                            settings.hello_rate_per_address)
-        self.deliveries = Deliveries(self)
+        self.broker = broker
         self.bus = EventBus()
+        self.events: Counter[str] = Counter()  # sessions opened/resumed, pairings, revocations, ...
+        self.router = Router(self, broker)
+        self.sessions: set[LiveSession] = set()  # every connection, before and after hello
+        self.live: dict[str, LiveSession] = {}  # session id -> its open connection
+        self.detached: dict[str, SessionRecord] = {}  # dropped sessions that may still be resumed
+        self.deliveries = Deliveries(self, self.router, self.live)
         self.webhooks: Webhooks | None = None
         if settings.webhook_url:
             kinds = {k.strip() for k in settings.webhook_events.split(",") if k.strip()} or None
             self.webhooks = Webhooks(settings.webhook_url, settings.webhook_secret, kinds)
             self.bus.subscribe(self.webhooks)
+        # What node.py wires in: the merged ops tables of the features, the hello check, and the hooks
+        # features register for a session's open and close, a removed user, start, and broker events.
+        self.ops: dict[str, Handler] = {}  # op name -> handler, for open sessions
+        self.hello_ops: dict[str, Handler] = {}  # ops allowed in place of a hello (pair.redeem)
+        self.login: Any = None  # a login.Login: the credential and token check of hello and refresh
+        self.on_open: list[Callable[[LiveSession], None]] = []
+        self.on_close: list[Callable[[LiveSession], None]] = []
+        self.on_abandon: list[Callable[[LiveSession], None]] = []  # closed before hello completed
+        self.on_user_removed: list[Callable[[str], None]] = []
+        self.on_start: list[Callable[[], Awaitable[None]]] = []
+        self.on_event: dict[str, Callable[[Any], None]] = {}  # broker channel -> its feature's handler
         self.errors_sent: Counter[str] = Counter()
         self.closes_sent: Counter[int] = Counter()
-        self.events: Counter[str] = Counter()  # sessions opened/resumed, pairings, revocations, ...
-        self.receipts_undeliverable = 0
         self.rate_refused = 0  # messages refused over a device's send rate (answered or not)
         # Send-rate buckets of disconnected devices: (tokens, monotonic ns); a reconnect does not refill them.
         self.rate_buckets: dict[str, tuple[float, int]] = {}
@@ -162,7 +104,6 @@ class Hub:
         self._idle = asyncio.Event()
         self._idle.set()
         self._dirty_sessions: set[str] = set()
-        self._presence_writes: dict[str, tuple[str, int]] = {}
         self._expiries: list[tuple[int, str]] = []
         self._change_cursor = 0
         self._change_failures = 0
@@ -170,6 +111,26 @@ class Hub:
         self._loops: list[asyncio.Task[None]] = []
         self._flush_lock = asyncio.Lock()
         self._changes_applied = asyncio.Condition()
+        broker.attach(self)
+
+    # The router's tables, read by the listener, metrics and tests through the hub.
+
+    @property
+    def registry(self) -> Registry:
+        return self.router.registry
+
+    @property
+    def routing(self) -> RoutingTable:
+        return self.router.routing
+
+    @property
+    def stats(self) -> RouteStats:
+        return self.router.stats
+
+    @property
+    def receipts_undeliverable(self) -> int:
+        """Receipts that found no connection of their sender at once (kept in the store for it)."""
+        return self.deliveries.stats["receipts_kept"]
 
     # ---- lifecycle ---------------------------------------------------
 
@@ -186,8 +147,8 @@ class Hub:
             if resumable:
                 self.detached[record.id] = record
         await self.deliveries.load_message_ids()
-        from . import tasks  # a late import: tasks builds on the hub
-        await tasks.load_notices(self)
+        for starting in self.on_start:
+            await starting()
         if self.webhooks is not None:
             self.webhooks.start()
         self._loops = [asyncio.create_task(self._maintain()), asyncio.create_task(self._watch_changes())]
@@ -206,6 +167,7 @@ class Hub:
         await self.flush(all_sessions=True)
         if self.webhooks is not None:
             await self.webhooks.stop()
+        self.broker.detach(self)
 
     async def settle(self) -> None:
         """Wait for the background writes started so far, then flush (tests and shutdown use this)."""
@@ -243,11 +205,11 @@ class Hub:
     def is_full(self) -> bool:
         return len(self.sessions) >= self.settings.max_connections
 
-    def attach(self, session: Session) -> None:
+    def attach(self, session: LiveSession) -> None:
         self.sessions.add(session)
         self._idle.clear()
 
-    def detach(self, session: Session) -> None:
+    def detach(self, session: LiveSession) -> None:
         self.sessions.discard(session)
         if not self.sessions:
             self._idle.set()
@@ -256,34 +218,20 @@ class Hub:
         """Return once no connection is open (used by shutdown and tests)."""
         await self._idle.wait()
 
-    def owner_of(self, device: str) -> str | None:
-        return self.registry.owner_of(device)
-
-    def register(self, session: Session) -> Session | None:
+    def register(self, session: LiveSession) -> LiveSession | None:
         """Make ``session`` the online connection of its device; returns the one it replaces."""
-        assert session.user is not None and session.device is not None
-        record = self.registry.devices[session.device]
-        previous: Session | None = self.routing.add(  # type: ignore[assignment]
-            session.user, session.device, record.type, record.capabilities, session
-        )
+        previous = self.router.add(session)
         self.live[session.id] = session
         self.dirty(session.id)
         return previous
 
-    def reindex(self, device: DeviceRecord) -> None:
-        """The device's type or capabilities changed: the routing indexes follow at once."""
-        session: Session | None = self.routing.get(device.user, device.id)  # type: ignore[assignment]
-        if session is not None:
-            self.routing.add(device.user, device.id, device.type, device.capabilities, session)
-
-    def unregister(self, session: Session) -> None:
-        if session.user is not None and session.device is not None:
-            self.routing.remove(session.user, session.device, session)
+    def unregister(self, session: LiveSession) -> None:
+        self.router.remove(session)
         if self.live.get(session.id) is session:
             del self.live[session.id]
 
-    def online(self, user: str, device: str) -> Session | None:
-        return self.routing.get(user, device)  # type: ignore[return-value]
+    def online(self, user: str, device: str) -> LiveSession | None:
+        return self.router.online(user, device)
 
     def now(self) -> int:
         return now_ms()
@@ -325,10 +273,29 @@ class Hub:
 
     # ---- sessions ----------------------------------------------------
 
+    async def list_sessions(self, user: str | None = None, device: str | None = None) -> list[SessionRecord]:
+        """Every session of ``user``/``device`` (None: any) as it is now: stored, resumable or live,
+        ordered by user, device, creation."""
+
+        def wanted(record: SessionRecord) -> bool:
+            return (user is None or record.user == user) and (device is None or record.device == device)
+
+        records = {record.id: record for record in await self.store.list_sessions(user_id=user, device_id=device)}
+        for session_id, detached in self.detached.items():
+            if wanted(detached):
+                records[session_id] = detached
+        for live in list(self.live.values()):
+            if live.user is not None and live.device is not None:
+                snapshot = live.snapshot(with_pending=True)
+                if wanted(snapshot):
+                    records[live.id] = snapshot
+        return sorted(records.values(), key=lambda r: (r.user, r.device, r.created, r.id))
+
+
     def dirty(self, session_id: str) -> None:
         self._dirty_sessions.add(session_id)
 
-    def watch_expiry(self, session: Session) -> None:
+    def watch_expiry(self, session: LiveSession) -> None:
         heapq.heappush(self._expiries, (session.expires_at, session.id))
         if len(self._expiries) > 2 * len(self.live) + 1024:  # closed sessions and refreshes leave entries
             self._expiries = [(live.expires_at, live.id) for live in self.live.values()]
@@ -362,27 +329,47 @@ class Hub:
             self._write_records([record])
 
     def revoke_session(self, session_id: str, now: int) -> None:
-        """Close a live session or forget a resumable one; the store is told too."""
+        """Close a live session or forget a resumable one, on whichever node; the store is told too."""
+        self.broker.revoke_session(session_id, now)
+        self.events["session_revoked"] += 1
+        self.spawn(self.store.revoke_session(session_id, now))
+
+    def revoke_device(self, device_id: str, now: int, write: bool = True) -> bool:
+        """Revoke a device: its credential stops working at once, its connection closes with 4410 (on
+        whichever node), its resumable sessions are dropped. False if unknown or already revoked."""
+        record = self.registry.get(device_id)
+        if record is None or record.revoked_at is not None:
+            return False
+        self.broker.revoke_device(device_id, now)
+        if write:
+            self.spawn(self.store.revoke_device(device_id, now))
+        return True
+
+    # ---- the broker's deliveries to this node (BrokerNode) ------------------
+
+    def deliver_to_device(self, user: str, device: str, envelope: dict[str, Any]) -> bool:
+        return self.router.write_to_device(user, device, envelope)
+
+    def deliver_to_user(self, user: str, envelope: dict[str, Any], exclude: str | None) -> int:
+        return self.router.write_to_user(user, envelope, exclude)
+
+    def session_revoked(self, session_id: str, at: int) -> None:
         live = self.live.get(session_id)
         if live is not None:
             live.revoked = True
             live.close(CloseCode.REVOKED, "session revoked")
         self.end_detached(session_id, None)
-        self.events["session_revoked"] += 1
-        self.spawn(self.store.revoke_session(session_id, now))
 
-    def revoke_device(self, device_id: str, now: int, write: bool = True) -> bool:
-        """Revoke a device: its credential stops working at once, its connection closes with 4410,
-        its resumable sessions are dropped. False if unknown or already revoked."""
+    def device_revoked(self, device_id: str, at: int) -> None:
         record = self.registry.get(device_id)
         if record is None or record.revoked_at is not None:
-            return False
-        record.revoked_at = now
+            return
+        record.revoked_at = at
         record.credential_hash = None
         self.registry.put(record)
         # Announced before the close, so the user's devices hear "revoked" and not a plain "offline".
-        self.set_presence(record.user, device_id, STATUS_REVOKED, now)
-        live: Session | None = self.routing.get(record.user, device_id)  # type: ignore[assignment]
+        self.router.set_presence(record.user, device_id, STATUS_REVOKED, at)
+        live = self.router.online(record.user, device_id)
         if live is not None:
             live.revoked = True
             live.close(CloseCode.REVOKED, "device revoked")
@@ -391,36 +378,13 @@ class Hub:
         self.spawn(self.deliveries.fail_inbox(device_id, ReceiptReason.REVOKED))
         self.events["device_revoked"] += 1
         self.bus.emit("device.revoked", user=record.user, device=device_id)
-        if write:
-            self.spawn(self.store.revoke_device(device_id, now))
         log.info("device %s of user %s revoked", device_id, record.user,
                  extra={"user": record.user, "device": device_id})
-        return True
 
-    # ---- presence ----------------------------------------------------
-
-    def set_presence(self, user: str, device: str, status: str, now: int) -> None:
-        """Record a device's status; its user's other online devices hear of a change, once."""
-        previous = self.presence.get(device, STATUS_OFFLINE)
-        if status in (STATUS_OFFLINE, STATUS_REVOKED):
-            self.presence.pop(device, None)
-        else:
-            self.presence[device] = status
-        if status == previous:
-            return
-        record = self.registry.get(device)
-        if record is not None:
-            record.last_seen = now
-            if status != STATUS_REVOKED:
-                record.status = status
-                self._presence_writes[device] = (status, now)
-        envelope = {"op": "presence", "device": device, "status": status, "last_seen": now}
-        frames: dict[str, tuple[bytes, bool]] = {}  # a user with many devices: encode once, not per device
-        for other in self.routing.select(user, fast_routing.SELECT_ALL, True, False, device):
-            other.send_shared(envelope, frames)  # type: ignore[attr-defined]
-
-    def status_of(self, device: str) -> str:
-        return self.presence.get(device, STATUS_OFFLINE)
+    def deliver_event(self, channel: str, payload: Any) -> None:
+        handler = self.on_event.get(channel)
+        if handler is not None:
+            handler(payload)
 
     # ---- background: flush, expiry, cleanup, change feed ---------------
 
@@ -432,8 +396,9 @@ class Hub:
             if all_sessions:
                 ids.update(self.live)
                 ids.update(self.detached)
-            presence = [(device, status, seen) for device, (status, seen) in self._presence_writes.items()]
-            self._presence_writes.clear()
+            writes = self.router.presence_writes
+            presence = [(device, status, seen) for device, (status, seen) in writes.items()]
+            writes.clear()
             if presence:
                 await self.store.update_presence(presence)
             # Snapshots are built on the loop: in slices, so 20,000 sessions never stall routing for long.
@@ -537,24 +502,21 @@ class Hub:
             stored.last_seen = max(stored.last_seen, current.last_seen)
         self.registry.put(stored)
         self.registry.users.add(stored.user)
-        self.reindex(stored)
+        self.router.reindex(stored)
 
     async def _reload_session(self, session_id: str) -> None:
         stored = await self.store.get_session(session_id)
         # Only revocations append session changes; a row already deleted by cleanup was revoked too.
         if stored is None or stored.revoked_at is not None:
-            live = self.live.get(session_id)
-            if live is not None:
-                live.revoked = True
-                live.close(CloseCode.REVOKED, "session revoked")
-            self.end_detached(session_id, None)
+            revoked_at = stored.revoked_at if stored is not None else None
+            self.session_revoked(session_id, revoked_at if revoked_at is not None else now_ms())
 
     async def _reload_user(self, user_id: str) -> None:
         if await self.store.get_user(user_id) is None:
             self.registry.users.discard(user_id)
             for device in self.registry.user_devices(user_id):
                 self.revoke_device(device.id, now_ms(), write=False)
-            from . import tasks  # a late import: tasks builds on the hub
-            tasks.forget_user(self, user_id)
+            for forget in self.on_user_removed:
+                forget(user_id)
         else:
             self.registry.users.add(user_id)

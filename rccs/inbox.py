@@ -29,40 +29,40 @@ from typing import TYPE_CHECKING, Any
 
 from ._fastpath import EnvelopeError, decode_envelope
 from .errors import ProtocolError, ReceiptReason
-from .protocol import NIL, json_loads, json_value_to_msgpack
+from .outgoing import Outgoing
+from .protocol import NIL, json_loads, json_value_to_msgpack, receipt
 from .store.base import QueuedMessage
 
 if TYPE_CHECKING:
-    from .hub import Hub
-    from .session import Session
+    from collections.abc import Callable, Mapping
+
+    from .contracts import Core, LiveSession, PendingAck
+    from .router import Router
 
 log = logging.getLogger("rccs.inbox")
 
 INBOX_PAGE = 1000
 
-
-def receipt(msg_id: str | int, status: str, device: str | None = None, reason: str | None = None) -> dict[str, Any]:
-    envelope: dict[str, Any] = {"op": "receipt", "id": msg_id, "status": status}
-    if device is not None:
-        envelope["device"] = device
-    if reason is not None:
-        envelope["reason"] = reason
-    return envelope
-
-
 class Deliveries:
-    """The hub's durable delivery machinery. Event loop thread only."""
+    """The node's durable delivery machinery. Event loop thread only.
 
-    def __init__(self, hub: Hub):
-        self.hub = hub
-        self.settings = hub.settings
+    ``live`` is the hub's table of open sessions (session id -> session), swept for redelivery.
+    ``receipt_takers`` see every receipt for a sender first; one that returns True has taken it (the
+    admin API takes those of its backend sender)."""
+
+    def __init__(self, core: Core, router: Router, live: Mapping[str, LiveSession]):
+        self.core = core
+        self.router = router
+        self.live = live
+        self.settings = core.settings
+        self.receipt_takers: list[Callable[[str, str, dict[str, Any]], bool]] = []
         self._to_enqueue: list[tuple[QueuedMessage, str]] = []  # (message, receipt status once stored)
         self._to_remove: list[int] = []
         self._to_count: list[int] = []
         self._receipts: list[tuple[str, dict[str, Any]]] = []
         self._flush_scheduled = False
         self._flush_lock = asyncio.Lock()
-        self.in_flight: dict[int, Session] = {}  # inbox id -> the connection it was last written to
+        self.in_flight: dict[int, LiveSession] = {}  # inbox id -> the connection it was last written to
         # Idempotency: per sender device, recent ack:true message ids -> (time, body hash).
         self._seen: dict[str, OrderedDict[str | int, tuple[int, int]]] = {}
         self.stats = {"enqueued": 0, "rejected": 0, "dropped": 0, "expired": 0, "dead_lettered": 0,
@@ -77,7 +77,7 @@ class Deliveries:
 
     def _start_flush(self) -> None:
         self._flush_scheduled = False
-        self.hub.spawn(self.flush())
+        self.core.spawn(self.flush())
 
     async def flush(self) -> None:
         """Write what was asked for so far: one enqueue batch, one removal batch, kept receipts.
@@ -90,7 +90,7 @@ class Deliveries:
             remove, self._to_remove = self._to_remove, []
             count, self._to_count = self._to_count, []
             receipts, self._receipts = self._receipts, []
-            store = self.hub.store
+            store = self.core.store
             if enqueue:
                 await self._commit(enqueue)
             if remove:
@@ -102,7 +102,7 @@ class Deliveries:
 
     async def _commit(self, batch: list[tuple[QueuedMessage, str]]) -> None:
         settings = self.settings
-        outcome = await self.hub.store.enqueue([message for message, _ in batch], settings.inbox_max_messages,
+        outcome = await self.core.store.enqueue([message for message, _ in batch], settings.inbox_max_messages,
                                                settings.inbox_max_bytes, settings.inbox_overflow)
         rejected = {(m.device, m.sender_device, m.msg_id) for m in outcome.rejected}
         stored = iter(outcome.stored)
@@ -115,7 +115,7 @@ class Deliveries:
             kept = next(stored)
             self.stats["enqueued"] += 1
             self.send_receipt(message.user, message.sender_device, receipt(kept.msg_id, status, kept.device))
-            target = self.hub.online(kept.user, kept.device)
+            target = self.router.online(kept.user, kept.device)
             if target is not None and target.inbox_loaded:
                 self.deliver(target, kept)
         for message in outcome.dropped:
@@ -128,17 +128,17 @@ class Deliveries:
 
     def send_receipt(self, user: str, device: str, envelope: dict[str, Any]) -> None:
         """To the sender device now, or kept in the store until it connects. Final failures are events."""
+        for take in self.receipt_takers:
+            if take(user, device, envelope):
+                return
         status = envelope.get("status")
         if status in ("failed", "expired"):
-            self.hub.bus.emit("message.expired" if status == "expired" else "message.failed", user=user,
-                              sender=device, id=envelope.get("id"), device=envelope.get("device"),
-                              reason=envelope.get("reason"))
-        target = self.hub.online(user, device)
-        if target is not None:
-            target.send_control(envelope)
+            self.core.bus.emit("message.expired" if status == "expired" else "message.failed", user=user,
+                               sender=device, id=envelope.get("id"), device=envelope.get("device"),
+                               reason=envelope.get("reason"))
+        if self.router.send_to_device(user, device, envelope):
             return
-        self.hub.receipts_undeliverable += 1  # counted: not delivered at once (kept in the store)
-        self.stats["receipts_kept"] += 1
+        self.stats["receipts_kept"] += 1  # counted: not delivered at once (kept in the store)
         self._receipts.append((device, envelope))
         self._schedule()
 
@@ -164,13 +164,13 @@ class Deliveries:
 
     async def save_message_ids(self) -> None:
         """At shutdown: the idempotency window survives a graceful restart (not a crash)."""
-        await self.hub.store.save_message_ids([
+        await self.core.store.save_message_ids([
             (device, msg_id, at, digest)
             for device, seen in self._seen.items() for msg_id, (at, digest) in seen.items()])
 
     async def load_message_ids(self) -> None:
-        since = self.hub.now() - int(self.settings.idempotency_window * 1000)
-        for device, msg_id, at, digest in await self.hub.store.load_message_ids(since):
+        since = self.core.now() - int(self.settings.idempotency_window * 1000)
+        for device, msg_id, at, digest in await self.core.store.load_message_ids(since):
             seen = self._seen.setdefault(device, OrderedDict())
             seen[msg_id] = (at, digest)
             if len(seen) > self.settings.idempotency_cache:
@@ -183,48 +183,55 @@ class Deliveries:
         self._to_enqueue.append((message, status))
         self._schedule()
 
-    def deliver(self, session: Session, message: QueuedMessage) -> None:
+    def deliver(self, session: LiveSession, message: QueuedMessage) -> None:
         """Write an inbox message to its device's connection (once per connection until acked)."""
         if message.id in self.in_flight and self.in_flight[message.id] is session:
             return
         if message.attempts >= self.settings.max_delivery_attempts:
             self.dead_letter([message])
             return
-        seq = session.deliver_queued(message)
-        if seq is None:
+        outgoing = Outgoing(message.msg_id, message.sender_device, message.type, True, message.body, None, False,
+                            message.ts)
+        try:
+            session.deliver(outgoing, message.user)
+        except ProtocolError:  # its body has no form in this device's encoding
             return
+        seq = session.next_seq - 1
+        if session.inbox_ids is None:
+            session.inbox_ids = {}
+        session.inbox_ids[seq] = message.id
         self.in_flight[message.id] = session
         message.attempts += 1
         self._to_count.append(message.id)
         self._schedule()
 
-    async def on_online(self, session: Session) -> None:
+    async def on_online(self, session: LiveSession) -> None:
         """A device said welcome: its kept receipts, then its inbox."""
-        store = self.hub.store
+        store = self.core.store
         assert session.device is not None
         await self.flush()
         for envelope in await store.take_receipts(session.device):
             session.send_control(envelope)
         await self.load_inbox(session)
 
-    async def load_inbox(self, session: Session) -> None:
+    async def load_inbox(self, session: LiveSession) -> None:
         assert session.device is not None
-        messages = await self.hub.store.inbox(session.device, self.hub.now(), INBOX_PAGE)
+        messages = await self.core.store.inbox(session.device, self.core.now(), INBOX_PAGE)
         session.inbox_loaded = True
         session.inbox_more = len(messages) >= INBOX_PAGE
         for message in messages:
             if session.state_is_open():
                 self.deliver(session, message)
 
-    def on_acked(self, session: Session, inbox_id: int) -> None:
+    def on_acked(self, session: LiveSession, inbox_id: int) -> None:
         self.in_flight.pop(inbox_id, None)
         self._to_remove.append(inbox_id)
         self._schedule()
         if session.inbox_more and not session.inbox_ids:
             session.inbox_more = False
-            self.hub.spawn(self._load_after_flush(session))
+            self.core.spawn(self._load_after_flush(session))
 
-    async def _load_after_flush(self, session: Session) -> None:
+    async def _load_after_flush(self, session: LiveSession) -> None:
         await self.flush()
         if session.state_is_open():
             await self.load_inbox(session)
@@ -233,41 +240,42 @@ class Deliveries:
         self._to_count.append(inbox_id)
         self._schedule()
 
-    def dead_letter_ids(self, ids: list[int], entry: tuple[Any, ...], device: str | None) -> None:
+    def dead_letter_ids(self, ids: list[int], entry: PendingAck, device: str | None) -> None:
         """Inbox messages (written from the inbox, ``entry`` their pending tuple) that were never acked."""
         for inbox_id in ids:
             self.in_flight.pop(inbox_id, None)
         self.stats["dead_lettered"] += len(ids)
-        self.hub.bus.emit("message.dead_lettered", user=entry[0], sender=entry[1], id=entry[2], device=device)
+        self.core.bus.emit("message.dead_lettered", user=entry[0], sender=entry[1], id=entry[2], device=device)
         self.send_receipt(entry[0], entry[1], receipt(entry[2], "failed", device, ReceiptReason.UNDELIVERABLE.value))
-        self.hub.spawn(self.hub.store.dead_letter(ids, ReceiptReason.UNDELIVERABLE.value, self.hub.now()))
+        self.core.spawn(self.core.store.dead_letter(ids, ReceiptReason.UNDELIVERABLE.value, self.core.now()))
 
-    def dead_letter_live(self, session: Session, entry: tuple[Any, ...]) -> None:
+    def dead_letter_live(self, session: LiveSession, entry: PendingAck) -> None:
         """A live message (never in the inbox) that was never acked: stored straight into the dead letters."""
         assert session.device is not None and session.user is not None
         message = queued_from_frame(entry[3], entry[4], session.device, session.user, None)
         self.stats["dead_lettered"] += 1
-        self.hub.bus.emit("message.dead_lettered", user=entry[0], sender=entry[1], id=entry[2], device=session.device)
+        self.core.bus.emit("message.dead_lettered", user=entry[0], sender=entry[1], id=entry[2],
+                           device=session.device)
         self.send_receipt(entry[0], entry[1], receipt(entry[2], "failed", session.device,
                                                       ReceiptReason.UNDELIVERABLE.value))
         if message is not None:
-            self.hub.spawn(self._store_dead(message))
+            self.core.spawn(self._store_dead(message))
 
     async def _store_dead(self, message: QueuedMessage) -> None:
-        store = self.hub.store
+        store = self.core.store
         outcome = await store.enqueue([message], 2**62, 2**62, "reject")
-        await store.dead_letter([m.id for m in outcome.stored], ReceiptReason.UNDELIVERABLE.value, self.hub.now())
+        await store.dead_letter([m.id for m in outcome.stored], ReceiptReason.UNDELIVERABLE.value, self.core.now())
 
     def dead_letter(self, messages: list[QueuedMessage]) -> None:
         for message in messages:
             self.in_flight.pop(message.id, None)
             self.stats["dead_lettered"] += 1
-            self.hub.bus.emit("message.dead_lettered", user=message.user, sender=message.sender_device,
-                              id=message.msg_id, device=message.device)
+            self.core.bus.emit("message.dead_lettered", user=message.user, sender=message.sender_device,
+                               id=message.msg_id, device=message.device)
             self.send_receipt(message.user, message.sender_device, receipt(
                 message.msg_id, "failed", message.device, ReceiptReason.UNDELIVERABLE.value))
-        self.hub.spawn(self.hub.store.dead_letter([m.id for m in messages], ReceiptReason.UNDELIVERABLE.value,
-                                                  self.hub.now()))
+        self.core.spawn(self.core.store.dead_letter([m.id for m in messages], ReceiptReason.UNDELIVERABLE.value,
+                                                    self.core.now()))
 
     # ---- periodic work ---------------------------------------------------------
 
@@ -278,12 +286,47 @@ class Deliveries:
 
     def retry_due(self, now: int) -> None:
         """Redeliver, on the same connection, what has waited for an ack past its deadline."""
-        for session in list(self.hub.live.values()):
+        for session in list(self.live.values()):
             if session.pending:
-                session.retry_due(now, self)
+                self._retry_session(session, now)
+
+    def _retry_session(self, session: LiveSession, now: int) -> None:
+        """Write again what waited for an ack past its deadline; too many attempts make a dead letter."""
+        if session.retry is None:
+            session.retry = {}
+        retry = session.retry
+        for seq in [seq for seq in retry if seq not in session.pending]:
+            del retry[seq]
+        for seq, entry in list(session.pending.items()):
+            state = retry.get(seq)
+            if state is None:
+                retry[seq] = [now + int(self.backoff(1) * 1000), 1]
+                continue
+            if now < state[0]:
+                continue
+            work = session.work.get(seq) if session.work else None
+            if work is not None and work.overdue(session, seq):
+                continue  # moved to another device
+            inbox_id = session.inbox_ids.get(seq) if session.inbox_ids else None
+            attempts = state[1] + 1
+            if attempts > self.settings.max_delivery_attempts:
+                del session.pending[seq]
+                del retry[seq]
+                if inbox_id is not None:
+                    del session.inbox_ids[seq]  # type: ignore[union-attr]
+                    self.dead_letter_ids([inbox_id], entry, session.device)
+                else:
+                    self.dead_letter_live(session, entry)
+                continue
+            state[0] = now + int(self.backoff(attempts) * 1000)
+            state[1] = attempts
+            self.stats["redelivered"] += 1
+            session.send_frame(entry[3], entry[4])
+            if inbox_id is not None:
+                self.count_attempt(inbox_id)
 
     async def expire(self, now: int) -> None:
-        for message in await self.hub.store.take_expired(now):
+        for message in await self.core.store.take_expired(now):
             if message.id in self.in_flight:
                 continue  # already written to its device: the ack decides
             self.stats["expired"] += 1
@@ -291,7 +334,7 @@ class Deliveries:
 
     async def fail_inbox(self, device: str, reason: ReceiptReason) -> None:
         """A revoked device's inbox: every sender is told, then it is purged."""
-        store = self.hub.store
+        store = self.core.store
         messages = await store.inbox(device, 0, 1_000_000)
         await store.purge(device)
         for message in messages:

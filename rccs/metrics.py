@@ -8,7 +8,7 @@ them into metric families when ``/metrics`` is scraped.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, generate_latest
@@ -27,8 +27,9 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 class HubCollector:
     """A prometheus-client custom collector over one hub."""
 
-    def __init__(self, hub: Hub):
+    def __init__(self, hub: Hub, pending_pairings: Callable[[], int]):
         self.hub = hub
+        self.pending_pairings = pending_pairings
 
     def collect(self) -> Iterator[Any]:
         hub = self.hub
@@ -125,14 +126,14 @@ class HubCollector:
         yield GaugeMetricFamily("rccs_devices_registered", "Registered devices that are not revoked",
                                 value=sum(1 for d in hub.registry.devices.values() if d.revoked_at is None))
         yield GaugeMetricFamily("rccs_pairing_requests_pending", "Redeemed pairing codes awaiting approval",
-                                value=len(hub.pair_requests))
+                                value=self.pending_pairings())
         yield GaugeMetricFamily("rccs_uptime_seconds", "Seconds since the server started",
                                 value=time.time() - hub.started_at)
 
 
-def build_registry(hub: Hub) -> CollectorRegistry:
+def build_registry(hub: Hub, pending_pairings: Callable[[], int]) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(HubCollector(hub))
+    registry.register(HubCollector(hub, pending_pairings))
     ProcessCollector(registry=registry)
     PlatformCollector(registry=registry)
     return registry

@@ -1,4 +1,10 @@
-"""Composition root: builds the hub, the WebSocket and HTTP listeners, starts and stops them."""
+"""Composition root: builds every layer, merges the features' ops tables, starts and stops the listeners.
+
+Nothing below this module knows the features: the hub gets their merged ``ops`` table and the hooks they
+register for a session's open and close, a removed user, the start, and their broker channels. Adding an
+op means adding it to its feature's ``ops`` (and to docs/protocol.md); adding a feature means one line in
+``FEATURES`` below.
+"""
 
 from __future__ import annotations
 
@@ -9,17 +15,27 @@ from typing import Any
 
 from picows import WSAutoPingStrategy, ws_create_server
 
-from . import __version__, tasks
+from . import __version__
 from ._fastpath import IMPLEMENTATION
 from .admin_api import admin_handler
 from .auth import TokenAuthority, load_or_create_secret
+from .broker import open_broker
 from .config import ConfigError, Settings
+from .contracts import Handler
+from .devices import Devices
 from .errors import CloseCode
 from .hub import Hub
+from .login import Login
+from .messaging import Messaging
 from .metrics import build_registry
+from .pairing import Pairing
 from .protocol import WS_PATH
+from .rpc import Rpc
 from .session import Session
+from .state import CHANGES as STATE_CHANGES
+from .state import State
 from .store import open_store
+from .tasks import Tasks
 from .transport.http import HttpServer, http_router
 from .transport.ws import ServerConnection, WriteCoalescer
 
@@ -42,6 +58,17 @@ def server_ssl_context(settings: Settings) -> ssl.SSLContext | None:
     return context
 
 
+def merge_ops(*tables: dict[str, Handler]) -> dict[str, Handler]:
+    """One table from the features' own; an op claimed twice is a wiring mistake, refused at start."""
+    merged: dict[str, Handler] = {}
+    for table in tables:
+        for name, handler in table.items():
+            if name in merged:
+                raise ValueError(f"op {name!r} is handled by two features")
+            merged[name] = handler
+    return merged
+
+
 class Node:
     """One rccs server process: ``await start()``, then ``await stop()``."""
 
@@ -51,8 +78,27 @@ class Node:
         secret = settings.token_secret.encode() if settings.token_secret else load_or_create_secret(settings.data_dir)
         self.tokens = TokenAuthority(secret)
         self.store = open_store(settings.store, settings.data_dir)
-        self.hub = Hub(settings, self.tokens, self.store)
-        self.registry = build_registry(self.hub)
+        self.broker = open_broker()
+        hub = self.hub = Hub(settings, self.tokens, self.store, self.broker)
+        self.messaging = Messaging(hub, hub.router, hub.deliveries)
+        self.login = Login(hub)
+        self.devices = Devices(hub)
+        self.pairing = Pairing(hub)
+        self.rpc = Rpc(hub)
+        self.tasks = Tasks(hub)
+        self.state = State(hub, self.tasks.fenced)
+        hub.login = self.login
+        hub.ops = merge_ops(self.messaging.ops, self.login.ops, self.devices.ops, self.pairing.ops, self.rpc.ops,
+                            self.state.ops, self.tasks.ops)
+        hub.hello_ops = merge_ops(self.pairing.hello_ops)
+        # The order of the close hooks is the order a connection's calls, documents and handoffs are settled.
+        hub.on_close += [self.rpc.on_close, self.state.on_close, self.tasks.on_close]
+        hub.on_open.append(self.tasks.on_open)
+        hub.on_abandon.append(self.pairing.on_abandon)
+        hub.on_user_removed.append(self.tasks.forget_user)
+        hub.on_start.append(self.tasks.on_start)
+        hub.on_event[STATE_CHANGES] = self.state.on_change
+        self.registry = build_registry(hub, lambda: len(self.pairing.requests))
         self._ws_server: asyncio.Server | None = None
         self._http_server: HttpServer | None = None
         self._ready = False
@@ -89,6 +135,7 @@ class Node:
     async def start(self) -> None:
         settings = self.settings
         await self.store.open()
+        await self.broker.start()
         await self.hub.start()
         tls: dict[str, Any] = {} if self.ssl_context is None else {
             "ssl": self.ssl_context, "ssl_handshake_timeout": settings.hello_timeout}
@@ -112,7 +159,8 @@ class Node:
             **tls,
         )
         self._http_server = HttpServer(
-            http_router(self.registry, self.is_ready, admin_handler(self.hub, settings.admin_key, self.is_ready)))
+            http_router(self.registry, self.is_ready, admin_handler(
+                self.hub, settings.admin_key, self.is_ready, self.messaging, self.pairing, self.tasks)))
         await self._http_server.start(settings.http_host, settings.http_port, self.ssl_context)
         self._ready = True
         log.info(
@@ -127,7 +175,7 @@ class Node:
         self.hub.accepting = False
         if self._ws_server is not None:
             self._ws_server.close()
-        tasks.abort_all(self.hub, "shutdown")
+        self.tasks.abort_all("shutdown")
         self.hub.close_all(CloseCode.GOING_AWAY, "server shutting down")
         if self._ws_server is not None:
             await self._ws_server.wait_closed()
@@ -136,6 +184,7 @@ class Node:
             await self._http_server.wait_closed()
         # Sessions closed by the shutdown stay resumable: written down with their unacked messages.
         await self.hub.stop()
+        await self.broker.stop()
         await self.store.close()
         log.info("rccs stopped")
 

@@ -18,20 +18,22 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import secrets
 import time
 from typing import TYPE_CHECKING, Any
 
 from . import admin
+from .clock import now_ms
 from .credentials import parse_pairing_code
 from .errors import CloseCode, ErrorCode, ProtocolError
-from .hub import PairingRequest, now_ms
+from .limits import AddressLimiter
 from .protocol import MAX_ID_CHARS, parse_device_fields
 
 if TYPE_CHECKING:
+    from .contracts import Conn, Handler
     from .hub import Hub
-    from .session import Session
 
 log = logging.getLogger("rccs.pairing")
 
@@ -39,25 +41,51 @@ MAX_CODE_TTL = 3600.0
 INVALID_CODE_MESSAGE = "invalid pairing code: wrong, expired or already used"
 
 
-def _notify_user(hub: Hub, user: str, envelope: dict[str, Any], exclude: str | None = None) -> None:
-    for device in hub.routing.devices(user):
-        if device != exclude:
-            target = hub.online(user, device)
-            if target is not None:
-                target.send_control(envelope)
+@dataclasses.dataclass
+class PairingRequest:
+    """A redeemed code that waits for one of the user's devices to approve the new device."""
+
+    id: str
+    user: str
+    session: Conn
+    fields: dict[str, Any]
+    expires_at: int
+    redeem: dict[str, Any]  # the pair.redeem envelope: its id is echoed in the answers
+    timer: asyncio.TimerHandle | None = None
 
 
-def _address(session: Session) -> str:
-    return session.sink.peer.rsplit(":", 1)[0]
+class Pairing:
+    """The pairing requests waiting for approval and the redemption rate limit of one node; the ``pair.*``
+    ops (``pair.redeem`` in place of a hello)."""
+
+    def __init__(self, hub: Hub):
+        self.hub = hub
+        settings = hub.settings
+        self.requests: dict[str, PairingRequest] = {}
+        self.limiter = AddressLimiter(settings.pairing_attempts_per_minute, settings.pairing_attempts_per_minute / 60.0)
+        bind = self._bind
+        self.ops: dict[str, Handler] = {"pair.create": bind(op_create), "pair.approve": bind(op_approve),
+                                        "pair.deny": bind(op_deny)}
+        self.hello_ops: dict[str, Handler] = {"pair.redeem": bind(redeem)}
+
+    def _bind(self, handler: Any) -> Handler:
+        def bound(conn: Conn, header: dict[str, Any]) -> None:
+            handler(self, conn, header)
+        return bound
+
+    def on_abandon(self, session: Conn) -> None:
+        abandon(self, session)
+
+
+def _address(session: Conn) -> str:
+    return session.peer.rsplit(":", 1)[0]
 
 
 # ---- the issuing side ----------------------------------------------------
 
 
-def op_create(session: Session, header: dict[str, Any]) -> None:
-    from .devices import in_background
-
-    hub = session.hub
+def op_create(pairing: Pairing, session: Conn, header: dict[str, Any]) -> None:
+    hub = pairing.hub
     settings = hub.settings
     approve = header.get("approve", False)
     if not isinstance(approve, bool):
@@ -75,68 +103,66 @@ def op_create(session: Session, header: dict[str, Any]) -> None:
         )
         session.reply(header, {"op": "pair.code", "approve": approve, **code})
 
-    in_background(session, header, work)
+    session.run_request(header, work)
 
 
-def _request(session: Session, header: dict[str, Any]) -> PairingRequest:
+def _request(pairing: Pairing, session: Conn, header: dict[str, Any]) -> PairingRequest:
     request_id = header.get("request")
     if not isinstance(request_id, str) or not 0 < len(request_id) <= MAX_ID_CHARS:
         raise ProtocolError(ErrorCode.BAD_REQUEST, "'request' must be a pairing request id string")
-    request = session.hub.pair_requests.get(request_id)
+    request = pairing.requests.get(request_id)
     if request is None or request.user != session.user:
         raise ProtocolError(ErrorCode.NOT_FOUND, f"no pending pairing request {request_id!r}")
     return request
 
 
-def op_approve(session: Session, header: dict[str, Any]) -> None:
-    request = _request(session, header)
-    _forget(session.hub, request)
+def op_approve(pairing: Pairing, session: Conn, header: dict[str, Any]) -> None:
+    request = _request(pairing, session, header)
+    _forget(pairing, request)
     session.reply(header, {"op": "ok"})
-    session.hub.spawn(_complete_safely(request.session, request.user, request.fields, request.redeem,
+    pairing.hub.spawn(_complete_safely(pairing, request.session, request.user, request.fields, request.redeem,
                                        session.device))
 
 
-def op_deny(session: Session, header: dict[str, Any]) -> None:
-    request = _request(session, header)
+def op_deny(pairing: Pairing, session: Conn, header: dict[str, Any]) -> None:
+    request = _request(pairing, session, header)
     session.reply(header, {"op": "ok"})
-    deny(session.hub, request, "pairing denied", "denied")
+    deny(pairing, request, "pairing denied", "denied")
 
 
-def deny(hub: Hub, request: PairingRequest, reason: str, why: str) -> None:
+def deny(pairing: Pairing, request: PairingRequest, reason: str, why: str) -> None:
     """Refuse the waiting device; the user's devices learn that the request is gone (``why``)."""
-    _forget(hub, request)
-    hub.events["pairing_denied"] += 1
-    _notify_user(hub, request.user, {"op": "pair.withdrawn", "request": request.id, "reason": why})
+    _forget(pairing, request)
+    pairing.hub.events["pairing_denied"] += 1
+    pairing.hub.router.notify_user(request.user, {"op": "pair.withdrawn", "request": request.id, "reason": why})
     request.session.send_error(ErrorCode.FORBIDDEN, reason, request.redeem.get("id"))
     request.session.close(CloseCode.FORBIDDEN, reason)
 
 
-def _forget(hub: Hub, request: PairingRequest) -> None:
-    hub.pair_requests.pop(request.id, None)
+def _forget(pairing: Pairing, request: PairingRequest) -> None:
+    pairing.requests.pop(request.id, None)
     if request.timer is not None:
         request.timer.cancel()
 
 
-def abandon(session: Session) -> None:
+def abandon(pairing: Pairing, session: Conn) -> None:
     """The new device went away while waiting: its request is withdrawn."""
-    hub = session.hub
-    for request in [r for r in hub.pair_requests.values() if r.session is session]:
-        _forget(hub, request)
-        _notify_user(hub, request.user, {"op": "pair.withdrawn", "request": request.id, "reason": "left"})
+    for request in [r for r in pairing.requests.values() if r.session is session]:
+        _forget(pairing, request)
+        pairing.hub.router.notify_user(request.user, {"op": "pair.withdrawn", "request": request.id,
+                                                      "reason": "left"})
 
 
 # ---- the new device's side ---------------------------------------------
 
 
-def redeem(session: Session, header: dict[str, Any]) -> None:
+def redeem(pairing: Pairing, session: Conn, header: dict[str, Any]) -> None:
     """``pair.redeem`` in place of hello. Failures answer with an error and leave the connection waiting
     for another attempt (or a hello) until the hello timeout."""
-    from .session import AWAIT_APPROVAL
-
-    hub = session.hub
+    hub = pairing.hub
     msg_id = header.get("id")
     try:
-        wait = hub.pair_limiter.take(_address(session), time.monotonic())
+        wait = pairing.limiter.take(_address(session), time.monotonic())
         if wait:
             hub.events["pairing_rate_limited"] += 1
             raise ProtocolError(ErrorCode.RATE_LIMITED, "too many pairing attempts from this address",
@@ -150,17 +176,17 @@ def redeem(session: Session, header: dict[str, Any]) -> None:
         extra = {"retry_after": exc.retry_after} if exc.retry_after is not None else {}
         session.send_error(exc.code, exc.message, msg_id, **extra)
         return
-    session.state = AWAIT_APPROVAL  # no hello or second redeem while the store answers
-    hub.spawn(_redeem_safely(session, header, parsed[0], parsed[1], fields))
+    session.await_approval()  # no hello or second redeem while the store answers
+    hub.spawn(_redeem_safely(pairing, session, header, parsed[0], parsed[1], fields))
 
 
-async def _redeem_safely(session: Session, header: dict[str, Any], code_id: str, code_hash: str,
+async def _redeem_safely(pairing: Pairing, session: Conn, header: dict[str, Any], code_id: str, code_hash: str,
                          fields: dict[str, Any]) -> None:
     """A failure (e.g. the store) must not leave an unauthenticated connection waiting forever."""
     try:
-        await _redeem(session, header, code_id, code_hash, fields)
+        await _redeem(pairing, session, header, code_id, code_hash, fields)
     except Exception:
-        log.exception("pairing redemption from %s failed", session.sink.peer)
+        log.exception("pairing redemption from %s failed", session.peer)
         session.send_error(ErrorCode.INTERNAL, "internal server error", header.get("id"))
         session.close(CloseCode.INTERNAL_ERROR, "pairing failed")
 
@@ -177,59 +203,54 @@ async def _issuer_is_valid(hub: Hub, user: str, issuer: str | None) -> bool:
     return device is not None and device.revoked_at is None and device.user == user
 
 
-async def _redeem(session: Session, header: dict[str, Any], code_id: str, code_hash: str,
+async def _redeem(pairing: Pairing, session: Conn, header: dict[str, Any], code_id: str, code_hash: str,
                   fields: dict[str, Any]) -> None:
-    from .session import AWAIT_HELLO, CLOSED
-
-    hub = session.hub
+    hub = pairing.hub
     settings = hub.settings
     code = await hub.store.redeem_pairing_code(code_id, code_hash, now_ms(), settings.pairing_max_attempts)
-    if session.state == CLOSED:
+    if session.closed:
         return  # the code is used up; the user makes another
     if code is None or not await _issuer_is_valid(hub, code.user, code.issuer_device):
         hub.events["pairing_failed"] += 1
-        session.state = AWAIT_HELLO
+        session.back_to_hello()
         session.send_error(ErrorCode.INVALID_CODE, INVALID_CODE_MESSAGE, header.get("id"))
         if now_ms() - session.connected_at > settings.hello_timeout * 1000:
             session.close(CloseCode.HELLO_TIMEOUT, "no hello in time")
         return
     now = now_ms()
     if not code.approve:
-        await _complete(session, code.user, fields, header, code.issuer_device)
+        await _complete(pairing, session, code.user, fields, header, code.issuer_device)
         return
-    if session.state == CLOSED:
+    if session.closed:
         return
     request = PairingRequest(id=secrets.token_urlsafe(9), user=code.user, session=session, fields=fields,
                              expires_at=now + int(settings.pairing_code_ttl * 1000), redeem=header)
     request.timer = asyncio.get_running_loop().call_later(
-        settings.pairing_code_ttl, deny, hub, request, "pairing not approved in time", "expired"
+        settings.pairing_code_ttl, deny, pairing, request, "pairing not approved in time", "expired"
     )
-    hub.pair_requests[request.id] = request
+    pairing.requests[request.id] = request
     session.reply(header, {"op": "pair.pending", "request": request.id, "expires_at": request.expires_at})
-    _notify_user(hub, code.user, {
+    hub.router.notify_user(code.user, {
         "op": "pair.request", "request": request.id, "issuer": code.issuer_device,
         "device": {name: (list(value) if name == "capabilities" else value) for name, value in fields.items()},
         "address": _address(session), "expires_at": request.expires_at,
     })
 
 
-async def _complete_safely(session: Session, user: str, fields: dict[str, Any], header: dict[str, Any],
-                           approver: str | None) -> None:
+async def _complete_safely(pairing: Pairing, session: Conn, user: str, fields: dict[str, Any],
+                           header: dict[str, Any], approver: str | None) -> None:
     try:
-        await _complete(session, user, fields, header, approver)
+        await _complete(pairing, session, user, fields, header, approver)
     except Exception:
         log.exception("completing a pairing for user %s failed", user)
         session.send_error(ErrorCode.INTERNAL, "internal server error", header.get("id"))
         session.close(CloseCode.INTERNAL_ERROR, "pairing failed")
 
 
-async def _complete(session: Session, user: str, fields: dict[str, Any], header: dict[str, Any],
+async def _complete(pairing: Pairing, session: Conn, user: str, fields: dict[str, Any], header: dict[str, Any],
                     approver: str | None) -> None:
     """Register the new device with a fresh credential and open its session."""
-    from .devices import device_info
-    from .session import CLOSED
-
-    hub = session.hub
+    hub = pairing.hub
     now = now_ms()
     try:
         record, credential = await admin.create_device(
@@ -242,7 +263,7 @@ async def _complete(session: Session, user: str, fields: dict[str, Any], header:
         session.send_error(ErrorCode.INVALID_CODE, INVALID_CODE_MESSAGE, header.get("id"))
         session.close(CloseCode.FORBIDDEN, "pairing failed")
         return
-    if session.state == CLOSED:
+    if session.closed:
         # Nobody holds the credential: do not leave a device behind that no one can use or see revoked.
         await hub.store.revoke_device(record.id, now)
         return
@@ -252,6 +273,6 @@ async def _complete(session: Session, user: str, fields: dict[str, Any], header:
     hub.bus.emit("pairing.completed", user=user, device=record.id, approved_by=approver)
     session.reply(header, {"op": "paired", "user": user, "device": record.id, "credential": credential})
     session.open(record, now + int(hub.settings.session_ttl * 1000), None)
-    _notify_user(hub, user, {"op": "pair.joined", "device": device_info(hub, record), "approved_by": approver},
-                 exclude=record.id)
+    hub.router.notify_user(user, {"op": "pair.joined", "device": hub.router.device_info(record),
+                                  "approved_by": approver}, exclude=record.id)
     log.info("device %s joined user %s by pairing", record.id, user)

@@ -154,6 +154,67 @@ def parse_selector(to: Any) -> Selector:
     return Selector(kind, value, pick == "one", include_self)
 
 
+def selector_order(to: Any, selector: Selector) -> str:
+    """``to.order``: which device a pick-one work item moves to next ("recent" or, for ``devices``, "listed")."""
+    order = to.get("order", "recent") if isinstance(to, dict) else "recent"
+    if order not in ("recent", "listed") or (order == "listed" and selector.kind != "devices"):
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "'to.order' must be \"recent\", or \"listed\" with 'devices'")
+    return str(order)
+
+
+def parse_resume(resume: Any) -> tuple[str, int] | None:
+    """A hello's ``resume``: (session id, last_seq), or None when there is none."""
+    if resume is None:
+        return None
+    if not isinstance(resume, dict):
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "'resume' must be a map with 'session' and 'last_seq'")
+    session_id = resume.get("session")
+    last_seq = resume.get("last_seq", 0)
+    if not isinstance(session_id, str) or not 0 < len(session_id) <= MAX_ID_CHARS:
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "'resume.session' must be a session id string")
+    if not isinstance(last_seq, int) or isinstance(last_seq, bool) or not 0 <= last_seq < 2**53:
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "'resume.last_seq' must be a non-negative integer")
+    return session_id, last_seq
+
+
+def receipt(msg_id: str | int, status: str, device: str | None = None, reason: str | None = None) -> dict[str, Any]:
+    """A ``receipt`` envelope for a sender (docs/protocol.md section 5)."""
+    envelope: dict[str, Any] = {"op": "receipt", "id": msg_id, "status": status}
+    if device is not None:
+        envelope["device"] = device
+    if reason is not None:
+        envelope["reason"] = reason
+    return envelope
+
+
+MAX_TASK_CHARS = 256
+
+
+def parse_task_name(header: dict[str, Any]) -> str:
+    """An op's ``task``: a non-empty string of at most MAX_TASK_CHARS characters."""
+    name = header.get("task")
+    if not isinstance(name, str) or not name:
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "'task' must be a non-empty string")
+    if len(name) > MAX_TASK_CHARS:
+        raise ProtocolError(ErrorCode.TOO_LARGE, f"'task' is longer than {MAX_TASK_CHARS} characters")
+    return name
+
+
+def parse_epoch(header: dict[str, Any]) -> int:
+    """An op's ``epoch``: the lease's fencing token, an integer >= 1."""
+    value = header.get("epoch")
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value < 2**63:
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "'epoch' must be the lease's epoch: an integer >= 1")
+    return value
+
+
+def parse_fence(header: dict[str, Any]) -> tuple[str, int] | None:
+    """``task`` and ``epoch`` of an op that acts for a task (a fenced ``state.patch``), or None."""
+    if "task" not in header and "epoch" not in header:
+        return None
+    return parse_task_name(header), parse_epoch(header)
+
+
 def check_message_id(value: Any) -> str | int:
     """Client ids: a non-empty string of at most 128 characters, or a 64-bit integer."""
     if isinstance(value, bool) or value is None:

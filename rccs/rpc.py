@@ -15,8 +15,8 @@ caller gets ``error`` ``timeout``), the end of the target's connection
 A call that ended without a result stays known to the server until
 ``LATE_RESULT_GRACE`` seconds after its deadline, so that the asked device's
 late result is dropped quietly instead of being refused. Calls are live only:
-nothing is written to the store, and the state lives in an ``RpcRegistry`` per
-hub, created on the first call.
+nothing is written to the store, and the state lives in the node's ``Rpc``
+feature (its ``RpcRegistry``).
 
 ``params`` and ``result`` are envelope fields (not ``body``): they are decoded
 by the server and encoded again for the other side, converted between JSON and
@@ -28,19 +28,17 @@ from __future__ import annotations
 import asyncio
 import itertools
 import math
-import weakref
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 import msgpack
 
-from ._fastpath import routing as fast_routing
 from .errors import ErrorCode, ProtocolError
-from .protocol import MAX_ID_CHARS, MSGPACK, Selector, check_message_id, json_dumps, parse_selector, to_json_value
+from .protocol import MAX_ID_CHARS, MSGPACK, check_message_id, json_dumps, parse_selector, to_json_value
 
 if TYPE_CHECKING:
+    from .contracts import Conn, Handler
     from .hub import Hub
-    from .session import Session
+
 
 DEFAULT_TIMEOUT = 30.0  # seconds a caller waits for the result when the call names no timeout
 MAX_TIMEOUT = 300.0  # the longest timeout a call may ask for
@@ -48,21 +46,14 @@ LATE_RESULT_GRACE = 60.0  # seconds after its deadline that a late result is sti
 MAX_METHOD_CHARS = MAX_ID_CHARS
 MAX_ERROR_CODE_CHARS = MAX_ID_CHARS
 
-_SELECT_KIND = {
-    "all": fast_routing.SELECT_ALL,
-    "type": fast_routing.SELECT_TYPE,
-    "capability": fast_routing.SELECT_CAPABILITY,
-}
-
-
 class Call:
     """One call: waiting for its result, or (``caller`` None) ended and waiting only for a late result."""
 
     __slots__ = ("call_id", "caller", "caller_id", "deadline", "overdue", "target", "timer")
 
-    def __init__(self, call_id: str, caller: Session, caller_id: str | int, target: Session, deadline: int):
+    def __init__(self, call_id: str, caller: Conn, caller_id: str | int, target: Conn, deadline: int):
         self.call_id = call_id  # the server's id, known to the target
-        self.caller: Session | None = caller  # None once the caller no longer waits (timeout, gone)
+        self.caller: Conn | None = caller  # None once the caller no longer waits (timeout, gone)
         self.caller_id = caller_id  # the caller's id, echoed in its result or error
         self.target = target
         self.deadline = deadline  # ms since the epoch
@@ -75,8 +66,8 @@ class RpcRegistry:
 
     def __init__(self) -> None:
         self.calls: dict[str, Call] = {}
-        self.by_caller: dict[Session, dict[str | int, Call]] = {}  # only calls whose caller still waits
-        self.by_target: dict[Session, dict[str, Call]] = {}
+        self.by_caller: dict[Conn, dict[str | int, Call]] = {}  # only calls whose caller still waits
+        self.by_target: dict[Conn, dict[str, Call]] = {}
         self._ids = itertools.count(1)
 
     def __len__(self) -> int:
@@ -85,7 +76,7 @@ class RpcRegistry:
     def new_id(self) -> str:
         return f"c{next(self._ids)}"
 
-    def waiting(self, caller: Session, caller_id: str | int) -> bool:
+    def waiting(self, caller: Conn, caller_id: str | int) -> bool:
         calls = self.by_caller.get(caller)
         return calls is not None and caller_id in calls
 
@@ -95,7 +86,7 @@ class RpcRegistry:
         self.by_caller.setdefault(call.caller, {})[call.caller_id] = call
         self.by_target.setdefault(call.target, {})[call.call_id] = call
 
-    def release_caller(self, call: Call) -> Session | None:
+    def release_caller(self, call: Call) -> Conn | None:
         """The caller stops waiting for ``call``; returns the caller (None if it had already stopped)."""
         caller = call.caller
         if caller is not None:
@@ -114,7 +105,7 @@ class RpcRegistry:
             call.timer = None
 
 
-def _pop_nested(index: dict[Session, dict[Any, Call]], session: Session, key: str | int) -> None:
+def _pop_nested(index: dict[Conn, dict[Any, Call]], session: Conn, key: str | int) -> None:
     calls = index.get(session)
     if calls is not None:
         calls.pop(key, None)
@@ -122,15 +113,22 @@ def _pop_nested(index: dict[Session, dict[Any, Call]], session: Session, key: st
             del index[session]
 
 
-_REGISTRIES: weakref.WeakKeyDictionary[Hub, RpcRegistry] = weakref.WeakKeyDictionary()
+class Rpc:
+    """The calls of one node and the ``call``/``result`` ops."""
 
+    def __init__(self, hub: Hub):
+        self.hub = hub
+        self.registry = RpcRegistry()
+        self.ops: dict[str, Handler] = {"call": self.op_call, "result": self.op_result}
 
-def registry_of(hub: Hub) -> RpcRegistry:
-    """The hub's calls; created on first use."""
-    registry = _REGISTRIES.get(hub)
-    if registry is None:
-        registry = _REGISTRIES[hub] = RpcRegistry()
-    return registry
+    def op_call(self, session: Conn, header: dict[str, Any]) -> None:
+        op_call(self, session, header)
+
+    def op_result(self, session: Conn, header: dict[str, Any]) -> None:
+        op_result(self, session, header)
+
+    def on_close(self, session: Conn) -> None:
+        on_closed(self, session)
 
 
 # ---- parsing ---------------------------------------------------------------
@@ -169,7 +167,7 @@ def parse_error(value: Any) -> dict[str, str]:
 # ---- encoding --------------------------------------------------------------
 
 
-def _encode(session: Session, envelope: dict[str, Any], what: str) -> tuple[bytes, bool]:
+def _encode(session: Conn, envelope: dict[str, Any], what: str) -> tuple[bytes, bool]:
     """``envelope`` as a frame in ``session``'s encoding; ProtocolError(unconvertible) if it cannot be."""
     if session.encoding == MSGPACK:
         try:
@@ -184,47 +182,26 @@ def _encode(session: Session, envelope: dict[str, Any], what: str) -> tuple[byte
         raise ProtocolError(ErrorCode.UNCONVERTIBLE, f"'{what}' is nested too deeply") from None
 
 
-def _write(session: Session, frame: tuple[bytes, bool]) -> None:
+def _write(session: Conn, frame: tuple[bytes, bool]) -> None:
     if session.state_is_open():
-        session.sink.send_frame(frame[0], frame[1])
+        session.send_frame(frame[0], frame[1])
 
 
 # ---- ops -------------------------------------------------------------------
 
 
-def _resolve(session: Session, selector: Selector) -> Session | None:
-    """The one online device a call goes to: the most recently active match, or None."""
-    return resolve_target(session, selector, None if selector.include_self else session.device)
-
-
-def resolve_target(session: Session, selector: Selector, exclude: str | None) -> Session | None:
-    """The most recently active online device of ``session``'s user that ``selector`` matches, other than
-    ``exclude``; None if there is none. A selector naming another user's device is ``forbidden``."""
-    hub = session.hub
-    user = session.user
-    assert user is not None
-    if selector.kind in ("device", "devices"):
-        names: list[str] = [selector.value] if selector.kind == "device" else selector.value
-        for name in names:
-            owner = hub.owner_of(name)
-            if owner is not None and owner != user:
-                raise ProtocolError(ErrorCode.FORBIDDEN, f"device {name!r} belongs to another user")
-        return cast("Session | None", hub.routing.most_recent(user, [name for name in names if name != exclude]))
-    found = hub.routing.select(user, _SELECT_KIND[selector.kind], selector.value, True, exclude)
-    return cast("Session", found[0]) if found else None
-
-
-def op_call(session: Session, header: dict[str, Any]) -> None:
-    hub = session.hub
-    assert session.device is not None
+def op_call(rpc: Rpc, session: Conn, header: dict[str, Any]) -> None:
+    hub = rpc.hub
+    assert session.device is not None and session.user is not None
     caller_id = check_message_id(header.get("id"))
     method = _text(header.get("method"), "method", MAX_METHOD_CHARS)
     timeout = parse_timeout(header.get("timeout"))
     selector = parse_selector(header.get("to"))
-    registry = registry_of(hub)
+    registry = rpc.registry
     if registry.waiting(session, caller_id):
         raise ProtocolError(ErrorCode.DUPLICATE_ID, "a call with this id is still waiting for its result")
-    target = _resolve(session, selector)
+    # the one online device a call goes to: the most recently active match
+    target = hub.router.resolve_one(session.user, selector, None if selector.include_self else session.device)
     if target is None:
         hub.events["rpc_offline"] += 1
         raise ProtocolError(ErrorCode.OFFLINE, "no online device matched 'to': the call reached nobody")
@@ -254,19 +231,18 @@ def _on_timer(hub: Hub, registry: RpcRegistry, call: Call) -> None:
         caller.send_error(ErrorCode.TIMEOUT, f"no result from {call.target.device!r} in time", call.caller_id)
 
 
-def op_result(session: Session, header: dict[str, Any]) -> None:
-    hub = session.hub
+def op_result(rpc: Rpc, session: Conn, header: dict[str, Any]) -> None:
+    hub = rpc.hub
     call_id = check_message_id(header.get("id"))
     error = None
     if "error" in header:
         if "result" in header:
             raise ProtocolError(ErrorCode.BAD_REQUEST, "a result holds either 'result' or 'error', not both")
         error = parse_error(header["error"])
-    registry = _REGISTRIES.get(hub)
-    call = registry.calls.get(call_id) if registry is not None and isinstance(call_id, str) else None
+    registry = rpc.registry
+    call = registry.calls.get(call_id) if isinstance(call_id, str) else None
     if call is None or call.target is not session:
         raise ProtocolError(ErrorCode.UNKNOWN_CALL, "no call with this id waits for a result from this connection")
-    assert registry is not None
     caller = call.caller
     if caller is None:  # the caller stopped waiting (timeout, or its connection ended): dropped quietly
         registry.discard(call)
@@ -289,28 +265,21 @@ def op_result(session: Session, header: dict[str, Any]) -> None:
     _write(caller, frame)
 
 
-RPC_OPS: dict[str, Callable[[Session, dict[str, Any]], None]] = {
-    "call": op_call,
-    "result": op_result,
-}
-
-
-def on_closed(session: Session) -> None:
+def on_closed(rpc: Rpc, session: Conn) -> None:
     """A connection ended: calls it made or was asked to answer are settled."""
-    registry = _REGISTRIES.get(session.hub)
-    if registry is None:
-        return
+    registry = rpc.registry
+    hub = rpc.hub
     asked = registry.by_target.get(session)
     if asked:
         for call in list(asked.values()):
             caller = registry.release_caller(call)
             registry.discard(call)
             if caller is not None and caller is not session:
-                session.hub.events["rpc_disconnected"] += 1
+                hub.events["rpc_disconnected"] += 1
                 caller.send_error(ErrorCode.DISCONNECTED, f"{session.device!r} went away before it answered",
                                   call.caller_id)
     made = registry.by_caller.get(session)
     if made:
         for call in list(made.values()):
             registry.release_caller(call)  # a late result from the target is dropped quietly
-            session.hub.events["rpc_abandoned"] += 1
+            hub.events["rpc_abandoned"] += 1

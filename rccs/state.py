@@ -29,27 +29,30 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import weakref
 from collections.abc import Callable, Coroutine
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from . import tasks
+from .clock import now_ms
 from .errors import ErrorCode, ProtocolError
-from .hub import now_ms
 from .mergepatch import canonical_json, json_problem, json_size, merge_patch
-from .protocol import check_message_id
+from .protocol import check_message_id, parse_fence
 from .store import StateCatchUp, StateConflict, StateTooLarge
 
 if TYPE_CHECKING:
+    from .contracts import Conn, Handler
     from .hub import Hub
-    from .session import Session
+
+# Holds the user's task lock while a write for (task, epoch) happens; refuses a stale epoch (tasks.py).
+Fence = Callable[["Conn", str, int], AbstractAsyncContextManager[None]]
 
 
 KEEP_CHANGES = 1000  # changes kept per durable document for catch-up
 MAX_DOC_NAME_CHARS = 256
 MAX_SUBSCRIPTIONS = 256  # per connection
 LIVE_RECENT_PATCH_IDS = 100  # per live document, for retries
+CHANGES = "state.changed"  # the broker channel of committed changes
 
 # a subscription: ("doc", name) or ("prefix", prefix)
 SubKey = tuple[str, str]
@@ -68,22 +71,43 @@ class _Subscription:
 
 @dataclass
 class _LiveDoc:
-    owner: Session | None  # the connection that wrote it last; None once removed (a tombstone)
+    owner: Conn | None  # the connection that wrote it last; None once removed (a tombstone)
     rev: int = 0
     value: Any = None
     recent: collections.deque[tuple[str, str | int, str, int]] = field(
         default_factory=lambda: collections.deque(maxlen=LIVE_RECENT_PATCH_IDS))  # (by, id, patch text, rev)
 
 
-class StateHub:
-    """The subscriptions and live documents of one hub."""
+class State:
+    """The subscriptions and live documents of one node, and the ``state.*`` ops."""
 
-    def __init__(self) -> None:
-        self.subscriptions: dict[str, dict[Session, dict[SubKey, _Subscription]]] = {}  # user -> connection -> ..
+    def __init__(self, hub: Hub, fence: Fence):
+        self.hub = hub
+        self.fence = fence
+        self.subscriptions: dict[str, dict[Conn, dict[SubKey, _Subscription]]] = {}  # user -> connection -> ..
         self.live: dict[str, dict[str, _LiveDoc]] = {}  # user -> live document name -> document or tombstone
+        self.ops: dict[str, Handler] = {
+            "state.get": self._bind(op_get),
+            "state.patch": self._bind(op_patch),
+            "state.subscribe": self._bind(op_subscribe),
+            "state.unsubscribe": self._bind(op_unsubscribe),
+        }
+
+    def _bind(self, handler: Callable[[State, Conn, dict[str, Any]], None]) -> Handler:
+        def bound(conn: Conn, header: dict[str, Any]) -> None:
+            handler(self, conn, header)
+        return bound
+
+    def on_close(self, session: Conn) -> None:
+        on_closed(self, session)
 
     def notify(self, user: str, doc: str, rev: int, envelope: dict[str, Any]) -> None:
-        """Send a committed change to every connection of ``user`` subscribed to ``doc`` (once each)."""
+        """A committed change goes to every node (the broker's ``CHANGES`` channel): ``on_change`` there."""
+        self.hub.broker.publish(CHANGES, (user, doc, rev, envelope))
+
+    def on_change(self, change: tuple[str, str, int, dict[str, Any]]) -> None:
+        """Send a committed change to every connection of its user subscribed to its document (once each)."""
+        user, doc, rev, envelope = change
         for session, subs in list(self.subscriptions.get(user, {}).items()):
             matching = [sub for sub in subs.values() if sub.matches(doc)]
             if not matching:
@@ -94,22 +118,12 @@ class StateHub:
                 for sub in matching:
                     sub.buffer.append((doc, rev, envelope))
 
-    def drop(self, session: Session) -> None:
+    def drop(self, session: Conn) -> None:
         by_session = self.subscriptions.get(session.user or "")
         if by_session is not None:
             by_session.pop(session, None)
             if not by_session:
                 del self.subscriptions[session.user or ""]
-
-
-_HUBS: weakref.WeakKeyDictionary[Hub, StateHub] = weakref.WeakKeyDictionary()
-
-
-def state_of(hub: Hub) -> StateHub:
-    state = _HUBS.get(hub)
-    if state is None:
-        state = _HUBS[hub] = StateHub()
-    return state
 
 
 # ---- parsing --------------------------------------------------------------
@@ -159,7 +173,7 @@ def _snapshot(doc: str, rev: int, value: Any) -> dict[str, Any]:
     return {"op": "state", "doc": doc, "rev": rev, "value": value}
 
 
-def _run(session: Session, header: dict[str, Any], work: Callable[[], Coroutine[Any, Any, None]]) -> None:
+def _run(session: Conn, header: dict[str, Any], work: Callable[[], Coroutine[Any, Any, None]]) -> None:
     """Background work that needs the store; its refusals become the request's error."""
     async def run() -> None:
         try:
@@ -176,24 +190,24 @@ def _run(session: Session, header: dict[str, Any], work: Callable[[], Coroutine[
 # ---- ops --------------------------------------------------------------------
 
 
-def op_get(session: Session, header: dict[str, Any]) -> None:
+def op_get(state: State, session: Conn, header: dict[str, Any]) -> None:
     user = session.user
     assert user is not None
     doc = _doc_name(header)
     if _is_live(doc):
-        live = state_of(session.hub).live.get(user, {}).get(doc)
+        live = state.live.get(user, {}).get(doc)
         rev, value = (0, None) if live is None else (live.rev, live.value)
         session.reply(header, _snapshot(doc, rev, value))
         return
 
     async def work() -> None:
-        stored = await session.hub.store.get_state(user, doc)
+        stored = await state.hub.store.get_state(user, doc)
         session.reply(header, _snapshot(doc, stored.rev, stored.value))
 
     _run(session, header, work)
 
 
-def op_patch(session: Session, header: dict[str, Any]) -> None:
+def op_patch(state: State, session: Conn, header: dict[str, Any]) -> None:
     user, device = session.user, session.device
     assert user is not None and device is not None
     patch_id = check_message_id(header.get("id"))
@@ -208,23 +222,23 @@ def op_patch(session: Session, header: dict[str, Any]) -> None:
     writer = _writer_of(doc)
     if writer is not None and writer != device:
         raise ProtocolError(ErrorCode.FORBIDDEN, f"{doc[:64]!r} is written only by device {writer!r}")
-    fence = tasks.parse_fence(header)
-    hub = session.hub
+    fence = parse_fence(header)
+    hub = state.hub
     settings = hub.settings
     if _is_live(doc):
         if fence is None:
-            _patch_live(session, header, user, device, doc, patch, patch_id, if_rev)
+            _patch_live(state, session, header, user, device, doc, patch, patch_id, if_rev)
             return
 
         async def fenced_live() -> None:
-            async with tasks.fenced(session, *fence):
-                _patch_live(session, header, user, device, doc, patch, patch_id, if_rev)
+            async with state.fence(session, *fence):
+                _patch_live(state, session, header, user, device, doc, patch, patch_id, if_rev)
 
         _run(session, header, fenced_live)
         return
 
     async def work() -> None:
-        async with tasks.fenced(session, *fence) if fence is not None else contextlib.nullcontext():
+        async with state.fence(session, *fence) if fence is not None else contextlib.nullcontext():
             outcome = await hub.store.patch_state(user, doc, patch, device, patch_id, if_rev, now_ms(),
                                                   settings.state_max_doc_bytes, settings.state_max_user_bytes,
                                                   KEEP_CHANGES)
@@ -232,14 +246,13 @@ def op_patch(session: Session, header: dict[str, Any]) -> None:
                                "noop": outcome.noop})
         change = outcome.change
         if change is not None:
-            state_of(hub).notify(user, doc, change.rev, _changed(doc, change.rev, change.patch, change.by))
+            state.notify(user, doc, change.rev, _changed(doc, change.rev, change.patch, change.by))
 
     _run(session, header, work)
 
 
-def _patch_live(session: Session, header: dict[str, Any], user: str, device: str, doc: str, patch: Any,
-                patch_id: str | int, if_rev: int | None) -> None:
-    state = state_of(session.hub)
+def _patch_live(state: State, session: Conn, header: dict[str, Any], user: str, device: str, doc: str,
+                patch: Any, patch_id: str | int, if_rev: int | None) -> None:
     docs = state.live.setdefault(user, {})
     live = docs.get(doc)
     patch_text = canonical_json(patch)
@@ -257,7 +270,7 @@ def _patch_live(session: Session, header: dict[str, Any], user: str, device: str
     if canonical_json(merged) == canonical_json(value):
         session.reply(header, {"op": "state.ok", "doc": doc, "rev": rev, "prev_rev": rev, "noop": True})
         return
-    size, limit = json_size(merged), session.hub.settings.state_max_doc_bytes
+    size, limit = json_size(merged), state.hub.settings.state_max_doc_bytes
     if size > limit and size > json_size(value):
         session.send_error(ErrorCode.TOO_LARGE, f"state_max_doc_bytes is {limit} bytes; the result would be "
                            f"{size} bytes", header.get("id"), limit="state_max_doc_bytes", max=limit, size=size)
@@ -272,7 +285,7 @@ def _patch_live(session: Session, header: dict[str, Any], user: str, device: str
     state.notify(user, doc, live.rev, _changed(doc, live.rev, patch, device))
 
 
-def op_subscribe(session: Session, header: dict[str, Any]) -> None:
+def op_subscribe(state: State, session: Conn, header: dict[str, Any]) -> None:
     user = session.user
     assert user is not None
     since: dict[str, int] = {}
@@ -300,7 +313,6 @@ def op_subscribe(session: Session, header: dict[str, Any]) -> None:
         rev = _revision(header, "since")
         if rev is not None:
             since[doc] = rev
-    state = state_of(session.hub)
     subs = state.subscriptions.setdefault(user, {}).setdefault(session, {})
     if key not in subs and len(subs) >= MAX_SUBSCRIPTIONS:
         raise ProtocolError(ErrorCode.TOO_LARGE, f"more than {MAX_SUBSCRIPTIONS} subscriptions on one connection")
@@ -311,7 +323,7 @@ def op_subscribe(session: Session, header: dict[str, Any]) -> None:
     async def work() -> None:
         caught: list[StateCatchUp] = []
         if needs_store:
-            store = session.hub.store
+            store = state.hub.store
             caught = await (store.state_catch_up(user, since, doc=name) if kind == "doc"
                             else store.state_catch_up(user, since, prefix=name))
         if state.subscriptions.get(user, {}).get(session, {}).get(key) is not sub:
@@ -345,7 +357,7 @@ def op_subscribe(session: Session, header: dict[str, Any]) -> None:
     _run(session, header, work)
 
 
-def op_unsubscribe(session: Session, header: dict[str, Any]) -> None:
+def op_unsubscribe(state: State, session: Conn, header: dict[str, Any]) -> None:
     user = session.user
     assert user is not None
     if "prefix" in header:
@@ -355,7 +367,6 @@ def op_unsubscribe(session: Session, header: dict[str, Any]) -> None:
         key: SubKey = ("prefix", prefix)
     else:
         key = ("doc", _doc_name(header))
-    state = state_of(session.hub)
     subs = state.subscriptions.get(user, {}).get(session)
     if subs is not None:
         subs.pop(key, None)
@@ -364,18 +375,9 @@ def op_unsubscribe(session: Session, header: dict[str, Any]) -> None:
     session.reply(header, {"op": "ok"})
 
 
-STATE_OPS: dict[str, Callable[[Session, dict[str, Any]], None]] = {
-    "state.get": op_get,
-    "state.patch": op_patch,
-    "state.subscribe": op_subscribe,
-    "state.unsubscribe": op_unsubscribe,
-}
-
-
-def on_closed(session: Session) -> None:
+def on_closed(state: State, session: Conn) -> None:
     """A connection ended: its subscriptions end, its ``live/`` documents go away."""
-    state = _HUBS.get(session.hub)
-    if state is None or session.user is None:
+    if session.user is None:
         return
     state.drop(session)
     docs = state.live.get(session.user)

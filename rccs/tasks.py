@@ -38,27 +38,24 @@ import itertools
 import logging
 import math
 import secrets
-import weakref
 from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import msgpack
 
-from . import rpc
+from .clock import now_ms
 from .errors import ErrorCode, ProtocolError
-from .hub import now_ms
 from .mergepatch import canonical_json, json_problem
-from .protocol import MAX_ID_CHARS, check_message_id, parse_selector
+from .protocol import MAX_ID_CHARS, check_message_id, parse_epoch, parse_selector, parse_task_name
 from .store import TaskLease
 
 if TYPE_CHECKING:
+    from .contracts import Conn, Handler
     from .hub import Hub
-    from .session import Session
 
 log = logging.getLogger("rccs.tasks")
 
-MAX_TASK_CHARS = 256
 MAX_TASKS_PER_USER = 10_000  # lease records per user (released ones count: they keep the epoch)
 MAX_LEASE_TTL = 3600.0  # seconds
 
@@ -76,8 +73,8 @@ class Handoff:
     owner: str
     target: str
     epoch: int  # the owner's epoch; the target gets epoch + 1
-    owner_session: Session
-    target_session: Session
+    owner_session: Conn
+    target_session: Conn
     stage: str = PREPARE
     timer: asyncio.TimerHandle | None = None
 
@@ -91,16 +88,68 @@ class _Book:
     handoffs: dict[str, Handoff] = field(default_factory=dict)  # task -> its open handoff
 
 
-class TaskHub:
-    """The task books and open handoffs of one hub."""
+class Tasks:
+    """The task books and open handoffs of one node, and the ``task.*``/``handoff.*`` ops."""
 
-    def __init__(self) -> None:
+    def __init__(self, hub: Hub):
+        self.hub = hub
         self.books: dict[str, _Book] = {}
         self.handoffs: dict[str, Handoff] = {}  # handoff id -> handoff
-        self.by_session: dict[Session, set[Handoff]] = {}  # owner and target connections of open handoffs
+        self.by_session: dict[Conn, set[Handoff]] = {}  # owner and target connections of open handoffs
         # Users that may have a committed notice to send again; the others' hellos need not load their leases.
         self.notice_users: set[str] = set()
         self._serial = itertools.count(1)
+        bind = self._bind
+        self.ops: dict[str, Handler] = {
+            "task.claim": bind(op_claim),
+            "task.renew": bind(op_renew),
+            "task.release": bind(op_release),
+            "task.list": bind(op_list),
+            "handoff.request": bind(op_handoff_request),
+            "handoff.prepared": bind(op_handoff_prepared),
+            "handoff.refuse": bind(op_handoff_refuse),
+            "handoff.accept": bind(op_handoff_accept),
+            "handoff.reject": bind(op_handoff_reject),
+        }
+
+    def _bind(self, handler: Callable[[Tasks, Conn, dict[str, Any]], None]) -> Handler:
+        def bound(conn: Conn, header: dict[str, Any]) -> None:
+            handler(self, conn, header)
+        return bound
+
+    def fenced(self, session: Conn, task: str, epoch: int) -> contextlib.AbstractAsyncContextManager[None]:
+        """For ``state.patch``: hold the user's task lock while a write at ``epoch`` happens."""
+        return fenced(self, session, task, epoch)
+
+    def on_open(self, session: Conn) -> None:
+        on_welcome(self, session)
+
+    def on_close(self, session: Conn) -> None:
+        on_closed(self, session)
+
+    async def on_start(self) -> None:
+        """Which users have committed notices to send again after a hello."""
+        self.notice_users.update(await self.hub.store.users_with_task_notices())
+
+    def abort_all(self, reason: str) -> None:
+        """Fail every open handoff (the server is shutting down; leases stay as they are)."""
+        for handoff in list(self.handoffs.values()):
+            if handoff.stage != COMMIT:
+                _fail(self, handoff, reason)
+
+    def forget_user(self, user: str) -> None:
+        """The user was removed: its leases went with it from the store; drop the copy and fail its handoffs."""
+        book = self.books.get(user)
+        if book is not None:
+            for handoff in list(book.handoffs.values()):
+                _fail(self, handoff, "revoked")
+            del self.books[user]
+
+    async def list_tasks(self, user: str) -> list[dict[str, Any]]:
+        """The user's tasks as ``task.list`` shows them (for the admin API)."""
+        book = self.book(user)
+        async with book.lock:
+            return _listing(await _leases(self.hub, user, book), book, now_ms())
 
     def book(self, user: str) -> _Book:
         book = self.books.get(user)
@@ -113,39 +162,16 @@ class TaskHub:
         return f"h{next(self._serial)}-{secrets.token_urlsafe(9)}"
 
 
-_HUBS: weakref.WeakKeyDictionary[Hub, TaskHub] = weakref.WeakKeyDictionary()
-
-
-def tasks_of(hub: Hub) -> TaskHub:
-    tasks = _HUBS.get(hub)
-    if tasks is None:
-        tasks = _HUBS[hub] = TaskHub()
-    return tasks
-
-
 # ---- parsing ----------------------------------------------------------------
 
-
-def _task_name(header: dict[str, Any]) -> str:
-    name = header.get("task")
-    if not isinstance(name, str) or not name:
-        raise ProtocolError(ErrorCode.BAD_REQUEST, "'task' must be a non-empty string")
-    if len(name) > MAX_TASK_CHARS:
-        raise ProtocolError(ErrorCode.TOO_LARGE, f"'task' is longer than {MAX_TASK_CHARS} characters")
-    return name
+_task_name = parse_task_name
+_epoch = parse_epoch
 
 
-def _epoch(header: dict[str, Any]) -> int:
-    value = header.get("epoch")
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value < 2**63:
-        raise ProtocolError(ErrorCode.BAD_REQUEST, "'epoch' must be the lease's epoch: an integer >= 1")
-    return value
-
-
-def _ttl_ms(session: Session, header: dict[str, Any]) -> int:
+def _ttl_ms(tasks: Tasks, header: dict[str, Any]) -> int:
     value = header.get("ttl")
     if value is None:
-        return int(session.hub.settings.task_lease_ttl * 1000)
+        return int(tasks.hub.settings.task_lease_ttl * 1000)
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
         raise ProtocolError(ErrorCode.BAD_REQUEST, "'ttl' must be a positive number of seconds")
     if value > MAX_LEASE_TTL:
@@ -160,13 +186,6 @@ def _handoff_id(header: dict[str, Any]) -> str:
     return value
 
 
-def parse_fence(header: dict[str, Any]) -> tuple[str, int] | None:
-    """``task`` and ``epoch`` of an op that acts for a task (a fenced ``state.patch``), or None."""
-    if "task" not in header and "epoch" not in header:
-        return None
-    return _task_name(header), _epoch(header)
-
-
 # ---- envelopes ----------------------------------------------------------------
 
 
@@ -179,15 +198,9 @@ def _is_live(lease: TaskLease | None, now: int) -> bool:
     return lease is not None and lease.owner is not None and lease.expires > now
 
 
-def _send_to_device(hub: Hub, user: str, device: str, envelope: dict[str, Any]) -> None:
-    session = hub.online(user, device)
-    if session is not None:
-        session.send_control(dict(envelope))
-
-
 def _tell(hub: Hub, handoff: Handoff, devices: list[str], envelope: dict[str, Any]) -> None:
     for device in dict.fromkeys(devices):  # once per device, in order
-        _send_to_device(hub, handoff.user, device, envelope)
+        hub.router.send_to_device(handoff.user, device, envelope)
 
 
 # ---- the serialised part ------------------------------------------------------
@@ -207,13 +220,13 @@ async def _write(hub: Hub, book: _Book, lease: TaskLease) -> None:
     book.leases[lease.task] = lease
 
 
-def _serialised(session: Session, header: dict[str, Any],
+def _serialised(tasks: Tasks, session: Conn, header: dict[str, Any],
                 work: Callable[[dict[str, TaskLease], _Book], Coroutine[Any, Any, None]]) -> None:
     """Run ``work`` under the user's lock, in the background; its ProtocolError answers the request."""
-    hub = session.hub
+    hub = tasks.hub
     user = session.user
     assert user is not None
-    book = tasks_of(hub).book(user)
+    book = tasks.book(user)
 
     async def locked() -> None:
         async with book.lock:
@@ -240,12 +253,12 @@ def _confirmed(lease: TaskLease, now: int, **changes: Any) -> TaskLease:
 # ---- lease ops ----------------------------------------------------------------
 
 
-def op_claim(session: Session, header: dict[str, Any]) -> None:
+def op_claim(tasks: Tasks, session: Conn, header: dict[str, Any]) -> None:
     device = session.device
     assert device is not None
     task = _task_name(header)
-    ttl = _ttl_ms(session, header)
-    hub = session.hub
+    ttl = _ttl_ms(tasks, header)
+    hub = tasks.hub
 
     async def work(leases: dict[str, TaskLease], book: _Book) -> None:
         now = now_ms()
@@ -269,16 +282,16 @@ def op_claim(session: Session, header: dict[str, Any]) -> None:
         hub.events["task_claims"] += 1
         session.reply(header, _lease_envelope(new))
 
-    _serialised(session, header, work)
+    _serialised(tasks, session, header, work)
 
 
-def op_renew(session: Session, header: dict[str, Any]) -> None:
+def op_renew(tasks: Tasks, session: Conn, header: dict[str, Any]) -> None:
     device = session.device
     assert device is not None
     task = _task_name(header)
     epoch = _epoch(header)
-    ttl = _ttl_ms(session, header)
-    hub = session.hub
+    ttl = _ttl_ms(tasks, header)
+    hub = tasks.hub
 
     async def work(leases: dict[str, TaskLease], book: _Book) -> None:
         lease = _check_holder(leases.get(task), task, device, epoch)
@@ -287,15 +300,15 @@ def op_renew(session: Session, header: dict[str, Any]) -> None:
         await _write(hub, book, new)
         session.reply(header, _lease_envelope(new))
 
-    _serialised(session, header, work)
+    _serialised(tasks, session, header, work)
 
 
-def op_release(session: Session, header: dict[str, Any]) -> None:
+def op_release(tasks: Tasks, session: Conn, header: dict[str, Any]) -> None:
     device = session.device
     assert device is not None
     task = _task_name(header)
     epoch = _epoch(header)
-    hub = session.hub
+    hub = tasks.hub
 
     async def work(leases: dict[str, TaskLease], book: _Book) -> None:
         lease = _check_holder(leases.get(task), task, device, epoch)
@@ -305,7 +318,7 @@ def op_release(session: Session, header: dict[str, Any]) -> None:
         await _write(hub, book, _confirmed(lease, now_ms(), owner=None, expires=0))
         session.reply(header, {"op": "task.released", "task": task, "epoch": epoch})
 
-    _serialised(session, header, work)
+    _serialised(tasks, session, header, work)
 
 
 def _listing(leases: dict[str, TaskLease], book: _Book, now: int, only: str | None = None) -> list[dict[str, Any]]:
@@ -320,30 +333,23 @@ def _listing(leases: dict[str, TaskLease], book: _Book, now: int, only: str | No
     return listed
 
 
-def op_list(session: Session, header: dict[str, Any]) -> None:
+def op_list(tasks: Tasks, session: Conn, header: dict[str, Any]) -> None:
     only = _task_name(header) if "task" in header else None
 
     async def work(leases: dict[str, TaskLease], book: _Book) -> None:
         now = now_ms()
         session.reply(header, {"op": "tasks", "tasks": _listing(leases, book, now, only), "server_time": now})
 
-    _serialised(session, header, work)
-
-
-async def list_tasks(hub: Hub, user: str) -> list[dict[str, Any]]:
-    """The user's tasks as ``task.list`` shows them (for the admin API)."""
-    book = tasks_of(hub).book(user)
-    async with book.lock:
-        return _listing(await _leases(hub, user, book), book, now_ms())
+    _serialised(tasks, session, header, work)
 
 
 @contextlib.asynccontextmanager
-async def fenced(session: Session, task: str, epoch: int) -> AsyncIterator[None]:
+async def fenced(tasks: Tasks, session: Conn, task: str, epoch: int) -> AsyncIterator[None]:
     """Hold the user's task lock while a write for ``task`` at ``epoch`` happens; refuse a stale one."""
-    hub = session.hub
+    hub = tasks.hub
     user, device = session.user, session.device
     assert user is not None and device is not None
-    book = tasks_of(hub).book(user)
+    book = tasks.book(user)
     async with book.lock:
         leases = await _leases(hub, user, book)
         lease = _check_holder(leases.get(task), task, device, epoch)
@@ -359,15 +365,15 @@ async def fenced(session: Session, task: str, epoch: int) -> AsyncIterator[None]
 # ---- handoff --------------------------------------------------------------------
 
 
-def op_handoff_request(session: Session, header: dict[str, Any]) -> None:
+def op_handoff_request(tasks: Tasks, session: Conn, header: dict[str, Any]) -> None:
     device = session.device
     user = session.user
     assert device is not None and user is not None
     check_message_id(header.get("id"))
     task = _task_name(header)
     selector = parse_selector(header.get("to"))
-    hub = session.hub
-    registry = tasks_of(hub)
+    hub = tasks.hub
+    registry = tasks
 
     async def work(leases: dict[str, TaskLease], book: _Book) -> None:
         now = now_ms()
@@ -387,7 +393,7 @@ def op_handoff_request(session: Session, header: dict[str, Any]) -> None:
                                 "over (its lease ends at 'expires' unless it renews)", task=task, owner=owner,
                                 epoch=lease.epoch, expires=lease.expires)
         # the target may be the requester itself (a pull); never the owner
-        target_session = rpc.resolve_target(session, selector, exclude=owner)
+        target_session = hub.router.resolve_one(user, selector, exclude=owner)
         if target_session is None or target_session.device is None:
             raise ProtocolError(ErrorCode.OFFLINE, "no online device other than the owner matched 'to'")
         handoff = Handoff(id=registry.new_handoff_id(), user=user, task=task, requester=device, owner=owner,
@@ -398,7 +404,7 @@ def op_handoff_request(session: Session, header: dict[str, Any]) -> None:
         for party in (owner_session, target_session):
             registry.by_session.setdefault(party, set()).add(handoff)
         timeout = hub.settings.handoff_prepare_timeout
-        handoff.timer = asyncio.get_running_loop().call_later(timeout, _on_timeout, hub, handoff, PREPARE)
+        handoff.timer = asyncio.get_running_loop().call_later(timeout, _on_timeout, tasks, handoff, PREPARE)
         hub.events["handoffs_requested"] += 1
         session.reply(header, {"op": "handoff.started", "handoff": handoff.id, "task": task, "from": owner,
                                "to": handoff.target, "epoch": lease.epoch})
@@ -406,13 +412,13 @@ def op_handoff_request(session: Session, header: dict[str, Any]) -> None:
                                     "to": handoff.target, "epoch": lease.epoch,
                                     "deadline": now + int(timeout * 1000)})
 
-    _serialised(session, header, work)
+    _serialised(tasks, session, header, work)
 
 
-def _open_handoff(session: Session, header: dict[str, Any], party: str, stage: str) -> Handoff:
+def _open_handoff(tasks: Tasks, session: Conn, header: dict[str, Any], party: str, stage: str) -> Handoff:
     """The handoff a step names, checked: it exists for this user, ``party`` is this device, at ``stage``."""
     handoff_id = _handoff_id(header)
-    handoff = tasks_of(session.hub).handoffs.get(handoff_id)
+    handoff = tasks.handoffs.get(handoff_id)
     if handoff is None or handoff.user != session.user:
         raise ProtocolError(ErrorCode.NOT_FOUND, "no open handoff has this id (unknown, finished or failed)",
                             handoff=handoff_id)
@@ -426,16 +432,16 @@ def _open_handoff(session: Session, header: dict[str, Any], party: str, stage: s
     return handoff
 
 
-def _step(session: Session, header: dict[str, Any], party: str, stage: str,
+def _step(tasks: Tasks, session: Conn, header: dict[str, Any], party: str, stage: str,
           act: Callable[[Handoff, dict[str, TaskLease], _Book], Coroutine[Any, Any, None]]) -> None:
     """Run a handoff step under the user's lock: in order with the sender's earlier task ops (a fenced write
     sent before ``prepared`` is judged before it), and never in the middle of a commit."""
     _handoff_id(header)
 
     async def work(leases: dict[str, TaskLease], book: _Book) -> None:
-        await act(_open_handoff(session, header, party, stage), leases, book)
+        await act(_open_handoff(tasks, session, header, party, stage), leases, book)
 
-    _serialised(session, header, work)
+    _serialised(tasks, session, header, work)
 
 
 def _checkpoint_size(checkpoint: Any) -> int:
@@ -443,20 +449,20 @@ def _checkpoint_size(checkpoint: Any) -> int:
     return max(len(msgpack.packb(checkpoint, use_bin_type=True)), len(canonical_json(checkpoint).encode()))
 
 
-def op_handoff_prepared(session: Session, header: dict[str, Any]) -> None:
+def op_handoff_prepared(tasks: Tasks, session: Conn, header: dict[str, Any]) -> None:
     handoff_id = _handoff_id(header)
     checkpoint = header.get("checkpoint")
     problem = json_problem(checkpoint)
     if problem is not None:
         raise ProtocolError(ErrorCode.BAD_REQUEST, f"the checkpoint must be a JSON value: {problem}",
                             handoff=handoff_id)
-    hub = session.hub
+    hub = tasks.hub
 
     async def act(handoff: Handoff, leases: dict[str, TaskLease], book: _Book) -> None:
         limit = hub.settings.handoff_max_checkpoint_bytes
         size = _checkpoint_size(checkpoint)
         if size > limit:
-            _fail(hub, handoff, "checkpoint_too_large")
+            _fail(tasks, handoff, "checkpoint_too_large")
             raise ProtocolError(ErrorCode.TOO_LARGE, f"the checkpoint is {size} bytes; "
                                 f"handoff_max_checkpoint_bytes is {limit}: the handoff failed",
                                 handoff=handoff.id, limit="handoff_max_checkpoint_bytes", max=limit, size=size)
@@ -466,57 +472,57 @@ def op_handoff_prepared(session: Session, header: dict[str, Any]) -> None:
             "op": "handoff.offer", "handoff": handoff.id, "task": handoff.task, "from": handoff.owner,
             "checkpoint": checkpoint, "epoch": handoff.epoch + 1, "deadline": now_ms() + int(timeout * 1000)})
         handoff.stage = OFFER
-        handoff.timer = asyncio.get_running_loop().call_later(timeout, _on_timeout, hub, handoff, OFFER)
+        handoff.timer = asyncio.get_running_loop().call_later(timeout, _on_timeout, tasks, handoff, OFFER)
 
-    _step(session, header, "owner", PREPARE, act)
+    _step(tasks, session, header, "owner", PREPARE, act)
 
 
-def op_handoff_refuse(session: Session, header: dict[str, Any]) -> None:
+def op_handoff_refuse(tasks: Tasks, session: Conn, header: dict[str, Any]) -> None:
     async def act(handoff: Handoff, leases: dict[str, TaskLease], book: _Book) -> None:
-        _fail(session.hub, handoff, "refused", header.get("reason"))
+        _fail(tasks, handoff, "refused", header.get("reason"))
 
-    _step(session, header, "owner", PREPARE, act)
+    _step(tasks, session, header, "owner", PREPARE, act)
 
 
-def op_handoff_reject(session: Session, header: dict[str, Any]) -> None:
+def op_handoff_reject(tasks: Tasks, session: Conn, header: dict[str, Any]) -> None:
     async def act(handoff: Handoff, leases: dict[str, TaskLease], book: _Book) -> None:
-        _fail(session.hub, handoff, "rejected", header.get("reason"))
+        _fail(tasks, handoff, "rejected", header.get("reason"))
 
-    _step(session, header, "target", OFFER, act)
+    _step(tasks, session, header, "target", OFFER, act)
 
 
-def op_handoff_accept(session: Session, header: dict[str, Any]) -> None:
-    hub = session.hub
+def op_handoff_accept(tasks: Tasks, session: Conn, header: dict[str, Any]) -> None:
+    hub = tasks.hub
 
     async def act(handoff: Handoff, leases: dict[str, TaskLease], book: _Book) -> None:
         _cancel_timer(handoff)
         handoff.stage = COMMIT  # from here on, only a store failure ends it without a commit
         lease = leases.get(handoff.task)
         if lease is None or lease.epoch != handoff.epoch or lease.owner != handoff.owner:
-            _fail(hub, handoff, "lease_changed")  # cannot happen while the handoff holds the task
+            _fail(tasks, handoff, "lease_changed")  # cannot happen while the handoff holds the task
             return
         now = now_ms()
         new = TaskLease(user=handoff.user, task=handoff.task, owner=handoff.target, epoch=handoff.epoch + 1,
                         expires=now + int(hub.settings.task_lease_ttl * 1000), handoff=handoff.id, updated=now)
-        tasks_of(hub).notice_users.add(handoff.user)
+        tasks.notice_users.add(handoff.user)
         try:
             await _write(hub, book, new)
         except Exception:
             log.exception("handoff %s of task %r could not be committed", handoff.id, handoff.task)
-            _fail(hub, handoff, "internal")
+            _fail(tasks, handoff, "internal")
             return
-        _forget(hub, handoff)
+        _forget(tasks, handoff)
         hub.events["handoffs_committed"] += 1
         committed = {"op": "handoff.committed", "handoff": handoff.id, "task": handoff.task, "owner": new.owner,
                      "epoch": new.epoch, "expires": new.expires}
         _tell(hub, handoff, [handoff.target, handoff.requester], committed)
-        _send_to_device(hub, handoff.user, handoff.owner, {
+        hub.router.send_to_device(handoff.user, handoff.owner, {
             "op": "handoff.revoked", "handoff": handoff.id, "task": handoff.task, "epoch": new.epoch,
             "owner": new.owner})
         hub.bus.emit("task.handed_off", user=handoff.user, task=handoff.task, owner=new.owner,
                      previous=handoff.owner, epoch=new.epoch)
 
-    _step(session, header, "target", OFFER, act)
+    _step(tasks, session, header, "target", OFFER, act)
 
 
 def _cancel_timer(handoff: Handoff) -> None:
@@ -525,9 +531,8 @@ def _cancel_timer(handoff: Handoff) -> None:
         handoff.timer = None
 
 
-def _forget(hub: Hub, handoff: Handoff) -> bool:
+def _forget(registry: Tasks, handoff: Handoff) -> bool:
     """Remove an open handoff; False if it was not open any more."""
-    registry = tasks_of(hub)
     if registry.handoffs.get(handoff.id) is not handoff:
         return False
     del registry.handoffs[handoff.id]
@@ -544,9 +549,10 @@ def _forget(hub: Hub, handoff: Handoff) -> bool:
     return True
 
 
-def _fail(hub: Hub, handoff: Handoff, reason: str, detail: Any = None) -> None:
-    if not _forget(hub, handoff):
+def _fail(tasks: Tasks, handoff: Handoff, reason: str, detail: Any = None) -> None:
+    if not _forget(tasks, handoff):
         return
+    hub = tasks.hub
     hub.events["handoffs_failed"] += 1
     envelope: dict[str, Any] = {"op": "handoff.failed", "handoff": handoff.id, "task": handoff.task,
                                 "reason": reason}
@@ -555,42 +561,25 @@ def _fail(hub: Hub, handoff: Handoff, reason: str, detail: Any = None) -> None:
     _tell(hub, handoff, [handoff.requester, handoff.owner, handoff.target], envelope)
 
 
-def _on_timeout(hub: Hub, handoff: Handoff, stage: str) -> None:
+def _on_timeout(tasks: Tasks, handoff: Handoff, stage: str) -> None:
     if handoff.stage == stage:
         handoff.timer = None
-        _fail(hub, handoff, "prepare_timeout" if stage == PREPARE else "accept_timeout")
+        _fail(tasks, handoff, "prepare_timeout" if stage == PREPARE else "accept_timeout")
 
 
-TASK_OPS: dict[str, Callable[[Session, dict[str, Any]], None]] = {
-    "task.claim": op_claim,
-    "task.renew": op_renew,
-    "task.release": op_release,
-    "task.list": op_list,
-    "handoff.request": op_handoff_request,
-    "handoff.prepared": op_handoff_prepared,
-    "handoff.refuse": op_handoff_refuse,
-    "handoff.accept": op_handoff_accept,
-    "handoff.reject": op_handoff_reject,
-}
-
-
-def on_closed(session: Session) -> None:
+def on_closed(registry: Tasks, session: Conn) -> None:
     """The owner gone before ``prepared`` or the target gone before ``accept`` fails its handoffs."""
-    registry = _HUBS.get(session.hub)
-    if registry is None:
-        return
     for handoff in list(registry.by_session.get(session, ())):
         if session is handoff.target_session and handoff.stage in (PREPARE, OFFER):
-            _fail(session.hub, handoff, "target_disconnected")
+            _fail(registry, handoff, "target_disconnected")
         elif session is handoff.owner_session and handoff.stage == PREPARE:
-            _fail(session.hub, handoff, "owner_disconnected")
+            _fail(registry, handoff, "owner_disconnected")
 
 
-def on_welcome(session: Session) -> None:
+def on_welcome(registry: Tasks, session: Conn) -> None:
     """Send ``handoff.committed`` again for every lease a handoff gave this device that it has not used yet."""
-    hub, user, device = session.hub, session.user, session.device
+    hub, user, device = registry.hub, session.user, session.device
     assert user is not None and device is not None
-    registry = tasks_of(hub)
     book = registry.books.get(user)
     if book is None or book.leases is None:
         if user not in registry.notice_users:
@@ -608,29 +597,3 @@ def on_welcome(session: Session) -> None:
                                           "owner": device, "epoch": lease.epoch, "expires": lease.expires})
 
     hub.spawn(resend())
-
-
-async def load_notices(hub: Hub) -> None:
-    """At start: which users have committed notices to send again after a hello."""
-    tasks_of(hub).notice_users.update(await hub.store.users_with_task_notices())
-
-
-def abort_all(hub: Hub, reason: str) -> None:
-    """Fail every open handoff (the server is shutting down; leases stay as they are)."""
-    registry = _HUBS.get(hub)
-    if registry is not None:
-        for handoff in list(registry.handoffs.values()):
-            if handoff.stage != COMMIT:
-                _fail(hub, handoff, reason)
-
-
-def forget_user(hub: Hub, user: str) -> None:
-    """The user was removed: its leases went with it from the store; drop the copy and fail its handoffs."""
-    registry = _HUBS.get(hub)
-    if registry is None:
-        return
-    book = registry.books.get(user)
-    if book is not None:
-        for handoff in list(book.handoffs.values()):
-            _fail(hub, handoff, "revoked")
-        del registry.books[user]

@@ -116,6 +116,9 @@ cdef class ServerConnection(WSListener):
 
     ``session_factory(hub, connection)`` builds the Session when the
     WebSocket handshake completes (the connection does not import sessions).
+    ``hub`` and ``session`` are used only through the fields and methods that
+    ``rccs.contracts.FastPathHub`` and ``FastPathSession`` declare; the pure
+    twin is annotated with them, so mypy checks what both touch.
     """
 
     cdef public object hub

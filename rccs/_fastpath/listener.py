@@ -27,7 +27,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from picows import WSFrame, WSListener, WSMsgType, WSTransport
 
@@ -35,6 +35,9 @@ from ..errors import CloseCode, ErrorCode
 from .codec import append_seq, decode_envelope, encode_msg_prefix
 from .errors import EnvelopeError
 from .routing import RESULT_ROUTED
+
+if TYPE_CHECKING:
+    from ..contracts import FastPathHub, FastPathSession
 
 log = logging.getLogger("rccs.session")
 
@@ -100,13 +103,14 @@ class ServerConnection(WSListener):
     WebSocket handshake completes (the connection does not import sessions).
     """
 
-    def __init__(self, hub: Any, coalescer: WriteCoalescer, session_factory: Callable[[Any, Any], Any]):
+    def __init__(self, hub: FastPathHub, coalescer: WriteCoalescer,
+                 session_factory: Callable[[Any, Any], FastPathSession]):
         super().__init__()
         self.hub = hub
         self.coalescer = coalescer
         self.session_factory = session_factory
         self.transport: WSTransport | None = None
-        self.session: Any = None
+        self.session: FastPathSession = None  # type: ignore[assignment]  # set by the handshake, None until then
         self.peer = "?"
         self._outbox: list[bytes] | None = None
         self._fragments: bytearray | None = None
@@ -397,6 +401,7 @@ class ServerConnection(WSListener):
             self._hello_timer.cancel()
             self._hello_timer = None
         session = self.session
+        assert session.user is not None and session.device is not None  # welcome names them
         self._user = session.user
         self._device = session.device
         self._routing = self.hub.routing

@@ -100,7 +100,7 @@ async def test_call_returns_the_targets_result(server, connect):
     assert seen == [{"a": 2, "b": 3}]
     assert server.hub.events["rpc_calls"] == 3
     assert server.hub.events["rpc_results"] == 3
-    assert len(rpc.registry_of(server.hub)) == 0
+    assert len(server.node.rpc.registry) == 0
 
 
 async def test_the_target_sees_the_caller_and_a_server_id_and_the_caller_sees_who_answered(server, connect, raw):
@@ -196,7 +196,7 @@ async def test_timeout_then_the_late_result_is_dropped_quietly(server, connect):
     await until(lambda: server.hub.events["rpc_late_results"] == 1, phone)  # the handler's result came
     await sync(phone)
     assert phone.errors.empty()  # no error for the late result
-    assert len(rpc.registry_of(server.hub)) == 0
+    assert len(server.node.rpc.registry) == 0
     phone.handle("fast", lambda params: "fast")
     assert await desktop.call("phone", "fast") == "fast"
 
@@ -209,7 +209,7 @@ async def test_a_result_after_the_grace_period_is_an_unknown_call(server, connec
     call = await target.next_op("call")
     assert (await caller.next_op("error"))["code"] == "timeout"
     for _ in range(1000):  # the grace period runs out: the server forgets the call
-        if not rpc.registry_of(server.hub).calls:
+        if not server.node.rpc.registry.calls:
             break
         await target.assert_nothing_more()
     await target.send({"op": "result", "id": call["id"], "result": "much too late"})
@@ -269,7 +269,7 @@ async def test_target_disconnect_mid_call_is_disconnected(server, connect):
     assert info.value.code == "disconnected"
     release.set()  # its result cannot be sent any more: the client drops it
     assert server.hub.events["rpc_disconnected"] == 1
-    assert len(rpc.registry_of(server.hub)) == 0
+    assert len(server.node.rpc.registry) == 0
 
 
 async def test_target_connection_lost_mid_call_is_disconnected_even_if_it_resumes(server, connect, raw):
@@ -321,7 +321,7 @@ async def test_caller_disconnect_drops_the_call_and_the_late_result_quietly(serv
     await until(lambda: server.hub.events["rpc_late_results"] == 1, phone)
     await sync(phone)
     assert phone.errors.empty()
-    assert len(rpc.registry_of(server.hub)) == 0
+    assert len(server.node.rpc.registry) == 0
     phone.handle("fast", lambda params: "still here")
     assert await other.call("phone", "fast") == "still here"
 
@@ -408,7 +408,7 @@ async def test_unconvertible_params_and_results(server, connect, raw):
     assert (error["code"], error["id"]) == ("unconvertible", call["id"])
     error = await msgpack_caller.next_op("error")
     assert (error["code"], error["id"]) == ("unconvertible", "q")
-    assert len(rpc.registry_of(server.hub)) == 0
+    assert len(server.node.rpc.registry) == 0
 
 
 async def test_binary_params_from_msgpack_are_refused_like_other_header_fields(server, connect, raw):
@@ -475,7 +475,7 @@ async def test_malformed_calls_and_results_get_errors_and_change_nothing(server,
     assert error.get("id") == envelope.get("id")
     await target.assert_nothing_more()
     await sender.assert_nothing_more()
-    assert len(rpc.registry_of(server.hub)) == 0
+    assert len(server.node.rpc.registry) == 0
 
 
 async def test_a_malformed_result_leaves_the_call_waiting_for_a_good_one(server, connect, raw):
@@ -533,7 +533,7 @@ async def test_many_concurrent_calls_to_one_target(server, connect):
     results = await asyncio.gather(*calls)
     assert results == [n * n for n in range(100) for _ in callers]
     assert server.hub.events["rpc_calls"] == server.hub.events["rpc_results"] == 400
-    assert len(rpc.registry_of(server.hub)) == 0
+    assert len(server.node.rpc.registry) == 0
 
 
 async def test_the_client_refuses_to_reuse_a_waiting_call_id(server, connect):

@@ -361,10 +361,10 @@ async def test_unsubscribe_and_disconnect_end_subscriptions(connect, server):
     await phone.state_patch("user/u", {"a": 1})
     await phone.state_patch("user/o1", {"b": 1})
     assert (await other.next(5)).doc == "user/o1"  # the patch of user/u was not sent to the desktop
-    registered = state.state_of(server.hub).subscriptions["alice"]
+    registered = server.node.state.subscriptions["alice"]
     assert [key for subs in registered.values() for key in subs] == [("prefix", "user/o")]
     await desktop.close()
-    assert "alice" not in state.state_of(server.hub).subscriptions
+    assert "alice" not in server.node.state.subscriptions
 
 
 @pytest.mark.timeout(60)

@@ -1,0 +1,64 @@
+"""The broker seam: everything that crosses connections passes through it.
+
+A node attaches itself (a ``BrokerNode``); what one connection causes for another -- a receipt for a
+sender, a control envelope for one device (a handoff step, a pairing answer), a notice for every device
+of a user (presence, ``pair.request``, ``pair.joined``), a revocation, a feature's event (a state change)
+-- is handed to the broker, which brings it to whichever attached node holds the connections concerned.
+
+``memory.py`` is one process: every call reaches the attached nodes at once, in the caller's turn of the
+event loop, so the order of what one connection sees is the order in which the server decided it (the
+single-node behaviour the protocol documents). An engine for several nodes (Redis) keeps the same
+promises per publisher, at a latency; ``tests/broker/test_contract.py`` states them once for every engine.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import Any
+
+from ..contracts import BrokerNode
+
+
+class Broker(abc.ABC):
+    """Carries what crosses connections to the nodes that hold them. Event loop thread only."""
+
+    @abc.abstractmethod
+    def attach(self, node: BrokerNode) -> None:
+        """From now on, ``node`` gets what is published for the connections it holds."""
+
+    @abc.abstractmethod
+    def detach(self, node: BrokerNode) -> None:
+        """``node`` gets nothing more (it is stopping)."""
+
+    @abc.abstractmethod
+    async def start(self) -> None:
+        """Connect to the engine (nothing for memory)."""
+
+    @abc.abstractmethod
+    async def stop(self) -> None:
+        """Disconnect from the engine (nothing for memory)."""
+
+    @abc.abstractmethod
+    async def flush(self) -> None:
+        """Return once everything published so far has reached the attached nodes (memory: at once)."""
+
+    @abc.abstractmethod
+    def to_device(self, user: str, device: str, envelope: dict[str, Any]) -> bool:
+        """Write ``envelope`` to ``device``'s open connection, wherever it is. True if a connection took it;
+        False if the device has none (the caller keeps what must not be lost, e.g. a receipt)."""
+
+    @abc.abstractmethod
+    def to_user(self, user: str, envelope: dict[str, Any], exclude: str | None = None) -> int:
+        """Write ``envelope`` to every open connection of ``user`` except ``exclude``'s; how many took it."""
+
+    @abc.abstractmethod
+    def revoke_device(self, device: str, at: int) -> None:
+        """Every node closes the device's connection (4410) and drops its resumable sessions."""
+
+    @abc.abstractmethod
+    def revoke_session(self, session_id: str, at: int) -> None:
+        """Every node closes that session's connection (4410) or forgets it as resumable."""
+
+    @abc.abstractmethod
+    def publish(self, channel: str, payload: Any) -> None:
+        """A feature's event for every node (``BrokerNode.deliver_event``), in publishing order."""

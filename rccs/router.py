@@ -1,0 +1,254 @@
+"""Who is where: the registry of users and devices, the routing table of open connections, presence.
+
+Theory of operation. The routing table (compiled, ``rccs._fastpath``) indexes this node's open sessions
+by user and device, type and capability; the registry holds every user and device in memory (loaded
+from the store at start, kept current by the hub's change feed). ``resolve`` turns a send's selector into
+receivers, once, for every path that needs it (send, pick-one fail-over, first-ack, calls, handoffs).
+
+What one device does that the user's other devices must hear (presence, pairing notices) goes out
+through ``notify_user``, which hands it to the broker; the broker brings it back to each node, where
+``write_to_user`` writes it to the local connections, encoded once per encoding.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import TYPE_CHECKING, Any, cast
+
+from ._fastpath import RouteStats, RoutingTable
+from ._fastpath import routing as fast_routing
+from .errors import ErrorCode, ProtocolError, ReceiptReason
+from .protocol import Selector
+from .registry import Registry
+from .store import STATUS_OFFLINE, AlreadyExists, DeviceRecord, UserRecord
+
+if TYPE_CHECKING:
+    from .broker import Broker
+    from .contracts import Core, LiveSession
+
+STATUS_REVOKED = "revoked"  # presence value announced once when a device is revoked
+
+SELECT_KIND = {
+    "all": fast_routing.SELECT_ALL,
+    "type": fast_routing.SELECT_TYPE,
+    "capability": fast_routing.SELECT_CAPABILITY,
+}
+
+Failures = list[tuple[str | None, ReceiptReason]]
+
+
+def selector_matches(device: DeviceRecord, selector: Selector) -> bool:
+    """Whether a registered device is one that a type/capability/all selector names."""
+    if selector.kind == "type":
+        return bool(device.type == selector.value)
+    if selector.kind == "capability":
+        return selector.value in device.capabilities
+    return True  # all
+
+
+class Router:
+    """The registry, the routing table and presence of one node. Event loop thread only."""
+
+    def __init__(self, core: Core, broker: Broker):
+        self.core = core
+        self.broker = broker
+        self.registry = Registry()
+        self.routing = RoutingTable()
+        self.stats = RouteStats()
+        self.presence: dict[str, str] = {}  # device id -> online/away (absent: offline)
+        self.presence_writes: dict[str, tuple[str, int]] = {}  # device -> (status, when): for the next flush
+
+    # ---- lookups -------------------------------------------------------------
+
+    def online(self, user: str, device: str) -> LiveSession | None:
+        return cast("LiveSession | None", self.routing.get(user, device))
+
+    def owner_of(self, device: str) -> str | None:
+        return self.registry.owner_of(device)
+
+    def status_of(self, device: str) -> str:
+        return self.presence.get(device, STATUS_OFFLINE)
+
+    def device_info(self, device: DeviceRecord) -> dict[str, Any]:
+        """A device as other devices of its user see it (``devices``, ``pair.joined``)."""
+        return {
+            "id": device.id,
+            "type": device.type,
+            "name": device.name,
+            "platform": device.platform,
+            "version": device.version,
+            "capabilities": list(device.capabilities),
+            "metadata": device.metadata,
+            "created": device.created,
+            "last_seen": device.last_seen,
+            "status": self.status_of(device.id),
+        }
+
+    # ---- the routing table ------------------------------------------------------
+
+    def add(self, session: LiveSession) -> LiveSession | None:
+        """Make ``session`` the online connection of its device; returns the one it replaces."""
+        assert session.user is not None and session.device is not None
+        record = self.registry.devices[session.device]
+        return cast("LiveSession | None", self.routing.add(
+            session.user, session.device, record.type, record.capabilities, session))
+
+    def remove(self, session: LiveSession) -> None:
+        if session.user is not None and session.device is not None:
+            self.routing.remove(session.user, session.device, session)
+
+    def reindex(self, device: DeviceRecord) -> None:
+        """The device's type or capabilities changed: the routing indexes follow at once."""
+        session = self.routing.get(device.user, device.id)
+        if session is not None:
+            self.routing.add(device.user, device.id, device.type, device.capabilities, session)
+
+    # ---- the registry -------------------------------------------------------------
+
+    def register_device(self, user: str, device_id: str, now: int) -> DeviceRecord:
+        """A device first seen with a dev token: registered (with its user) as the token says."""
+        if user not in self.registry.users:
+            self.registry.users.add(user)
+            self.core.spawn(self._add_user_if_missing(user, now))
+        record = DeviceRecord(id=device_id, user=user, type="", created=now, last_seen=now)
+        self.registry.put(record)
+        self.core.bus.emit("device.registered", user=user, device=device_id, via="token")
+        return record
+
+    async def _add_user_if_missing(self, user: str, now: int) -> None:
+        with contextlib.suppress(AlreadyExists):
+            await self.core.store.add_user(UserRecord(id=user, created=now))
+
+    def update_device(self, device: DeviceRecord, fields: dict[str, Any]) -> bool:
+        """Apply validated device fields; the store and the routing indexes follow. True if anything changed."""
+        changed = {name: value for name, value in fields.items() if getattr(device, name) != value}
+        if not changed:
+            return False
+        for name, value in changed.items():
+            setattr(device, name, value)
+        if "type" in changed or "capabilities" in changed:
+            self.reindex(device)
+        self.core.spawn(self.core.store.put_device(self.registry.snapshot(device.id)))
+        return True
+
+    # ---- resolving selectors ---------------------------------------------------------
+
+    def check_owned(self, user: str, names: list[str]) -> None:
+        """A selector may name only the user's own devices (or unknown ones): else ``forbidden``."""
+        for name in names:
+            owner = self.registry.owner_of(name)
+            if owner is not None and owner != user:
+                raise ProtocolError(ErrorCode.FORBIDDEN, f"device {name!r} belongs to another user")
+
+    def resolve(self, user: str, sender: str | None, selector: Selector,
+                ack: bool) -> tuple[list[LiveSession], Failures, list[DeviceRecord]]:
+        """Online receivers of a send's selector, the devices it could not reach (with why), and -- for
+        ``ack`` sends -- the user's registered devices it names that are offline (they get it in their inbox).
+        ``sender`` is left out unless the selector includes itself."""
+        exclude = None if selector.include_self else sender
+        offline: list[DeviceRecord] = []
+        if selector.kind in ("device", "devices"):
+            names: list[str] = [selector.value] if selector.kind == "device" else selector.value
+            self.check_owned(user, names)
+            targets: list[LiveSession] = []
+            online: list[str] = []
+            failures: Failures = []
+            for name in names:
+                if name == exclude:
+                    continue
+                session = self.online(user, name)
+                if session is not None:
+                    targets.append(session)
+                    online.append(name)
+                    continue
+                record = self.registry.get(name) if ack else None
+                if record is not None and record.revoked_at is None:
+                    offline.append(record)
+                else:
+                    failures.append((name, ReceiptReason.OFFLINE))
+            if selector.pick_one:
+                if len(targets) > 1:
+                    targets = [cast("LiveSession", self.routing.most_recent(user, online))]
+                if targets:
+                    offline = []
+                elif len(offline) > 1:
+                    offline = [max(offline, key=lambda record: record.last_seen)]
+                if targets or offline:
+                    failures = []
+            if not targets and not failures and not offline:
+                failures.append((None, ReceiptReason.NO_ROUTE))
+            return targets, failures, offline
+        found = cast("list[LiveSession]", self.routing.select(
+            user, SELECT_KIND[selector.kind], selector.value, selector.pick_one, exclude))
+        if ack and not (found and selector.pick_one):
+            offline = [record for record in self.registry.user_devices(user)
+                       if record.id != exclude and self.online(user, record.id) is None
+                       and selector_matches(record, selector)]
+            if selector.pick_one and len(offline) > 1:
+                offline = [max(offline, key=lambda record: record.last_seen)]
+        if not found and not offline:
+            return found, [(None, ReceiptReason.NO_ROUTE)], offline
+        return found, [], offline
+
+    def resolve_one(self, user: str, selector: Selector, exclude: str | None) -> LiveSession | None:
+        """The most recently active online device of ``user`` that ``selector`` matches, other than
+        ``exclude``; None if there is none. A selector naming another user's device is ``forbidden``."""
+        if selector.kind in ("device", "devices"):
+            names: list[str] = [selector.value] if selector.kind == "device" else selector.value
+            self.check_owned(user, names)
+            return cast("LiveSession | None",
+                        self.routing.most_recent(user, [name for name in names if name != exclude]))
+        found = self.routing.select(user, SELECT_KIND[selector.kind], selector.value, True, exclude)
+        return cast("LiveSession", found[0]) if found else None
+
+    def online_matching(self, user: str, selector: Selector) -> list[str]:
+        """The devices a selector names (in its order for ``device``/``devices``) or matches online now."""
+        if selector.kind in ("device", "devices"):
+            return [selector.value] if selector.kind == "device" else list(selector.value)
+        return [cast("LiveSession", target).device or "" for target in self.routing.select(
+            user, SELECT_KIND[selector.kind], selector.value, False, None)]
+
+    # ---- telling a user's devices -------------------------------------------------------
+
+    def notify_user(self, user: str, envelope: dict[str, Any], exclude: str | None = None) -> None:
+        """Every open connection of ``user`` (on any node) but ``exclude``'s gets ``envelope``."""
+        self.broker.to_user(user, envelope, exclude)
+
+    def send_to_device(self, user: str, device: str, envelope: dict[str, Any]) -> bool:
+        """``device``'s open connection (on any node) gets ``envelope``; False if it has none."""
+        return self.broker.to_device(user, device, envelope)
+
+    def write_to_user(self, user: str, envelope: dict[str, Any], exclude: str | None) -> int:
+        """This node's half of ``notify_user``: encoded once per encoding, however many devices."""
+        frames: dict[str, tuple[bytes, bool]] = {}
+        receivers = cast("list[LiveSession]", self.routing.select(user, fast_routing.SELECT_ALL, True, False,
+                                                                  exclude))
+        for receiver in receivers:
+            receiver.send_shared(envelope, frames)
+        return len(receivers)
+
+    def write_to_device(self, user: str, device: str, envelope: dict[str, Any]) -> bool:
+        session = self.online(user, device)
+        if session is None:
+            return False
+        session.send_control(envelope)
+        return True
+
+    # ---- presence ---------------------------------------------------------------------
+
+    def set_presence(self, user: str, device: str, status: str, now: int) -> None:
+        """Record a device's status; its user's other online devices hear of a change, once."""
+        previous = self.presence.get(device, STATUS_OFFLINE)
+        if status in (STATUS_OFFLINE, STATUS_REVOKED):
+            self.presence.pop(device, None)
+        else:
+            self.presence[device] = status
+        if status == previous:
+            return
+        record = self.registry.get(device)
+        if record is not None:
+            record.last_seen = now
+            if status != STATUS_REVOKED:
+                record.status = status
+                self.presence_writes[device] = (status, now)
+        self.notify_user(user, {"op": "presence", "device": device, "status": status, "last_seen": now}, device)

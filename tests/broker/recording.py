@@ -1,0 +1,32 @@
+"""A broker's other side for tests: a node that records what reaches it."""
+
+from typing import Any
+
+
+class RecordingNode:
+    """A node holding ``devices`` (user, device): records what reaches it, in order."""
+
+    def __init__(self, *devices: tuple[str, str]):
+        self.devices = set(devices)
+        self.seen: list[tuple[Any, ...]] = []
+
+    def deliver_to_device(self, user: str, device: str, envelope: dict[str, Any]) -> bool:
+        if (user, device) not in self.devices:
+            return False
+        self.seen.append(("device", user, device, envelope))
+        return True
+
+    def deliver_to_user(self, user: str, envelope: dict[str, Any], exclude: str | None) -> int:
+        reached = sorted(device for owner, device in self.devices if owner == user and device != exclude)
+        for device in reached:
+            self.seen.append(("device", user, device, envelope))
+        return len(reached)
+
+    def device_revoked(self, device: str, at: int) -> None:
+        self.seen.append(("revoked device", device, at))
+
+    def session_revoked(self, session_id: str, at: int) -> None:
+        self.seen.append(("revoked session", session_id, at))
+
+    def deliver_event(self, channel: str, payload: Any) -> None:
+        self.seen.append(("event", channel, payload))
