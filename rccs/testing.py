@@ -105,11 +105,15 @@ class ServerProcess:
 
     Each process's output (stdout and stderr) goes to ``<log_dir>/server-<n>.log``, ``n`` counting every
     process started, retries included; ``log_dir`` is the data directory's parent unless given.
+    ``command`` is how ``rccs`` is run: this interpreter's ``-m rccs`` unless given (e.g. the ``rccs`` script
+    of another installation).
     """
 
     def __init__(self, data_dir: str | os.PathLike[str], *serve_args: str, env: dict[str, str] | None = None,
                  log_dir: str | os.PathLike[str] | None = None,
-                 choose_ports: Callable[[], Sequence[int]] = lambda: free_ports(2)):
+                 choose_ports: Callable[[], Sequence[int]] = lambda: free_ports(2),
+                 command: Sequence[str] = (sys.executable, "-m", "rccs")):
+        self.command = list(command)
         self.data_dir = Path(data_dir)
         self.serve_args = serve_args
         self.env = child_environment() if env is None else env
@@ -156,7 +160,7 @@ class ServerProcess:
     def _spawn(self, port: int, http_port: int) -> _Startup:
         self.processes += 1
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "rccs", "serve", "--port", str(port), "--http-port", str(http_port),
+            [*self.command, "serve", "--port", str(port), "--http-port", str(http_port),
              "--data-dir", str(self.data_dir), *self.serve_args],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=self.env,
         )
