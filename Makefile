@@ -7,7 +7,7 @@ SERVE_STAMP := $(VENV)/.rccs-serve-installed
 WHEEL_TOOLS := $(VENV)/.rccs-wheel-tools
 SOURCES := pyproject.toml setup.py $(wildcard rccs/_fastpath/*.pyx rccs/_fastpath/*.pxd)
 
-.PHONY: serve test lint test-compiled test-pure bench-check loadtest-smoke bench bench-micro bench-e2e bench-scale bench-store bench-flood loadtest wheel sdist test-wheel clean
+.PHONY: redis-server-available serve test lint test-compiled test-pure bench-check loadtest-smoke bench bench-micro bench-e2e bench-scale bench-store bench-flood loadtest wheel sdist test-wheel clean
 
 # Serving needs the package and its runtime dependencies only.
 $(SERVE_STAMP): $(SOURCES)
@@ -30,10 +30,16 @@ lint: $(STAMP)
 	$(BIN)/ruff check rccs tests benchmarks examples loadtest
 	$(BIN)/mypy rccs
 
-test-compiled: $(STAMP)
+# The Redis engines' tests start their own redis-server (6.2 or newer) from PATH; on a machine without one,
+# Debian's package is installed (as root; the tests never use a Redis that was already running).
+redis-server-available:
+	@command -v redis-server >/dev/null 2>&1 || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null)
+	@redis-server --version
+
+test-compiled: $(STAMP) redis-server-available
 	RCCS_EXPECT_IMPLEMENTATION=cython $(BIN)/python -m pytest -q
 
-test-pure: $(STAMP)
+test-pure: $(STAMP) redis-server-available
 	RCCS_PUREPYTHON=1 RCCS_EXPECT_IMPLEMENTATION=python $(BIN)/python -m pytest -q
 
 # The compiled path must be clearly faster than the pure-Python one (ratios measured in one run).

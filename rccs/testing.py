@@ -14,6 +14,8 @@ A test that kills or restarts the server runs ``rccs serve`` as a child process 
     await server.start()
     ...
     server.kill()
+
+Tests of the Redis engines start a throw-away ``redis-server`` the same way (``RedisServer``).
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ import asyncio
 import contextlib
 import os
 import re
+import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -199,6 +203,89 @@ class ServerProcess:
             if path.exists():
                 parts.append(f"--- server process {n} ---\n" + path.read_text(errors="replace")[-tail:])
         return "\n".join(parts)
+
+
+class RedisServer:
+    """A throw-away ``redis-server`` (6.2 or newer, from PATH) on a free port, its files in ``directory``.
+
+    ``start()`` returns once it accepts connections (its own log line says so); a port taken between
+    ``free_ports`` and the bind costs another attempt on a new port, as for ``ServerProcess``. Persistence is
+    the one production uses for rccs (append-only file, fsync on every write) unless told otherwise, so that
+    a test can SIGKILL it and start it again on the same directory and port.
+    """
+
+    def __init__(self, directory: str | os.PathLike[str], *extra_config: str):
+        self.directory = Path(directory)
+        self.extra_config = extra_config
+        self.port = 0
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.processes = 0
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    @property
+    def log_path(self) -> Path:
+        return self.directory / f"redis-{self.processes}.log"
+
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    async def start(self, timeout: float = 20.0, port: int | None = None) -> str:
+        """Start it (on ``port``, e.g. the one it had before a kill, else a free one); its URL."""
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise RuntimeError("redis-server is not on PATH: install it (Debian: apt-get install redis-server; "
+                               "`make test` does this when it is missing)")
+        self.directory.mkdir(parents=True, exist_ok=True)
+        for _attempt in range(PORT_ATTEMPTS):
+            self.port = port if port is not None else free_ports(1)[0]
+            self.processes += 1
+            self.proc = subprocess.Popen(
+                [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.directory),
+                 "--appendonly", "yes", "--appendfsync", "always", "--save", "", "--logfile", "",
+                 "--maxmemory-policy", "noeviction", *self.extra_config],
+                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+            assert self.proc.stdout is not None
+            ready = threading.Event()
+            threading.Thread(target=_copy_redis_output, args=(self.proc.stdout, self.log_path, ready),
+                             name=f"redis-server output {self.processes}", daemon=True).start()
+            if not await asyncio.to_thread(ready.wait, timeout):
+                self.kill()
+                raise AssertionError(f"redis-server did not start within {timeout} s:\n{self.logs()}")
+            if self.running():
+                return self.url
+            if "address already in use" not in self.logs().lower() or port is not None:
+                raise AssertionError(f"redis-server exited:\n{self.logs()}")
+        raise AssertionError(f"redis-server found no free port in {PORT_ATTEMPTS} attempts:\n{self.logs()}")
+
+    def kill(self) -> None:
+        """SIGKILL: what a crash does."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+        if self.proc is not None:
+            self.proc.wait(10)
+
+    def stop(self) -> None:
+        """SIGTERM: a clean shutdown."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+        if self.proc is not None:
+            self.proc.wait(10)
+
+    def logs(self) -> str:
+        return self.log_path.read_text(errors="replace")[-4000:] if self.log_path.exists() else ""
+
+
+def _copy_redis_output(stream: IO[bytes], path: Path, ready: threading.Event) -> None:
+    with path.open("wb") as log:
+        for line in stream:
+            log.write(line)
+            log.flush()
+            if b"Ready to accept connections" in line:
+                ready.set()
+    ready.set()  # it exited
 
 
 class RunningServer:
