@@ -219,6 +219,12 @@ class BrokerNode(Protocol):
     def deliver_event(self, channel: str, payload: Any) -> None:
         """A feature's event (a state change, a task notice) published on ``channel``."""
 
+    def undeliverable(self, user: str, device: str, envelope: dict[str, Any]) -> None:
+        """``envelope`` was sent here for ``device``, which has left: keep what must not be lost (receipts)."""
+
+    def device_moved(self, user: str, device: str) -> None:
+        """``device`` connected to another node: a connection of it held here is the older one."""
+
 
 class Deliverer(Protocol):
     """What the inbox machinery needs to write a stored message to a live session."""

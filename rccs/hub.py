@@ -223,12 +223,17 @@ class Hub:
         previous = self.router.add(session)
         self.live[session.id] = session
         self.dirty(session.id)
+        assert session.user is not None and session.device is not None
+        self.broker.device_online(session.user, session.device)
         return previous
 
     def unregister(self, session: LiveSession) -> None:
         self.router.remove(session)
         if self.live.get(session.id) is session:
             del self.live[session.id]
+        if session.user is not None and session.device is not None \
+                and self.router.online(session.user, session.device) is None:
+            self.broker.device_offline(session.user, session.device)
 
     def online(self, user: str, device: str) -> LiveSession | None:
         return self.router.online(user, device)
@@ -385,6 +390,18 @@ class Hub:
         handler = self.on_event.get(channel)
         if handler is not None:
             handler(payload)
+
+    def undeliverable(self, user: str, device: str, envelope: dict[str, Any]) -> None:
+        if envelope.get("op") == "receipt":
+            self.deliveries.keep_receipt(device, envelope)
+        else:
+            self.events["broker_undeliverable"] += 1  # a notice for a connection that is gone
+
+    def device_moved(self, user: str, device: str) -> None:
+        older = self.router.online(user, device)
+        if older is not None:
+            older.ended = True
+            older.close(CloseCode.REPLACED, "replaced by a newer connection of this device")
 
     # ---- background: flush, expiry, cleanup, change feed ---------------
 

@@ -138,6 +138,10 @@ class Deliveries:
                                reason=envelope.get("reason"))
         if self.router.send_to_device(user, device, envelope):
             return
+        self.keep_receipt(device, envelope)
+
+    def keep_receipt(self, device: str, envelope: dict[str, Any]) -> None:
+        """A receipt whose sender has no connection: kept in the store until the device connects."""
         self.stats["receipts_kept"] += 1  # counted: not delivered at once (kept in the store)
         self._receipts.append((device, envelope))
         self._schedule()

@@ -1,4 +1,4 @@
-"""The broker seam (``base.Broker``) and its engines: ``memory`` (one process)."""
+"""The broker seam (``base.Broker``) and its engines: ``memory`` (one process), ``redis`` (several nodes)."""
 
 from .base import Broker
 from .memory import MemoryBroker
@@ -6,8 +6,12 @@ from .memory import MemoryBroker
 __all__ = ["Broker", "MemoryBroker", "open_broker"]
 
 
-def open_broker(url: str = "memory") -> Broker:
-    """The broker for ``url``: ``memory`` is the only engine so far."""
-    if url != "memory":
-        raise ValueError(f"unknown broker {url!r}: only 'memory' is available")
-    return MemoryBroker()
+def open_broker(url: str = "memory", node_id: str | None = None) -> Broker:
+    """The broker for ``url``: ``memory``, or ``redis://HOST:PORT/DB`` (needs the ``redis`` extra)."""
+    if url == "memory":
+        return MemoryBroker()
+    if url.startswith(("redis://", "rediss://")):
+        from .redis import RedisBroker  # redis-py is needed only by the nodes of a cluster
+
+        return RedisBroker(url, node_id)
+    raise ValueError(f"unknown broker {url!r}: 'memory' or a redis:// URL")

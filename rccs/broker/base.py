@@ -43,6 +43,14 @@ class Broker(abc.ABC):
         """Return once everything published so far has reached the attached nodes (memory: at once)."""
 
     @abc.abstractmethod
+    def device_online(self, user: str, device: str) -> None:
+        """An attached node now holds ``device``'s connection (a node that held it before closes its own)."""
+
+    @abc.abstractmethod
+    def device_offline(self, user: str, device: str) -> None:
+        """The attached nodes hold no connection of ``device`` any more."""
+
+    @abc.abstractmethod
     def to_device(self, user: str, device: str, envelope: dict[str, Any]) -> bool:
         """Write ``envelope`` to ``device``'s open connection, wherever it is. True if a connection took it;
         False if the device has none (the caller keeps what must not be lost, e.g. a receipt)."""

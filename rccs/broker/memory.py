@@ -31,6 +31,12 @@ class MemoryBroker(Broker):
         if node in self._nodes:
             self._nodes.remove(node)
 
+    def device_online(self, user: str, device: str) -> None:
+        """One process: the routing table is the directory."""
+
+    def device_offline(self, user: str, device: str) -> None:
+        """One process: the routing table is the directory."""
+
     def to_device(self, user: str, device: str, envelope: dict[str, Any]) -> bool:
         return any(node.deliver_to_device(user, device, envelope) for node in self._nodes)
 

@@ -30,3 +30,11 @@ class RecordingNode:
 
     def deliver_event(self, channel: str, payload: Any) -> None:
         self.seen.append(("event", channel, payload))
+
+    def undeliverable(self, user: str, device: str, envelope: dict[str, Any]) -> None:
+        self.seen.append(("undeliverable", user, device, envelope))
+
+    def device_moved(self, user: str, device: str) -> None:
+        if (user, device) in self.devices:  # a node acts only on a connection it holds
+            self.devices.discard((user, device))
+            self.seen.append(("moved", user, device))

@@ -1,0 +1,339 @@
+"""The Redis broker: what crosses connections reaches the node that holds them, on any number of nodes.
+
+Theory of operation. Every node has a channel of its own (``rccs:node:<id>``) and listens on the shared
+control channel (``rccs:ctl``). Redis Pub/Sub is only the doorbell here: it carries receipts, notices,
+revocations and feature events between live nodes, while whatever must survive a lost message lives in
+the store (a receipt that finds no connection is kept there; revocations are also in the store's change
+feed, which every node polls).
+
+Where a device is connected is a directory in Redis (the hash ``rccs:where``: ``user NUL device`` ->
+node id), mirrored in every node's memory and kept current by ``on``/``off`` announcements on the control
+channel, so that ``to_device`` and ``to_user`` decide without a round trip. A node announces itself in
+the sorted set ``rccs:nodes`` (score: the time its heartbeat expires); a node that stops beating is dead
+and its directory entries are ignored (and removed by the others). When a device connects to a node, the
+node that held it before closes its older connection (``device_moved``).
+
+Order: everything this node publishes goes out in the order it was asked for, through one connection
+(a writer task pipelines what accumulated during one turn of the event loop), and Redis delivers it to
+each subscriber in that order; what the attached local nodes hold gets it at once, in the caller's turn.
+``flush`` sends what is queued and waits until a barrier published on this node's own channel comes back,
+so everything another node published to this one before the call has been processed.
+
+After the Pub/Sub connection breaks, the reader reconnects with backoff, subscribes again and reloads
+the directory (a lost announcement costs at most that).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import secrets
+import time
+from typing import Any
+
+import msgpack
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from ..contracts import BrokerNode
+from .base import Broker
+
+log = logging.getLogger("rccs.broker")
+
+CONTROL = "rccs:ctl"
+NODES = "rccs:nodes"
+WHERE = "rccs:where"
+HEARTBEAT_INTERVAL = 2.0  # seconds between a node's heartbeats
+NODE_TTL = 10.0  # seconds without a heartbeat after which a node counts as dead
+RECONNECT_MAX = 5.0  # seconds, the longest wait between reconnection attempts
+
+# Remove a directory entry only if it still names this node (a newer connection elsewhere wins).
+_FORGET_IF_MINE = """
+if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then
+    return redis.call('HDEL', KEYS[1], ARGV[1])
+end
+return 0
+"""
+
+
+def _report_crash(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("broker: %s stopped", task.get_name(), exc_info=task.exception())
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _where_key(user: str, device: str) -> str:
+    return f"{user}\x00{device}"
+
+
+class RedisBroker(Broker):
+    """A node's side of the Redis broker. Event loop thread only; ``start`` before use."""
+
+    def __init__(self, url: str, node_id: str | None = None):
+        self.url = url
+        self.node_id = node_id or f"node-{secrets.token_hex(4)}"
+        self.channel = f"rccs:node:{self.node_id}"
+        self._nodes: list[BrokerNode] = []
+        self._client: aioredis.Redis | None = None
+        # What to send, in order: ("publish", channel, data) or a directory change ("hset"/"forget", field, node).
+        self._outbox: list[tuple[str, str, bytes | str]] = []
+        self._outbox_ready = asyncio.Event()
+        self._barriers: dict[str, asyncio.Future[None]] = {}
+        self._barrier_ids = itertools.count(1)
+        self.where: dict[tuple[str, str], str] = {}  # (user, device) -> the node holding it
+        self.alive: set[str] = set()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._subscribed = asyncio.Event()
+        self.stats = {"published": 0, "received": 0, "reconnects": 0, "undelivered": 0}
+
+    # ---- lifecycle ----------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._client = aioredis.from_url(self.url, socket_timeout=5, socket_connect_timeout=5,
+                                         health_check_interval=15)
+        await self._beat()
+        self._tasks = [asyncio.create_task(self._read(), name="rccs broker reader"),
+                       asyncio.create_task(self._write(), name="rccs broker writer"),
+                       asyncio.create_task(self._heartbeat(), name="rccs broker heartbeat")]
+        for task in self._tasks:
+            task.add_done_callback(_report_crash)
+        await asyncio.wait_for(self._subscribed.wait(), 10)
+
+    async def stop(self) -> None:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.flush(), 5)
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        if self._client is not None:
+            with contextlib.suppress(RedisError, OSError):
+                await self._client.zrem(NODES, self.node_id)
+                mine = [field for field, node in (await self._client.hgetall(WHERE)).items()
+                        if node == self.node_id.encode()]
+                if mine:
+                    await self._client.hdel(WHERE, *mine)
+            await self._client.aclose()
+
+    async def flush(self) -> None:
+        """Everything queued is sent, and everything published to this node before it has been processed."""
+        token = f"{self.node_id}-{next(self._barrier_ids)}"
+        arrived = self._barriers[token] = asyncio.get_running_loop().create_future()
+        self._queue(self.channel, ["barrier", token])
+        try:
+            await arrived
+        finally:
+            self._barriers.pop(token, None)
+
+    # ---- local nodes ----------------------------------------------------------------
+
+    def attach(self, node: BrokerNode) -> None:
+        if node not in self._nodes:
+            self._nodes.append(node)
+
+    def detach(self, node: BrokerNode) -> None:
+        if node in self._nodes:
+            self._nodes.remove(node)
+
+    # ---- the directory --------------------------------------------------------------
+
+    def device_online(self, user: str, device: str) -> None:
+        self.where[(user, device)] = self.node_id
+        self._queue_directory("hset", _where_key(user, device))
+        self._queue(CONTROL, ["on", self.node_id, user, device])
+
+    def device_offline(self, user: str, device: str) -> None:
+        if self.where.get((user, device)) == self.node_id:
+            del self.where[(user, device)]
+        self._queue_directory("forget", _where_key(user, device))
+        self._queue(CONTROL, ["off", self.node_id, user, device])
+
+    def _holder(self, user: str, device: str) -> str | None:
+        node = self.where.get((user, device))
+        if node is None or node == self.node_id or node not in self.alive:
+            return None
+        return node
+
+    # ---- publishing -------------------------------------------------------------------
+
+    def to_device(self, user: str, device: str, envelope: dict[str, Any]) -> bool:
+        if any(node.deliver_to_device(user, device, envelope) for node in self._nodes):
+            return True
+        holder = self._holder(user, device)
+        if holder is None:
+            return False
+        self._queue(f"rccs:node:{holder}", ["dev", user, device, envelope])
+        return True
+
+    def to_user(self, user: str, envelope: dict[str, Any], exclude: str | None = None) -> int:
+        reached = sum(node.deliver_to_user(user, envelope, exclude) for node in self._nodes)
+        remote: dict[str, int] = {}
+        for (owner, device), node in self.where.items():
+            if owner == user and device != exclude and node != self.node_id and node in self.alive:
+                remote[node] = remote.get(node, 0) + 1
+        for node, count in remote.items():
+            self._queue(f"rccs:node:{node}", ["user", user, exclude, envelope])
+            reached += count
+        return reached
+
+    def revoke_device(self, device: str, at: int) -> None:
+        for node in list(self._nodes):
+            node.device_revoked(device, at)
+        self._queue(CONTROL, ["revoke-device", self.node_id, device, at])
+
+    def revoke_session(self, session_id: str, at: int) -> None:
+        for node in list(self._nodes):
+            node.session_revoked(session_id, at)
+        self._queue(CONTROL, ["revoke-session", self.node_id, session_id, at])
+
+    def publish(self, channel: str, payload: Any) -> None:
+        for node in list(self._nodes):
+            node.deliver_event(channel, payload)
+        self._queue(CONTROL, ["event", self.node_id, channel, payload])
+
+    # ---- the writer: one connection, in order -----------------------------------------
+
+    def _queue(self, channel: str, message: list[Any]) -> None:
+        self._outbox.append(("publish", channel, msgpack.packb(message, use_bin_type=True)))
+        self._outbox_ready.set()
+
+    def _queue_directory(self, change: str, field: str) -> None:
+        # Directory writes travel in the same ordered stream as the announcements that follow them.
+        self._outbox.append((change, field, self.node_id))
+        self._outbox_ready.set()
+
+    async def _write(self) -> None:
+        assert self._client is not None
+        forget = self._client.register_script(_FORGET_IF_MINE)
+        delay = 0.05
+        while True:
+            await self._outbox_ready.wait()
+            batch, self._outbox = self._outbox, []
+            self._outbox_ready.clear()
+            while batch:
+                try:
+                    pipe = self._client.pipeline(transaction=False)
+                    for kind, target, data in batch:
+                        if kind == "publish":
+                            pipe.publish(target, data)
+                        elif kind == "hset":
+                            pipe.hset(WHERE, target, data)
+                        else:
+                            await forget(keys=[WHERE], args=[target, data], client=pipe)
+                    await pipe.execute()
+                    self.stats["published"] += len(batch)
+                    batch = []
+                    delay = 0.05
+                except (RedisError, OSError) as exc:
+                    log.warning("broker: publishing failed (%s); retrying in %.2f s", exc, delay)
+                    self.stats["reconnects"] += 1
+                    await asyncio.sleep(delay)  # backoff before the next attempt, in order
+                    delay = min(delay * 2, RECONNECT_MAX)
+
+    # ---- the reader -------------------------------------------------------------------
+
+    async def _read(self) -> None:
+        delay = 0.05
+        while True:
+            pubsub = aioredis.from_url(self.url, socket_connect_timeout=5).pubsub()
+            try:
+                await pubsub.subscribe(CONTROL, self.channel)
+                await self._load_directory()
+                self._subscribed.set()
+                delay = 0.05
+                while True:
+                    message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+                    if message is not None and message.get("type") == "message":
+                        self.stats["received"] += 1
+                        self._on_message(msgpack.unpackb(message["data"], raw=False, strict_map_key=False))
+            except asyncio.CancelledError:
+                raise
+            except (RedisError, OSError) as exc:
+                self.stats["reconnects"] += 1
+                log.warning("broker: pub/sub connection lost (%s); reconnecting in %.2f s", exc, delay)
+                await asyncio.sleep(delay)  # backoff between reconnection attempts
+                delay = min(delay * 2, RECONNECT_MAX)
+            finally:
+                with contextlib.suppress(Exception):
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+    async def _load_directory(self) -> None:
+        assert self._client is not None
+        entries = await self._client.hgetall(WHERE)
+        where: dict[tuple[str, str], str] = {}
+        for field, node in entries.items():
+            user, _, device = _text(field).partition("\x00")
+            where[(user, device)] = _text(node)
+        # Ours are known best here: what this node holds right now.
+        for key, node in self.where.items():
+            if node == self.node_id:
+                where[key] = node
+        self.where = where
+
+    def _on_message(self, message: list[Any]) -> None:
+        kind = message[0]
+        if kind == "barrier":
+            waiter = self._barriers.get(message[1])
+            if waiter is not None and not waiter.done():
+                waiter.set_result(None)
+            return
+        if kind == "dev":
+            _, user, device, envelope = message
+            if not any(node.deliver_to_device(user, device, envelope) for node in self._nodes):
+                self.stats["undelivered"] += 1
+                for node in self._nodes:  # it left meanwhile: what must not be lost is kept there
+                    node.undeliverable(user, device, envelope)
+            return
+        if kind == "user":
+            _, user, exclude, envelope = message
+            for node in self._nodes:
+                node.deliver_to_user(user, envelope, exclude)
+            return
+        origin = message[1]
+        if origin == self.node_id:
+            return  # applied locally when published
+        if kind == "on":
+            _, _, user, device = message
+            self.where[(user, device)] = origin
+            self.alive.add(origin)
+            for node in self._nodes:
+                node.device_moved(user, device)
+        elif kind == "off":
+            _, _, user, device = message
+            if self.where.get((user, device)) == origin:
+                del self.where[(user, device)]
+        elif kind == "revoke-device":
+            for node in list(self._nodes):
+                node.device_revoked(message[2], message[3])
+        elif kind == "revoke-session":
+            for node in list(self._nodes):
+                node.session_revoked(message[2], message[3])
+        elif kind == "event":
+            for node in list(self._nodes):
+                node.deliver_event(message[2], message[3])
+
+    # ---- liveness -----------------------------------------------------------------------
+
+    async def _beat(self) -> None:
+        assert self._client is not None
+        now = time.time()
+        pipe = self._client.pipeline(transaction=False)
+        pipe.zadd(NODES, {self.node_id: now + NODE_TTL})
+        pipe.zrangebyscore(NODES, now, "+inf")
+        pipe.zremrangebyscore(NODES, "-inf", now - NODE_TTL)
+        _, alive, _ = await pipe.execute()
+        self.alive = {_text(node) for node in alive}
+
+    async def _heartbeat(self) -> None:
+        while True:
+            await asyncio.sleep(HEARTBEAT_INTERVAL)  # the beat's period, not synchronisation
+            try:
+                await self._beat()
+            except (RedisError, OSError) as exc:
+                log.warning("broker: heartbeat failed (%s)", exc)
