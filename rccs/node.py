@@ -11,12 +11,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
+from types import ModuleType
 from typing import Any
 
 from picows import WSAutoPingStrategy, ws_create_server
 
 from . import __version__
-from ._fastpath import IMPLEMENTATION
+from ._fastpath import IMPLEMENTATION, listener_impl
 from .admin_api import admin_handler
 from .auth import TokenAuthority, load_or_create_secret
 from .broker import open_broker
@@ -37,7 +38,7 @@ from .state import State
 from .store import open_store
 from .tasks import Tasks
 from .transport.http import HttpServer, http_router
-from .transport.ws import ServerConnection, WriteCoalescer
+from .transport.ws import ServerConnection
 
 log = logging.getLogger("rccs.node")
 
@@ -72,8 +73,11 @@ def merge_ops(*tables: dict[str, Handler]) -> dict[str, Handler]:
 class Node:
     """One rccs server process: ``await start()``, then ``await stop()``."""
 
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, listener: ModuleType | None = None):
+        """``listener`` is the module whose ServerConnection serves WebSocket connections: the fast path's
+        choice by default; tests pass one twin or the other to compare them on the same traffic."""
         self.settings = settings
+        self._listener = listener or listener_impl
         self.ssl_context = server_ssl_context(settings)  # first: a bad certificate fails before anything is written
         secret = settings.token_secret.encode() if settings.token_secret else load_or_create_secret(settings.data_dir)
         self.tokens = TokenAuthority(secret)
@@ -102,7 +106,7 @@ class Node:
         self._ws_server: asyncio.Server | None = None
         self._http_server: HttpServer | None = None
         self._ready = False
-        self._coalescer = WriteCoalescer()
+        self._coalescer = self._listener.WriteCoalescer()
 
     @property
     def ws_port(self) -> int:
@@ -130,7 +134,8 @@ class Node:
     def _accept(self, request: Any) -> ServerConnection | None:
         if request.path.split(b"?", 1)[0] != WS_PATH.encode():
             return None  # picows answers 404
-        return ServerConnection(self.hub, self._coalescer, Session)
+        connection: ServerConnection = self._listener.ServerConnection(self.hub, self._coalescer, Session)
+        return connection
 
     async def start(self) -> None:
         settings = self.settings

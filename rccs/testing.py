@@ -33,6 +33,7 @@ import tempfile
 import threading
 from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
+from types import ModuleType
 from typing import IO, Any
 
 from ._fastpath import IMPLEMENTATION
@@ -306,13 +307,15 @@ class RunningServer:
 
 
 @contextlib.asynccontextmanager
-async def running_server(**overrides: Any) -> AsyncIterator[RunningServer]:
-    """Start a server on free ports with a throw-away data dir; settings may be overridden."""
+async def running_server(listener: ModuleType | None = None, **overrides: Any) -> AsyncIterator[RunningServer]:
+    """Start a server on free ports with a throw-away data dir; settings may be overridden.
+
+    ``listener``: the listener module to serve with (default: the fast path's choice)."""
     with tempfile.TemporaryDirectory(prefix="rccs-test-") as data_dir:
         # RCCS_STORE=memory runs the suite's servers on the in-memory store instead of SQLite.
         settings = Settings(port=0, http_port=0, data_dir=data_dir, store=os.environ.get("RCCS_STORE", "sqlite"))
         settings = settings.replace(**overrides)
-        node = Node(settings)
+        node = Node(settings, listener)
         await node.start()
         try:
             yield RunningServer(node)

@@ -175,8 +175,14 @@ cdef enum:
     CACHE_MAX_LEN = 15
     CACHE_SLOTS = 128     # a power of two; direct-mapped, a string whose slot is taken is just not cached
 
-cdef PyObject* _cache_str[CACHE_SLOTS]
-cdef const char* _cache_utf8[CACHE_SLOTS]
+# The cache below holds borrowed pointers (the str objects and their UTF-8 buffers, which live as long
+# as their str). Their owner is this C-level reference, not the module global: Python code can rebind
+# ``_COMMON_STRINGS`` (a test does) but cannot reach ``_cache_owner``, so the pointers stay valid for
+# the life of the module.
+cdef tuple _cache_owner = tuple(_COMMON_STRINGS)
+
+cdef PyObject* _cache_str[CACHE_SLOTS]        # borrowed from _cache_owner
+cdef const char* _cache_utf8[CACHE_SLOTS]     # inside those str objects (their cached UTF-8 form)
 cdef Py_ssize_t _cache_len[CACHE_SLOTS]       # 0 for an empty slot
 
 
@@ -189,12 +195,12 @@ cdef int _init_cache() except -1:
     cdef Py_ssize_t slot
     cdef Py_ssize_t size = 0
     cdef const char* data
-    for text in _COMMON_STRINGS:
+    for text in _cache_owner:
         data = PyUnicode_AsUTF8AndSize(text, &size)
         if 0 < size <= CACHE_MAX_LEN:
             slot = _cache_slot(<cbuf>data, size)
             if _cache_len[slot] == 0:
-                _cache_str[slot] = <PyObject*>text   # kept alive by the module's _COMMON_STRINGS
+                _cache_str[slot] = <PyObject*>text   # kept alive by _cache_owner
                 _cache_utf8[slot] = data
                 _cache_len[slot] = size
     return 0

@@ -23,6 +23,19 @@ from rccs.errors import CloseCode, ErrorCode
 
 log = logging.getLogger("rccs.session")
 
+cdef extern from *:
+    """
+    #ifndef RCCS_PICOWS_BUILD_VERSION
+    #define RCCS_PICOWS_BUILD_VERSION ""
+    #endif
+    """
+    const char* RCCS_PICOWS_BUILD_VERSION
+
+# The picows version whose picows.pxd this module was compiled against (set by setup.py; "" when built
+# some other way). This module reads and writes picows' C fields, whose layout is only known to match
+# that version: rccs._fastpath loads it only when the installed picows is the same.
+PICOWS_BUILD_VERSION = RCCS_PICOWS_BUILD_VERSION.decode("ascii")
+
 cdef extern from "<time.h>" nogil:
     ctypedef int clockid_t
     cdef struct timespec:
@@ -142,6 +155,9 @@ cdef class ServerConnection(WSListener):
     cdef public long long frames_out
     cdef public long long bytes_in
     cdef public long long bytes_out
+    # Messages the direct path handled itself (sends routed, acks settled): tests check it is taken.
+    cdef public long long direct_sends
+    cdef public long long direct_acks
     cdef double _rate
     cdef double _burst
     cdef double _tokens
@@ -171,6 +187,8 @@ cdef class ServerConnection(WSListener):
         self.frames_out = 0
         self.bytes_in = 0
         self.bytes_out = 0
+        self.direct_sends = 0
+        self.direct_acks = 0
         self._rate = 0.0
         self._burst = 0.0
         self._tokens = 0.0
@@ -334,6 +352,7 @@ cdef class ServerConnection(WSListener):
             self.hub.send_receipt(pending[0], pending[1], {
                 "op": "receipt", "id": pending[2], "status": "delivered", "device": self._device,
             })
+        self.direct_acks += 1
         return True
 
     cdef bint _send_direct(self, dict header, bytes payload, Py_ssize_t body_start, Py_ssize_t body_end,
@@ -374,6 +393,7 @@ cdef class ServerConnection(WSListener):
             repeated = self.hub.deliveries.first_time(self._device, msg_id, body, _now_ms())
             if repeated is not None:
                 self.session.on_repeated_send(msg_id, repeated)
+                self.direct_sends += 1
                 return True
         prefix = encode_msg_prefix(msg_id, self._device, app_type, body, _now_ms(), ack)
         seq = target.next_seq
@@ -384,6 +404,7 @@ cdef class ServerConnection(WSListener):
             target.pending[seq] = (self._user, self._device, msg_id, frame, False)
         self._stats.count_frames(1, 1)
         self._stats.record_route(RESULT_ROUTED, _monotonic_ns() - started)
+        self.direct_sends += 1
         if ack is True:
             self.session.send_control({"op": "receipt", "id": msg_id, "status": "routed", "devices": [name]})
         return True

@@ -128,6 +128,9 @@ class ServerConnection(WSListener):
         self.frames_out = 0
         self.bytes_in = 0
         self.bytes_out = 0
+        # Messages the direct path handled itself (sends routed, acks settled): tests check it is taken.
+        self.direct_sends = 0
+        self.direct_acks = 0
         # Per-device token bucket over every message after hello (send_rate per second, send_burst deep).
         self._rate = 0.0
         self._burst = 0.0
@@ -285,6 +288,7 @@ class ServerConnection(WSListener):
             self.hub.send_receipt(pending[0], pending[1], {
                 "op": "receipt", "id": pending[2], "status": "delivered", "device": self._device,
             })
+        self.direct_acks += 1
         return True
 
     def _send_direct(self, header: dict[str, Any], payload: bytes, body_start: int, body_end: int,
@@ -322,6 +326,7 @@ class ServerConnection(WSListener):
             repeated = self.hub.deliveries.first_time(self._device, msg_id, body, time.time_ns() // 1_000_000)
             if repeated is not None:
                 self.session.on_repeated_send(msg_id, repeated)
+                self.direct_sends += 1
                 return True
         prefix = encode_msg_prefix(msg_id, self._device, app_type, body, time.time_ns() // 1_000_000, ack)
         seq = target.next_seq
@@ -333,6 +338,7 @@ class ServerConnection(WSListener):
         stats = self._stats
         stats.count_frames(1, 1)
         stats.record_route(RESULT_ROUTED, time.perf_counter_ns() - started)
+        self.direct_sends += 1
         if ack:
             self.session.send_control({"op": "receipt", "id": msg_id, "status": "routed", "devices": [name]})
         return True

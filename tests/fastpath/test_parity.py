@@ -895,3 +895,17 @@ def test_listener_twins_expose_the_same_names():
     for method in ("on_ws_connected", "on_ws_frame", "on_ws_disconnected", "send_frame", "flush", "close",
                    "hello_done"):
         assert hasattr(py_listener.ServerConnection, method) and hasattr(cy_listener.ServerConnection, method)
+
+
+@fuzz(500)
+@given(st.one_of(st.integers(0, 200), st.integers(65_000, 66_000), st.integers(0, 2**63 - 1)), st.booleans())
+def test_frame_header_differential(length, text):
+    header = cy_listener.frame_header(length, text)
+    assert header == py_listener.frame_header(length, text)
+    # The shortest form RFC 6455 allows, and it decodes back to the length.
+    code = header[1]
+    assert code == (length if length < 126 else 126 if length < 65536 else 127)
+    if code >= 126:
+        assert int.from_bytes(header[2:], "big") == length
+    else:
+        assert len(header) == 2
