@@ -123,6 +123,12 @@ class Receipt:
     status: str
     device: str | None = None
     reason: str | None = None
+    from_device: str | None = None  # ``moved``: the device the message was taken back from
+
+    @classmethod
+    def from_envelope(cls, envelope: Mapping[str, Any]) -> Receipt:
+        return cls(envelope["id"], str(envelope.get("status")), envelope.get("device"), envelope.get("reason"),
+                   envelope.get("from_device"))
 
 
 class ClientError(Exception):
@@ -477,7 +483,7 @@ class _ReceiptWaiter:
         if status == "routed":
             self.expected = set(envelope.get("devices") or ()) | set(envelope.get("queued") or ())
         else:
-            receipt = Receipt(envelope["id"], str(status), envelope.get("device"), envelope.get("reason"))
+            receipt = Receipt.from_envelope(envelope)
             self.receipts.append(receipt)
             if status == "duplicate":  # an earlier send with this id was taken: nothing more comes
                 self.future.set_result(self.receipts)
@@ -1340,8 +1346,7 @@ class Client:
             if waiter is not None and not waiter.future.done():
                 waiter.add(envelope)
             elif envelope.get("status") != "routed":
-                self.receipts.put_nowait(Receipt(envelope["id"], str(envelope.get("status")), envelope.get("device"),
-                                                 envelope.get("reason")))
+                self.receipts.put_nowait(Receipt.from_envelope(envelope))
         elif op == "welcome":
             # Taken here, not when connect() resumes: envelopes that follow in the same read need them.
             self.device_id = envelope.get("device")

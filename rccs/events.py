@@ -10,9 +10,8 @@ backoff. A full queue drops the oldest event and counts it
 (``rccs_webhook_events_total{result="dropped"}``): the server never waits for a
 webhook receiver.
 
-Event kinds: device.registered, device.connected, device.disconnected,
-device.revoked, session.expired, message.failed, message.expired,
-message.dead_lettered, pairing.completed.
+Event kinds are ``EVENT_KINDS``; docs/operations.md lists each with its fields
+(tests/unit/test_wire_contract.py holds the two together).
 """
 
 from __future__ import annotations
@@ -39,6 +38,7 @@ EVENT_KINDS = (
     "device.registered", "device.connected", "device.disconnected", "device.revoked", "session.expired",
     "message.failed", "message.expired", "message.dead_lettered", "pairing.completed", "task.handed_off",
 )
+WEBHOOK_RESULTS = ("delivered", "failed", "dropped")  # what became of a webhook event: rccs_webhook_events_total
 SIGNATURE_HEADER = "X-Rccs-Signature"  # "sha256=" + hex HMAC-SHA256 of the body with webhook_secret
 Subscriber = Callable[[dict[str, Any]], None]
 
@@ -82,7 +82,7 @@ class Webhooks:
         self.timeout = timeout
         self.retries = retries
         self.backoff = backoff
-        self.results: collections.Counter[str] = collections.Counter()  # delivered, failed, dropped
+        self.results: collections.Counter[str] = collections.Counter()  # by WEBHOOK_RESULTS
         self._queue: collections.deque[dict[str, Any]] = collections.deque(maxlen=queue_size)
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None

@@ -247,7 +247,7 @@ class Hub:
 
     def requeue(self, record: SessionRecord, reason: ReceiptReason | None) -> None:
         """A session ends with unacked messages: they go to the device's inbox (or fail with ``reason``)."""
-        expires_at = now_ms() + int(self.settings.default_ttl * 1000)
+        expires_at = self.deliveries.kept_expiry()
         for pending in record.pending:
             message = None if reason is not None else queued_from_frame(
                 pending.frame, pending.text, record.device, record.user, expires_at)

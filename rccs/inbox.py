@@ -208,6 +208,11 @@ class Deliveries:
         message.attempts += 1
         self._to_count.append(message.id)
         self._schedule()
+        # The sweep counts on from the writes of earlier connections, so that max_delivery_attempts bounds
+        # every write of the message, not the writes of each connection.
+        if session.retry is None:
+            session.retry = {}
+        session.retry[seq] = [self.core.now() + int(self.backoff(message.attempts) * 1000), message.attempts]
 
     async def on_online(self, session: LiveSession) -> None:
         """A device said welcome: its kept receipts, then its inbox."""
@@ -253,10 +258,18 @@ class Deliveries:
         self.send_receipt(entry[0], entry[1], receipt(entry[2], "failed", device, ReceiptReason.UNDELIVERABLE.value))
         self.core.spawn(self.core.store.dead_letter(ids, ReceiptReason.UNDELIVERABLE.value, self.core.now()))
 
-    def dead_letter_live(self, session: LiveSession, entry: PendingAck) -> None:
-        """A live message (never in the inbox) that was never acked: stored straight into the dead letters."""
+    def kept_expiry(self) -> int:
+        """When a live message that moves to the store now (inbox or dead letters) expires: it carries no
+        ttl of its own any more, so it gets ``default_ttl`` from now, as if it had been sent now."""
+        return self.core.now() + int(self.settings.default_ttl * 1000)
+
+    def dead_letter_live(self, session: LiveSession, entry: PendingAck, writes: int) -> None:
+        """A live message (never in the inbox), written ``writes`` times and never acked: stored straight
+        into the dead letters, with those writes as its attempts."""
         assert session.device is not None and session.user is not None
-        message = queued_from_frame(entry[3], entry[4], session.device, session.user, None)
+        message = queued_from_frame(entry[3], entry[4], session.device, session.user, self.kept_expiry())
+        if message is not None:
+            message.attempts = writes
         self.stats["dead_lettered"] += 1
         self.core.bus.emit("message.dead_lettered", user=entry[0], sender=entry[1], id=entry[2],
                            device=session.device)
@@ -320,7 +333,7 @@ class Deliveries:
                     del session.inbox_ids[seq]  # type: ignore[union-attr]
                     self.dead_letter_ids([inbox_id], entry, session.device)
                 else:
-                    self.dead_letter_live(session, entry)
+                    self.dead_letter_live(session, entry, state[1])
                 continue
             state[0] = now + int(self.backoff(attempts) * 1000)
             state[1] = attempts

@@ -331,30 +331,35 @@ class WorkItem:
         """The receipt ``delivered`` (sent by the ack path) names the device that processed it."""
 
     def overdue(self, session: LiveSession, seq: int) -> bool:
-        """Move to the next online candidate; False (keep retrying here) when there is none."""
+        """Move to the next online candidate; False (keep retrying here) when none can take it.
+
+        The message is written to the new device before it is taken back from this one, so a candidate
+        that cannot take it (its encoding cannot carry the body) leaves it where it was, still awaiting
+        this device's ack. ``moved`` is the final receipt for ``session``'s device (protocol.md 4.2):
+        its copy is retracted, and a late ack of it is ignored."""
         messaging = self.messaging
         router = messaging.router
         user = self.sender_user
         exclude = None if self.selector.include_self else self.sender_device
         candidates = [name for name in router.online_matching(user, self.selector)
                       if name not in self.tried and name != exclude and router.online(user, name) is not None]
-        if not candidates:
-            return False
-        if self.order == "listed":
-            chosen = router.online(user, candidates[0])
-        else:
-            chosen = router.routing.most_recent(user, candidates)  # type: ignore[assignment]
-        assert chosen is not None
-        session.withdraw(seq, self.outgoing.msg_id, self.sender_device)
-        try:
-            chosen.deliver(self.outgoing, user)
-        except ProtocolError:
+        while candidates:
+            if self.order == "listed":
+                chosen = router.online(user, candidates[0])
+            else:
+                chosen = router.routing.most_recent(user, candidates)  # type: ignore[assignment]
+            assert chosen is not None and chosen.device is not None
+            candidates.remove(chosen.device)
             self.tried.add(chosen.device)
-            return False
-        self.tried.add(chosen.device)
-        chosen.track(chosen.next_seq - 1, self)
-        messaging.core.events["work_moved"] += 1
-        messaging.deliveries.send_receipt(user, self.sender_device, {
-            "op": "receipt", "id": self.outgoing.msg_id, "status": "moved", "device": chosen.device,
-            "from_device": session.device})
-        return True
+            try:
+                chosen.deliver(self.outgoing, user)
+            except ProtocolError:
+                continue  # unconvertible for this device: try the next one
+            chosen.track(chosen.next_seq - 1, self)
+            session.withdraw(seq, self.outgoing.msg_id, self.sender_device)
+            messaging.core.events["work_moved"] += 1
+            messaging.deliveries.send_receipt(user, self.sender_device, {
+                "op": "receipt", "id": self.outgoing.msg_id, "status": "moved", "device": chosen.device,
+                "from_device": session.device})
+            return True
+        return False

@@ -17,6 +17,7 @@ from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 
 from ._fastpath import routing as fast_routing
+from .events import WEBHOOK_RESULTS
 
 if TYPE_CHECKING:
     from .hub import Hub
@@ -120,7 +121,7 @@ class HubCollector:
         yield bus_events
         if hub.webhooks is not None:
             webhook = CounterMetricFamily("rccs_webhook_events", "Webhook deliveries by result", labels=["result"])
-            for result in ("delivered", "failed", "dropped"):
+            for result in WEBHOOK_RESULTS:
                 webhook.add_metric([result], hub.webhooks.results[result])
             yield webhook
         yield GaugeMetricFamily("rccs_devices_registered", "Registered devices that are not revoked",

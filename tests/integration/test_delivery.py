@@ -207,11 +207,156 @@ async def test_pick_one_work_item_moves_to_the_next_device(server, connect):
     hub.deliveries.retry_due(start + 40_000)  # past ack_timeout: the job moves on
     taken, receipts = await asyncio.gather(fast.next_message(timeout=5), asyncio.wait_for(sending, 5))
     assert taken.id == "j1"
-    assert [(r.status, r.device) for r in receipts] == [("moved", "fast"), ("delivered", "fast")]
+    assert [(r.status, r.device, r.from_device) for r in receipts] == [
+        ("moved", "fast", "slow"), ("delivered", "fast", None)]
     retract = await slow.next_event("retract", timeout=5)
-    assert (retract["id"], retract["from"]) == ("j1", "phone")
+    assert (retract["seq"], retract["id"], retract["from"]) == (1, "j1", "phone")
     await slow.ack(1)  # too late: ignored
     assert await phone.ping() > 0 and phone.receipts.empty()
+
+
+def final_receipt_devices(receipts):
+    """protocol.md 4.2: the devices a sender holds a final receipt for (``moved`` is final for its
+    from_device), and the devices that still owe one (``moved`` names a new target)."""
+    final, owed = set(), set()
+    for receipt in receipts:
+        if receipt.status in ("delivered", "expired", "failed", "retracted"):
+            final.add(receipt.device)
+        elif receipt.status == "moved":
+            final.add(receipt.from_device)
+            owed.add(receipt.device)
+    return final, owed
+
+
+async def test_a_work_item_that_moves_twice_leaves_one_final_receipt_per_device(tmp_path):
+    from rccs.client import Client
+    from rccs.testing import running_server
+
+    async with running_server(data_dir=str(tmp_path), ack_timeout=10, max_delivery_attempts=2) as server:
+        def worker(name):
+            return Client(server.ws_url, server.issue_token("alice", name), {"type": "worker"}, auto_ack=False)
+
+        first, second = worker("w1"), worker("w2")
+        await second.connect()
+        await first.connect()  # the most recently active: it gets the job first
+        phone = Client(server.ws_url, server.issue_token("alice", "phone"), {"type": "mobile"})
+        await phone.connect()
+        sending = asyncio.ensure_future(phone.send({"type": "worker", "pick": "one"}, "build", 1, ack=True, id="job"))
+        assert (await first.next_message(timeout=5)).id == "job"
+        sweep = server.hub.deliveries.retry_due
+        start = now_ms()
+        sweep(start)
+        sweep(start + 13_000)  # w1 did not ack in time: the job moves to w2
+        assert (await second.next_message(timeout=5)).id == "job"
+        sweep(start + 13_000)
+        sweep(start + 26_000)  # nobody else matches: written again to w2 ...
+        sweep(start + 80_000)  # ... until its attempts run out
+        receipts = await asyncio.wait_for(sending, 5)  # the client waits for a final receipt per device
+        assert [(r.status, r.device, r.from_device, r.reason) for r in receipts] == [
+            ("moved", "w2", "w1", None), ("failed", "w2", None, "undeliverable")]
+        final, owed = final_receipt_devices(receipts)
+        assert final == {"w1", "w2"} and owed <= final
+        assert (await first.next_event("retract", timeout=5))["id"] == "job"
+        for client in (first, second, phone):
+            await client.close()
+
+
+async def test_a_work_item_stays_when_no_other_device_can_take_its_body(tmp_path):
+    """A JSON body with an integer msgpack cannot carry: the msgpack worker is skipped, the JSON worker keeps
+    the job (no retract), and its late ack still gives the sender ``delivered``."""
+    from rccs.client import Client
+    from rccs.testing import running_server
+
+    async with running_server(data_dir=str(tmp_path), ack_timeout=10) as server:
+        packed = Client(server.ws_url, server.issue_token("alice", "packed"), {"type": "worker"})
+        await packed.connect()
+        texty = Client(server.ws_url, server.issue_token("alice", "texty"), {"type": "worker"}, encoding="json",
+                       auto_ack=False)
+        await texty.connect()  # the most recently active worker
+        web = Client(server.ws_url, server.issue_token("alice", "web"), {"type": "web"}, encoding="json")
+        await web.connect()
+        sending = asyncio.ensure_future(web.send({"type": "worker", "pick": "one"}, "job", 2**70, ack=True,
+                                                 id="big"))
+        taken = await texty.next_message(timeout=5)
+        start = now_ms()
+        server.hub.deliveries.retry_due(start)
+        server.hub.deliveries.retry_due(start + 13_000)  # overdue, but the only other worker is msgpack
+        await texty.ack(taken.seq)
+        receipts = await asyncio.wait_for(sending, 5)
+        assert [(r.status, r.device) for r in receipts] == [("delivered", "texty")]
+        events = [texty.events.get_nowait() for _ in range(texty.events.qsize())]
+        assert not [event for event in events if event.get("op") == "retract"]
+        assert packed._inbox.empty()
+        for client in (packed, texty, web):
+            await client.close()
+
+
+async def test_a_plain_message_that_is_never_acked_becomes_a_dead_letter_counting_its_writes(tmp_path):
+    """Not only inbox messages: a live ack:true message runs out of attempts too, and its dead letter shows
+    the writes it had and an expiry (default_ttl from then), as the CLI and the admin API list them."""
+    from rccs.client import Client
+    from rccs.testing import running_server
+
+    async with running_server(data_dir=str(tmp_path), ack_timeout=10, max_delivery_attempts=3,
+                              default_ttl=3600) as server:
+        laptop = Client(server.ws_url, server.issue_token("alice", "laptop"), {"type": "desktop"}, auto_ack=False)
+        await laptop.connect()
+        phone = Client(server.ws_url, server.issue_token("alice", "phone"), {"type": "mobile"})
+        await phone.connect()
+        sending = asyncio.ensure_future(phone.send({"device": "laptop"}, "cmd", "do it", ack=True, id="plain"))
+        await laptop.next_message(timeout=5)
+        deliveries = server.hub.deliveries
+        start = now_ms()
+        for offset in (0, 13_000, 40_000, 100_000):  # first seen, written again twice, then out of attempts
+            deliveries.retry_due(start + offset)
+        assert deliveries.stats["redelivered"] == 2
+        receipts = await asyncio.wait_for(sending, 5)
+        assert [(r.status, r.device, r.reason) for r in receipts] == [("failed", "laptop", "undeliverable")]
+        await server.hub.settle()
+        [dead] = await server.node.store.dead_letters(device_id="laptop")
+        assert (dead.message.msg_id, dead.message.attempts, dead.reason) == ("plain", 3, "undeliverable")
+        assert dead.message.expires_at is not None
+        assert dead.at + 3_600_000 - 5_000 <= dead.message.expires_at <= dead.at + 3_600_000 + 5_000
+        await laptop.close()
+        await phone.close()
+
+
+async def test_an_inbox_message_counts_its_writes_across_connections(tmp_path):
+    """max_delivery_attempts bounds every write of an inbox message, not the writes of each connection."""
+    from rccs.client import Client
+    from rccs.testing import running_server
+
+    async with running_server(data_dir=str(tmp_path), ack_timeout=10, max_delivery_attempts=2) as server:
+        def laptop():
+            return Client(server.ws_url, server.issue_token("alice", "laptop"), {"type": "desktop"}, auto_ack=False)
+
+        await (await _connected(laptop())).close()  # registered, offline
+        phone = Client(server.ws_url, server.issue_token("alice", "phone"), {"type": "mobile"})
+        await phone.connect()
+        assert [r.status for r in await phone.send({"device": "laptop"}, "cmd", 1, ack=True, id="twice")] == [
+            "queued"]
+        first = await _connected(laptop())
+        assert (await first.next_message(timeout=5)).id == "twice"  # write 1
+        await first.close()  # closed with 1000: the message stays in the inbox, unacked
+        await server.hub.settle()
+        second = await _connected(laptop())
+        assert (await second.next_message(timeout=5)).id == "twice"  # write 2: the last one allowed
+        deliveries = server.hub.deliveries
+        start = now_ms()
+        deliveries.retry_due(start + 100_000)
+        dead = await asyncio.wait_for(phone.receipts.get(), 5)
+        assert (dead.id, dead.status, dead.reason) == ("twice", "failed", "undeliverable")
+        assert deliveries.stats["redelivered"] == 0
+        await server.hub.settle()
+        [letter] = await server.node.store.dead_letters(device_id="laptop")
+        assert letter.message.attempts == 2
+        await second.close()
+        await phone.close()
+
+
+async def _connected(client):
+    await client.connect()
+    return client
 
 
 async def test_first_ack_retracts_the_other_copies(server, connect):
