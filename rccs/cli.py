@@ -11,6 +11,7 @@ import asyncio
 import gc
 import json
 import logging
+import os
 import signal
 import sys
 import time
@@ -26,6 +27,32 @@ from .logs import configure_logging
 from .store import DB_FILE, STATUS_OFFLINE, SessionRecord, Store, StoreError, open_store
 
 T = TypeVar("T")
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser that takes an argument starting with ``-`` as a value when it names none of the
+    command's options.
+
+    Ids may start with ``-`` (``-dash`` is a valid device id, and about one session id in 64 starts with
+    one: they come from ``secrets.token_urlsafe``). Plain argparse takes ``rccs devices revoke -dash`` for
+    an unknown option and then misses the id; an id copied from ``rccs sessions list`` must just work.
+    The only ids that still need ``--`` (or ``--device=ID``) are those spelling an option of the command
+    itself, such as ``-h`` or ``--json``. A mistyped option still fails: it fills no slot, or the one it
+    fills leaves a real argument over, and both are reported as errors.
+    """
+
+    def _parse_optional(self, arg_string: str) -> Any:
+        if arg_string.startswith("-") and len(arg_string) > 1 and not self._names_an_option(arg_string):
+            return None  # argparse's answer for "a positional argument, or an option's value"
+        return super()._parse_optional(arg_string)
+
+    def _names_an_option(self, arg_string: str) -> bool:
+        name = arg_string.split("=", 1)[0]
+        options = self._option_string_actions
+        if name in options:
+            return True
+        # argparse also accepts unambiguous abbreviations of long options (--data for --data-dir).
+        return self.allow_abbrev and name.startswith("--") and any(option.startswith(name) for option in options)
 
 
 def _server_flags(parser: argparse.ArgumentParser) -> None:
@@ -125,8 +152,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         uvloop.run(_serve(settings))
     except (ConfigError, TokenError, ValueError, StoreError):
         raise  # the operator's mistake or the store's: main() prints it as for every command
+    except OSError as exc:
+        # A port in use, an address this host does not have, a data dir or TLS file it cannot read: the
+        # operator's environment, not a bug, so one line saying what failed rather than a traceback.
+        logging.getLogger("rccs").error("rccs serve cannot start: %s", exc.strerror or exc)
+        return 1
     except Exception:
-        # Anything else (a port in use, a bug) is logged, not printed: a JSON log stays all JSON lines.
+        # Anything else is a bug: logged with its traceback, not printed, so a JSON log stays all JSON lines.
         logging.getLogger("rccs").exception("rccs serve failed")
         return 1
     return 0
@@ -578,8 +610,12 @@ def _add_inbox_commands(sub: Any) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="rccs", description="rccs coordination server")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="rccs", description="rccs coordination server",
+                     epilog="An id that starts with '-' may be given as it is (rccs devices revoke -dash); one that "
+                            "spells an option of its command (-h, --json) goes after '--', with the options "
+                            "before it: rccs devices revoke --data-dir DIR -- -h")
+    parser.add_argument("--version", action=_VersionAction, help="print the version and fast-path implementation")
+    sub = parser.add_subparsers(dest="command", required=True)  # subparsers are _Parser too (parser_class)
     serve = sub.add_parser("serve", help="run the server")
     _server_flags(serve)
     serve.set_defaults(handler=cmd_serve)
@@ -602,23 +638,65 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def cmd_version(args: argparse.Namespace) -> int:
-    from ._fastpath import IMPLEMENTATION
+def _version_line() -> str:
+    from ._fastpath import IMPLEMENTATION  # on demand: only the version commands need the fast path here
 
-    print(f"rccs {__version__} (fastpath: {IMPLEMENTATION})")
+    return f"rccs {__version__} (fastpath: {IMPLEMENTATION})"
+
+
+def cmd_version(args: argparse.Namespace) -> int:
+    print(_version_line())
     return 0
+
+
+class _VersionAction(argparse.Action):
+    """``rccs --version``: what ``rccs version`` prints, then exit 0 (as ``--help`` does)."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, help: str | None = None):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, help=help)
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        print(_version_line())
+        parser.exit(0)
+
+
+# What a shell reports for a process ended by SIGPIPE (128 + 13), as for 'ls | head -1' under pipefail.
+BROKEN_PIPE_STATUS = 128 + signal.SIGPIPE
+
+
+def _discard_stdout() -> None:
+    """Point standard output at /dev/null, so that the interpreter's final flush of what is still
+    buffered for a reader that has gone does not print a second BrokenPipeError at exit."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # replaced by an object without a descriptor (tests)
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, fd)
+    os.close(devnull)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         result: int = args.handler(args)
+        sys.stdout.flush()  # a reader that went away is noticed here, where it can be handled quietly
+    except BrokenPipeError:
+        # 'rccs devices list | head -1': the reader has what it wanted; stop without a word, as Unix tools do.
+        _discard_stdout()
+        return BROKEN_PIPE_STATUS
     except (ConfigError, TokenError, ValueError) as exc:
         print(f"rccs: error: {exc}", file=sys.stderr)
         return 2
     except StoreError as exc:
         # Not the caller's input but the store itself (e.g. a damaged or unreadable rccs.db).
         print(f"rccs: error: store: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        # The environment, not the input: e.g. a --data-dir that cannot be created or read.
+        where = f": {exc.filename}" if exc.filename is not None else ""
+        print(f"rccs: error: {exc.strerror or exc}{where}", file=sys.stderr)
         return 1
     return result
 

@@ -142,6 +142,9 @@ def load_settings(
                 raise ConfigError(f"unknown setting {name!r}")
             values[name] = _coerce(name, value)
     settings = Settings(**values)
+    for name in ("port", "http_port"):
+        if getattr(settings, name) > 65535:  # caught here, the operator gets a line naming the setting
+            raise ConfigError(f"setting {name!r} must be a TCP port, 0-65535 (got {getattr(settings, name)})")
     if settings.max_message_bytes < 1024:
         raise ConfigError("setting 'max_message_bytes' must be at least 1024")
     if settings.heartbeat <= 0 or settings.hello_timeout <= 0:

@@ -1,9 +1,12 @@
 """The ``rccs`` command line, run as a real process."""
 
 import asyncio
+import os
 import signal
 import subprocess
 import sys
+
+import pytest
 
 from rccs import _fastpath
 from rccs.auth import TokenAuthority, load_or_create_secret
@@ -65,3 +68,47 @@ def test_serve_refuses_a_bad_config(tmp_path):
     result = rccs("serve", "--config", str(config))
     assert result.returncode == 2
     assert "port" in result.stderr
+
+
+def test_version_flag_prints_what_the_version_command_prints():
+    result = rccs("--version")
+    assert (result.returncode, result.stderr) == (0, "")
+    assert result.stdout == rccs("version").stdout
+    assert result.stdout.startswith("rccs ")
+
+
+# ---- failures the operator's environment causes: one line on stderr, no traceback -------------------
+# (a port in use: test_logs.py::test_serve_logs_a_failure_to_start_as_one_json_line)
+
+
+@pytest.mark.parametrize("flag", ["--port", "--http-port"])
+def test_serve_refuses_a_port_out_of_range(tmp_path, flag):
+    result = rccs("serve", flag, "99999", "--data-dir", str(tmp_path))
+    assert result.returncode == 2
+    setting = flag.removeprefix("--").replace("-", "_")
+    assert result.stderr == f"rccs: error: setting '{setting}' must be a TCP port, 0-65535 (got 99999)\n"
+
+
+def test_token_issue_with_a_data_dir_that_cannot_be_created(tmp_path):
+    (tmp_path / "a-file").write_text("not a directory\n")
+    data_dir = tmp_path / "a-file" / "data"
+    result = rccs("token", "issue", "--user", "alice", "--device", "alice-phone", "--data-dir", str(data_dir))
+    assert (result.returncode, result.stdout) == (1, "")
+    assert result.stderr == f"rccs: error: Not a directory: {data_dir}\n"
+
+
+def test_a_reader_that_stops_early_ends_a_listing_quietly(tmp_path):
+    data_dir = str(tmp_path / "data")
+    assert rccs("users", "add", "alice", "--device", "alice-phone", "--data-dir", data_dir).returncode == 0
+    # 'rccs devices list | head -1' where head has exited already: a pipe without a reader, made before the
+    # child starts, so that its first write is sure to fail.
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        listing = subprocess.run([sys.executable, "-m", "rccs", "devices", "list", "--data-dir", data_dir],
+                                 stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=60,
+                                 env=child_environment())
+    finally:
+        os.close(write_end)
+    assert listing.stderr == ""
+    assert listing.returncode == 128 + signal.SIGPIPE  # what a shell reports for 'ls | head -1' under pipefail
