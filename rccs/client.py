@@ -523,7 +523,8 @@ class _Listener(WSListener):
 
 
 class Client:
-    """A device's connection to rccs. Create, then ``await connect()`` (or ``async with``)."""
+    """A device's connection to rccs. Create (inside or outside a running event loop), then ``await connect()``
+    (or ``async with``) in the loop it is to run in."""
 
     def __init__(
         self,
@@ -588,7 +589,7 @@ class Client:
         self._runner: asyncio.Task[None] | None = None
         self._closing = False
         self.paired: dict[str, Any] | None = None  # the ``paired`` envelope (user, device, credential)
-        self.closed: asyncio.Future[ConnectionClosed] = asyncio.get_running_loop().create_future()
+        self._closed: asyncio.Future[ConnectionClosed] | None = None  # made on first use: see ``closed``
         self._state_subs: list[StateSubscription] = []
         self.device_id: str | None = None  # this device's id, from the latest welcome
         self._clock_offset_ms = 0.0  # the server's clock minus ours, from the latest welcome
@@ -603,6 +604,16 @@ class Client:
         self._on_failed: Callable[[HandoffFailed], Any] | None = None
 
     # ---- lifecycle ----------------------------------------------------
+
+    @property
+    def closed(self) -> asyncio.Future[ConnectionClosed]:
+        """Resolves with ConnectionClosed once the client has stopped for good (``close()``, or a refusal)."""
+        # Created on first use, in the loop the client runs in, so that a Client can be made before any
+        # loop runs (at import time, in synchronous set-up code). Its queues and events need no such care:
+        # asyncio binds them to a loop only when they are first waited on.
+        if self._closed is None:
+            self._closed = asyncio.get_running_loop().create_future()
+        return self._closed
 
     async def connect(self) -> dict[str, Any]:
         """Connect and say hello; returns the ``welcome``. Raises ConnectionClosed if refused."""

@@ -86,7 +86,8 @@ class HubCollector:
                                   "Messages refused over a device's send rate (only the first of a streak is answered)",
                                   value=hub.rate_refused)
         yield CounterMetricFamily("rccs_receipts_undeliverable",
-                                  "Receipts dropped because the sender device was offline",
+                                  "Receipts their sender device was offline for: kept in the store, "
+                                  "sent after its next welcome",
                                   value=hub.receipts_undeliverable)
         traffic = list(hub.closed_traffic)
         for session in hub.sessions:

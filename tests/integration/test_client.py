@@ -54,3 +54,18 @@ async def test_messages_iterator_ends_when_closed(server, connect):
         if len(received) == 2:
             await b.close()
     assert received == [1, 2]
+
+
+async def test_a_client_made_outside_a_running_event_loop_works_in_the_loop_it_is_used_in(server):
+    # Made where no loop runs (as in synchronous set-up code before asyncio.run), then used in this one.
+    phone = await asyncio.to_thread(Client, server.ws_url, server.issue_token("alice", "phone"), {"type": "mobile"},
+                                    reconnect=False)
+    desktop = await asyncio.to_thread(Client, server.ws_url, server.issue_token("alice", "desktop"),
+                                      {"type": "desktop"}, reconnect=False)
+    assert not phone.closed.done()
+    async with phone, desktop:
+        receipts, message = await asyncio.gather(
+            desktop.send({"device": "phone"}, "note", {"text": "hi"}, ack=True), phone.next_message(timeout=5))
+        assert (message.sender, message.body) == ("desktop", {"text": "hi"})
+        assert [receipt.status for receipt in receipts] == ["delivered"]
+    assert isinstance(phone.closed.result(), ConnectionClosed)  # closed, and said so in this loop

@@ -8,6 +8,8 @@ import pytest
 import websockets
 import websockets.exceptions
 
+from rccs.client import ConnectionClosed
+
 
 async def http_get(url):
     def fetch():
@@ -78,3 +80,24 @@ async def test_metrics_count_connections_routes_latency_and_errors(server, conne
 async def test_http_port_does_not_upgrade_websockets(server, path):
     with pytest.raises(websockets.exceptions.InvalidStatus):
         await websockets.connect(server.http_url.replace("http", "ws") + path)
+
+
+async def test_receipts_for_an_offline_sender_are_counted_as_kept_and_reach_it_later(server, connect):
+    desktop = await connect("alice", "desktop", reconnect=False)
+    phone = await connect("alice", "phone", auto_ack=False)
+    sending = asyncio.create_task(desktop.send({"device": "phone"}, "note", "hi", ack=True))
+    message = await phone.next_message(timeout=5)
+    await desktop.close()
+    with pytest.raises(ConnectionClosed):  # the sender stopped waiting when it closed
+        await sending
+    await phone.ack(message.seq)
+    await phone.ping()  # answered after the ack before it: the receipt found no connection of its sender
+
+    text = (await http_get(server.http_url + "/metrics"))[2]
+    assert metric_value(text, "rccs_receipts_undeliverable_total") == 1
+    # Its help says what happens to such a receipt, as docs/operations.md does.
+    assert ("# HELP rccs_receipts_undeliverable_total Receipts their sender device was offline for: kept in the "
+            "store, sent after its next welcome") in text.splitlines()
+    again = await connect("alice", "desktop")
+    kept = await asyncio.wait_for(again.receipts.get(), 5)
+    assert (kept.id, kept.status, kept.device) == (message.id, "delivered", "phone")
