@@ -48,6 +48,7 @@ WHERE = "rccs:where"
 HEARTBEAT_INTERVAL = 2.0  # seconds between a node's heartbeats
 NODE_TTL = 10.0  # seconds without a heartbeat after which a node counts as dead
 RECONNECT_MAX = 5.0  # seconds, the longest wait between reconnection attempts
+BARRIER_RESEND = 1.0  # seconds a flush waits for its barrier before sending it again
 
 # Remove a directory entry only if it still names this node (a newer connection elsewhere wins).
 _FORGET_IF_MINE = """
@@ -125,9 +126,14 @@ class RedisBroker(Broker):
         """Everything queued is sent, and everything published to this node before it has been processed."""
         token = f"{self.node_id}-{next(self._barrier_ids)}"
         arrived = self._barriers[token] = asyncio.get_running_loop().create_future()
-        self._queue(self.channel, ["barrier", token])
         try:
-            await arrived
+            while True:
+                await self._subscribed.wait()
+                self._queue(self.channel, ["barrier", token])
+                # A barrier published while the subscription was breaking is lost: send it again.
+                done, _ = await asyncio.wait([arrived], timeout=BARRIER_RESEND)
+                if done:
+                    return
         finally:
             self._barriers.pop(token, None)
 
@@ -255,6 +261,7 @@ class RedisBroker(Broker):
             except asyncio.CancelledError:
                 raise
             except (RedisError, OSError) as exc:
+                self._subscribed.clear()
                 self.stats["reconnects"] += 1
                 log.warning("broker: pub/sub connection lost (%s); reconnecting in %.2f s", exc, delay)
                 await asyncio.sleep(delay)  # backoff between reconnection attempts
@@ -265,6 +272,7 @@ class RedisBroker(Broker):
 
     async def _load_directory(self) -> None:
         assert self._client is not None
+        await self._beat()  # which nodes are alive, as of now
         entries = await self._client.hgetall(WHERE)
         where: dict[tuple[str, str], str] = {}
         for field, node in entries.items():

@@ -1,0 +1,106 @@
+"""What the Redis broker promises beyond the contract: where a device moved, a dead node, a lost connection."""
+
+import time
+
+import pytest
+import redis.asyncio as aioredis
+
+from rccs.broker.redis import NODE_TTL, NODES, RedisBroker
+from rccs.testing import RedisServer
+
+from .recording import RecordingNode
+
+
+@pytest.fixture
+async def redis_url(tmp_path):
+    server = RedisServer(tmp_path / "redis")
+    yield await server.start()
+    server.kill()
+
+
+@pytest.fixture
+async def brokers(redis_url):
+    started: list[RedisBroker] = []
+
+    async def make(node_id: str) -> RedisBroker:
+        broker = RedisBroker(redis_url, node_id)
+        await broker.start()
+        started.append(broker)
+        return broker
+
+    yield make
+    for broker in started:
+        await broker.stop()
+
+
+async def settle(*brokers: RedisBroker) -> None:
+    for broker in brokers:
+        await broker.flush()
+
+
+async def test_a_device_connecting_elsewhere_ends_its_older_connection(brokers):
+    a, b = await brokers("node-a"), await brokers("node-b")
+    here = RecordingNode(("alice", "phone"))
+    a.attach(here)
+    a.device_online("alice", "phone")
+    await settle(a, b)
+    there = RecordingNode(("alice", "phone"))
+    b.attach(there)
+    b.device_online("alice", "phone")  # the phone reconnected to node b; a has not noticed its socket died
+    await settle(b, a)
+    assert here.seen == [("moved", "alice", "phone")]
+    a.device_offline("alice", "phone")  # a closes the older connection: b's entry must survive that
+    await settle(a, b)
+    c = await brokers("node-c")
+    assert c.where[("alice", "phone")] == "node-b"
+    assert c.to_device("alice", "phone", {"op": "receipt", "id": 1}) is True
+    await settle(c, b)
+    assert there.seen == [("device", "alice", "phone", {"op": "receipt", "id": 1})]
+
+
+async def test_what_reaches_a_node_after_its_device_left_is_handed_back(brokers):
+    a, b = await brokers("node-a"), await brokers("node-b")
+    holder = RecordingNode(("alice", "laptop"))
+    b.attach(holder)
+    b.device_online("alice", "laptop")
+    await settle(b, a)
+    holder.devices.clear()  # the laptop's connection closed; b's announcement has not reached a yet
+    assert a.to_device("alice", "laptop", {"op": "receipt", "id": "m1", "status": "delivered"}) is True
+    await settle(a, b)
+    assert holder.seen == [("undeliverable", "alice", "laptop", {"op": "receipt", "id": "m1",
+                                                                  "status": "delivered"})]
+    assert b.stats["undelivered"] == 1
+
+
+async def test_the_devices_of_a_node_that_stopped_beating_are_not_targeted(brokers, redis_url):
+    a, b = await brokers("node-a"), await brokers("node-b")
+    b.attach(RecordingNode(("alice", "tablet")))
+    b.device_online("alice", "tablet")
+    await settle(b, a)
+    assert a.to_device("alice", "tablet", {"op": "ping"}) is True
+    # node b dies without a word: its heartbeat is left to expire (written as already expired)
+    client = aioredis.from_url(redis_url)
+    await client.zadd(NODES, {"node-b": time.time() - NODE_TTL})
+    await client.aclose()
+    b._tasks[2].cancel()  # its heartbeat task: a dead node does not beat
+    await a._beat()
+    assert "node-b" not in a.alive
+    assert a.to_device("alice", "tablet", {"op": "receipt"}) is False  # the caller keeps it
+    assert a.to_user("alice", {"op": "presence"}) == 0
+
+
+async def test_a_lost_pubsub_connection_is_restored_with_the_directory(brokers, redis_url):
+    a, b = await brokers("node-a"), await brokers("node-b")
+    there = RecordingNode(("alice", "phone"))
+    b.attach(there)
+    client = aioredis.from_url(redis_url)
+    killed = await client.client_kill_filter(_type="pubsub")
+    assert killed >= 2
+    b.device_online("alice", "phone")  # announced while a's subscription may be down: the reload finds it
+    await settle(b, a)  # a's flush needs its subscription back: its barrier comes over it
+    assert a.where[("alice", "phone")] == "node-b"
+    assert a.to_device("alice", "phone", {"op": "receipt", "id": 7}) is True
+    await settle(a, b)
+    assert there.seen == [("device", "alice", "phone", {"op": "receipt", "id": 7})]
+    assert a.stats["reconnects"] >= 1 and b.stats["reconnects"] >= 1
+    await client.aclose()
