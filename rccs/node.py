@@ -2,14 +2,16 @@
 
 Nothing below this module knows the features: the hub gets their merged ``ops`` table and the hooks they
 register for a session's open and close, a removed user, the start, and their broker channels. Adding an
-op means adding it to its feature's ``ops`` (and to docs/protocol.md); adding a feature means one line in
-``FEATURES`` below.
+op means adding it to its feature's ``ops`` (and to docs/protocol.md); adding a feature means building it in
+``Node.__init__``, merging its ``ops`` and registering its hooks there.
 """
 
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import logging
+import os
 import ssl
 from types import ModuleType
 from typing import Any
@@ -57,6 +59,40 @@ def server_ssl_context(settings: Settings) -> ssl.SSLContext | None:
         raise ConfigError(f"cannot load the TLS certificate {settings.tls_cert!r} / key {settings.tls_key!r}: "
                           f"{exc}") from None
     return context
+
+
+SERVE_LOCK_FILE = "rccs.serve.lock"
+
+
+class DataDirLock:
+    """One ``rccs serve`` per SQLite data directory: an exclusive lock on a file in it, held while serving.
+
+    A second server on the same directory would keep its own sessions and routing table and never see the
+    first one's devices (sends between them would answer ``offline``), so it refuses to start. The CLI's
+    other commands do not take the lock: they work on the store beside a running server by design.
+    """
+
+    def __init__(self, data_dir: str):
+        self.directory = data_dir
+        self.path = os.path.join(data_dir, SERVE_LOCK_FILE)
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        os.makedirs(self.directory, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise ConfigError(
+                f"another rccs server is serving the data directory {self.directory!r}: one directory serves "
+                "one process; to run several nodes, give each the same --store redis://HOST:PORT/DB") from None
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor releases the lock
+            self._fd = None
 
 
 def merge_ops(*tables: dict[str, Handler]) -> dict[str, Handler]:
@@ -107,6 +143,7 @@ class Node:
         self._http_server: HttpServer | None = None
         self._ready = False
         self._coalescer = self._listener.WriteCoalescer()
+        self._data_dir_lock = DataDirLock(settings.data_dir) if settings.store == "sqlite" else None
 
     @property
     def ws_port(self) -> int:
@@ -139,6 +176,16 @@ class Node:
 
     async def start(self) -> None:
         settings = self.settings
+        if self._data_dir_lock is not None:
+            self._data_dir_lock.acquire()
+        try:
+            await self._start(settings)
+        except BaseException:
+            if self._data_dir_lock is not None:
+                self._data_dir_lock.release()
+            raise
+
+    async def _start(self, settings: Settings) -> None:
         await self.store.open()
         await self.broker.start()
         await self.hub.start()
@@ -191,6 +238,8 @@ class Node:
         await self.hub.stop()
         await self.broker.stop()
         await self.store.close()
+        if self._data_dir_lock is not None:
+            self._data_dir_lock.release()
         log.info("rccs stopped")
 
     async def __aenter__(self) -> Node:

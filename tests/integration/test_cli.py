@@ -112,3 +112,22 @@ def test_a_reader_that_stops_early_ends_a_listing_quietly(tmp_path):
         os.close(write_end)
     assert listing.stderr == ""
     assert listing.returncode == 128 + signal.SIGPIPE  # what a shell reports for 'ls | head -1' under pipefail
+
+
+async def test_a_second_server_on_one_data_directory_refuses_to_start_and_names_redis(tmp_path):
+    data_dir = tmp_path / "data"
+    first = ServerProcess(data_dir)
+    await first.start()
+    try:
+        second = await asyncio.to_thread(rccs, "serve", "--data-dir", str(data_dir), "--port", "0", "--http-port", "0")
+        assert second.returncode == 2
+        lines = second.stderr.strip().splitlines()
+        assert len(lines) == 1 and "another rccs server is serving the data directory" in lines[0]
+        assert "--store redis://" in lines[0]
+        assert first.running()
+    finally:
+        first.kill()
+    # The lock goes with the process, however it ends: the directory serves again.
+    again = ServerProcess(data_dir)
+    await again.start()
+    again.kill()
