@@ -16,6 +16,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from .store.base import parse_redis_url
+
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
@@ -31,7 +33,7 @@ class Settings:
     max_connections: int = 10000
     max_outbound_bytes: int = 8 * 1024 * 1024  # unsent bytes per connection before it is dropped as too slow
     log_level: str = "INFO"
-    store: str = "sqlite"  # "sqlite" (<data_dir>/rccs.db) or "memory" (lost at exit)
+    store: str = "sqlite"  # "sqlite" (<data_dir>/rccs.db), "memory" (lost at exit) or redis://HOST:PORT/DB (shared)
     dev_tokens: bool = True  # accept JWT device tokens (``rccs token issue``) besides device credentials
     session_ttl: float = 86400.0  # seconds a session opened with a credential stays authenticated unless refreshed
     session_grace: float = 120.0  # seconds a dropped session stays resumable
@@ -150,7 +152,12 @@ def load_settings(
     if settings.heartbeat <= 0 or settings.hello_timeout <= 0:
         raise ConfigError("settings 'heartbeat' and 'hello_timeout' must be positive")
     if settings.store not in ("sqlite", "memory"):
-        raise ConfigError("setting 'store' must be 'sqlite' or 'memory'")
+        if "://" not in settings.store:
+            raise ConfigError("setting 'store' must be 'sqlite', 'memory' or a redis://HOST:PORT/DB URL")
+        try:
+            parse_redis_url(settings.store)
+        except ValueError as exc:
+            raise ConfigError(f"setting 'store': {exc}") from None
     if settings.session_ttl <= 0 or settings.pairing_code_ttl <= 0:
         raise ConfigError("settings 'session_ttl' and 'pairing_code_ttl' must be positive")
     if settings.log_format not in ("auto", "json", "text"):

@@ -39,12 +39,14 @@ from .base import (
     StoreError,
     TaskLease,
     UserRecord,
+    parse_redis_url,
     session_is_stale,
 )
 from .memory import MemoryStore
 from .sqlite import DB_FILE, SqliteStore
 
 STORE_KINDS = ("sqlite", "memory")
+STORE_URL_FORM = "redis://HOST:PORT/DB"
 
 __all__ = [
     "CHANGE_DEVICE",
@@ -64,6 +66,7 @@ __all__ = [
     "STATUS_OFFLINE",
     "STATUS_ONLINE",
     "STORE_KINDS",
+    "STORE_URL_FORM",
     "AlreadyExists",
     "Change",
     "DeadLetter",
@@ -85,15 +88,31 @@ __all__ = [
     "StoreError",
     "TaskLease",
     "UserRecord",
+    "is_store_url",
     "open_store",
+    "parse_redis_url",
     "session_is_stale",
 ]
 
 
+def is_store_url(kind: str) -> bool:
+    """Whether the ``store`` setting names a Redis server rather than an embedded store."""
+    return kind.startswith(("redis://", "rediss://"))
+
+
 def open_store(kind: str, data_dir: str) -> Store:
-    """A new, not yet opened store of ``kind``: "sqlite" keeps ``<data_dir>/rccs.db``, "memory" keeps nothing."""
+    """A new, not yet opened store of ``kind``: "sqlite" keeps ``<data_dir>/rccs.db``, "memory" keeps nothing,
+    a ``redis://HOST:PORT/DB`` URL keeps everything in that Redis, shared by every node that names it."""
     if kind == "sqlite":
         return SqliteStore(os.path.join(data_dir, DB_FILE))
     if kind == "memory":
         return MemoryStore()
-    raise ValueError(f"unknown store kind {kind!r}: use one of {', '.join(STORE_KINDS)}")
+    if is_store_url(kind):
+        parse_redis_url(kind)
+        try:
+            from .redis import RedisStore  # redis-py is an optional dependency: only a Redis store needs it
+        except ImportError as exc:
+            raise ValueError(f"store {kind!r} needs redis-py, which is not installed ({exc}): "
+                             "pip install 'rccs[redis]'") from None
+        return RedisStore(kind)
+    raise ValueError(f"unknown store kind {kind!r}: use one of {', '.join(STORE_KINDS)} or a {STORE_URL_FORM} URL")

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import urllib.parse
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -30,6 +31,8 @@ STATUS_ONLINE = "online"
 STATUS_AWAY = "away"
 STATUS_OFFLINE = "offline"
 STATUSES = (STATUS_ONLINE, STATUS_AWAY, STATUS_OFFLINE)
+
+REDIS_URL_SCHEMES = ("redis", "rediss")
 
 CHANGE_USER = "user"
 CHANGE_DEVICE = "device"
@@ -543,3 +546,19 @@ def unpack_receipt(packed: bytes) -> dict[str, Any]:
     envelope: dict[str, Any] = msgpack.unpackb(packed, raw=False, strict_map_key=False)
     return envelope
 
+
+def parse_redis_url(url: str) -> str:
+    """A redis:// URL as given, if it names a host and a database number; ValueError saying what is wrong."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in REDIS_URL_SCHEMES:
+        raise ValueError(f"store URL {url!r} must start with redis:// or rediss://")
+    if not parts.hostname:
+        raise ValueError(f"store URL {url!r} names no host: use redis://HOST:PORT/DB")
+    try:
+        parts.port  # noqa: B018 (parsing it validates it)
+    except ValueError:
+        raise ValueError(f"store URL {url!r} has a port that is not a number: use redis://HOST:PORT/DB") from None
+    database = parts.path.lstrip("/")
+    if database and not database.isdigit():
+        raise ValueError(f"store URL {url!r}: the database after the / must be a number, as in redis://HOST:PORT/0")
+    return url

@@ -38,6 +38,7 @@ from rccs.store import (
     open_store,
     session_is_stale,
 )
+from rccs.testing import RedisServer
 
 NOW = 1_700_000_000_000
 MINUTE = 60_000
@@ -45,13 +46,22 @@ HOUR = 60 * MINUTE
 GRACE = 5 * MINUTE
 
 
-@pytest.fixture(params=["memory", "sqlite"])
+@pytest.fixture(params=["memory", "sqlite", "redis"])
 async def store(request, tmp_path):
+    server = None
+    kind = request.param
+    if kind == "redis":  # a throw-away redis-server of its own: no test sees another's keys
+        server = RedisServer(tmp_path / "redis")
+        kind = await server.start()
     # A data directory that does not exist yet: the SQLite store must create it.
-    opened = open_store(request.param, str(tmp_path / "data"))
-    await opened.open()
-    yield opened
-    await opened.close()
+    opened = open_store(kind, str(tmp_path / "data"))
+    try:
+        await opened.open()
+        yield opened
+        await opened.close()
+    finally:
+        if server is not None:
+            server.kill()
 
 
 def make_device(device_id, user="alice", created=NOW, **fields):

@@ -1,0 +1,1282 @@
+"""The shared store: every rccs node of a cluster keeps its durable state in one Redis (``redis://HOST:PORT/DB``).
+
+Theory of operation
+===================
+
+Client. redis-py's asyncio client with the hiredis parser (picked by redis-py when ``hiredis`` is installed):
+the maintained client of the Redis project, with connection pooling, ``EVALSHA`` script caching and URL
+parsing we would otherwise write ourselves. Every Redis error (refused connection, timeout, a full server
+under ``maxmemory-policy noeviction``, a script error) reaches the caller as ``StoreError`` naming the server,
+never as a redis-py exception.
+
+Timeouts and retries. Connecting gives up after ``connect_timeout`` (2 s), a command after
+``command_timeout`` (5 s): while Redis is down or hung a call fails within those bounds. redis-py is told
+never to retry a command by itself: a mutation whose reply was lost may have run, and running it twice
+(two inbox ids for one message, ``AlreadyExists`` for a user that was just added) is worse than an error the
+caller can see and handle. A pooled connection whose server went away is noticed (redis-py reads its EOF)
+and replaced before the next command is sent on it, so the store works again as soon as Redis is back,
+without being reopened.
+
+Atomicity. Every mutation is ONE Lua script (``EVALSHA``; redis-py loads the script again by itself when a
+restarted or flushed server answers ``NOSCRIPT``), so it runs alone on the server: nothing of another
+node's calls interleaves with it, and either all of its writes happen or, on a script error, the error is
+raised before any write (the scripts check first and write after). Reads that must see one moment (an
+inbox page, dead letters, a state catch-up) are read-only scripts as well.
+
+State patches are the one exception, by choice: RFC 7396 merge patch, the "changes nothing" test (``1``,
+``1.0`` and ``true`` differ) and the size limits are Python (``plan_state_patch``, ``mergepatch.py``), shared
+with the other stores; Redis's Lua ``cjson`` would turn 64-bit integers into doubles and cannot tell ``1``
+from ``1.0``, so a Lua port would need its own JSON code and would drift from the other stores. A patch is
+an optimistic transaction instead: a read script returns the document, the user's byte total, the change log
+and the user's state version (a counter every state write increments); Python plans the patch; a commit
+script writes it only if the version is still the one read, else the patch is planned again on fresh data.
+So each patch is applied against the state it was planned on, revisions go up by exactly one per change and
+never back, and of two concurrent patches with ``if_rev`` only one can win.
+
+Ids. Inbox ids and change-feed sequence numbers come from ``INCR`` counters inside the scripts that use
+them, so they increase in commit order, across every node, and are never handed out twice.
+
+Key layout (``P`` is the key prefix, ``rccs:`` by default; ``{user}`` is the user id as a hash tag):
+
+=====================================  ===========  ============================================================
+key                                    type         contents; who deletes it
+=====================================  ===========  ============================================================
+``P schema``                           string       layout version (1); kept
+``P users``                            hash         user id -> created ms; ``remove_user``
+``P devices``                          set          every device id, revoked tombstones too; kept (ids stay dead)
+``P device:<id>``                      hash         user, created, rec (JSON: type, name, platform, version,
+                                                    capabilities, metadata), status, last_seen,
+                                                    credential_hash, revoked_at; kept as a tombstone
+``P {user}:devices``                   set          device ids of the user (tombstones too); kept
+``P credentials``                      hash         credential hash -> device id; revocation, ``put_device``
+``P sessions``                         set          every session id; deleting a session
+``P session:<id>``                     hash         the session's fields, ``pending`` msgpack; stale-session
+                                                    sweep, ``remove_user``
+``P {user}:sessions``                  set          session ids of the user; as above
+``P device-sessions:<device>``         set          session ids of the device; as above
+``P pairing:<code>``                   hash         the code's fields; ``delete_pairing_codes_before``,
+                                                    ``remove_user``
+``P pairing-expiry``                   zset         code -> expires_at; as above
+``P {user}:pairing``                   set          the user's codes; as above
+``P queued-seq``                       string       the last inbox id handed out; kept
+``P msg:<id>``                         hash         a queued message: device, user, prio, size, exp, attempts,
+                                                    blob (msgpack: sender, msg id, type, body, ts, receipt);
+                                                    ack, expiry, drop, purge (renamed to ``dead:<id>``)
+``P inbox:<device>``                   zset         ids in delivery order: score (4 - priority) * 2**48 + id
+``P inbox-bytes:<device>``             string       the inbox's byte total; deleted with its last message
+``P expiring``                         zset         id -> expires_at of queued messages that expire
+``P dead:<id>``                        hash         a dead letter (``msg:<id>`` + reason, at); purge, redrive
+``P dead``, ``P dead-device:<d>``,     zset         dead letter ids (score: id); as above
+``P dead-user:<u>``
+``P receipts:<device>``                list         msgpack receipts, oldest first; ``take_receipts``
+``P message-ids``                      string       msgpack of the saved idempotency window; replaced by
+                                                    ``save_message_ids``
+``P {user}:docs``                      hash         state document name -> size (0: deleted tombstone);
+                                                    ``remove_user``
+``P {user}:doc:<name>``                hash         rev, value (JSON; absent when deleted), size, by, updated
+``P {user}:doc-log:<name>``            list         JSON [rev, patch, by, patch id JSON, at], newest last,
+                                                    cut to ``keep_changes`` by each patch
+``P {user}:state-version``             string       incremented by every state write (optimistic concurrency)
+``P {user}:tasks``                     hash         task -> JSON [owner, epoch, expires, handoff, updated]
+``P {user}:task-handoffs``             set          tasks with a handoff set; ``put_task``, ``remove_user``
+``P task-notices``                     set          users with a task handoff set; as above
+``P change-seq``                       string       the last change-feed seq; kept
+``P changes``                          zset         seq -> "seq kind key"; cut to the newest
+                                                    ``CHANGE_FEED_KEEP`` by each append
+=====================================  ===========  ============================================================
+
+Nothing expires by TTL: every key above has an owner that deletes it (the server's sweepers call
+``delete_stale_sessions``, ``delete_pairing_codes_before`` and ``take_expired``; acks and purges delete
+messages), and the rest are small and kept on purpose, as in the SQLite store. Record times are the
+caller's clock, which need not be Redis's, so a Redis TTL could not follow the contract's cut-offs anyway.
+Production runs ``maxmemory-policy noeviction``: a full Redis refuses writes (``StoreError``), it never
+drops a key. The change feed is the one key that is cut: it keeps the newest ``CHANGE_FEED_KEEP`` changes,
+far more than servers polling every second fall behind by.
+
+Redis Cluster. The keys of one user that one script touches share the hash tag ``{user}`` (state
+documents, their logs and version, tasks), so they would stay in one slot. The scripts build their key names
+from the prefix and also touch keys of devices, inboxes and the change feed, which have no common tag: this
+store needs one Redis primary (with replicas and failover as usual), not a Redis Cluster, today.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import json
+import urllib.parse
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any
+
+import msgpack
+import redis.asyncio as aioredis
+from redis.backoff import NoBackoff
+from redis.commands.core import AsyncScript
+from redis.exceptions import RedisError
+from redis.retry import Retry
+
+from .base import (
+    CHANGE_DEVICE,
+    CHANGE_SESSION,
+    CHANGE_USER,
+    OVERFLOW_REJECT,
+    STATUS_AWAY,
+    STATUS_OFFLINE,
+    STATUS_ONLINE,
+    AlreadyExists,
+    Change,
+    DeadLetter,
+    DeviceRecord,
+    EnqueueOutcome,
+    PairingCode,
+    PendingMessage,
+    QueuedMessage,
+    SessionRecord,
+    StateCatchUp,
+    StateChange,
+    StateDoc,
+    StatePatched,
+    Store,
+    StoreError,
+    TaskLease,
+    UserRecord,
+    check_policy,
+    pack_receipt,
+    parse_redis_url,
+    plan_state_patch,
+    session_is_stale,
+    state_patch_text,
+    unpack_receipt,
+)
+
+SCHEMA_VERSION = 1
+DEFAULT_PREFIX = "rccs:"
+CONNECT_TIMEOUT = 2.0  # seconds: an unreachable Redis fails a call after this
+COMMAND_TIMEOUT = 5.0  # seconds: a hung Redis fails a call after this
+CHANGE_FEED_KEEP = 100_000
+STATE_PATCH_ATTEMPTS = 50  # optimistic retries of one patch before giving up under contention
+
+# ---- Lua ------------------------------------------------------------------------------------------
+
+# Shared by every script: ARGV[1] is the key prefix. Numbers go to Redis through num(): Lua would write a
+# number of more than 14 digits in exponent form. less() orders strings by bytes, as Python orders them by
+# code point (Lua's own < follows the server's locale).
+PRELUDE = """
+local P = ARGV[1]
+local function num(x) return string.format('%.0f', x) end
+local function ukey(user, name) return P .. '{' .. user .. '}:' .. name end
+local function less(a, b)
+  local n = math.min(#a, #b)
+  for i = 1, n do
+    local x, y = string.byte(a, i), string.byte(b, i)
+    if x ~= y then return x < y end
+  end
+  return #a < #b
+end
+local function change(kind, key)
+  local seq = redis.call('INCR', P .. 'change-seq')
+  redis.call('ZADD', P .. 'changes', num(seq), num(seq) .. ' ' .. kind .. ' ' .. key)
+  redis.call('ZREMRANGEBYRANK', P .. 'changes', 0, -(CHANGE_FEED_KEEP + 1))
+end
+local function mark_device_revoked(id, now)
+  local key = P .. 'device:' .. id
+  local credential = redis.call('HGET', key, 'credential_hash')
+  if credential then
+    if redis.call('HGET', P .. 'credentials', credential) == id then
+      redis.call('HDEL', P .. 'credentials', credential)
+    end
+    redis.call('HDEL', key, 'credential_hash')
+  end
+  redis.call('HSET', key, 'revoked_at', now, 'status', 'offline')
+end
+local function delete_session(id)
+  local key = P .. 'session:' .. id
+  local owner = redis.call('HMGET', key, 'user', 'device')
+  redis.call('DEL', key)
+  redis.call('SREM', P .. 'sessions', id)
+  if owner[1] then redis.call('SREM', ukey(owner[1], 'sessions'), id) end
+  if owner[2] then redis.call('SREM', P .. 'device-sessions:' .. owner[2], id) end
+end
+-- Inboxes: a message's score puts higher priorities first, then lower ids.
+local BLOCK = 281474976710656
+local function score(priority, id) return num((4 - tonumber(priority)) * BLOCK + tonumber(id)) end
+local function queued_record(key, id)
+  local f = redis.call('HMGET', key, 'device', 'user', 'prio', 'exp', 'attempts', 'blob')
+  return {id, f[1], f[2], f[3], f[4], f[5], f[6]}
+end
+local function queue(id)
+  local f = redis.call('HMGET', P .. 'msg:' .. id, 'device', 'prio', 'size', 'exp')
+  redis.call('ZADD', P .. 'inbox:' .. f[1], score(f[2], id), id)
+  redis.call('INCRBY', P .. 'inbox-bytes:' .. f[1], f[3])
+  if f[4] then redis.call('ZADD', P .. 'expiring', f[4], id) end
+end
+local function unqueue(id)
+  local f = redis.call('HMGET', P .. 'msg:' .. id, 'device', 'size')
+  local inbox = P .. 'inbox:' .. f[1]
+  redis.call('ZREM', inbox, id)
+  if redis.call('ZCARD', inbox) == 0 then
+    redis.call('DEL', P .. 'inbox-bytes:' .. f[1])
+  else
+    redis.call('DECRBY', P .. 'inbox-bytes:' .. f[1], f[2])
+  end
+  redis.call('ZREM', P .. 'expiring', id)
+end
+""".replace("CHANGE_FEED_KEEP", str(CHANGE_FEED_KEEP))
+
+SCRIPTS: dict[str, str] = {}
+
+SCRIPTS["open"] = """
+local version = redis.call('GET', P .. 'schema')
+if not version then redis.call('SET', P .. 'schema', ARGV[2]); return tonumber(ARGV[2]) end
+return tonumber(version)
+"""
+
+SCRIPTS["add_user"] = """
+if redis.call('HSETNX', P .. 'users', ARGV[2], ARGV[3]) == 0 then return 0 end
+change('user', ARGV[2])
+return 1
+"""
+
+SCRIPTS["remove_user"] = """
+local user, now = ARGV[2], ARGV[3]
+if redis.call('HDEL', P .. 'users', user) == 0 then return 0 end
+change('user', user)
+local live = {}
+for _, id in ipairs(redis.call('SMEMBERS', ukey(user, 'devices'))) do
+  local f = redis.call('HMGET', P .. 'device:' .. id, 'revoked_at', 'created')
+  if not f[1] then table.insert(live, {id, tonumber(f[2])}) end
+end
+table.sort(live, function(a, b) if a[2] ~= b[2] then return a[2] < b[2] end return less(a[1], b[1]) end)
+for _, device in ipairs(live) do
+  mark_device_revoked(device[1], now)
+  change('device', device[1])
+end
+for _, id in ipairs(redis.call('SMEMBERS', ukey(user, 'sessions'))) do delete_session(id) end
+for _, code in ipairs(redis.call('SMEMBERS', ukey(user, 'pairing'))) do
+  redis.call('DEL', P .. 'pairing:' .. code)
+  redis.call('ZREM', P .. 'pairing-expiry', code)
+end
+redis.call('DEL', ukey(user, 'pairing'))
+for _, name in ipairs(redis.call('HKEYS', ukey(user, 'docs'))) do
+  redis.call('DEL', ukey(user, 'doc:' .. name), ukey(user, 'doc-log:' .. name))
+end
+redis.call('DEL', ukey(user, 'docs'), ukey(user, 'state-version'), ukey(user, 'tasks'), ukey(user, 'task-handoffs'))
+redis.call('SREM', P .. 'task-notices', user)
+return 1
+"""
+
+# ARGV: id, user, credential ('' for none), then field/value pairs of the record.
+SCRIPTS["put_device"] = """
+local id, user, credential = ARGV[2], ARGV[3], ARGV[4]
+if redis.call('HEXISTS', P .. 'users', user) == 0 then return 'unknown user' end
+local key = P .. 'device:' .. id
+local old = redis.call('HMGET', key, 'revoked_at', 'credential_hash', 'user')
+if old[1] then return 'revoked' end
+if credential ~= '' then
+  local holder = redis.call('HGET', P .. 'credentials', credential)
+  if holder and holder ~= id then return 'credential taken' end
+end
+if old[2] and redis.call('HGET', P .. 'credentials', old[2]) == id then
+  redis.call('HDEL', P .. 'credentials', old[2])
+end
+if old[3] and old[3] ~= user then redis.call('SREM', ukey(old[3], 'devices'), id) end
+if credential ~= '' then redis.call('HSET', P .. 'credentials', credential, id) end
+redis.call('DEL', key)
+redis.call('HSET', key, unpack(ARGV, 5))
+redis.call('SADD', P .. 'devices', id)
+redis.call('SADD', ukey(user, 'devices'), id)
+change('device', id)
+return 'ok'
+"""
+
+SCRIPTS["find_device_by_credential"] = """
+local id = redis.call('HGET', P .. 'credentials', ARGV[2])
+if not id then return false end
+return {id, redis.call('HGETALL', P .. 'device:' .. id)}
+"""
+
+SCRIPTS["revoke_device"] = """
+local id, now = ARGV[2], ARGV[3]
+local key = P .. 'device:' .. id
+if redis.call('EXISTS', key) == 0 or redis.call('HEXISTS', key, 'revoked_at') == 1 then return 0 end
+mark_device_revoked(id, now)
+change('device', id)
+local live = {}
+for _, sid in ipairs(redis.call('SMEMBERS', P .. 'device-sessions:' .. id)) do
+  local f = redis.call('HMGET', P .. 'session:' .. sid, 'revoked_at', 'user', 'created')
+  if not f[1] then table.insert(live, {sid, f[2], tonumber(f[3])}) end
+end
+table.sort(live, function(a, b)
+  if a[2] ~= b[2] then return less(a[2], b[2]) end
+  if a[3] ~= b[3] then return a[3] < b[3] end
+  return less(a[1], b[1])
+end)
+for _, session in ipairs(live) do
+  redis.call('HSET', P .. 'session:' .. session[1], 'revoked_at', now)
+  change('session', session[1])
+end
+return 1
+"""
+
+# ARGV: (device, status, last_seen) triples.
+SCRIPTS["update_presence"] = """
+for i = 2, #ARGV, 3 do
+  local key = P .. 'device:' .. ARGV[i]
+  if redis.call('EXISTS', key) == 1 and redis.call('HEXISTS', key, 'revoked_at') == 0 then
+    redis.call('HSET', key, 'status', ARGV[i + 1], 'last_seen', ARGV[i + 2])
+  end
+end
+return 1
+"""
+
+# ARGV per session: id, user, device, number of fields n, then n field/value pairs.
+SCRIPTS["put_sessions"] = """
+local i = 2
+while i <= #ARGV do
+  local id, user, device, n = ARGV[i], ARGV[i + 1], ARGV[i + 2], tonumber(ARGV[i + 3])
+  local first, last = i + 4, i + 3 + 2 * n
+  i = last + 1
+  if redis.call('HEXISTS', P .. 'device:' .. device, 'revoked_at') == 0 then
+    local key = P .. 'session:' .. id
+    local old = redis.call('HMGET', key, 'revoked_at', 'user', 'device')
+    if old[2] and old[2] ~= user then redis.call('SREM', ukey(old[2], 'sessions'), id) end
+    if old[3] and old[3] ~= device then redis.call('SREM', P .. 'device-sessions:' .. old[3], id) end
+    redis.call('DEL', key)
+    redis.call('HSET', key, unpack(ARGV, first, last))
+    if old[1] then redis.call('HSET', key, 'revoked_at', old[1]) end
+    redis.call('SADD', P .. 'sessions', id)
+    redis.call('SADD', ukey(user, 'sessions'), id)
+    redis.call('SADD', P .. 'device-sessions:' .. device, id)
+  end
+end
+return 1
+"""
+
+SCRIPTS["revoke_session"] = """
+local key = P .. 'session:' .. ARGV[2]
+if redis.call('EXISTS', key) == 0 or redis.call('HEXISTS', key, 'revoked_at') == 1 then return 0 end
+redis.call('HSET', key, 'revoked_at', ARGV[3])
+change('session', ARGV[2])
+return 1
+"""
+
+# ARGV per session: id, then connected_at, expires_at, revoked_at, disconnected_at as read ('' for none):
+# deleted only if still so, the staleness rule itself stays in Python (session_is_stale).
+SCRIPTS["delete_sessions_if_unchanged"] = """
+local deleted = 0
+for i = 2, #ARGV, 5 do
+  local key = P .. 'session:' .. ARGV[i]
+  local f = redis.call('HMGET', key, 'connected_at', 'expires_at', 'revoked_at', 'disconnected_at')
+  if redis.call('EXISTS', key) == 1 and (f[1] or '') == ARGV[i + 1] and (f[2] or '') == ARGV[i + 2]
+      and (f[3] or '') == ARGV[i + 3] and (f[4] or '') == ARGV[i + 4] then
+    delete_session(ARGV[i])
+    deleted = deleted + 1
+  end
+end
+return deleted
+"""
+
+SCRIPTS["reset_live_state"] = """
+local now = tonumber(ARGV[2])
+for _, id in ipairs(redis.call('SMEMBERS', P .. 'devices')) do
+  local key = P .. 'device:' .. id
+  local status = redis.call('HGET', key, 'status')
+  if status == 'online' or status == 'away' then redis.call('HSET', key, 'status', 'offline') end
+end
+for _, id in ipairs(redis.call('SMEMBERS', P .. 'sessions')) do
+  local key = P .. 'session:' .. id
+  local f = redis.call('HMGET', key, 'connected_at', 'last_activity', 'connected_ms')
+  if f[1] then
+    local ended = now
+    if f[2] and tonumber(f[2]) ~= 0 then ended = tonumber(f[2]) end
+    local connected = tonumber(f[3] or '0') + math.max(0, ended - tonumber(f[1]))
+    redis.call('HSET', key, 'connected_ms', num(connected), 'disconnected_at', num(ended))
+    redis.call('HDEL', key, 'connected_at')
+  end
+end
+return 1
+"""
+
+# ARGV: code, user, expires_at, then field/value pairs.
+SCRIPTS["add_pairing_code"] = """
+local key = P .. 'pairing:' .. ARGV[2]
+if redis.call('EXISTS', key) == 1 then return 0 end
+redis.call('HSET', key, unpack(ARGV, 5))
+redis.call('ZADD', P .. 'pairing-expiry', ARGV[4], ARGV[2])
+redis.call('SADD', ukey(ARGV[3], 'pairing'), ARGV[2])
+return 1
+"""
+
+# Lua compares strings by their interned identity, so the secret comparison takes no time that depends on
+# where the secrets differ.
+SCRIPTS["redeem_pairing_code"] = """
+local key = P .. 'pairing:' .. ARGV[2]
+local secret, now, max_attempts = ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5])
+local f = redis.call('HMGET', key, 'secret_hash', 'expires_at', 'attempts', 'used_at')
+if not f[1] or f[4] or tonumber(f[2]) <= now or tonumber(f[3]) >= max_attempts then return false end
+if f[1] ~= secret then
+  redis.call('HINCRBY', key, 'attempts', 1)
+  return false
+end
+redis.call('HSET', key, 'used_at', ARGV[4])
+return redis.call('HGETALL', key)
+"""
+
+SCRIPTS["delete_pairing_codes_before"] = """
+local codes = redis.call('ZRANGEBYSCORE', P .. 'pairing-expiry', '-inf', '(' .. ARGV[2])
+for _, code in ipairs(codes) do
+  local key = P .. 'pairing:' .. code
+  local user = redis.call('HGET', key, 'user')
+  if user then redis.call('SREM', ukey(user, 'pairing'), code) end
+  redis.call('DEL', key)
+  redis.call('ZREM', P .. 'pairing-expiry', code)
+end
+return #codes
+"""
+
+# ARGV: max_count, max_bytes, '1' to reject (else drop oldest), then per message: device, user, priority,
+# size, expires_at ('' for none), attempts, blob. Returns {ids (0: rejected), dropped records}.
+SCRIPTS["enqueue"] = """
+local max_count, max_bytes, reject = tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4] == '1'
+local ids, dropped = {}, {}
+for i = 5, #ARGV, 7 do
+  local device, user, priority, size, expires, attempts, blob =
+    ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4], ARGV[i + 5], ARGV[i + 6]
+  local n = tonumber(size)
+  local id = 0
+  local revoked = redis.call('HEXISTS', P .. 'device:' .. device, 'revoked_at') == 1
+  if not revoked and n <= max_bytes and max_count >= 1 then
+    local inbox = P .. 'inbox:' .. device
+    local count = redis.call('ZCARD', inbox)
+    local bytes = tonumber(redis.call('GET', P .. 'inbox-bytes:' .. device) or '0')
+    local fits = count < max_count and bytes + n <= max_bytes
+    if not fits and not reject then
+      while count >= max_count or bytes + n > max_bytes do
+        local last = redis.call('ZRANGE', inbox, -1, -1, 'WITHSCORES')
+        local lowest = math.floor(tonumber(last[2]) / BLOCK) * BLOCK
+        local victim = redis.call('ZRANGEBYSCORE', inbox, num(lowest), '+inf', 'LIMIT', 0, 1)[1]
+        local key = P .. 'msg:' .. victim
+        table.insert(dropped, queued_record(key, victim))
+        local victim_size = tonumber(redis.call('HGET', key, 'size'))
+        unqueue(victim)
+        redis.call('DEL', key)
+        count = count - 1
+        bytes = bytes - victim_size
+      end
+      fits = true
+    end
+    if fits then
+      id = redis.call('INCR', P .. 'queued-seq')
+      local key = P .. 'msg:' .. num(id)
+      redis.call('HSET', key, 'device', device, 'user', user, 'prio', priority, 'size', size,
+                 'attempts', attempts, 'blob', blob)
+      if expires ~= '' then redis.call('HSET', key, 'exp', expires) end
+      queue(num(id))
+    end
+  end
+  table.insert(ids, id)
+end
+return {ids, dropped}
+"""
+
+SCRIPTS["inbox"] = """
+local inbox, now, limit = P .. 'inbox:' .. ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
+local page, start = {}, 0
+while #page < limit do
+  local ids = redis.call('ZRANGE', inbox, start, start + 255)
+  if #ids == 0 then break end
+  for _, id in ipairs(ids) do
+    local key = P .. 'msg:' .. id
+    local expires = redis.call('HGET', key, 'exp')
+    if not expires or tonumber(expires) > now then
+      table.insert(page, queued_record(key, id))
+      if #page >= limit then break end
+    end
+  end
+  start = start + 256
+end
+return page
+"""
+
+SCRIPTS["inbox_size"] = """
+return {redis.call('ZCARD', P .. 'inbox:' .. ARGV[2]), redis.call('GET', P .. 'inbox-bytes:' .. ARGV[2]) or '0'}
+"""
+
+SCRIPTS["remove_queued"] = """
+local removed = {}
+for i = 2, #ARGV do
+  local key = P .. 'msg:' .. ARGV[i]
+  if redis.call('EXISTS', key) == 1 then
+    table.insert(removed, queued_record(key, ARGV[i]))
+    unqueue(ARGV[i])
+    redis.call('DEL', key)
+  end
+end
+return removed
+"""
+
+SCRIPTS["count_attempts"] = """
+for i = 2, #ARGV do
+  local key = P .. 'msg:' .. ARGV[i]
+  if redis.call('EXISTS', key) == 1 then redis.call('HINCRBY', key, 'attempts', 1) end
+end
+return 1
+"""
+
+SCRIPTS["take_expired"] = """
+local ids = redis.call('ZRANGEBYSCORE', P .. 'expiring', '-inf', ARGV[2])
+table.sort(ids, function(a, b) return tonumber(a) < tonumber(b) end)
+local taken = {}
+for i = 1, math.min(#ids, tonumber(ARGV[3])) do
+  local key = P .. 'msg:' .. ids[i]
+  table.insert(taken, queued_record(key, ids[i]))
+  unqueue(ids[i])
+  redis.call('DEL', key)
+end
+return taken
+"""
+
+SCRIPTS["dead_letter"] = """
+local reason, now = ARGV[2], ARGV[3]
+local moved = {}
+for i = 4, #ARGV do
+  local id = ARGV[i]
+  local key = P .. 'msg:' .. id
+  if redis.call('EXISTS', key) == 1 then
+    table.insert(moved, queued_record(key, id))
+    unqueue(id)
+    local dead = P .. 'dead:' .. id
+    redis.call('RENAME', key, dead)
+    redis.call('HSET', dead, 'reason', reason, 'at', now)
+    local owner = redis.call('HMGET', dead, 'device', 'user')
+    redis.call('ZADD', P .. 'dead', id, id)
+    redis.call('ZADD', P .. 'dead-device:' .. owner[1], id, id)
+    redis.call('ZADD', P .. 'dead-user:' .. owner[2], id, id)
+  end
+end
+return moved
+"""
+
+# ARGV: user ('' for any), device ('' for any), limit.
+SCRIPTS["dead_letters"] = """
+local user, device, limit = ARGV[2], ARGV[3], tonumber(ARGV[4])
+local index = P .. 'dead'
+if device ~= '' then index = P .. 'dead-device:' .. device elseif user ~= '' then index = P .. 'dead-user:' .. user end
+local letters, start = {}, 0
+while #letters < limit do
+  local ids = redis.call('ZRANGE', index, start, start + 255)
+  if #ids == 0 then break end
+  for _, id in ipairs(ids) do
+    local key = P .. 'dead:' .. id
+    local f = redis.call('HMGET', key, 'user', 'reason', 'at')
+    if user == '' or f[1] == user then
+      table.insert(letters, {queued_record(key, id), f[2], f[3]})
+      if #letters >= limit then break end
+    end
+  end
+  start = start + 256
+end
+return letters
+"""
+
+# ARGV: mode ('all', 'device' or 'ids'), device ('' for any), then ids for mode 'ids'.
+SCRIPTS["redrive"] = """
+local mode, device = ARGV[2], ARGV[3]
+local candidates
+if mode == 'all' then candidates = redis.call('ZRANGE', P .. 'dead', 0, -1)
+elseif mode == 'device' then candidates = redis.call('ZRANGE', P .. 'dead-device:' .. device, 0, -1)
+else candidates = {unpack(ARGV, 4)} end
+local moved = {}
+for _, id in ipairs(candidates) do
+  local dead = P .. 'dead:' .. id
+  local owner = redis.call('HMGET', dead, 'device', 'user')
+  if owner[1] and (device == '' or owner[1] == device) then
+    local key = P .. 'msg:' .. id
+    redis.call('RENAME', dead, key)
+    redis.call('HDEL', key, 'reason', 'at')
+    redis.call('HSET', key, 'attempts', '0')
+    redis.call('ZREM', P .. 'dead', id)
+    redis.call('ZREM', P .. 'dead-device:' .. owner[1], id)
+    redis.call('ZREM', P .. 'dead-user:' .. owner[2], id)
+    queue(id)
+    table.insert(moved, queued_record(key, id))
+  end
+end
+return moved
+"""
+
+SCRIPTS["purge"] = """
+local device = ARGV[2]
+if ARGV[3] == '1' then
+  local index = P .. 'dead-device:' .. device
+  local ids = redis.call('ZRANGE', index, 0, -1)
+  for _, id in ipairs(ids) do
+    local key = P .. 'dead:' .. id
+    local user = redis.call('HGET', key, 'user')
+    if user then redis.call('ZREM', P .. 'dead-user:' .. user, id) end
+    redis.call('ZREM', P .. 'dead', id)
+    redis.call('DEL', key)
+  end
+  redis.call('DEL', index)
+  return #ids
+end
+local inbox = P .. 'inbox:' .. device
+local ids = redis.call('ZRANGE', inbox, 0, -1)
+for _, id in ipairs(ids) do
+  redis.call('DEL', P .. 'msg:' .. id)
+  redis.call('ZREM', P .. 'expiring', id)
+end
+redis.call('DEL', inbox, P .. 'inbox-bytes:' .. device)
+return #ids
+"""
+
+# ARGV: device, then packed receipts (all of one call's batch for this device).
+SCRIPTS["add_receipts"] = """
+for i = 2, #ARGV, 2 do redis.call('RPUSH', P .. 'receipts:' .. ARGV[i], ARGV[i + 1]) end
+return 1
+"""
+
+SCRIPTS["take_receipts"] = """
+local key, limit = P .. 'receipts:' .. ARGV[2], tonumber(ARGV[3])
+local taken = redis.call('LRANGE', key, 0, limit - 1)
+if #taken > 0 then redis.call('LTRIM', key, limit, -1) end
+return taken
+"""
+
+# Returns {state version, doc fields (HGETALL), the user's byte total, the change log if ARGV[4] == '1'}.
+SCRIPTS["state_read"] = """
+local user, name = ARGV[2], ARGV[3]
+local total = 0
+for _, size in ipairs(redis.call('HVALS', ukey(user, 'docs'))) do total = total + tonumber(size) end
+local log = {}
+if ARGV[4] == '1' then log = redis.call('LRANGE', ukey(user, 'doc-log:' .. name), 0, -1) end
+return {redis.call('GET', ukey(user, 'state-version')) or '0', redis.call('HGETALL', ukey(user, 'doc:' .. name)),
+        num(total), log}
+"""
+
+# ARGV: user, name, expected version, rev, has value ('1'/'0'), value, size, by, updated, log entry, keep.
+SCRIPTS["state_commit"] = """
+local user, name = ARGV[2], ARGV[3]
+if (redis.call('GET', ukey(user, 'state-version')) or '0') ~= ARGV[4] then return 0 end
+local doc = ukey(user, 'doc:' .. name)
+redis.call('HSET', doc, 'rev', ARGV[5], 'size', ARGV[8], 'by', ARGV[9], 'updated', ARGV[10])
+if ARGV[6] == '1' then redis.call('HSET', doc, 'value', ARGV[7]) else redis.call('HDEL', doc, 'value') end
+redis.call('HSET', ukey(user, 'docs'), name, ARGV[8])
+local log = ukey(user, 'doc-log:' .. name)
+local keep = tonumber(ARGV[12])
+if keep > 0 then
+  redis.call('RPUSH', log, ARGV[11])
+  redis.call('LTRIM', log, -keep, -1)
+else
+  redis.call('DEL', log)
+end
+redis.call('INCR', ukey(user, 'state-version'))
+return 1
+"""
+
+# ARGV: user, 'doc' or 'prefix', the name or prefix. Returns per document {name, HGETALL, change log}.
+SCRIPTS["state_catch_up"] = """
+local user, mode, wanted = ARGV[2], ARGV[3], ARGV[4]
+local names = {}
+if mode == 'doc' then
+  names = {wanted}
+else
+  for _, name in ipairs(redis.call('HKEYS', ukey(user, 'docs'))) do
+    if string.sub(name, 1, #wanted) == wanted then table.insert(names, name) end
+  end
+end
+local out = {}
+for _, name in ipairs(names) do
+  table.insert(out, {name, redis.call('HGETALL', ukey(user, 'doc:' .. name)),
+                     redis.call('LRANGE', ukey(user, 'doc-log:' .. name), 0, -1)})
+end
+return out
+"""
+
+SCRIPTS["changes_since"] = """
+return redis.call('ZRANGEBYSCORE', P .. 'changes', '(' .. ARGV[2], '+inf', 'LIMIT', 0, ARGV[3])
+"""
+
+# ARGV: user, task, lease JSON, '1' if it has a handoff.
+SCRIPTS["put_task"] = """
+local user, task = ARGV[2], ARGV[3]
+if redis.call('HEXISTS', P .. 'users', user) == 0 then return 0 end
+redis.call('HSET', ukey(user, 'tasks'), task, ARGV[4])
+if ARGV[5] == '1' then redis.call('SADD', ukey(user, 'task-handoffs'), task)
+else redis.call('SREM', ukey(user, 'task-handoffs'), task) end
+if redis.call('SCARD', ukey(user, 'task-handoffs')) > 0 then redis.call('SADD', P .. 'task-notices', user)
+else redis.call('SREM', P .. 'task-notices', user) end
+return 1
+"""
+
+# ---- records <-> Redis values ------------------------------------------------------------------------
+
+Reply = Any  # what redis-py hands back: bytes, ints, None and nested lists of them
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _fields(flat: Sequence[bytes]) -> dict[str, bytes]:
+    """An HGETALL reply as Lua returns it (a flat list) as a dict."""
+    return {_text(flat[i]): flat[i + 1] for i in range(0, len(flat), 2)}
+
+
+def _optional_int(fields: Mapping[str, bytes], name: str) -> int | None:
+    value = fields.get(name)
+    return None if value is None else int(value)
+
+
+def _json_text(value: Any, what: str) -> str:
+    try:
+        return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise StoreError(f"{what} is not JSON: {exc}") from None
+
+
+def _device_fields(device: DeviceRecord) -> list[Any]:
+    rec = _json_text([device.type, device.name, device.platform, device.version, list(device.capabilities),
+                      device.metadata], f"metadata of device {device.id!r}")
+    fields: list[Any] = ["user", device.user, "created", device.created, "rec", rec, "status", device.status,
+                         "last_seen", device.last_seen]
+    if device.credential_hash is not None:
+        fields += ["credential_hash", device.credential_hash]
+    if device.revoked_at is not None:
+        fields += ["revoked_at", device.revoked_at]
+    return fields
+
+
+def _device_record(device_id: str, fields: Mapping[str, bytes]) -> DeviceRecord:
+    device_type, name, platform, version, capabilities, metadata = json.loads(fields["rec"])
+    credential = fields.get("credential_hash")
+    return DeviceRecord(id=device_id, user=_text(fields["user"]), type=device_type, name=name, platform=platform,
+                        version=version, capabilities=tuple(capabilities), metadata=metadata,
+                        created=int(fields["created"]), last_seen=int(fields["last_seen"]),
+                        status=_text(fields["status"]),
+                        credential_hash=None if credential is None else _text(credential),
+                        revoked_at=_optional_int(fields, "revoked_at"))
+
+
+SESSION_INTS = ("created", "expires_at", "next_seq", "last_activity", "connected_ms", "messages_in", "messages_out",
+                "bytes_in", "bytes_out")
+SESSION_OPTIONAL_INTS = ("connected_at", "disconnected_at", "revoked_at")
+
+
+def _session_arguments(session: SessionRecord) -> list[Any]:
+    fields: list[Any] = ["user", session.user, "device", session.device]
+    for name in SESSION_INTS:
+        fields += [name, int(getattr(session, name))]
+    for name in SESSION_OPTIONAL_INTS:
+        value = getattr(session, name)
+        if value is not None:
+            fields += [name, int(value)]
+    if session.pending:
+        fields += ["pending", msgpack.packb(
+            [(m.seq, m.sender_user, m.sender_device, m.msg_id, bytes(m.frame), m.text) for m in session.pending],
+            use_bin_type=True)]
+    return [session.id, session.user, session.device, len(fields) // 2, *fields]
+
+
+def _session_record(session_id: str, fields: Mapping[str, bytes]) -> SessionRecord:
+    record = SessionRecord(id=session_id, user=_text(fields["user"]), device=_text(fields["device"]),
+                           created=int(fields["created"]), expires_at=int(fields["expires_at"]))
+    for name in SESSION_INTS[2:]:
+        setattr(record, name, int(fields[name]))
+    for name in SESSION_OPTIONAL_INTS:
+        setattr(record, name, _optional_int(fields, name))
+    pending = fields.get("pending")
+    if pending is not None:
+        record.pending = [
+            PendingMessage(seq=seq, sender_user=sender_user, sender_device=sender_device, msg_id=msg_id, frame=frame,
+                           text=text)
+            for seq, sender_user, sender_device, msg_id, frame, text in msgpack.unpackb(pending, raw=False)
+        ]
+    return record
+
+
+def _pairing_record(fields: Mapping[str, bytes]) -> PairingCode:
+    issuer = fields.get("issuer_device")
+    return PairingCode(id=_text(fields["id"]), secret_hash=_text(fields["secret_hash"]), user=_text(fields["user"]),
+                       issuer_device=None if issuer is None else _text(issuer), created=int(fields["created"]),
+                       expires_at=int(fields["expires_at"]), approve=fields["approve"] == b"1",
+                       attempts=int(fields["attempts"]), used_at=_optional_int(fields, "used_at"))
+
+
+def _queued_arguments(message: QueuedMessage) -> list[Any]:
+    blob = msgpack.packb([message.sender_device, message.msg_id, message.type, bytes(message.body), message.ts,
+                          message.receipt], use_bin_type=True)
+    return [message.device, message.user, message.priority, message.size,
+            "" if message.expires_at is None else message.expires_at, message.attempts, blob]
+
+
+def _queued_record(reply: Sequence[Any]) -> QueuedMessage:
+    queued_id, device, user, priority, expires, attempts, blob = reply
+    sender_device, msg_id, message_type, body, ts, receipt = msgpack.unpackb(blob, raw=False)
+    return QueuedMessage(device=_text(device), user=_text(user), sender_device=sender_device, msg_id=msg_id,
+                         type=message_type, body=body, ts=ts, priority=int(priority),
+                         expires_at=None if expires is None else int(expires), receipt=receipt,
+                         attempts=int(attempts), id=int(queued_id))
+
+
+def _by_id(messages: list[QueuedMessage]) -> list[QueuedMessage]:
+    messages.sort(key=lambda message: message.id)
+    return messages
+
+
+def _state_doc(user: str, name: str, fields: Mapping[str, bytes]) -> StateDoc:
+    if not fields:
+        return StateDoc(user=user, name=name)
+    value = fields.get("value")
+    return StateDoc(user=user, name=name, rev=int(fields["rev"]), value=None if value is None else json.loads(value),
+                    by=_text(fields["by"]), updated=int(fields["updated"]))
+
+
+def _log_entries(reply: Sequence[bytes]) -> list[tuple[int, str, str, str | None, int]]:
+    """A document's change log: (rev, patch JSON, by, patch id JSON, at), oldest first."""
+    return [tuple(json.loads(entry)) for entry in reply]
+
+
+def _state_changes(user: str, name: str, log: list[tuple[int, str, str, str | None, int]],
+                   after: int) -> list[StateChange]:
+    return [StateChange(user=user, doc=name, rev=rev, prev_rev=rev - 1, patch=json.loads(patch), by=by,
+                        patch_id=None if id_text is None else json.loads(id_text), at=at)
+            for rev, patch, by, id_text, at in log if rev > after]
+
+
+def _url_without_password(url: str) -> str:
+    parts = urllib.parse.urlsplit(url)
+    host = parts.hostname or ""
+    port = f":{parts.port}" if parts.port else ""
+    return urllib.parse.urlunsplit((parts.scheme, f"{host}{port}", parts.path, "", ""))
+
+
+class RedisStore(Store):
+    """The Store contract on one Redis server (see the module docstring). ``url``: redis://HOST:PORT/DB."""
+
+    def __init__(self, url: str, prefix: str = DEFAULT_PREFIX, connect_timeout: float = CONNECT_TIMEOUT,
+                 command_timeout: float = COMMAND_TIMEOUT) -> None:
+        self.url = parse_redis_url(url)
+        self.where = _url_without_password(url)
+        self.prefix = prefix
+        self.connect_timeout = connect_timeout
+        self.command_timeout = command_timeout
+        self._client: aioredis.Redis | None = None
+        self._scripts: dict[str, AsyncScript] = {}
+
+    # ---- plumbing ------------------------------------------------------
+
+    @property
+    def client(self) -> aioredis.Redis:
+        if self._client is None:
+            raise StoreError(f"redis store {self.where} is not open")
+        return self._client
+
+    async def open(self) -> None:
+        if self._client is not None:
+            raise StoreError(f"redis store {self.where} is already open")
+        client = aioredis.Redis.from_url(
+            self.url, socket_connect_timeout=self.connect_timeout, socket_timeout=self.command_timeout,
+            retry=Retry(NoBackoff(), 0),  # never send a command twice: see "Timeouts and retries"
+        )
+        self._client = client
+        self._scripts = {name: client.register_script(PRELUDE + body) for name, body in SCRIPTS.items()}
+        version = await self._run("open", SCHEMA_VERSION)
+        if version > SCHEMA_VERSION:
+            await self.close()
+            raise StoreError(f"redis store {self.where} has layout version {version}, but this rccs knows versions up "
+                             f"to {SCHEMA_VERSION}: it was written by a newer rccs; upgrade rccs to use it")
+
+    async def close(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            await client.aclose()
+
+    async def _run(self, script: str, *args: Any) -> Reply:
+        return await self._scripts[script](keys=[], args=[self.prefix, *args], client=self.client)
+
+    def _key(self, name: str) -> str:
+        return self.prefix + name
+
+    def _user_key(self, user: str, name: str) -> str:
+        return f"{self.prefix}{{{user}}}:{name}"
+
+    async def _hashes(self, keys: Sequence[str]) -> list[dict[str, bytes]]:
+        """HGETALL of each key, in one round trip (one MULTI: the records as of one moment)."""
+        if not keys:
+            return []
+        async with self.client.pipeline(transaction=True) as pipe:
+            for key in keys:
+                pipe.hgetall(key)
+            replies: list[dict[bytes, bytes]] = await pipe.execute()
+        return [{_text(name): value for name, value in reply.items()} for reply in replies]
+
+    # ---- users -------------------------------------------------------
+
+    async def add_user(self, user: UserRecord) -> None:
+        if not await self._run("add_user", user.id, user.created):
+            raise AlreadyExists(f"user {user.id!r} already exists")
+
+    async def get_user(self, user_id: str) -> UserRecord | None:
+        created = await self.client.hget(self._key("users"), user_id)
+        return None if created is None else UserRecord(id=user_id, created=int(created))
+
+    async def list_users(self) -> list[UserRecord]:
+        users = await self.client.hgetall(self._key("users"))
+        return sorted((UserRecord(id=_text(user_id), created=int(created)) for user_id, created in users.items()),
+                      key=lambda user: user.id)
+
+    async def remove_user(self, user_id: str, now: int) -> bool:
+        return bool(await self._run("remove_user", user_id, now))
+
+    # ---- devices -----------------------------------------------------
+
+    async def put_device(self, device: DeviceRecord) -> None:
+        fields = _device_fields(device)  # before Redis: a bad record fails without a round trip
+        outcome = _text(await self._run("put_device", device.id, device.user, device.credential_hash or "", *fields))
+        if outcome == "unknown user":
+            raise StoreError(f"cannot store device {device.id!r}: unknown user {device.user!r}")
+        if outcome == "revoked":
+            raise StoreError(f"device {device.id!r} is revoked and cannot be replaced")
+        if outcome == "credential taken":
+            raise StoreError(f"cannot store device {device.id!r}: its credential belongs to another device")
+
+    async def get_device(self, device_id: str) -> DeviceRecord | None:
+        [fields] = await self._hashes([self._key(f"device:{device_id}")])
+        return _device_record(device_id, fields) if fields else None
+
+    async def list_devices(self, user_id: str | None = None, include_revoked: bool = False) -> list[DeviceRecord]:
+        index = self._key("devices") if user_id is None else self._user_key(user_id, "devices")
+        device_ids = sorted(_text(device_id) for device_id in await self.client.smembers(index))
+        records = await self._hashes([self._key(f"device:{device_id}") for device_id in device_ids])
+        devices = [_device_record(device_id, fields) for device_id, fields in zip(device_ids, records, strict=True)
+                   if fields]
+        chosen = [device for device in devices if (user_id is None or device.user == user_id)
+                  and (include_revoked or device.revoked_at is None)]
+        chosen.sort(key=lambda device: (device.user, device.created, device.id))
+        return chosen
+
+    async def find_device_by_credential(self, credential_hash: str) -> DeviceRecord | None:
+        reply = await self._run("find_device_by_credential", credential_hash)
+        if not reply:
+            return None
+        device_id, flat = reply
+        fields = _fields(flat)
+        if "revoked_at" in fields:
+            return None  # a device put already revoked may still carry a credential; it must not sign anyone in
+        return _device_record(_text(device_id), fields)
+
+    async def revoke_device(self, device_id: str, now: int) -> bool:
+        return bool(await self._run("revoke_device", device_id, now))
+
+    async def update_presence(self, updates: Sequence[tuple[str, str, int]]) -> None:
+        if updates:
+            await self._run("update_presence", *(value for update in updates for value in update))
+
+    # ---- sessions ----------------------------------------------------
+
+    async def put_sessions(self, sessions: Sequence[SessionRecord]) -> None:
+        if sessions:
+            await self._run("put_sessions", *(value for session in sessions for value in _session_arguments(session)))
+
+    async def get_session(self, session_id: str) -> SessionRecord | None:
+        [fields] = await self._hashes([self._key(f"session:{session_id}")])
+        return _session_record(session_id, fields) if fields else None
+
+    async def _sessions(self, index: str) -> list[SessionRecord]:
+        session_ids = [_text(session_id) for session_id in await self.client.smembers(index)]
+        records = await self._hashes([self._key(f"session:{session_id}") for session_id in session_ids])
+        return [_session_record(session_id, fields)
+                for session_id, fields in zip(session_ids, records, strict=True) if fields]
+
+    async def list_sessions(self, user_id: str | None = None, device_id: str | None = None) -> list[SessionRecord]:
+        if device_id is not None:
+            index = self._key(f"device-sessions:{device_id}")
+        elif user_id is not None:
+            index = self._user_key(user_id, "sessions")
+        else:
+            index = self._key("sessions")
+        chosen = [session for session in await self._sessions(index) if (user_id is None or session.user == user_id)
+                  and (device_id is None or session.device == device_id)]
+        chosen.sort(key=lambda session: (session.user, session.device, session.created, session.id))
+        return chosen
+
+    async def revoke_session(self, session_id: str, now: int) -> bool:
+        return bool(await self._run("revoke_session", session_id, now))
+
+    async def delete_stale_sessions(self, now: int, grace_ms: int) -> int:
+        stale = [session for session in await self._sessions(self._key("sessions"))
+                 if session_is_stale(session, now, grace_ms)]
+        if not stale:
+            return 0
+        arguments: list[Any] = []
+        for session in stale:
+            arguments += [session.id, *("" if value is None else value for value in (
+                session.connected_at, session.expires_at, session.revoked_at, session.disconnected_at))]
+        deleted: int = await self._run("delete_sessions_if_unchanged", *arguments)
+        return deleted
+
+    async def reset_live_state(self, now: int) -> None:
+        await self._run("reset_live_state", now)
+
+    # ---- pairing -----------------------------------------------------
+
+    async def add_pairing_code(self, code: PairingCode) -> None:
+        fields: list[Any] = ["id", code.id, "secret_hash", code.secret_hash, "user", code.user, "created", code.created,
+                             "expires_at", code.expires_at, "approve", int(code.approve), "attempts", code.attempts]
+        if code.issuer_device is not None:
+            fields += ["issuer_device", code.issuer_device]
+        if code.used_at is not None:
+            fields += ["used_at", code.used_at]
+        if not await self._run("add_pairing_code", code.id, code.user, code.expires_at, *fields):
+            raise AlreadyExists(f"pairing code {code.id!r} already exists")
+
+    async def redeem_pairing_code(self, code_id: str, secret_hash: str, now: int,
+                                  max_attempts: int) -> PairingCode | None:
+        reply = await self._run("redeem_pairing_code", code_id, secret_hash, now, max_attempts)
+        return _pairing_record(_fields(reply)) if reply else None
+
+    async def delete_pairing_codes_before(self, cutoff: int) -> int:
+        deleted: int = await self._run("delete_pairing_codes_before", cutoff)
+        return deleted
+
+    # ---- durable inboxes ----------------------------------------------
+
+    async def enqueue(self, messages: Sequence[QueuedMessage], max_count: int, max_bytes: int,
+                      policy: str) -> EnqueueOutcome:
+        """Every message given ends up in ``stored`` or ``rejected``. ``dropped`` may also list messages
+        stored earlier in the same batch: a batch does what the same messages enqueued one call at a
+        time would do."""
+        check_policy(policy)
+        outcome = EnqueueOutcome(stored=[], rejected=[], dropped=[])
+        if not messages:
+            return outcome
+        copies = []
+        arguments: list[Any] = []
+        for message in messages:
+            copied = QueuedMessage(**{field: getattr(message, field) for field in QueuedMessage.__dataclass_fields__})
+            copied.body = bytes(message.body)  # a bytearray or memoryview would stay shared with the caller
+            copies.append(copied)
+            arguments += _queued_arguments(copied)
+        ids, dropped = await self._run("enqueue", max_count, max_bytes, int(policy == OVERFLOW_REJECT), *arguments)
+        for copied, queued_id in zip(copies, ids, strict=True):
+            if queued_id:
+                copied.id = int(queued_id)
+                outcome.stored.append(copied)
+            else:
+                outcome.rejected.append(copied)
+        outcome.dropped = [_queued_record(reply) for reply in dropped]
+        return outcome
+
+    async def inbox(self, device_id: str, now: int, limit: int = 1000) -> list[QueuedMessage]:
+        if limit <= 0:
+            return []
+        return [_queued_record(reply) for reply in await self._run("inbox", device_id, now, limit)]
+
+    async def inbox_size(self, device_id: str) -> tuple[int, int]:
+        count, size = await self._run("inbox_size", device_id)
+        return int(count), int(size)
+
+    async def remove_queued(self, ids: Sequence[int]) -> list[QueuedMessage]:
+        """The removed messages come back by id."""
+        if not ids:
+            return []
+        return _by_id([_queued_record(reply) for reply in await self._run("remove_queued", *sorted(set(ids)))])
+
+    async def count_attempts(self, ids: Sequence[int]) -> None:
+        """An id given twice still counts one attempt."""
+        if ids:
+            await self._run("count_attempts", *sorted(set(ids)))
+
+    async def take_expired(self, now: int, limit: int = 1000) -> list[QueuedMessage]:
+        if limit <= 0:
+            return []
+        return _by_id([_queued_record(reply) for reply in await self._run("take_expired", now, limit)])
+
+    async def dead_letter(self, ids: Sequence[int], reason: str, now: int) -> list[QueuedMessage]:
+        """The moved messages come back by id."""
+        if not ids:
+            return []
+        return _by_id([_queued_record(reply)
+                       for reply in await self._run("dead_letter", reason, now, *sorted(set(ids)))])
+
+    async def dead_letters(self, user_id: str | None = None, device_id: str | None = None,
+                           limit: int = 1000) -> list[DeadLetter]:
+        if limit <= 0:
+            return []
+        reply = await self._run("dead_letters", user_id or "", device_id or "", limit)
+        return [DeadLetter(message=_queued_record(message), reason=_text(reason), at=int(at))
+                for message, reason, at in reply]
+
+    async def redrive(self, ids: Sequence[int] | None = None, device_id: str | None = None) -> list[QueuedMessage]:
+        """With both ``ids`` and ``device_id``, the dead letters among ``ids`` of that device. The
+        messages come back by id."""
+        if ids is not None and not ids:
+            return []
+        if ids is not None:
+            reply = await self._run("redrive", "ids", device_id or "", *sorted(set(ids)))
+        elif device_id is not None:
+            reply = await self._run("redrive", "device", device_id)
+        else:
+            reply = await self._run("redrive", "all", "")
+        return _by_id([_queued_record(message) for message in reply])
+
+    async def purge(self, device_id: str, dead_letters: bool = False) -> int:
+        purged: int = await self._run("purge", device_id, int(dead_letters))
+        return purged
+
+    # ---- receipts for offline senders ----------------------------------
+
+    async def add_receipts(self, receipts: Sequence[tuple[str, dict[str, Any]]]) -> None:
+        packed = [value for device_id, envelope in receipts
+                  for value in (device_id, pack_receipt(device_id, envelope))]  # packed first: a bad one keeps none
+        if packed:
+            await self._run("add_receipts", *packed)
+
+    async def take_receipts(self, device_id: str, limit: int = 10000) -> list[dict[str, Any]]:
+        if limit <= 0:
+            return []
+        return [unpack_receipt(envelope) for envelope in await self._run("take_receipts", device_id, limit)]
+
+    # ---- idempotency keys --------------------------------------------
+
+    async def save_message_ids(self, entries: Sequence[tuple[str, str | int, int, int]]) -> None:
+        packed = msgpack.packb([list(entry) for entry in entries], use_bin_type=True)
+        await self.client.set(self._key("message-ids"), packed)
+
+    async def load_message_ids(self, since: int) -> list[tuple[str, str | int, int, int]]:
+        packed = await self.client.get(self._key("message-ids"))
+        if packed is None:
+            return []
+        entries = [(device, msg_id, at, digest)
+                   for device, msg_id, at, digest in msgpack.unpackb(packed, raw=False) if at >= since]
+        entries.sort(key=lambda entry: entry[2])
+        return entries
+
+    # ---- state documents -----------------------------------------------
+
+    async def get_state(self, user_id: str, doc: str) -> StateDoc:
+        [fields] = await self._hashes([self._user_key(user_id, f"doc:{doc}")])
+        return _state_doc(user_id, doc, fields)
+
+    async def patch_state(self, user_id: str, doc: str, patch: Any, by: str, patch_id: str | int | None,
+                          if_rev: int | None, now: int, max_doc_bytes: int, max_user_bytes: int,
+                          keep_changes: int) -> StatePatched:
+        patch_text = state_patch_text(patch)
+        id_text = None if patch_id is None else json.dumps(patch_id)
+        patch_value = json.loads(patch_text)
+        for _attempt in range(STATE_PATCH_ATTEMPTS):
+            version, doc_reply, user_bytes, log_reply = await self._run(
+                "state_read", user_id, doc, int(id_text is not None))
+            fields = _fields(doc_reply)
+            current = _state_doc(user_id, doc, fields)
+            if fields and id_text is not None:
+                for rev, text, change_by, change_id, _ in reversed(_log_entries(log_reply)):
+                    if change_by == by and change_id == id_text and text == patch_text:
+                        return StatePatched(doc=current, rev=rev, prev_rev=rev - 1, duplicate=True)
+            current_size = int(fields.get("size", 0))
+            planned = plan_state_patch(current, current_size, int(user_bytes), patch_value, if_rev, max_doc_bytes,
+                                       max_user_bytes)
+            if planned is None:
+                return StatePatched(doc=current, rev=current.rev, prev_rev=current.rev, noop=True)
+            merged, size = planned
+            rev = current.rev + 1
+            value = "" if merged is None else json.dumps(merged, ensure_ascii=False, allow_nan=False)
+            entry = json.dumps([rev, patch_text, by, id_text, now], ensure_ascii=False)
+            committed = await self._run("state_commit", user_id, doc, version, rev, int(merged is not None), value,
+                                        size, by, now, entry, keep_changes)
+            if committed:
+                change = StateChange(user=user_id, doc=doc, rev=rev, prev_rev=rev - 1, patch=patch_value, by=by,
+                                     patch_id=patch_id, at=now)
+                stored = StateDoc(user=user_id, name=doc, rev=rev, value=merged, by=by, updated=now)
+                return StatePatched(doc=stored, rev=rev, prev_rev=rev - 1, change=change)
+        raise StoreError(f"state document {doc!r} of user {user_id!r} changed under {STATE_PATCH_ATTEMPTS} attempts "
+                         "in a row to patch it; try again")
+
+    async def state_catch_up(self, user_id: str, since: Mapping[str, int], doc: str | None = None,
+                             prefix: str | None = None) -> list[StateCatchUp]:
+        if doc is not None:
+            reply = await self._run("state_catch_up", user_id, "doc", doc)
+        else:
+            reply = await self._run("state_catch_up", user_id, "prefix", prefix or "")
+        caught: list[StateCatchUp] = []
+        for raw_name, doc_reply, log_reply in reply:
+            name = _text(raw_name)
+            fields = _fields(doc_reply)
+            current = _state_doc(user_id, name, fields)
+            have = since.get(name)
+            if doc is None and "value" not in fields and name not in since:
+                continue  # a deleted document only for a caller that knows it
+            if not fields:
+                caught.append(StateCatchUp(doc=current, changes=[] if have == 0 else None))
+                continue
+            changes: list[StateChange] | None = None
+            if have is not None and have <= current.rev:
+                log = _log_entries(log_reply)
+                oldest = log[0][0] if log else current.rev + 1
+                if have == current.rev or oldest <= have + 1:
+                    changes = _state_changes(user_id, name, log, have)
+            caught.append(StateCatchUp(doc=current, changes=changes))
+        caught.sort(key=lambda item: item.doc.name)
+        return caught
+
+    # ---- task leases -------------------------------------------------
+
+    async def load_tasks(self, user_id: str) -> list[TaskLease]:
+        leases = await self.client.hgetall(self._user_key(user_id, "tasks"))
+        loaded = []
+        for task, packed in leases.items():
+            owner, epoch, expires, handoff, updated = json.loads(packed)
+            loaded.append(TaskLease(user=user_id, task=_text(task), owner=owner, epoch=epoch, expires=expires,
+                                    handoff=handoff, updated=updated))
+        loaded.sort(key=lambda lease: lease.task)
+        return loaded
+
+    async def users_with_task_notices(self) -> list[str]:
+        return sorted(_text(user) for user in await self.client.smembers(self._key("task-notices")))
+
+    async def put_task(self, lease: TaskLease) -> None:
+        packed = json.dumps([lease.owner, lease.epoch, lease.expires, lease.handoff, lease.updated])
+        if not await self._run("put_task", lease.user, lease.task, packed, int(lease.handoff is not None)):
+            raise StoreError(f"unknown user {lease.user!r}")
+
+    # ---- change feed -------------------------------------------------
+
+    async def changes_since(self, cursor: int, limit: int = 1000) -> list[Change]:
+        if limit <= 0:
+            return []
+        entries: list[bytes] = await self._run("changes_since", cursor, limit)
+        changes = []
+        for entry in entries:
+            seq, kind, key = entry.decode().split(" ", 2)
+            changes.append(Change(seq=int(seq), kind=kind, key=key))
+        return changes
+
+    async def last_change(self) -> int:
+        seq = await self.client.get(self._key("change-seq"))
+        return 0 if seq is None else int(seq)
+
+
+def _surface_redis_errors(method: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+    """Wrap a store method so that a Redis failure reaches the caller as StoreError naming the server."""
+
+    @functools.wraps(method)
+    async def wrapped(self: RedisStore, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return await method(self, *args, **kwargs)
+        except RedisError as exc:
+            raise StoreError(f"redis store {self.where}: {method.__name__} failed: "
+                             f"{type(exc).__name__}: {exc}") from exc
+
+    return wrapped
+
+
+# Every public coroutine of the store, the Store contract, goes through the one translation above.
+for _name, _method in list(vars(RedisStore).items()):
+    if inspect.iscoroutinefunction(_method) and not _name.startswith("_"):
+        setattr(RedisStore, _name, _surface_redis_errors(_method))
+del _name, _method
+
+# Keep the constants of the status names next to the Lua that spells them out.
+assert (STATUS_ONLINE, STATUS_AWAY, STATUS_OFFLINE) == ("online", "away", "offline")
+assert (CHANGE_USER, CHANGE_DEVICE, CHANGE_SESSION) == ("user", "device", "session")
