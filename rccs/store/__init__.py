@@ -96,8 +96,9 @@ __all__ = [
 
 
 def is_store_url(kind: str) -> bool:
-    """Whether the ``store`` setting names a Redis server rather than an embedded store."""
-    return kind.startswith(("redis://", "rediss://"))
+    """Whether the ``store`` setting is a URL (a server) rather than the name of an embedded store; only
+    redis:// URLs are accepted, but any URL gets ``parse_redis_url``'s message saying what is wrong."""
+    return "://" in kind
 
 
 def open_store(kind: str, data_dir: str) -> Store:

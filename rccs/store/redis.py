@@ -14,8 +14,9 @@ Timeouts and retries. Connecting gives up after ``connect_timeout`` (2 s), a com
 never to retry a command by itself: a mutation whose reply was lost may have run, and running it twice
 (two inbox ids for one message, ``AlreadyExists`` for a user that was just added) is worse than an error the
 caller can see and handle. A pooled connection whose server went away is noticed (redis-py reads its EOF)
-and replaced before the next command is sent on it, so the store works again as soon as Redis is back,
-without being reopened.
+and replaced before the next command is sent on it (this needs redis-py's "maintenance notifications" off,
+see ``_WITHOUT_MAINTENANCE_NOTIFICATIONS``), so the store works again as soon as Redis is back, without being
+reopened.
 
 Atomicity. Every mutation is ONE Lua script (``EVALSHA``; redis-py loads the script again by itself when a
 restarted or flushed server answers ``NOSCRIPT``), so it runs alone on the server: nothing of another
@@ -155,6 +156,16 @@ CONNECT_TIMEOUT = 2.0  # seconds: an unreachable Redis fails a call after this
 COMMAND_TIMEOUT = 5.0  # seconds: a hung Redis fails a call after this
 CHANGE_FEED_KEEP = 100_000
 STATE_PATCH_ATTEMPTS = 50  # optimistic retries of one patch before giving up under contention
+
+try:
+    from redis.maint_notifications import MaintNotificationsConfig
+except ImportError:  # redis-py before 6.3 has no maintenance notifications, and always checks pooled connections
+    _WITHOUT_MAINTENANCE_NOTIFICATIONS: dict[str, Any] = {}
+else:
+    # With them on ("auto", redis-py 8's default) the pool no longer checks a pooled connection for an EOF before
+    # reusing it, so the first call after a Redis restart would fail on the dead connection (measured:
+    # "Connection closed by server"). They serve Redis Enterprise's planned failovers, which rccs does not use.
+    _WITHOUT_MAINTENANCE_NOTIFICATIONS = {"maint_notifications_config": MaintNotificationsConfig(enabled=False)}
 
 # ---- Lua ------------------------------------------------------------------------------------------
 
@@ -878,6 +889,7 @@ class RedisStore(Store):
         client = aioredis.Redis.from_url(
             self.url, socket_connect_timeout=self.connect_timeout, socket_timeout=self.command_timeout,
             retry=Retry(NoBackoff(), 0),  # never send a command twice: see "Timeouts and retries"
+            **_WITHOUT_MAINTENANCE_NOTIFICATIONS,
         )
         self._client = client
         self._scripts = {name: client.register_script(PRELUDE + body) for name, body in SCRIPTS.items()}
