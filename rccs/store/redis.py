@@ -34,6 +34,13 @@ script writes it only if the version is still the one read, else the patch is pl
 So each patch is applied against the state it was planned on, revisions go up by exactly one per change and
 never back, and of two concurrent patches with ``if_rev`` only one can win.
 
+Order. Calls of one store object run one after another in the order they were made, as the SQLite store's
+do (its one worker thread): the hub relies on it, e.g. it spawns ``add_user`` and then ``put_device`` for a
+device first seen with a dev token, and the device would be refused if the second overtook the first on
+another pooled connection. One FIFO ``asyncio.Lock`` around each public call gives that order; it also means
+one store object has one call in flight at a time (a later version could pipeline the calls of one loop
+turn, in order, on one connection). Calls of different store objects (nodes) interleave as Redis runs them.
+
 Ids. Inbox ids and change-feed sequence numbers come from ``INCR`` counters inside the scripts that use
 them, so they increase in commit order, across every node, and are never handed out twice.
 
@@ -102,6 +109,7 @@ store needs one Redis primary (with replicas and failover as usual), not a Redis
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import inspect
 import json
@@ -874,6 +882,7 @@ class RedisStore(Store):
         self.command_timeout = command_timeout
         self._client: aioredis.Redis | None = None
         self._scripts: dict[str, AsyncScript] = {}
+        self._in_call_order = asyncio.Lock()  # see "Order" in the module docstring
 
     # ---- plumbing ------------------------------------------------------
 
@@ -895,11 +904,14 @@ class RedisStore(Store):
         self._scripts = {name: client.register_script(PRELUDE + body) for name, body in SCRIPTS.items()}
         version = await self._run("open", SCHEMA_VERSION)
         if version > SCHEMA_VERSION:
-            await self.close()
+            await self._disconnect()
             raise StoreError(f"redis store {self.where} has layout version {version}, but this rccs knows versions up "
                              f"to {SCHEMA_VERSION}: it was written by a newer rccs; upgrade rccs to use it")
 
     async def close(self) -> None:
+        await self._disconnect()
+
+    async def _disconnect(self) -> None:
         client, self._client = self._client, None
         if client is not None:
             await client.aclose()
@@ -1270,12 +1282,14 @@ class RedisStore(Store):
 
 
 def _surface_redis_errors(method: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
-    """Wrap a store method so that a Redis failure reaches the caller as StoreError naming the server."""
+    """Wrap a store method so that it runs in call order and a Redis failure reaches the caller as StoreError
+    naming the server."""
 
     @functools.wraps(method)
     async def wrapped(self: RedisStore, *args: Any, **kwargs: Any) -> Any:
         try:
-            return await method(self, *args, **kwargs)
+            async with self._in_call_order:
+                return await method(self, *args, **kwargs)
         except RedisError as exc:
             raise StoreError(f"redis store {self.where}: {method.__name__} failed: "
                              f"{type(exc).__name__}: {exc}") from exc

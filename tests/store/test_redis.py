@@ -253,3 +253,12 @@ async def test_the_owners_delete_what_they_own_and_only_tombstones_and_counters_
         "rccs:schema", "rccs:change-seq", "rccs:changes", "rccs:queued-seq",  # counters and the feed
         "rccs:devices", "rccs:device:laptop", "rccs:{alice}:devices",  # the revoked device's tombstone
     ])
+
+
+async def test_calls_of_one_store_run_in_the_order_they_were_made(node_a):
+    # As the hub does for a device first seen with a dev token: two background tasks, the user first.
+    add = asyncio.create_task(node_a.add_user(UserRecord(id="alice", created=NOW)))
+    put = asyncio.create_task(node_a.put_device(DeviceRecord(id="laptop", user="alice", type="desktop",
+                                                             created=NOW)))
+    await asyncio.gather(add, put)
+    assert (await node_a.get_device("laptop")).user == "alice"
