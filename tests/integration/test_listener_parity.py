@@ -118,7 +118,7 @@ ids = st.sampled_from(["a", "b", "x" * 128, "x" * 129, "", 7, 0, 2**64 - 1, -(2*
 targets = st.sampled_from([TWIN, JSON_PEER, OFFLINE, SENDER, "y" * 129])
 bodies = st.one_of(
     st.none(), st.just("absent"), st.integers(-(2**63), 2**64 - 1), st.text(max_size=20),
-    st.binary(max_size=20), st.dictionaries(st.text(max_size=5), st.integers(), max_size=3),
+    st.binary(max_size=20), st.dictionaries(st.text(max_size=5), st.integers(-(2**63), 2**64 - 1), max_size=3),
     # sizes around the 126 and 65536 frame-header boundaries
     st.integers(0, 3).map(lambda k: "z" * (70, 125, 65_000, 66_000)[k]),
 )
