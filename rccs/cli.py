@@ -24,7 +24,7 @@ from . import __version__, admin
 from .auth import TokenAuthority, TokenError, load_or_create_secret, parse_duration
 from .config import ConfigError, Settings, load_settings
 from .logs import configure_logging
-from .store import DB_FILE, STATUS_OFFLINE, SessionRecord, Store, StoreError, open_store
+from .store import DB_FILE, STATUS_OFFLINE, SessionRecord, Store, StoreError, is_store_url, open_store
 
 T = TypeVar("T")
 
@@ -88,8 +88,11 @@ def _server_flags(parser: argparse.ArgumentParser) -> None:
                         help="largest burst of messages from one device (token bucket size, default 4000)")
     parser.add_argument("--hello-rate-per-address", dest="hello_rate_per_address", type=float,
                         help="hellos per second per client address (bursts of 5 s worth), 0: unlimited (default 0)")
-    parser.add_argument("--store", choices=("sqlite", "memory"),
-                        help="sqlite: <data-dir>/rccs.db; memory: lost at exit (default sqlite)")
+    parser.add_argument("--store",
+                        help="sqlite: <data-dir>/rccs.db; memory: lost at exit; redis://HOST:PORT/DB: shared by "
+                             "the nodes of a cluster (default sqlite)")
+    parser.add_argument("--node-id", dest="node_id",
+                        help="this node's name in a cluster (default: a unique name, logged at start)")
     parser.add_argument("--dev-tokens", dest="dev_tokens", action=argparse.BooleanOptionalAction, default=None,
                         help="accept JWT device tokens from 'rccs token issue' (default on)")
     parser.add_argument("--session-ttl", dest="session_ttl", type=float,
@@ -167,7 +170,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_token_issue(args: argparse.Namespace) -> int:
     settings = _settings(args)
     ttl = parse_duration(args.ttl)
-    secret = settings.token_secret.encode() if settings.token_secret else load_or_create_secret(settings.data_dir)
+    if settings.token_secret:
+        secret = settings.token_secret.encode()
+    elif is_store_url(settings.store):
+        secret = _with_store(settings, lambda store: store.token_secret())
+    else:
+        secret = load_or_create_secret(settings.data_dir)
     token = TokenAuthority(secret).issue(args.user, args.device, ttl)  # checks both ids first
     if settings.store != "memory":
         # A memory-store server starts empty and registers token devices at hello; a store on
@@ -186,7 +194,7 @@ def _now_ms() -> int:
 
 def _with_store(settings: Settings, operation: Callable[[Store], Awaitable[T]]) -> T:
     async def run() -> T:
-        store = open_store("sqlite", settings.data_dir)
+        store = open_store("memory" if settings.store == "memory" else settings.store, settings.data_dir)
         await store.open()
         try:
             return await operation(store)
@@ -206,7 +214,7 @@ def _registry_settings(args: argparse.Namespace, *, creates: bool) -> Settings:
     if settings.store == "memory":
         raise ConfigError("setting 'store' is 'memory': that registry lives inside the server process and "
                           "the command line cannot reach it")
-    if not creates and not (Path(settings.data_dir) / DB_FILE).exists():
+    if not creates and not is_store_url(settings.store) and not (Path(settings.data_dir) / DB_FILE).exists():
         raise ConfigError(f"no store at {Path(settings.data_dir) / DB_FILE} (is --data-dir right?)")
     return settings
 
@@ -501,6 +509,8 @@ def cmd_deadletters_purge(args: argparse.Namespace) -> int:
 def _store_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="TOML settings file (also RCCS_CONFIG)")
     parser.add_argument("--data-dir", dest="data_dir", help="data directory holding rccs.db (default ./rccs-data)")
+    parser.add_argument("--store", help="the store to act on: sqlite (in --data-dir, the default) or the "
+                                        "redis://HOST:PORT/DB of a cluster")
 
 
 def _json_flag(parser: argparse.ArgumentParser) -> None:
@@ -628,6 +638,8 @@ def build_parser() -> argparse.ArgumentParser:
     issue.add_argument("--ttl", default="30d", help="lifetime, e.g. 3600, 15m, 12h, 30d (default 30d)")
     issue.add_argument("--config", help="TOML settings file (also RCCS_CONFIG)")
     issue.add_argument("--data-dir", dest="data_dir", help="data directory holding the token secret and rccs.db")
+    issue.add_argument("--store", help="sqlite (in --data-dir, the default) or the redis://HOST:PORT/DB of a "
+                                       "cluster, which holds the cluster's token secret")
     issue.set_defaults(handler=cmd_token_issue)
 
     _add_registry_commands(sub)

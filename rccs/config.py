@@ -71,6 +71,7 @@ class Settings:
     handoff_prepare_timeout: float = 10.0  # seconds the owner has to answer handoff.prepare
     handoff_accept_timeout: float = 30.0  # seconds the target has to answer handoff.offer
     handoff_max_checkpoint_bytes: int = 256 * 1024  # a handoff's checkpoint, as msgpack
+    node_id: str = ""  # this node's name in a cluster; empty: host name, process id and a random suffix
 
     def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)

@@ -36,7 +36,7 @@ from .errors import CloseCode, ReceiptReason
 from .events import EventBus, Webhooks
 from .inbox import Deliveries, queued_from_frame
 from .registry import Registry
-from .router import STATUS_REVOKED, Router
+from .router import DEVICE_CHANGED, STATUS_REVOKED, Router
 from .store import (
     CHANGE_DEVICE,
     CHANGE_SESSION,
@@ -69,6 +69,7 @@ class Hub:
         self.tokens = tokens
         self.store = store
         self.broker = broker
+        self.node_id = settings.node_id  # node.py names an unnamed node before the first scrape
         self.bus = EventBus()
         self.events: Counter[str] = Counter()  # sessions opened/resumed, pairings, revocations, ...
         self.router = Router(self, broker)
@@ -274,7 +275,7 @@ class Hub:
             session.close(code, reason)
 
     def server_info(self) -> dict[str, Any]:
-        return {"version": __version__, "implementation": IMPLEMENTATION}
+        return {"version": __version__, "implementation": IMPLEMENTATION, "node": self.node_id}
 
     # ---- sessions ----------------------------------------------------
 
@@ -387,6 +388,9 @@ class Hub:
                  extra={"user": record.user, "device": device_id})
 
     def deliver_event(self, channel: str, payload: Any) -> None:
+        if channel == DEVICE_CHANGED:
+            self.spawn(self._reload_device(payload))
+            return
         handler = self.on_event.get(channel)
         if handler is not None:
             handler(payload)

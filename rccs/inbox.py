@@ -42,6 +42,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("rccs.inbox")
 
 INBOX_PAGE = 1000
+INBOX_DOORBELL = "inbox.new"  # broker channel: (user, device) has new messages in its inbox
 
 class Deliveries:
     """The node's durable delivery machinery. Event loop thread only.
@@ -118,6 +119,10 @@ class Deliveries:
             target = self.router.online(kept.user, kept.device)
             if target is not None and target.inbox_loaded:
                 self.deliver(target, kept)
+            elif target is None and self.router.broker.spans_nodes:
+                # Perhaps connected to another node (maybe so recently that this one has not heard of it):
+                # the node that holds it writes it from the shared inbox now.
+                self.router.broker.publish(INBOX_DOORBELL, [kept.user, kept.device])
         for message in outcome.dropped:
             self.stats["dropped"] += 1
             self.in_flight.pop(message.id, None)
@@ -231,6 +236,13 @@ class Deliveries:
         for message in messages:
             if session.state_is_open():
                 self.deliver(session, message)
+
+    def ring(self, doorbell: list[str]) -> None:
+        """Another node put messages into the inbox of a device connected here: write them now."""
+        user, device = doorbell
+        session = self.router.online(user, device)
+        if session is not None and session.inbox_loaded:
+            self.core.spawn(self._load_after_flush(session))
 
     def on_acked(self, session: LiveSession, inbox_id: int) -> None:
         self.in_flight.pop(inbox_id, None)

@@ -34,10 +34,10 @@ class HubCollector:
 
     def collect(self) -> Iterator[Any]:
         hub = self.hub
-        info = GaugeMetricFamily("rccs_info", "Server version and fast-path implementation",
-                                 labels=["version", "implementation"])
+        info = GaugeMetricFamily("rccs_info", "Server version, fast-path implementation and node name",
+                                 labels=["version", "implementation", "node"])
         server = hub.server_info()
-        info.add_metric([server["version"], server["implementation"]], 1)
+        info.add_metric([server["version"], server["implementation"], server["node"]], 1)
         yield info
 
         connections = GaugeMetricFamily("rccs_connections", "Authenticated connections by device type",

@@ -12,7 +12,10 @@ import asyncio
 import fcntl
 import logging
 import os
+import secrets
+import socket
 import ssl
+import urllib.parse
 from types import ModuleType
 from typing import Any
 
@@ -28,6 +31,7 @@ from .contracts import Handler
 from .devices import Devices
 from .errors import CloseCode
 from .hub import Hub
+from .inbox import INBOX_DOORBELL
 from .login import Login
 from .messaging import Messaging
 from .metrics import build_registry
@@ -37,7 +41,7 @@ from .rpc import Rpc
 from .session import Session
 from .state import CHANGES as STATE_CHANGES
 from .state import State
-from .store import open_store
+from .store import is_store_url, open_store
 from .tasks import Tasks
 from .transport.http import HttpServer, http_router
 from .transport.ws import ServerConnection
@@ -62,6 +66,15 @@ def server_ssl_context(settings: Settings) -> ssl.SSLContext | None:
 
 
 SERVE_LOCK_FILE = "rccs.serve.lock"
+
+
+def store_description(store: str) -> str:
+    """The store setting as it may be logged: a URL's password left out."""
+    if not is_store_url(store):
+        return store
+    parts = urllib.parse.urlsplit(store)
+    port = f":{parts.port}" if parts.port else ""
+    return urllib.parse.urlunsplit((parts.scheme, f"{parts.hostname or ''}{port}", parts.path, "", ""))
 
 
 class DataDirLock:
@@ -115,11 +128,20 @@ class Node:
         self.settings = settings
         self._listener = listener or listener_impl
         self.ssl_context = server_ssl_context(settings)  # first: a bad certificate fails before anything is written
-        secret = settings.token_secret.encode() if settings.token_secret else load_or_create_secret(settings.data_dir)
+        self.shared_store = is_store_url(settings.store)
+        self.node_id = settings.node_id or f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(2)}"
+        # A cluster's nodes share the store's secret (read at start); one node keeps it in its data directory.
+        if settings.token_secret:
+            secret = settings.token_secret.encode()
+        elif self.shared_store:
+            secret = secrets.token_bytes(32)  # replaced by the store's at start, before anything is verified
+        else:
+            secret = load_or_create_secret(settings.data_dir)
         self.tokens = TokenAuthority(secret)
         self.store = open_store(settings.store, settings.data_dir)
-        self.broker = open_broker()
+        self.broker = open_broker(settings.store if self.shared_store else "memory", self.node_id)
         hub = self.hub = Hub(settings, self.tokens, self.store, self.broker)
+        hub.node_id = self.node_id
         self.messaging = Messaging(hub, hub.router, hub.deliveries)
         self.login = Login(hub)
         self.devices = Devices(hub)
@@ -138,6 +160,7 @@ class Node:
         hub.on_user_removed.append(self.tasks.forget_user)
         hub.on_start.append(self.tasks.on_start)
         hub.on_event[STATE_CHANGES] = self.state.on_change
+        hub.on_event[INBOX_DOORBELL] = hub.deliveries.ring
         self.registry = build_registry(hub, lambda: len(self.pairing.requests))
         self._ws_server: asyncio.Server | None = None
         self._http_server: HttpServer | None = None
@@ -187,6 +210,8 @@ class Node:
 
     async def _start(self, settings: Settings) -> None:
         await self.store.open()
+        if self.shared_store and not settings.token_secret:
+            self.tokens = self.hub.tokens = TokenAuthority(await self.store.token_secret())
         await self.broker.start()
         await self.hub.start()
         tls: dict[str, Any] = {} if self.ssl_context is None else {
@@ -216,9 +241,9 @@ class Node:
         await self._http_server.start(settings.http_host, settings.http_port, self.ssl_context)
         self._ready = True
         log.info(
-            "rccs %s fastpath=%s listening on %s, http on %s, admin API %s, data dir %s",
+            "rccs %s fastpath=%s listening on %s, http on %s, admin API %s, data dir %s, store %s, node %s",
             __version__, IMPLEMENTATION, self.ws_url, self.http_url, "on" if settings.admin_key else "off",
-            settings.data_dir,
+            settings.data_dir, store_description(settings.store), self.node_id,
         )
 
     async def stop(self) -> None:

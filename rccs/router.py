@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from .contracts import Core, LiveSession
 
 STATUS_REVOKED = "revoked"  # presence value announced once when a device is revoked
+DEVICE_CHANGED = "device.changed"  # broker channel: a device's record changed in the store (its id)
 
 SELECT_KIND = {
     "all": fast_routing.SELECT_ALL,
@@ -128,8 +129,13 @@ class Router:
             setattr(device, name, value)
         if "type" in changed or "capabilities" in changed:
             self.reindex(device)
-        self.core.spawn(self.core.store.put_device(self.registry.snapshot(device.id)))
+        self.core.spawn(self._put_device(device.id))
         return True
+
+    async def _put_device(self, device_id: str) -> None:
+        await self.core.store.put_device(self.registry.snapshot(device_id))
+        if self.broker.spans_nodes:
+            self.broker.publish(DEVICE_CHANGED, device_id)  # other nodes read it again from the shared store
 
     # ---- resolving selectors ---------------------------------------------------------
 
@@ -219,7 +225,10 @@ class Router:
         return self.broker.to_device(user, device, envelope)
 
     def write_to_user(self, user: str, envelope: dict[str, Any], exclude: str | None) -> int:
-        """This node's half of ``notify_user``: encoded once per encoding, however many devices."""
+        """This node's half of ``notify_user``: encoded once per encoding, however many devices. A presence
+        change of a device held by another node is noted here too, so ``devices`` answers it."""
+        if envelope.get("op") == "presence":
+            self._note_presence(envelope)
         frames: dict[str, tuple[bytes, bool]] = {}
         receivers = cast("list[LiveSession]", self.routing.select(user, fast_routing.SELECT_ALL, True, False,
                                                                   exclude))
@@ -235,6 +244,19 @@ class Router:
         return True
 
     # ---- presence ---------------------------------------------------------------------
+
+    def _note_presence(self, envelope: dict[str, Any]) -> None:
+        device, status = envelope.get("device"), envelope.get("status")
+        record = self.registry.get(device) if isinstance(device, str) else None
+        if record is None or self.routing.get(record.user, record.id) is not None:
+            return  # unknown here, or held here: this node's own presence is already current
+        if status in (STATUS_OFFLINE, STATUS_REVOKED):
+            self.presence.pop(record.id, None)
+        else:
+            self.presence[record.id] = str(status)
+        record.status = str(status) if status != STATUS_REVOKED else record.status
+        if isinstance(envelope.get("last_seen"), int):
+            record.last_seen = max(record.last_seen, envelope["last_seen"])
 
     def set_presence(self, user: str, device: str, status: str, now: int) -> None:
         """Record a device's status; its user's other online devices hear of a change, once."""

@@ -22,6 +22,8 @@ from ..contracts import BrokerNode
 class Broker(abc.ABC):
     """Carries what crosses connections to the nodes that hold them. Event loop thread only."""
 
+    spans_nodes = False  # True for an engine that connects several processes: what only they need is skipped
+
     @abc.abstractmethod
     def attach(self, node: BrokerNode) -> None:
         """From now on, ``node`` gets what is published for the connections it holds."""
@@ -49,6 +51,11 @@ class Broker(abc.ABC):
     @abc.abstractmethod
     def device_offline(self, user: str, device: str) -> None:
         """The attached nodes hold no connection of ``device`` any more."""
+
+    @abc.abstractmethod
+    def holder(self, user: str, device: str) -> str | None:
+        """The live node other than this one that holds ``device``'s connection, or None (also when this one
+        does, or nobody does)."""
 
     @abc.abstractmethod
     def to_device(self, user: str, device: str, envelope: dict[str, Any]) -> bool:

@@ -37,6 +37,9 @@ class MemoryBroker(Broker):
     def device_offline(self, user: str, device: str) -> None:
         """One process: the routing table is the directory."""
 
+    def holder(self, user: str, device: str) -> str | None:
+        return None  # one process: no other node
+
     def to_device(self, user: str, device: str, envelope: dict[str, Any]) -> bool:
         return any(node.deliver_to_device(user, device, envelope) for node in self._nodes)
 

@@ -75,6 +75,8 @@ def _where_key(user: str, device: str) -> str:
 class RedisBroker(Broker):
     """A node's side of the Redis broker. Event loop thread only; ``start`` before use."""
 
+    spans_nodes = True
+
     def __init__(self, url: str, node_id: str | None = None):
         self.url = url
         self.node_id = node_id or f"node-{secrets.token_hex(4)}"
@@ -160,7 +162,7 @@ class RedisBroker(Broker):
         self._queue_directory("forget", _where_key(user, device))
         self._queue(CONTROL, ["off", self.node_id, user, device])
 
-    def _holder(self, user: str, device: str) -> str | None:
+    def holder(self, user: str, device: str) -> str | None:
         node = self.where.get((user, device))
         if node is None or node == self.node_id or node not in self.alive:
             return None
@@ -171,22 +173,19 @@ class RedisBroker(Broker):
     def to_device(self, user: str, device: str, envelope: dict[str, Any]) -> bool:
         if any(node.deliver_to_device(user, device, envelope) for node in self._nodes):
             return True
-        holder = self._holder(user, device)
+        holder = self.holder(user, device)
         if holder is None:
             return False
         self._queue(f"rccs:node:{holder}", ["dev", user, device, envelope])
         return True
 
     def to_user(self, user: str, envelope: dict[str, Any], exclude: str | None = None) -> int:
+        # Every node gets it (not only those the directory names): a device that connected elsewhere a moment
+        # ago, before its announcement arrived here, must not miss a notice published after it connected.
         reached = sum(node.deliver_to_user(user, envelope, exclude) for node in self._nodes)
-        remote: dict[str, int] = {}
-        for (owner, device), node in self.where.items():
-            if owner == user and device != exclude and node != self.node_id and node in self.alive:
-                remote[node] = remote.get(node, 0) + 1
-        for node, count in remote.items():
-            self._queue(f"rccs:node:{node}", ["user", user, exclude, envelope])
-            reached += count
-        return reached
+        self._queue(CONTROL, ["user", self.node_id, user, exclude, envelope])
+        return reached + sum(1 for (owner, device), node in self.where.items()
+                             if owner == user and device != exclude and node != self.node_id and node in self.alive)
 
     def revoke_device(self, device: str, at: int) -> None:
         for node in list(self._nodes):
@@ -298,11 +297,6 @@ class RedisBroker(Broker):
                 for node in self._nodes:  # it left meanwhile: what must not be lost is kept there
                     node.undeliverable(user, device, envelope)
             return
-        if kind == "user":
-            _, user, exclude, envelope = message
-            for node in self._nodes:
-                node.deliver_to_user(user, envelope, exclude)
-            return
         origin = message[1]
         if origin == self.node_id:
             return  # applied locally when published
@@ -316,6 +310,10 @@ class RedisBroker(Broker):
             _, _, user, device = message
             if self.where.get((user, device)) == origin:
                 del self.where[(user, device)]
+        elif kind == "user":
+            _, _, user, exclude, envelope = message
+            for node in self._nodes:
+                node.deliver_to_user(user, envelope, exclude)
         elif kind == "revoke-device":
             for node in list(self._nodes):
                 node.device_revoked(message[2], message[3])

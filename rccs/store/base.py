@@ -475,6 +475,12 @@ class Store(abc.ABC):
     async def changes_since(self, cursor: int, limit: int = 1000) -> list[Change]:
         """Changes with ``seq > cursor``, oldest first, at most ``limit``."""
 
+    async def token_secret(self) -> bytes:
+        """The token signing secret every process on this store shares, created by the first that asks (at
+        once: two asking together get the same one). Only a store shared over the network has one (Redis);
+        a local store's processes share the data directory's ``token.key`` instead."""
+        raise StoreError(f"{type(self).__name__} keeps no token secret: it is in the data directory")
+
     @abc.abstractmethod
     async def last_change(self) -> int:
         """The newest change's seq (0 when none)."""

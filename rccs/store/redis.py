@@ -113,6 +113,7 @@ import asyncio
 import functools
 import inspect
 import json
+import secrets
 import urllib.parse
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
@@ -1279,6 +1280,14 @@ class RedisStore(Store):
     async def last_change(self) -> int:
         seq = await self.client.get(self._key("change-seq"))
         return 0 if seq is None else int(seq)
+
+    async def token_secret(self) -> bytes:
+        key = self._key("token-secret")
+        await self.client.set(key, secrets.token_hex(32), nx=True)  # the first node's; never replaced
+        secret = await self.client.get(key)
+        if secret is None or len(secret) < 32:
+            raise StoreError(f"redis store {self.where} holds no usable token secret at {key!r}")
+        return secret if isinstance(secret, bytes) else secret.encode()
 
 
 def _surface_redis_errors(method: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:

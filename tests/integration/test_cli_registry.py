@@ -18,6 +18,7 @@ import pytest
 
 from rccs import admin, cli
 from rccs.auth import TokenAuthority, load_or_create_secret
+from rccs.config import ConfigError
 from rccs.credentials import parse_pairing_code, secret_hash
 from rccs.store import MemoryStore, open_store
 from rccs.store.base import CHANGE_DEVICE, CHANGE_SESSION, CHANGE_USER, PendingMessage, SessionRecord
@@ -547,8 +548,11 @@ def test_serve_flags_reach_the_new_settings():
 
     defaults = cli._settings(cli.build_parser().parse_args(["serve"]))
     assert (defaults.store, defaults.dev_tokens, defaults.pairing_approval) == ("sqlite", True, False)
-    with pytest.raises(SystemExit):
-        cli.build_parser().parse_args(["serve", "--store", "redis"])
+    # Any store a URL can name goes through; a bare word that is no store is refused, naming the forms.
+    with pytest.raises(ConfigError, match="redis://HOST:PORT/DB"):
+        cli._settings(cli.build_parser().parse_args(["serve", "--store", "redis"]))
+    assert cli._settings(cli.build_parser().parse_args(
+        ["serve", "--store", "redis://127.0.0.1:6379/0"])).store == "redis://127.0.0.1:6379/0"
 
 
 # ---- the console entry, as a real process -----------------------------------

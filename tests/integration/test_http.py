@@ -72,7 +72,8 @@ async def test_metrics_count_connections_routes_latency_and_errors(server, conne
     assert metric_value(text, "rccs_errors_total", code="unknown_op") == 1
     assert metric_value(text, "rccs_messages_total", direction="out") == 1
     from rccs import _fastpath
-    assert metric_value(text, "rccs_info", implementation=_fastpath.IMPLEMENTATION, version="0.1.0") == 1
+    assert metric_value(text, "rccs_info", implementation=_fastpath.IMPLEMENTATION, node=server.node.node_id,
+                        version="0.1.0") == 1
     assert metric_value(text, "process_resident_memory_bytes") > 0
 
 

@@ -1,0 +1,115 @@
+"""Several rccs nodes on one Redis, each a real `rccs serve` process: devices on different nodes talk.
+
+What is covered so far (issue 13 is not done): an ack:true message between devices on two nodes with its
+receipts, presence across nodes, the `devices` op seeing a device of another node online, a revocation
+made on one node closing the socket on the other, the CLI acting on the cluster's store, and a device that
+connects to a second node ending its older connection on the first.
+"""
+
+import asyncio
+import subprocess
+import sys
+
+import pytest
+
+from rccs.auth import TokenAuthority
+from rccs.client import Client, ConnectionClosed
+from rccs.store import open_store
+from rccs.testing import RedisServer, ServerProcess, child_environment
+
+
+class Cluster:
+    def __init__(self, redis_url: str, nodes: list[ServerProcess], tokens: TokenAuthority):
+        self.redis_url = redis_url
+        self.nodes = nodes
+        self.tokens = tokens
+        self.clients: list[Client] = []
+
+    async def connect(self, node: int, user: str, device: str, **options) -> Client:
+        client = Client(self.nodes[node].ws_url, self.tokens.issue(user, device, 600), {"type": "desktop"},
+                        **options)
+        self.clients.append(client)
+        await client.connect()
+        return client
+
+
+@pytest.fixture
+async def cluster(tmp_path):
+    redis_server = RedisServer(tmp_path / "redis")
+    url = await redis_server.start()
+    # The devices are registered before the nodes start, as `rccs token issue --store` does, so that every
+    # node's registry knows them from its first moment.
+    store = open_store(url, "")
+    await store.open()
+    from rccs import admin
+
+    for device in ("alice-phone", "alice-laptop", "alice-tablet"):
+        await admin.ensure_device_for_token(store, "alice", device, 1)
+    tokens = TokenAuthority(await store.token_secret())
+    await store.close()
+    nodes = [ServerProcess(tmp_path / f"node{n}", "--store", url, "--node-id", f"n{n}", env=child_environment())
+             for n in range(2)]
+    for node in nodes:
+        await node.start()
+    running = Cluster(url, nodes, tokens)
+    try:
+        yield running
+    finally:
+        for client in running.clients:
+            await client.close()
+        for node in nodes:
+            node.kill()
+        redis_server.kill()
+
+
+async def test_an_acked_message_crosses_nodes_with_its_receipts(cluster):
+    laptop = await cluster.connect(1, "alice", "alice-laptop")
+    phone = await cluster.connect(0, "alice", "alice-phone")
+    receipts, message = await asyncio.gather(
+        phone.send({"device": "alice-laptop"}, "note", {"text": "across"}, ack=True, timeout=10),
+        laptop.next_message(timeout=10))
+    assert (message.sender, message.type, message.body) == ("alice-phone", "note", {"text": "across"})
+    # To a device of another node a message goes through the shared inbox: queued, then delivered once
+    # the laptop's application took it (its node sends the receipt to the phone's node).
+    assert [(r.status, r.device) for r in receipts] == [("queued", "alice-laptop")]
+    delivered = await asyncio.wait_for(phone.receipts.get(), 10)
+    assert (delivered.id, delivered.status, delivered.device) == (receipts[0].id, "delivered", "alice-laptop")
+
+
+async def test_presence_and_the_devices_op_cross_nodes(cluster):
+    laptop = await cluster.connect(1, "alice", "alice-laptop")
+    await cluster.connect(0, "alice", "alice-phone")
+    event = await asyncio.wait_for(laptop.events.get(), 10)
+    assert (event["op"], event["device"], event["status"]) == ("presence", "alice-phone", "online")
+    listed = {device["id"]: device["status"] for device in await laptop.devices()}
+    assert listed["alice-phone"] == "online" and listed["alice-tablet"] == "offline"
+
+
+async def test_a_revocation_on_one_node_closes_the_socket_on_the_other(cluster):
+    laptop = await cluster.connect(1, "alice", "alice-laptop")
+    phone = await cluster.connect(0, "alice", "alice-phone", reconnect=False)
+    await laptop.request("device.revoke", device="alice-phone")
+    closed: ConnectionClosed = await asyncio.wait_for(phone.closed, 5)
+    assert closed.code == 4410
+
+
+async def test_the_command_line_acts_on_the_cluster_store(cluster):
+    listed = await asyncio.to_thread(
+        subprocess.run, [sys.executable, "-m", "rccs", "devices", "list", "--user", "alice", "--store",
+                         cluster.redis_url], capture_output=True, text=True, timeout=60, env=child_environment())
+    assert listed.returncode == 0, listed.stderr
+    assert {"alice-phone", "alice-laptop", "alice-tablet"} <= set(listed.stdout.split())
+    laptop = await cluster.connect(1, "alice", "alice-laptop", reconnect=False)
+    revoked = await asyncio.to_thread(
+        subprocess.run, [sys.executable, "-m", "rccs", "devices", "revoke", "alice-laptop", "--store",
+                         cluster.redis_url], capture_output=True, text=True, timeout=60, env=child_environment())
+    assert revoked.returncode == 0, revoked.stderr
+    closed: ConnectionClosed = await asyncio.wait_for(laptop.closed, 5)  # through the change feed
+    assert closed.code == 4410
+
+
+async def test_a_device_connecting_to_another_node_ends_its_older_connection(cluster):
+    first = await cluster.connect(0, "alice", "alice-tablet", reconnect=False)
+    await cluster.connect(1, "alice", "alice-tablet")
+    closed: ConnectionClosed = await asyncio.wait_for(first.closed, 5)
+    assert closed.code == 4409
