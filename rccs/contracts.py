@@ -222,6 +222,9 @@ class BrokerNode(Protocol):
     def undeliverable(self, user: str, device: str, envelope: dict[str, Any]) -> None:
         """``envelope`` was sent here for ``device``, which has left: keep what must not be lost (receipts)."""
 
+    def deliver_message(self, user: str, device: str, message: dict[str, Any]) -> bool:
+        """A live message another node sent for ``device``: written with its next ``seq`` if it is here."""
+
     def device_moved(self, user: str, device: str) -> None:
         """``device`` connected to another node: a connection of it held here is the older one."""
 

@@ -93,6 +93,8 @@ class Hub:
         self.on_user_removed: list[Callable[[str], None]] = []
         self.on_start: list[Callable[[], Awaitable[None]]] = []
         self.on_event: dict[str, Callable[[Any], None]] = {}  # broker channel -> its feature's handler
+        # Messaging's writer of a live message from another node (set by node.py; messaging sits below).
+        self.deliver_remote_message: Callable[[str, str, dict[str, Any]], bool] | None = None
         self.errors_sent: Counter[str] = Counter()
         self.closes_sent: Counter[int] = Counter()
         self.rate_refused = 0  # messages refused over a device's send rate (answered or not)
@@ -400,6 +402,9 @@ class Hub:
             self.deliveries.keep_receipt(device, envelope)
         else:
             self.events["broker_undeliverable"] += 1  # a notice for a connection that is gone
+
+    def deliver_message(self, user: str, device: str, message: dict[str, Any]) -> bool:
+        return self.deliver_remote_message is not None and self.deliver_remote_message(user, device, message)
 
     def device_moved(self, user: str, device: str) -> None:
         older = self.router.online(user, device)

@@ -44,6 +44,7 @@ from .protocol import (
     parse_selector,
     selector_order,
 )
+from .router import selector_matches
 from .store.base import QueuedMessage
 
 if TYPE_CHECKING:
@@ -147,6 +148,8 @@ class Messaging:
             else:
                 delivered.append(target.device)  # type: ignore[arg-type]
                 written.append((target, target.next_seq - 1))
+        if not ack and self.router.broker.spans_nodes and not (selector.pick_one and delivered):
+            delivered += self._send_elsewhere(user, device, selector, outgoing, failures)
         if ack and written:
             if first_ack and len(written) > 1:
                 group = FirstAckGroup(self, user, device, msg_id, written)
@@ -177,6 +180,46 @@ class Messaging:
             if failures and all(reason == ReceiptReason.UNCONVERTIBLE for _, reason in failures):
                 raise ProtocolError(ErrorCode.UNCONVERTIBLE, "the body cannot be converted for any receiver")
             raise ProtocolError(ErrorCode.NO_ROUTE, "no online device matched 'to'")
+
+    def _send_elsewhere(self, user: str, sender: str, selector: Selector, outgoing: Outgoing,
+                        failures: list[tuple[str | None, ReceiptReason]]) -> list[str]:
+        """A live (ack:false) message for the devices the selector names that other nodes hold: sent there
+        through the broker (their node gives it their seq). Returns them; their failures are dropped."""
+        router = self.router
+        exclude = None if selector.include_self else sender
+        if selector.kind in ("device", "devices"):
+            names = [name for name, reason in failures if name is not None and reason == ReceiptReason.OFFLINE]
+        else:
+            names = [record.id for record in router.registry.user_devices(user)
+                     if record.id != exclude and router.online(user, record.id) is None
+                     and selector_matches(record, selector)]
+        elsewhere = [name for name in names if router.broker.holder(user, name) is not None]
+        if selector.pick_one:
+            elsewhere = elsewhere[:1]
+        if not elsewhere:
+            return []
+        try:
+            body = outgoing.body_raw if outgoing.body_raw is not None else json_value_to_msgpack(outgoing.body_json)
+        except ProtocolError:
+            return []  # no msgpack form: the local rules (unconvertible) already answered for this body
+        message = {"id": outgoing.msg_id, "from": outgoing.sender, "type": outgoing.app_type, "body": body,
+                   "ts": outgoing.ts}
+        sent = [name for name in elsewhere if router.broker.message_to_device(user, name, message)]
+        failures[:] = [(name, reason) for name, reason in failures if name not in sent and name is not None]
+        return sent
+
+    def deliver_from_elsewhere(self, user: str, device: str, message: dict[str, Any]) -> bool:
+        """A live message another node sent for a device connected here (``Broker.message_to_device``)."""
+        session = self.router.online(user, device)
+        if session is None:
+            return False
+        outgoing = Outgoing(message["id"], message["from"], message["type"], False, message["body"], None, False,
+                            message["ts"])
+        try:
+            session.deliver(outgoing, user)
+        except ProtocolError:  # its body has no form in this device's encoding: a live message is not kept
+            return False
+        return True
 
     def _enqueue(self, user: str, device: str, outgoing: Outgoing, devices: list[Any], ttl: float, priority: int,
                  status: str, failures: list[tuple[str | None, ReceiptReason]]) -> None:

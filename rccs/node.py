@@ -161,6 +161,7 @@ class Node:
         hub.on_start.append(self.tasks.on_start)
         hub.on_event[STATE_CHANGES] = self.state.on_change
         hub.on_event[INBOX_DOORBELL] = hub.deliveries.ring
+        hub.deliver_remote_message = self.messaging.deliver_from_elsewhere
         self.registry = build_registry(hub, lambda: len(self.pairing.requests))
         self._ws_server: asyncio.Server | None = None
         self._http_server: HttpServer | None = None

@@ -63,6 +63,11 @@ class Broker(abc.ABC):
         False if the device has none (the caller keeps what must not be lost, e.g. a receipt)."""
 
     @abc.abstractmethod
+    def message_to_device(self, user: str, device: str, message: dict[str, Any]) -> bool:
+        """A live message (fields of ``msg`` but ``seq``: id, from, type, body as msgpack bytes, ts) for
+        ``device`` held by another node, which writes it with its own ``seq``. True if sent there."""
+
+    @abc.abstractmethod
     def to_user(self, user: str, envelope: dict[str, Any], exclude: str | None = None) -> int:
         """Write ``envelope`` to every open connection of ``user`` except ``exclude``'s; how many took it."""
 

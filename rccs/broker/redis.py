@@ -179,6 +179,13 @@ class RedisBroker(Broker):
         self._queue(f"rccs:node:{holder}", ["dev", user, device, envelope])
         return True
 
+    def message_to_device(self, user: str, device: str, message: dict[str, Any]) -> bool:
+        holder = self.holder(user, device)
+        if holder is None:
+            return False
+        self._queue(f"rccs:node:{holder}", ["msg", user, device, message])
+        return True
+
     def to_user(self, user: str, envelope: dict[str, Any], exclude: str | None = None) -> int:
         # Every node gets it (not only those the directory names): a device that connected elsewhere a moment
         # ago, before its announcement arrived here, must not miss a notice published after it connected.
@@ -289,6 +296,11 @@ class RedisBroker(Broker):
             waiter = self._barriers.get(message[1])
             if waiter is not None and not waiter.done():
                 waiter.set_result(None)
+            return
+        if kind == "msg":
+            _, user, device, fields = message
+            if not any(node.deliver_message(user, device, fields) for node in self._nodes):
+                self.stats["undelivered"] += 1  # a live message for a device that left: not kept, as on one node
             return
         if kind == "dev":
             _, user, device, envelope = message

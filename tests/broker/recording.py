@@ -34,6 +34,12 @@ class RecordingNode:
     def undeliverable(self, user: str, device: str, envelope: dict[str, Any]) -> None:
         self.seen.append(("undeliverable", user, device, envelope))
 
+    def deliver_message(self, user: str, device: str, message: dict[str, Any]) -> bool:
+        if (user, device) not in self.devices:
+            return False
+        self.seen.append(("msg", user, device, message))
+        return True
+
     def device_moved(self, user: str, device: str) -> None:
         if (user, device) in self.devices:  # a node acts only on a connection it holds
             self.devices.discard((user, device))

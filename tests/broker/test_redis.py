@@ -104,3 +104,16 @@ async def test_a_lost_pubsub_connection_is_restored_with_the_directory(brokers, 
     assert there.seen == [("device", "alice", "phone", {"op": "receipt", "id": 7})]
     assert a.stats["reconnects"] >= 1 and b.stats["reconnects"] >= 1
     await client.aclose()
+
+
+async def test_a_live_message_goes_to_the_node_holding_the_device(brokers):
+    a, b = await brokers("node-a"), await brokers("node-b")
+    there = RecordingNode(("alice", "laptop"))
+    b.attach(there)
+    b.device_online("alice", "laptop")
+    await settle(b, a)
+    message = {"id": "m1", "from": "alice-phone", "type": "note", "body": b"\x01", "ts": 5}
+    assert a.message_to_device("alice", "laptop", message) is True
+    assert a.message_to_device("alice", "tablet", message) is False  # nobody holds it: nothing is kept
+    await settle(a, b)
+    assert there.seen == [("msg", "alice", "laptop", message)]

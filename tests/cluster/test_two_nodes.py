@@ -1,9 +1,10 @@
 """Several rccs nodes on one Redis, each a real `rccs serve` process: devices on different nodes talk.
 
 What is covered so far (issue 13 is not done): an ack:true message between devices on two nodes with its
-receipts, presence across nodes, the `devices` op seeing a device of another node online, a revocation
-made on one node closing the socket on the other, the CLI acting on the cluster's store, and a device that
-connects to a second node ending its older connection on the first.
+receipts, live (ack:false) messages by name and by selector, presence across nodes, the `devices` op
+seeing a device of another node online, a revocation made on one node closing the socket on the other,
+the CLI acting on the cluster's store, and a device that connects to a second node ending its older
+connection on the first.
 """
 
 import asyncio
@@ -74,6 +75,22 @@ async def test_an_acked_message_crosses_nodes_with_its_receipts(cluster):
     assert [(r.status, r.device) for r in receipts] == [("queued", "alice-laptop")]
     delivered = await asyncio.wait_for(phone.receipts.get(), 10)
     assert (delivered.id, delivered.status, delivered.device) == (receipts[0].id, "delivered", "alice-laptop")
+
+
+async def test_live_messages_cross_nodes_by_name_and_by_selector(cluster):
+    tablet = await cluster.connect(0, "alice", "alice-tablet")
+    phone = await cluster.connect(0, "alice", "alice-phone")
+    laptop = await cluster.connect(1, "alice", "alice-laptop")
+    # The laptop's node announced where it is before its presence: once the phone has that, its node knows.
+    while (event := await asyncio.wait_for(phone.events.get(), 10))["device"] != "alice-laptop":
+        pass
+    assert event["status"] == "online"
+    await phone.send({"device": "alice-laptop"}, "note", {"n": 1})  # ack:false: written at once, not kept
+    message = await laptop.next_message(timeout=10)
+    assert (message.sender, message.body, message.ack) == ("alice-phone", {"n": 1}, False)
+    await phone.send({"all": True}, "note", {"n": 2})  # one device on this node, one on the other
+    here, there = await asyncio.gather(tablet.next_message(timeout=10), laptop.next_message(timeout=10))
+    assert here.body == there.body == {"n": 2}
 
 
 async def test_presence_and_the_devices_op_cross_nodes(cluster):
