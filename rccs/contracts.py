@@ -225,6 +225,9 @@ class BrokerNode(Protocol):
     def deliver_message(self, user: str, device: str, message: dict[str, Any]) -> bool:
         """A live message another node sent for ``device``: written with its next ``seq`` if it is here."""
 
+    def device_gone(self, user: str, device: str) -> None:
+        """The node that held ``device`` stopped beating: it is offline unless it is connected here."""
+
     def device_moved(self, user: str, device: str) -> None:
         """``device`` connected to another node: a connection of it held here is the older one."""
 

@@ -41,6 +41,7 @@ from .store import (
     CHANGE_DEVICE,
     CHANGE_SESSION,
     CHANGE_USER,
+    STATUS_OFFLINE,
     PendingMessage,
     SessionRecord,
     Store,
@@ -405,6 +406,10 @@ class Hub:
 
     def deliver_message(self, user: str, device: str, message: dict[str, Any]) -> bool:
         return self.deliver_remote_message is not None and self.deliver_remote_message(user, device, message)
+
+    def device_gone(self, user: str, device: str) -> None:
+        if self.router.online(user, device) is None:
+            self.router.set_presence(user, device, STATUS_OFFLINE, now_ms(), announce=True)
 
     def device_moved(self, user: str, device: str) -> None:
         older = self.router.online(user, device)

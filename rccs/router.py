@@ -258,14 +258,15 @@ class Router:
         if isinstance(envelope.get("last_seen"), int):
             record.last_seen = max(record.last_seen, envelope["last_seen"])
 
-    def set_presence(self, user: str, device: str, status: str, now: int) -> None:
-        """Record a device's status; its user's other online devices hear of a change, once."""
+    def set_presence(self, user: str, device: str, status: str, now: int, announce: bool = False) -> None:
+        """Record a device's status; its user's other online devices hear of a change, once (or, with
+        ``announce``, whatever this node thought before: it speaks for a node that died)."""
         previous = self.presence.get(device, STATUS_OFFLINE)
         if status in (STATUS_OFFLINE, STATUS_REVOKED):
             self.presence.pop(device, None)
         else:
             self.presence[device] = status
-        if status == previous:
+        if status == previous and not announce:
             return
         record = self.registry.get(device)
         if record is not None:

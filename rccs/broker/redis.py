@@ -215,9 +215,9 @@ class RedisBroker(Broker):
         self._outbox.append(("publish", channel, msgpack.packb(message, use_bin_type=True)))
         self._outbox_ready.set()
 
-    def _queue_directory(self, change: str, field: str) -> None:
+    def _queue_directory(self, change: str, field: str, node: str | None = None) -> None:
         # Directory writes travel in the same ordered stream as the announcements that follow them.
-        self._outbox.append((change, field, self.node_id))
+        self._outbox.append((change, field, node or self.node_id))
         self._outbox_ready.set()
 
     async def _write(self) -> None:
@@ -347,6 +347,19 @@ class RedisBroker(Broker):
         pipe.zremrangebyscore(NODES, "-inf", now - NODE_TTL)
         _, alive, _ = await pipe.execute()
         self.alive = {_text(node) for node in alive}
+        dead = {key: node for key, node in self.where.items() if node != self.node_id and node not in self.alive}
+        if dead and self.node_id == min(self.alive, default=self.node_id):
+            # One survivor speaks for a node that stopped beating: its devices are offline, its entries go.
+            for field, node in (await self._client.hgetall(WHERE)).items():
+                user, _, device = _text(field).partition("\x00")
+                if _text(node) not in self.alive:
+                    dead[(user, device)] = _text(node)
+            for (user, device), node in sorted(dead.items()):
+                for local in self._nodes:
+                    local.device_gone(user, device)
+                self._queue_directory("forget", _where_key(user, device), node)
+        for key in dead:
+            self.where.pop(key, None)
 
     async def _heartbeat(self) -> None:
         while True:

@@ -40,6 +40,9 @@ class RecordingNode:
         self.seen.append(("msg", user, device, message))
         return True
 
+    def device_gone(self, user: str, device: str) -> None:
+        self.seen.append(("gone", user, device))
+
     def device_moved(self, user: str, device: str) -> None:
         if (user, device) in self.devices:  # a node acts only on a connection it holds
             self.devices.discard((user, device))

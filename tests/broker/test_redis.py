@@ -5,7 +5,7 @@ import time
 import pytest
 import redis.asyncio as aioredis
 
-from rccs.broker.redis import NODE_TTL, NODES, RedisBroker
+from rccs.broker.redis import NODE_TTL, NODES, WHERE, RedisBroker
 from rccs.testing import RedisServer
 
 from .recording import RecordingNode
@@ -74,6 +74,8 @@ async def test_what_reaches_a_node_after_its_device_left_is_handed_back(brokers)
 
 async def test_the_devices_of_a_node_that_stopped_beating_are_not_targeted(brokers, redis_url):
     a, b = await brokers("node-a"), await brokers("node-b")
+    survivor = RecordingNode()
+    a.attach(survivor)
     b.attach(RecordingNode(("alice", "tablet")))
     b.device_online("alice", "tablet")
     await settle(b, a)
@@ -87,6 +89,12 @@ async def test_the_devices_of_a_node_that_stopped_beating_are_not_targeted(broke
     assert "node-b" not in a.alive
     assert a.to_device("alice", "tablet", {"op": "receipt"}) is False  # the caller keeps it
     assert a.to_user("alice", {"op": "presence"}) == 0
+    # node-a, the lowest-named survivor, speaks for the dead node: its device is gone, its entry removed
+    assert ("gone", "alice", "tablet") in survivor.seen
+    await settle(a)
+    client = aioredis.from_url(redis_url)
+    assert await client.hget(WHERE, "alice\x00tablet") is None
+    await client.aclose()
 
 
 async def test_a_lost_pubsub_connection_is_restored_with_the_directory(brokers, redis_url):

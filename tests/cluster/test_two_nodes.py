@@ -130,3 +130,16 @@ async def test_a_device_connecting_to_another_node_ends_its_older_connection(clu
     await cluster.connect(1, "alice", "alice-tablet")
     closed: ConnectionClosed = await asyncio.wait_for(first.closed, 5)
     assert closed.code == 4409
+
+
+async def test_the_devices_of_a_killed_node_go_offline_for_the_others(cluster):
+    phone = await cluster.connect(0, "alice", "alice-phone")
+    await cluster.connect(1, "alice", "alice-laptop", reconnect=False)
+    while (event := await asyncio.wait_for(phone.events.get(), 10))["device"] != "alice-laptop":
+        pass
+    cluster.nodes[1].kill()  # SIGKILL: no goodbye, no offline announcement from it
+    # Within NODE_TTL (10 s) and a heartbeat (2 s) the survivor notices and speaks for it.
+    event = await asyncio.wait_for(phone.events.get(), 20)
+    assert (event["op"], event["device"], event["status"]) == ("presence", "alice-laptop", "offline")
+    listed = {device["id"]: device["status"] for device in await phone.devices()}
+    assert listed["alice-laptop"] == "offline"
