@@ -42,6 +42,7 @@ from .store import (
     CHANGE_SESSION,
     CHANGE_USER,
     STATUS_OFFLINE,
+    STATUS_ONLINE,
     PendingMessage,
     SessionRecord,
     Store,
@@ -141,9 +142,14 @@ class Hub:
     async def start(self) -> None:
         store = self.store
         now = now_ms()
-        await store.reset_live_state(now)
+        if not self.broker.spans_nodes:
+            # After a crash nothing is connected any more. A cluster's store is also the other nodes'
+            # state: devices connected there stay as they are (a dead node's go offline by its heartbeat).
+            await store.reset_live_state(now)
         self._change_cursor = await store.last_change()
         await self.registry.load(store)
+        for user, device in self.broker.held_elsewhere():
+            self.router.presence[device] = STATUS_ONLINE  # the devices op of a node just started knows them
         grace_ms = int(self.settings.session_grace * 1000)
         for record in await store.list_sessions():
             resumable = (record.revoked_at is None and record.expires_at > now

@@ -53,6 +53,10 @@ class Broker(abc.ABC):
         """The attached nodes hold no connection of ``device`` any more."""
 
     @abc.abstractmethod
+    def held_elsewhere(self) -> list[tuple[str, str]]:
+        """(user, device) of every device a live node other than this one holds."""
+
+    @abc.abstractmethod
     def holder(self, user: str, device: str) -> str | None:
         """The live node other than this one that holds ``device``'s connection, or None (also when this one
         does, or nobody does)."""

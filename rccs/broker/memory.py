@@ -37,6 +37,9 @@ class MemoryBroker(Broker):
     def device_offline(self, user: str, device: str) -> None:
         """One process: the routing table is the directory."""
 
+    def held_elsewhere(self) -> list[tuple[str, str]]:
+        return []
+
     def holder(self, user: str, device: str) -> str | None:
         return None  # one process: no other node
 

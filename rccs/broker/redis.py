@@ -162,6 +162,9 @@ class RedisBroker(Broker):
         self._queue_directory("forget", _where_key(user, device))
         self._queue(CONTROL, ["off", self.node_id, user, device])
 
+    def held_elsewhere(self) -> list[tuple[str, str]]:
+        return [key for key, node in self.where.items() if node != self.node_id and node in self.alive]
+
     def holder(self, user: str, device: str) -> str | None:
         node = self.where.get((user, device))
         if node is None or node == self.node_id or node not in self.alive:

@@ -143,3 +143,12 @@ async def test_the_devices_of_a_killed_node_go_offline_for_the_others(cluster):
     assert (event["op"], event["device"], event["status"]) == ("presence", "alice-laptop", "offline")
     listed = {device["id"]: device["status"] for device in await phone.devices()}
     assert listed["alice-laptop"] == "offline"
+
+
+async def test_a_node_that_starts_later_knows_who_is_online_elsewhere(cluster):
+    await cluster.connect(0, "alice", "alice-phone")
+    cluster.nodes[1].kill()
+    await cluster.nodes[1].start()  # a new process: it must not mark the phone, held by node 0, offline
+    laptop = await cluster.connect(1, "alice", "alice-laptop")
+    listed = {device["id"]: device["status"] for device in await laptop.devices()}
+    assert listed["alice-phone"] == "online"
