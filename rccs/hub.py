@@ -148,7 +148,7 @@ class Hub:
             await store.reset_live_state(now)
         self._change_cursor = await store.last_change()
         await self.registry.load(store)
-        for user, device in self.broker.held_elsewhere():
+        for _user, device in self.broker.held_elsewhere():
             self.router.presence[device] = STATUS_ONLINE  # the devices op of a node just started knows them
         grace_ms = int(self.settings.session_grace * 1000)
         for record in await store.list_sessions():
