@@ -92,7 +92,7 @@ class RedisBroker(Broker):
         self.alive: set[str] = set()
         self._tasks: list[asyncio.Task[None]] = []
         self._subscribed = asyncio.Event()
-        self.stats = {"published": 0, "received": 0, "reconnects": 0, "undelivered": 0}
+        self.stats = {"published": 0, "received": 0, "reconnects": 0, "undelivered": 0, "failed": 0}
 
     # ---- lifecycle ----------------------------------------------------------------
 
@@ -266,7 +266,11 @@ class RedisBroker(Broker):
                     message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
                     if message is not None and message.get("type") == "message":
                         self.stats["received"] += 1
-                        self._on_message(msgpack.unpackb(message["data"], raw=False, strict_map_key=False))
+                        try:
+                            self._on_message(msgpack.unpackb(message["data"], raw=False, strict_map_key=False))
+                        except Exception:  # a bug in applying one message must not stop the node's reader
+                            self.stats["failed"] += 1
+                            log.exception("broker: applying a message from %s failed", message.get("channel"))
             except asyncio.CancelledError:
                 raise
             except (RedisError, OSError) as exc:

@@ -125,3 +125,21 @@ async def test_a_live_message_goes_to_the_node_holding_the_device(brokers):
     assert a.message_to_device("alice", "tablet", message) is False  # nobody holds it: nothing is kept
     await settle(a, b)
     assert there.seen == [("msg", "alice", "laptop", message)]
+
+
+async def test_a_message_that_fails_to_apply_does_not_stop_the_reader(brokers):
+    a, b = await brokers("node-a"), await brokers("node-b")
+
+    class Failing(RecordingNode):
+        def deliver_event(self, channel, payload):
+            if payload == "poison":
+                raise RuntimeError("a bug in a handler")
+            super().deliver_event(channel, payload)
+
+    there = Failing()
+    b.attach(there)
+    a.publish("state", "poison")
+    a.publish("state", "fine")
+    await settle(a, b)
+    assert there.seen == [("event", "state", "fine")]
+    assert b.stats["failed"] == 1
