@@ -37,6 +37,7 @@ from .messaging import Messaging
 from .metrics import build_registry
 from .pairing import Pairing
 from .protocol import WS_PATH
+from .rpc import RESULTS as RPC_RESULTS
 from .rpc import Rpc
 from .session import Session
 from .state import CHANGES as STATE_CHANGES
@@ -162,6 +163,7 @@ class Node:
         hub.on_event[STATE_CHANGES] = self.state.on_change
         hub.on_event[INBOX_DOORBELL] = hub.deliveries.ring
         hub.deliver_remote_message = self.messaging.deliver_from_elsewhere
+        hub.on_event[RPC_RESULTS] = self.rpc.on_result_from_elsewhere
         self.registry = build_registry(hub, lambda: len(self.pairing.requests))
         self._ws_server: asyncio.Server | None = None
         self._http_server: HttpServer | None = None

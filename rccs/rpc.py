@@ -33,7 +33,8 @@ from typing import TYPE_CHECKING, Any
 import msgpack
 
 from .errors import ErrorCode, ProtocolError
-from .protocol import MAX_ID_CHARS, MSGPACK, check_message_id, json_dumps, parse_selector, to_json_value
+from .protocol import MAX_ID_CHARS, MSGPACK, Selector, check_message_id, json_dumps, parse_selector, to_json_value
+from .router import selector_matches
 
 if TYPE_CHECKING:
     from .contracts import Conn, Handler
@@ -45,6 +46,7 @@ MAX_TIMEOUT = 300.0  # the longest timeout a call may ask for
 LATE_RESULT_GRACE = 60.0  # seconds after its deadline that a late result is still dropped quietly
 MAX_METHOD_CHARS = MAX_ID_CHARS
 MAX_ERROR_CODE_CHARS = MAX_ID_CHARS
+RESULTS = "rpc.result"  # broker channel: a result for a call made from a device of another node
 
 class Call:
     """One call: waiting for its result, or (``caller`` None) ended and waiting only for a late result."""
@@ -130,6 +132,9 @@ class Rpc:
     def on_close(self, session: Conn) -> None:
         on_closed(self, session)
 
+    def on_result_from_elsewhere(self, result: dict[str, Any]) -> None:
+        on_result_from_elsewhere(self, result)
+
 
 # ---- parsing ---------------------------------------------------------------
 
@@ -201,18 +206,57 @@ def op_call(rpc: Rpc, session: Conn, header: dict[str, Any]) -> None:
     if registry.waiting(session, caller_id):
         raise ProtocolError(ErrorCode.DUPLICATE_ID, "a call with this id is still waiting for its result")
     # the one online device a call goes to: the most recently active match
-    target = hub.router.resolve_one(session.user, selector, None if selector.include_self else session.device)
-    if target is None:
+    exclude = None if selector.include_self else session.device
+    target = hub.router.resolve_one(session.user, selector, exclude)
+    elsewhere = _elsewhere(rpc, session.user, selector, exclude) if target is None else None
+    if target is None and elsewhere is None:
         hub.events["rpc_offline"] += 1
         raise ProtocolError(ErrorCode.OFFLINE, "no online device matched 'to': the call reached nobody")
     loop = asyncio.get_running_loop()
-    call = Call(registry.new_id(), session, caller_id, target, hub.now() + int(timeout * 1000))
+    deadline = hub.now() + int(timeout * 1000)
+    if target is None:
+        assert elsewhere is not None
+        # Another node holds the device: the call goes there through the broker, its result comes back
+        # on RESULTS. The id names this node, so that node knows where to send the result.
+        call = Call(f"{registry.new_id()}@{hub.node_id}", session, caller_id, elsewhere, deadline)
+        envelope = {"op": "call", "id": call.call_id, "from": session.device, "method": method,
+                    "params": header.get("params"), "deadline": deadline}
+        registry.add(call)
+        call.timer = loop.call_later(timeout, _on_timer, hub, registry, call)
+        hub.events["rpc_calls"] += 1
+        hub.router.send_to_device(session.user, elsewhere.device or "", envelope)
+        return
+    call = Call(registry.new_id(), session, caller_id, target, deadline)
     frame = _encode(target, {"op": "call", "id": call.call_id, "from": session.device, "method": method,
                              "params": header.get("params"), "deadline": call.deadline}, "params")
     registry.add(call)
     call.timer = loop.call_later(timeout, _on_timer, hub, registry, call)
     hub.events["rpc_calls"] += 1
     _write(target, frame)
+
+
+class DeviceElsewhere:
+    """The target of a call whose device another node holds (stands where the target's connection would)."""
+
+    __slots__ = ("device",)
+
+    def __init__(self, device: str):
+        self.device: str | None = device
+
+
+def _elsewhere(rpc: Rpc, user: str, selector: Selector, exclude: str | None) -> Any:
+    """A device of another node that the selector matches (several nodes only), or None."""
+    router = rpc.hub.router
+    if not router.broker.spans_nodes:
+        return None
+    if selector.kind in ("device", "devices"):
+        names = router.online_matching(user, selector)
+    else:
+        names = [record.id for record in router.registry.user_devices(user) if selector_matches(record, selector)]
+    for name in names:
+        if name != exclude and router.broker.holder(user, name) is not None:
+            return DeviceElsewhere(name)
+    return None
 
 
 def _on_timer(hub: Hub, registry: RpcRegistry, call: Call) -> None:
@@ -241,24 +285,51 @@ def op_result(rpc: Rpc, session: Conn, header: dict[str, Any]) -> None:
         error = parse_error(header["error"])
     registry = rpc.registry
     call = registry.calls.get(call_id) if isinstance(call_id, str) else None
+    if call is None and isinstance(call_id, str) and hub.broker.spans_nodes:
+        node = call_id.rpartition("@")[2]
+        if node and node != hub.node_id:  # a call from a device of another node: its result goes back there
+            result: dict[str, Any] = {"id": call_id, "user": session.user, "from": session.device}
+            if error is not None:
+                result["error"] = error
+            else:
+                result["result"] = header.get("result")
+            hub.broker.publish(RESULTS, result)
+            return
     if call is None or call.target is not session:
         raise ProtocolError(ErrorCode.UNKNOWN_CALL, "no call with this id waits for a result from this connection")
+    _relay(rpc, call, session.device, error, header.get("result"))
+
+
+def on_result_from_elsewhere(rpc: Rpc, result: dict[str, Any]) -> None:
+    """A result another node received for a call made here."""
+    call = rpc.registry.calls.get(result.get("id"))  # type: ignore[arg-type]
+    if call is None or not isinstance(call.target, DeviceElsewhere) or call.target.device != result.get("from"):
+        return
+    if call.caller is not None and call.caller.user != result.get("user"):
+        return
+    _relay(rpc, call, result.get("from"), result.get("error"), result.get("result"))
+
+
+def _relay(rpc: Rpc, call: Call, answered_by: str | None, error: dict[str, str] | None, value: Any) -> None:
+    """Give the caller the result of ``call`` (or drop it quietly if the caller stopped waiting)."""
+    hub = rpc.hub
+    registry = rpc.registry
     caller = call.caller
     if caller is None:  # the caller stopped waiting (timeout, or its connection ended): dropped quietly
         registry.discard(call)
         hub.events["rpc_late_results"] += 1
         return
-    answer: dict[str, Any] = {"op": "result", "id": call.caller_id, "from": session.device}
+    answer: dict[str, Any] = {"op": "result", "id": call.caller_id, "from": answered_by}
     if error is not None:
         answer["error"] = error
     else:
-        answer["result"] = header.get("result")
+        answer["result"] = value
     registry.discard(call)
     try:
         frame = _encode(caller, answer, "result")
     except ProtocolError as exc:
         hub.events["rpc_unconvertible"] += 1
-        caller.send_error(ErrorCode.UNCONVERTIBLE, f"the result from {session.device!r} cannot be converted: "
+        caller.send_error(ErrorCode.UNCONVERTIBLE, f"the result from {answered_by!r} cannot be converted: "
                           f"{exc.message}", call.caller_id)
         raise ProtocolError(ErrorCode.UNCONVERTIBLE, f"{exc.message}; the caller was told") from None
     hub.events["rpc_results"] += 1

@@ -1,10 +1,11 @@
 """Several rccs nodes on one Redis, each a real `rccs serve` process: devices on different nodes talk.
 
 What is covered so far (issue 13 is not done): an ack:true message between devices on two nodes with its
-receipts, live (ack:false) messages by name and by selector, presence across nodes, the `devices` op
-seeing a device of another node online, a revocation made on one node closing the socket on the other,
-the CLI acting on the cluster's store, and a device that connects to a second node ending its older
-connection on the first.
+receipts, live (ack:false) messages by name and by selector, a call and its result, presence across
+nodes, the `devices` op seeing a device of another node online, a revocation made on one node closing the
+socket on the other, the CLI acting on the cluster's store, a device that connects to a second node
+ending its older connection on the first, a killed node's devices going offline, and a node started later
+knowing who is online elsewhere.
 """
 
 import asyncio
@@ -91,6 +92,16 @@ async def test_live_messages_cross_nodes_by_name_and_by_selector(cluster):
     await phone.send({"all": True}, "note", {"n": 2})  # one device on this node, one on the other
     here, there = await asyncio.gather(tablet.next_message(timeout=10), laptop.next_message(timeout=10))
     assert here.body == there.body == {"n": 2}
+
+
+async def test_a_call_reaches_a_device_of_another_node_and_its_result_comes_back(cluster):
+    phone = await cluster.connect(0, "alice", "alice-phone")
+    laptop = await cluster.connect(1, "alice", "alice-laptop")
+    laptop.handle("add", lambda params: params["a"] + params["b"])
+    while (await asyncio.wait_for(phone.events.get(), 10))["device"] != "alice-laptop":
+        pass  # once the phone heard of the laptop, its node knows where the laptop is
+    assert await phone.call({"device": "alice-laptop"}, "add", {"a": 2, "b": 3}, timeout=10) == 5
+    assert await phone.call({"devices": ["alice-tablet", "alice-laptop"]}, "add", {"a": 1, "b": 1}, timeout=10) == 2
 
 
 async def test_presence_and_the_devices_op_cross_nodes(cluster):
