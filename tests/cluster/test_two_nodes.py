@@ -1,7 +1,8 @@
 """Several rccs nodes on one Redis, each a real `rccs serve` process: devices on different nodes talk.
 
 What is covered so far (issue 13 is not done): an ack:true message between devices on two nodes with its
-receipts, live (ack:false) messages by name and by selector, a call and its result, presence across
+receipts, live (ack:false) messages by name and by selector, a call and its result, state changes in
+order to a subscriber on the other node, presence across
 nodes, the `devices` op seeing a device of another node online, a revocation made on one node closing the
 socket on the other, the CLI acting on the cluster's store, a device that connects to a second node
 ending its older connection on the first, a killed node's devices going offline, and a node started later
@@ -102,6 +103,18 @@ async def test_a_call_reaches_a_device_of_another_node_and_its_result_comes_back
         pass  # once the phone heard of the laptop, its node knows where the laptop is
     assert await phone.call({"device": "alice-laptop"}, "add", {"a": 2, "b": 3}, timeout=10) == 5
     assert await phone.call({"devices": ["alice-tablet", "alice-laptop"]}, "add", {"a": 1, "b": 1}, timeout=10) == 2
+
+
+async def test_a_state_change_on_one_node_reaches_a_subscriber_on_the_other_in_order(cluster):
+    phone = await cluster.connect(0, "alice", "alice-phone")
+    laptop = await cluster.connect(1, "alice", "alice-laptop")
+    subscription = await laptop.state_subscribe("user/draft")
+    first = await subscription.next(timeout=10)
+    assert (first.rev, first.value) == (0, None)  # the snapshot: nothing yet
+    for n in range(1, 6):
+        await phone.state_patch("user/draft", {"line": n})
+    revisions = [(change.rev, change.patch) for change in [await subscription.next(timeout=10) for _ in range(5)]]
+    assert revisions == [(n, {"line": n}) for n in range(1, 6)]
 
 
 async def test_presence_and_the_devices_op_cross_nodes(cluster):
