@@ -20,6 +20,7 @@ from rccs._fastpath.errors import EnvelopeError
 import logging
 
 from rccs.errors import CloseCode, ErrorCode
+from rccs.transport.linger import close_code_sent, close_gently_after_1009
 
 log = logging.getLogger("rccs.session")
 
@@ -216,6 +217,9 @@ cdef class ServerConnection(WSListener):
             transport.send_close(int(code), b"server full" if hub.accepting else b"shutting down")
             transport.disconnect()
             return
+        # A 1009 close (an oversized message, still arriving) drains before the socket closes, so the
+        # client reads the close frame rather than a reset.
+        close_gently_after_1009(transport)
         self.session = self.session_factory(hub, self)
         self._hello_timer = asyncio.get_running_loop().call_later(
             hub.settings.hello_timeout, self.session.on_hello_timeout
@@ -282,6 +286,10 @@ cdef class ServerConnection(WSListener):
         if self._hello_timer is not None:
             self._hello_timer.cancel()
             self._hello_timer = None
+        if close_code_sent(transport) == CloseCode.MESSAGE_TOO_BIG:
+            # Sent by picows (a frame header over max_message_bytes) or by close() (fragments adding up to
+            # too much); neither goes through the session, so it is counted here, once per connection.
+            self.hub.closes_sent[int(CloseCode.MESSAGE_TOO_BIG)] += 1
         if self.session is not None:
             self.session.on_closed()
 

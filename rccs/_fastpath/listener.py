@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 from picows import WSFrame, WSListener, WSMsgType, WSTransport
 
 from ..errors import CloseCode, ErrorCode
+from ..transport.linger import close_code_sent, close_gently_after_1009
 from .codec import append_seq, decode_envelope, encode_msg_prefix
 from .errors import EnvelopeError
 from .routing import RESULT_ROUTED
@@ -156,6 +157,9 @@ class ServerConnection(WSListener):
             transport.send_close(int(code), b"server full" if hub.accepting else b"shutting down")  # type: ignore[arg-type]
             transport.disconnect()
             return
+        # A 1009 close (an oversized message, still arriving) drains before the socket closes, so the
+        # client reads the close frame rather than a reset.
+        close_gently_after_1009(transport)
         self.session = self.session_factory(hub, self)
         self._hello_timer = asyncio.get_running_loop().call_later(
             hub.settings.hello_timeout, self.session.on_hello_timeout
@@ -220,6 +224,10 @@ class ServerConnection(WSListener):
         if self._hello_timer is not None:
             self._hello_timer.cancel()
             self._hello_timer = None
+        if close_code_sent(transport) == CloseCode.MESSAGE_TOO_BIG:
+            # Sent by picows (a frame header over max_message_bytes) or by close() (fragments adding up to
+            # too much); neither goes through the session, so it is counted here, once per connection.
+            self.hub.closes_sent[int(CloseCode.MESSAGE_TOO_BIG)] += 1
         if self.session is not None:
             self.session.on_closed()
 
