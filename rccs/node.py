@@ -15,7 +15,6 @@ import os
 import secrets
 import socket
 import ssl
-import urllib.parse
 from types import ModuleType
 from typing import Any
 
@@ -43,6 +42,7 @@ from .session import Session
 from .state import CHANGES as STATE_CHANGES
 from .state import State
 from .store import is_store_url, open_store
+from .store.base import url_without_password
 from .tasks import Tasks
 from .transport.http import HttpServer, http_router
 from .transport.ws import ServerConnection
@@ -71,11 +71,7 @@ SERVE_LOCK_FILE = "rccs.serve.lock"
 
 def store_description(store: str) -> str:
     """The store setting as it may be logged: a URL's password left out."""
-    if not is_store_url(store):
-        return store
-    parts = urllib.parse.urlsplit(store)
-    port = f":{parts.port}" if parts.port else ""
-    return urllib.parse.urlunsplit((parts.scheme, f"{parts.hostname or ''}{port}", parts.path, "", ""))
+    return url_without_password(store) if is_store_url(store) else store
 
 
 class DataDirLock:

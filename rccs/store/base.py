@@ -553,6 +553,14 @@ def unpack_receipt(packed: bytes) -> dict[str, Any]:
     return envelope
 
 
+def url_without_password(url: str) -> str:
+    """A store URL as it may be logged or shown: the password (and user) left out."""
+    parts = urllib.parse.urlsplit(url)
+    host = parts.hostname or ""
+    port = f":{parts.port}" if parts.port else ""
+    return urllib.parse.urlunsplit((parts.scheme, f"{host}{port}", parts.path, "", ""))
+
+
 def parse_redis_url(url: str) -> str:
     """A redis:// URL as given, if it names a host and a database number; ValueError saying what is wrong."""
     parts = urllib.parse.urlsplit(url)

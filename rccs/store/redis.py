@@ -114,7 +114,6 @@ import functools
 import inspect
 import json
 import secrets
-import urllib.parse
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
@@ -157,6 +156,7 @@ from .base import (
     session_is_stale,
     state_patch_text,
     unpack_receipt,
+    url_without_password,
 )
 
 SCHEMA_VERSION = 1
@@ -864,20 +864,13 @@ def _state_changes(user: str, name: str, log: list[tuple[int, str, str, str | No
             for rev, patch, by, id_text, at in log if rev > after]
 
 
-def _url_without_password(url: str) -> str:
-    parts = urllib.parse.urlsplit(url)
-    host = parts.hostname or ""
-    port = f":{parts.port}" if parts.port else ""
-    return urllib.parse.urlunsplit((parts.scheme, f"{host}{port}", parts.path, "", ""))
-
-
 class RedisStore(Store):
     """The Store contract on one Redis server (see the module docstring). ``url``: redis://HOST:PORT/DB."""
 
     def __init__(self, url: str, prefix: str = DEFAULT_PREFIX, connect_timeout: float = CONNECT_TIMEOUT,
                  command_timeout: float = COMMAND_TIMEOUT) -> None:
         self.url = parse_redis_url(url)
-        self.where = _url_without_password(url)
+        self.where = url_without_password(url)
         self.prefix = prefix
         self.connect_timeout = connect_timeout
         self.command_timeout = command_timeout
