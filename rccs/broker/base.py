@@ -24,13 +24,19 @@ class Broker(abc.ABC):
 
     spans_nodes = False  # True for an engine that connects several processes: what only they need is skipped
 
-    @abc.abstractmethod
-    def attach(self, node: BrokerNode) -> None:
-        """From now on, ``node`` gets what is published for the connections it holds."""
+    def __init__(self) -> None:
+        self._nodes: list[BrokerNode] = []  # the attached nodes of this process, in attach order
 
-    @abc.abstractmethod
+    def attach(self, node: BrokerNode) -> None:
+        """From now on, ``node`` gets what is published for the connections it holds (once, however often
+        it is attached)."""
+        if node not in self._nodes:
+            self._nodes.append(node)
+
     def detach(self, node: BrokerNode) -> None:
         """``node`` gets nothing more (it is stopping)."""
+        if node in self._nodes:
+            self._nodes.remove(node)
 
     @abc.abstractmethod
     async def start(self) -> None:

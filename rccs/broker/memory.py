@@ -4,15 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..contracts import BrokerNode
 from .base import Broker
 
 
 class MemoryBroker(Broker):
     """Every call reaches the attached nodes synchronously, in attach order."""
-
-    def __init__(self) -> None:
-        self._nodes: list[BrokerNode] = []
 
     async def start(self) -> None:
         """Nothing to connect to."""
@@ -22,14 +18,6 @@ class MemoryBroker(Broker):
 
     async def flush(self) -> None:
         """Everything was delivered when it was published."""
-
-    def attach(self, node: BrokerNode) -> None:
-        if node not in self._nodes:
-            self._nodes.append(node)
-
-    def detach(self, node: BrokerNode) -> None:
-        if node in self._nodes:
-            self._nodes.remove(node)
 
     def device_online(self, user: str, device: str) -> None:
         """One process: the routing table is the directory."""

@@ -37,7 +37,6 @@ import msgpack
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from ..contracts import BrokerNode
 from .base import Broker
 
 log = logging.getLogger("rccs.broker")
@@ -78,10 +77,10 @@ class RedisBroker(Broker):
     spans_nodes = True
 
     def __init__(self, url: str, node_id: str | None = None):
+        super().__init__()
         self.url = url
         self.node_id = node_id or f"node-{secrets.token_hex(4)}"
         self.channel = f"rccs:node:{self.node_id}"
-        self._nodes: list[BrokerNode] = []
         self._client: aioredis.Redis | None = None
         # What to send, in order: ("publish", channel, data) or a directory change ("hset"/"forget", field, node).
         self._outbox: list[tuple[str, str, bytes | str]] = []
@@ -138,16 +137,6 @@ class RedisBroker(Broker):
                     return
         finally:
             self._barriers.pop(token, None)
-
-    # ---- local nodes ----------------------------------------------------------------
-
-    def attach(self, node: BrokerNode) -> None:
-        if node not in self._nodes:
-            self._nodes.append(node)
-
-    def detach(self, node: BrokerNode) -> None:
-        if node in self._nodes:
-            self._nodes.remove(node)
 
     # ---- the directory --------------------------------------------------------------
 
