@@ -62,7 +62,6 @@ class ReceiptReason(StrEnum):
 
     OFFLINE = "offline"  # the named device is not connected
     NO_ROUTE = "no_route"  # the selector matched no online device
-    DISCONNECTED = "disconnected"  # the device disconnected before it acked
     UNCONVERTIBLE = "unconvertible"  # the body cannot be expressed in the receiver's encoding
     INBOX_FULL = "inbox_full"  # the offline device's inbox is full (overflow policy reject)
     DROPPED = "dropped"  # removed from a full inbox for a newer message (overflow policy drop_oldest)

@@ -200,24 +200,32 @@ async def test_ops_before_hello_close_4400(server, bystanders):
     await bystanders()
 
 
+VALID_TOKEN = object()  # replaced by a token the server accepts, so the device description is what is judged
+
+
 @pytest.mark.parametrize(
-    "hello",
+    ("hello", "error", "close"),
     [
-        {"op": "hello", "device": {"type": "web"}, "token": 42},
-        {"op": "hello", "token": "x"},
-        {"op": "hello", "token": "x", "device": {"type": ""}},
-        {"op": "hello", "token": "x", "device": {"type": "web", "capabilities": "file_sync"}},
-        {"op": "hello", "token": "x", "device": {"type": "web", "capabilities": [1]}},
-        {"op": "hello", "token": "x", "device": {"type": "web", "name": 7}},
+        # A token that is not a string is a malformed token: unauthorized (section 4).
+        ({"op": "hello", "device": {"type": "web"}, "token": 42}, "unauthorized", 4401),
+        ({"op": "hello", "device": {"type": "web"}}, "unauthorized", 4401),
+        # A good token with a missing or badly shaped device: bad_request, closed 4400.
+        ({"op": "hello", "token": VALID_TOKEN}, "bad_request", 4400),
+        ({"op": "hello", "token": VALID_TOKEN, "device": {"type": ""}}, "bad_request", 4400),
+        ({"op": "hello", "token": VALID_TOKEN, "device": {"type": "web", "capabilities": "file_sync"}},
+         "bad_request", 4400),
+        ({"op": "hello", "token": VALID_TOKEN, "device": {"type": "web", "capabilities": [1]}}, "bad_request", 4400),
+        ({"op": "hello", "token": VALID_TOKEN, "device": {"type": "web", "name": 7}}, "bad_request", 4400),
     ],
 )
-async def test_malformed_hello_is_refused(server, hello):
+async def test_malformed_hello_is_refused(server, hello, error, close):
+    if hello.get("token") is VALID_TOKEN:
+        hello = {**hello, "token": server.issue_token("carol", "carol-x")}
     ws = await websockets.connect(server.ws_url)
     await ws.send(json.dumps(hello))
-    error = await recv_json(ws)
-    assert error["op"] == "error"
-    assert error["code"] in ("bad_request", "unauthorized")
-    assert await close_code(ws) in (4400, 4401)
+    refusal = await recv_json(ws)
+    assert (refusal["op"], refusal["code"]) == ("error", error)
+    assert await close_code(ws) == close
 
 
 async def test_undecodable_first_message_closes_4400(server):

@@ -24,16 +24,27 @@ async def test_client_reconnects_after_the_server_drops_it(server, connect):
 
 
 async def test_on_message_callback_acks_after_it_returns(server, connect):
-    seen = asyncio.Queue()
+    handling, release = asyncio.Event(), asyncio.Event()
+    seen = []
 
     async def handle(message):
-        await seen.put(message.body)
+        seen.append(message.body)
+        handling.set()
+        await release.wait()
 
-    await connect("alice", "cb", on_message=handle)
+    receiver = await connect("alice", "cb", on_message=handle)
     sender = await connect("alice", "sender")
-    receipts = await sender.send({"device": "cb"}, "t", {"k": 1}, ack=True)
+    sending = asyncio.ensure_future(sender.send({"device": "cb"}, "t", {"k": 1}, ack=True))
+    await asyncio.wait_for(handling.wait(), 5)
+    # An ack written before the callback returned would reach the server ahead of this ping.
+    await receiver.ping()
+    assert len(server.hub.online("alice", "cb").pending) == 1, "acked while the callback was still running"
+    assert not sending.done()
+    release.set()
+    receipts = await asyncio.wait_for(sending, 5)
     assert receipts[0].status == "delivered"
-    assert await seen.get() == {"k": 1}
+    assert seen == [{"k": 1}]
+    assert not server.hub.online("alice", "cb").pending
 
 
 async def test_refused_token_raises_connection_closed(server):

@@ -196,13 +196,15 @@ async def test_presence_events_in_order(server, connect, desktop):
     assert [(e["device"], e["status"]) for e in events] == [
         ("alice-phone", "away"), ("alice-phone", "online"), ("alice-phone", "offline")]
     assert events[2]["last_seen"] >= events[0]["last_seen"]
-    assert desktop.events.empty()
+    # The reply comes after every event the server sent before it: nothing else is on its way.
     listed = {d["id"]: d for d in await desktop.devices()}
+    assert desktop.events.empty()
     assert listed["alice-phone"]["status"] == "offline"
     # Another user's devices hear nothing.
     bob = await connect("bob", "bob-laptop")
-    await desktop.set_presence("away")
-    assert bob.events.empty() and all(d["id"] == "bob-laptop" for d in await bob.devices())
+    await desktop.set_presence("away")  # answered after the server told every device that should hear it
+    bob_sees = await bob.devices()  # and bob's reply comes after anything it was told
+    assert bob.events.empty() and all(d["id"] == "bob-laptop" for d in bob_sees)
 
 
 async def test_device_update_moves_the_routing_indexes(server, connect, desktop):
@@ -390,6 +392,7 @@ async def test_resume_of_a_live_session_takes_it_over_without_presence_noise(ser
     welcome = await second.connect()
     assert welcome["resumed"] is True and welcome["session"] == phone.session_id
     assert (await asyncio.wait_for(phone.closed, 5)).code == CloseCode.REPLACED
+    await desktop.devices()  # a round trip: a presence event sent for the takeover would have arrived first
     assert desktop.events.empty()  # no offline, no second online
     await second.close()
     assert (await desktop.next_event("presence", timeout=5))["status"] == "offline"
@@ -409,7 +412,13 @@ async def test_refresh_in_band(server, connect, desktop):
         with pytest.raises(ClientError) as garbage:
             await phone.refresh(token="not-a-token")
         assert garbage.value.code == "unauthorized"
+        expired = server.node.tokens.issue("alice", "alice-phone", 60, now=time.time() - 3600)
+        with pytest.raises(ClientError) as stale:
+            await phone.refresh(token=expired)
+        assert stale.value.code == "unauthorized"
         assert await phone.ping() > 0  # still connected
+        # Refused refreshes keep the expiry the last good one set: the session is not cut short (nor extended).
+        assert server.hub.online("alice", "alice-phone").expires_at == new_expiry
     finally:
         await phone.close()
 
