@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import logging
 import secrets
 import time
@@ -63,15 +64,13 @@ class Pairing:
         settings = hub.settings
         self.requests: dict[str, PairingRequest] = {}
         self.limiter = AddressLimiter(settings.pairing_attempts_per_minute, settings.pairing_attempts_per_minute / 60.0)
-        bind = self._bind
-        self.ops: dict[str, Handler] = {"pair.create": bind(op_create), "pair.approve": bind(op_approve),
-                                        "pair.deny": bind(op_deny)}
-        self.hello_ops: dict[str, Handler] = {"pair.redeem": bind(redeem)}
-
-    def _bind(self, handler: Any) -> Handler:
-        def bound(conn: Conn, header: dict[str, Any]) -> None:
-            handler(self, conn, header)
-        return bound
+        # The ops are module functions that take the feature first.
+        self.ops: dict[str, Handler] = {
+            "pair.create": functools.partial(op_create, self),
+            "pair.approve": functools.partial(op_approve, self),
+            "pair.deny": functools.partial(op_deny, self),
+        }
+        self.hello_ops: dict[str, Handler] = {"pair.redeem": functools.partial(redeem, self)}
 
     def on_abandon(self, session: Conn) -> None:
         abandon(self, session)

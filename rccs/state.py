@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 from collections.abc import Callable, Coroutine
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
@@ -87,16 +88,11 @@ class State:
         self.subscriptions: dict[str, dict[Conn, dict[SubKey, _Subscription]]] = {}  # user -> connection -> ..
         self.live: dict[str, dict[str, _LiveDoc]] = {}  # user -> live document name -> document or tombstone
         self.ops: dict[str, Handler] = {
-            "state.get": self._bind(op_get),
-            "state.patch": self._bind(op_patch),
-            "state.subscribe": self._bind(op_subscribe),
-            "state.unsubscribe": self._bind(op_unsubscribe),
+            "state.get": functools.partial(op_get, self),
+            "state.patch": functools.partial(op_patch, self),
+            "state.subscribe": functools.partial(op_subscribe, self),
+            "state.unsubscribe": functools.partial(op_unsubscribe, self),
         }
-
-    def _bind(self, handler: Callable[[State, Conn, dict[str, Any]], None]) -> Handler:
-        def bound(conn: Conn, header: dict[str, Any]) -> None:
-            handler(self, conn, header)
-        return bound
 
     def on_close(self, session: Conn) -> None:
         on_closed(self, session)

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import logging
 import math
@@ -99,23 +100,18 @@ class Tasks:
         # Users that may have a committed notice to send again; the others' hellos need not load their leases.
         self.notice_users: set[str] = set()
         self._serial = itertools.count(1)
-        bind = self._bind
+        # The ops are module functions that take the feature first.
         self.ops: dict[str, Handler] = {
-            "task.claim": bind(op_claim),
-            "task.renew": bind(op_renew),
-            "task.release": bind(op_release),
-            "task.list": bind(op_list),
-            "handoff.request": bind(op_handoff_request),
-            "handoff.prepared": bind(op_handoff_prepared),
-            "handoff.refuse": bind(op_handoff_refuse),
-            "handoff.accept": bind(op_handoff_accept),
-            "handoff.reject": bind(op_handoff_reject),
+            "task.claim": functools.partial(op_claim, self),
+            "task.renew": functools.partial(op_renew, self),
+            "task.release": functools.partial(op_release, self),
+            "task.list": functools.partial(op_list, self),
+            "handoff.request": functools.partial(op_handoff_request, self),
+            "handoff.prepared": functools.partial(op_handoff_prepared, self),
+            "handoff.refuse": functools.partial(op_handoff_refuse, self),
+            "handoff.accept": functools.partial(op_handoff_accept, self),
+            "handoff.reject": functools.partial(op_handoff_reject, self),
         }
-
-    def _bind(self, handler: Callable[[Tasks, Conn, dict[str, Any]], None]) -> Handler:
-        def bound(conn: Conn, header: dict[str, Any]) -> None:
-            handler(self, conn, header)
-        return bound
 
     def fenced(self, session: Conn, task: str, epoch: int) -> contextlib.AbstractAsyncContextManager[None]:
         """For ``state.patch``: hold the user's task lock while a write at ``epoch`` happens."""
