@@ -7,16 +7,15 @@ an argument is missing. Run in-process through ``rccs.cli.main`` against a SQLit
 the same command line there as in a real ``rccs`` process.
 """
 
-import asyncio
 import json
 import os
-import time
 
 import msgpack
 import pytest
+from clistore import now_ms, with_store
 
 from rccs import admin, cli
-from rccs.store import QueuedMessage, SessionRecord, open_store
+from rccs.store import QueuedMessage, SessionRecord
 
 
 @pytest.fixture(autouse=True)
@@ -43,22 +42,6 @@ def rccs(capsys, data_dir):
         return code, captured.out, captured.err
 
     return run
-
-
-def with_store(data_dir, operation):
-    async def run():
-        store = open_store("sqlite", data_dir)
-        await store.open()
-        try:
-            return await operation(store)
-        finally:
-            await store.close()
-
-    return asyncio.run(run())
-
-
-def now_ms():
-    return int(time.time() * 1000)
 
 
 def succeeded(result):

@@ -10,14 +10,14 @@ import asyncio
 import json
 import os
 import re
-import time
 
 import msgpack
 import pytest
+from clistore import now_ms, with_store
 
 from rccs import admin, cli
 from rccs.client import Client
-from rccs.store import QueuedMessage, open_store
+from rccs.store import QueuedMessage
 from rccs.testing import running_server
 
 HOUR_MS = 3_600_000
@@ -46,22 +46,6 @@ def rccs(capsys, data_dir):
         return code, captured.out, captured.err
 
     return run
-
-
-def with_store(data_dir, operation):
-    async def run():
-        store = open_store("sqlite", data_dir)
-        await store.open()
-        try:
-            return await operation(store)
-        finally:
-            await store.close()
-
-    return asyncio.run(run())
-
-
-def now_ms():
-    return int(time.time() * 1000)
 
 
 def queued(device, msg_id, *, user="alice", sender="alice-desktop", type="note", body=None, priority=1,

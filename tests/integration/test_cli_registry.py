@@ -4,7 +4,6 @@ run in-process through ``rccs.cli.main`` against a SQLite store in a temporary d
 Every refused command is checked to leave the store exactly as it was. No server runs here.
 """
 
-import asyncio
 import dataclasses
 import json
 import os
@@ -15,12 +14,13 @@ import time
 from datetime import UTC, datetime
 
 import pytest
+from clistore import now_ms, with_store
 
 from rccs import admin, cli
 from rccs.auth import TokenAuthority, load_or_create_secret
 from rccs.config import ConfigError
 from rccs.credentials import parse_pairing_code, secret_hash
-from rccs.store import MemoryStore, open_store
+from rccs.store import MemoryStore
 from rccs.store.base import CHANGE_DEVICE, CHANGE_SESSION, CHANGE_USER, PendingMessage, SessionRecord
 from rccs.testing import child_environment
 
@@ -55,18 +55,6 @@ def rccs(capsys, data_dir):
     return run
 
 
-def with_store(data_dir, operation):
-    async def run():
-        store = open_store("sqlite", data_dir)
-        await store.open()
-        try:
-            return await operation(store)
-        finally:
-            await store.close()
-
-    return asyncio.run(run())
-
-
 def snapshot(data_dir):
     """Everything the registry commands can change, to compare before and after a refused command."""
 
@@ -91,10 +79,6 @@ def session(data_dir, session_id):
 
 def changes(data_dir, cursor=0):
     return with_store(data_dir, lambda store: store.changes_since(cursor))
-
-
-def now_ms():
-    return int(time.time() * 1000)
 
 
 def parse_iso(text):
