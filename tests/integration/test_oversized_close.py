@@ -148,8 +148,11 @@ async def test_a_client_that_never_stops_sending_is_cut_off_after_the_discard_bo
             written = await asyncio.wait_for(write_until_done_or_refused(writer, endless), DRAIN_SECONDS + 3)
             # Cut off after the server discarded its bound, give or take what the sockets' buffers held: on
             # loopback the kernel grows them up to tcp_rmem's and tcp_wmem's maxima (32 + 4 MiB here; a
-            # clean-clone run wrote 94 MB before the cut with a 64 MiB bound).
-            assert DISCARD_BOUND_BYTES <= written < DISCARD_BOUND_BYTES + kernel_buffer_slack()
+            # clean-clone run wrote 94 MB before the cut with a 64 MiB bound). Before the discarding starts,
+            # picows reads what arrives until it closes (about 10 ms, longer on a loaded machine: a full-suite
+            # run under load wrote 123 MB): up to one more bound's worth is allowed for that window. What the
+            # test holds the server to is that it stops reading at all: the wait_for above.
+            assert DISCARD_BOUND_BYTES <= written < 2 * DISCARD_BOUND_BYTES + kernel_buffer_slack()
         finally:
             writer.close()
 
