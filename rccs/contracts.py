@@ -197,6 +197,7 @@ class FastPathHub(Protocol):
     routing: RoutingTable
     stats: RouteStats
     deliveries: Any  # .first_time(sender_device, msg_id, body, now) -> None | "duplicate" | "conflict"
+    live_acks: bool  # False on several nodes: every ack:true message goes through the shared inbox
 
     def is_full(self) -> bool: ...
 
@@ -230,6 +231,10 @@ class BrokerNode(Protocol):
 
     def device_moved(self, user: str, device: str) -> None:
         """``device`` connected to another node: a connection of it held here is the older one."""
+
+    def resubscribed(self) -> None:
+        """The broker's subscription was broken and is back: what it may have missed meanwhile (doorbells of
+        inbox messages and kept receipts) is looked up in the store for every device connected here."""
 
 
 class Deliverer(Protocol):

@@ -8,6 +8,8 @@ from __future__ import annotations
 from enum import IntEnum, StrEnum
 from typing import Any
 
+STORE_RETRY_AFTER = 1.0  # the retry_after (seconds) of an ``unavailable`` answer
+
 
 class ErrorCode(StrEnum):
     """Values of ``code`` in an ``{"op":"error"}`` envelope."""
@@ -33,6 +35,7 @@ class ErrorCode(StrEnum):
     # task.claim of a task another device holds (owner, epoch, expires attached)
     STALE_EPOCH = "stale_epoch"  # an op for a task with an epoch older than the task's, or of a released lease
     HANDOFF_BUSY = "handoff_busy"  # a handoff of this task is open (handoff attached)
+    UNAVAILABLE = "unavailable"  # the store (Redis, disk) cannot be reached: nothing was done; see retry_after
     INTERNAL = "internal"  # a bug in the server; the connection stays usable
 
 
@@ -45,7 +48,7 @@ class CloseCode(IntEnum):
     POLICY_VIOLATION = 1008  # more than 1,000 messages in a row refused as rate_limited
     MESSAGE_TOO_BIG = 1009  # a message exceeds max_message_bytes
     INTERNAL_ERROR = 1011
-    TRY_AGAIN_LATER = 1013  # the server is full (max_connections)
+    TRY_AGAIN_LATER = 1013  # the server is full (max_connections), or its store is unreachable
     BAD_HELLO = 4400  # the first message was not a valid hello, or an op came before it
     UNAUTHORIZED = 4401  # the token is missing, malformed, forged or expired
     FORBIDDEN = 4403  # the token's device is registered to another user
@@ -67,6 +70,7 @@ class ReceiptReason(StrEnum):
     DROPPED = "dropped"  # removed from a full inbox for a newer message (overflow policy drop_oldest)
     UNDELIVERABLE = "undeliverable"  # delivered max_delivery_attempts times without an ack: a dead letter now
     REVOKED = "revoked"  # the target device was revoked before it acked
+    UNAVAILABLE = "unavailable"  # the store could not be reached to keep it: not kept; send it again
 
 
 class ProtocolError(Exception):

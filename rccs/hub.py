@@ -56,6 +56,7 @@ __all__ = ["Hub", "now_ms"]
 log = logging.getLogger("rccs.hub")
 
 FLUSH_INTERVAL = 1.0
+SESSION_MOVED = "session.moved"  # broker channel: a node adopted a session another node held ([id, node])
 COUNTER_FLUSH_EVERY = 5  # flush intervals between writes of session counters
 CHANGE_POLL_INTERVAL = 0.25  # revocations made by the CLI reach live connections within this (plus a flush)
 FLUSH_SLICE = 500  # sessions snapshotted per event-loop turn when flushing
@@ -71,6 +72,9 @@ class Hub:
         self.tokens = tokens
         self.store = store
         self.broker = broker
+        # On several nodes a node may die holding what it routed: every ack:true message is kept in the
+        # shared inbox first (the listener's direct path leaves those sends to messaging then).
+        self.live_acks = not broker.spans_nodes
         self.node_id = settings.node_id  # node.py names an unnamed node before the first scrape
         self.bus = EventBus()
         self.events: Counter[str] = Counter()  # sessions opened/resumed, pairings, revocations, ...
@@ -151,7 +155,8 @@ class Hub:
         for _user, device in self.broker.held_elsewhere():
             self.router.presence[device] = STATUS_ONLINE  # the devices op of a node just started knows them
         grace_ms = int(self.settings.session_grace * 1000)
-        for record in await store.list_sessions():
+        # A cluster's stored sessions may be held by other nodes: they are adopted when a device resumes one.
+        for record in [] if self.broker.spans_nodes else await store.list_sessions():
             resumable = (record.revoked_at is None and record.expires_at > now
                          and record.disconnected_at is not None and record.disconnected_at + grace_ms >= now)
             if resumable:
@@ -320,6 +325,23 @@ class Hub:
         self.detached[record.id] = record
         self.dirty(record.id)
 
+    def adopt_resumable(self, record: SessionRecord, now: int) -> None:
+        """Several nodes: a device resumes here a session it held on another node (``record``, from the
+        store). It becomes resumable here; the node that held it lets it go, moving the messages it still
+        had in memory for it to the inbox (they reach the device from there)."""
+        grace_ms = int(self.settings.session_grace * 1000)
+        if record.revoked_at is not None or (record.disconnected_at is not None
+                                             and record.disconnected_at + grace_ms < now):
+            return  # ended: the resume answers unknown_session
+        record.pending = []
+        self.detached[record.id] = record
+        self.broker.publish(SESSION_MOVED, [record.id, self.node_id])
+
+    def _session_moved(self, moved: list[str]) -> None:
+        session_id, node = moved
+        if node != self.node_id and session_id in self.detached:
+            self.end_detached(session_id, None)
+
     def take_resumable(self, session_id: str, device: str, now: int) -> SessionRecord | str:
         """The dropped session ``session_id`` of ``device``, removed from the resumable ones; or why not."""
         record = self.detached.get(session_id)
@@ -400,9 +422,17 @@ class Hub:
         if channel == DEVICE_CHANGED:
             self.spawn(self._reload_device(payload))
             return
+        if channel == SESSION_MOVED:
+            self._session_moved(payload)
+            return
         handler = self.on_event.get(channel)
         if handler is not None:
             handler(payload)
+
+    def resubscribed(self) -> None:
+        for session in list(self.live.values()):
+            if session.user is not None and session.device is not None:
+                self.deliveries.ring([session.user, session.device])
 
     def undeliverable(self, user: str, device: str, envelope: dict[str, Any]) -> None:
         if envelope.get("op") == "receipt":

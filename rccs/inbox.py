@@ -28,10 +28,10 @@ from collections import OrderedDict
 from typing import TYPE_CHECKING, Any
 
 from ._fastpath import EnvelopeError, decode_envelope
-from .errors import ProtocolError, ReceiptReason
+from .errors import ErrorCode, ProtocolError, ReceiptReason
 from .outgoing import Outgoing
 from .protocol import NIL, json_loads, json_value_to_msgpack, receipt
-from .store.base import QueuedMessage
+from .store.base import IdMemory, QueuedMessage, StoreError
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping
@@ -42,6 +42,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("rccs.inbox")
 
 INBOX_PAGE = 1000
+STORE_RETRY_FIRST = 0.5  # seconds before writing acks and receipts again after the store failed
+STORE_RETRY_MAX = 5.0
 INBOX_DOORBELL = "inbox.new"  # broker channel: (user, device) has new messages in its inbox
 
 class Deliveries:
@@ -57,17 +59,19 @@ class Deliveries:
         self.live = live
         self.settings = core.settings
         self.receipt_takers: list[Callable[[str, str, dict[str, Any]], bool]] = []
-        self._to_enqueue: list[tuple[QueuedMessage, str]] = []  # (message, receipt status once stored)
+        # (message, receipt status once stored, whether it is a new send whose id the store checks)
+        self._to_enqueue: list[tuple[QueuedMessage, str, bool]] = []
         self._to_remove: list[int] = []
         self._to_count: list[int] = []
         self._receipts: list[tuple[str, dict[str, Any]]] = []
         self._flush_scheduled = False
         self._flush_lock = asyncio.Lock()
+        self._store_retry = STORE_RETRY_FIRST
         self.in_flight: dict[int, LiveSession] = {}  # inbox id -> the connection it was last written to
         # Idempotency: per sender device, recent ack:true message ids -> (time, body hash).
         self._seen: dict[str, OrderedDict[str | int, tuple[int, int]]] = {}
         self.stats = {"enqueued": 0, "rejected": 0, "dropped": 0, "expired": 0, "dead_lettered": 0,
-                      "redelivered": 0, "duplicates": 0, "receipts_kept": 0}
+                      "redelivered": 0, "duplicates": 0, "receipts_kept": 0, "conflicts_unanswered": 0}
 
     # ---- batching ------------------------------------------------------
 
@@ -93,22 +97,60 @@ class Deliveries:
             receipts, self._receipts = self._receipts, []
             store = self.core.store
             if enqueue:
-                await self._commit(enqueue)
-            if remove:
-                await store.remove_queued(remove)
-            if count:
-                await store.count_attempts(count)
-            if receipts:
-                await store.add_receipts(receipts)
+                try:
+                    await self._commit(enqueue)
+                except StoreError as exc:
+                    self._not_kept(enqueue, exc)
+            try:
+                if remove:
+                    await store.remove_queued(remove)
+                    remove = []
+                if count:
+                    await store.count_attempts(count)
+                    count = []
+                if receipts:
+                    await store.add_receipts(receipts)
+                    self._ring_for_receipts(receipts)
+                    receipts = []
+                self._store_retry = STORE_RETRY_FIRST
+            except StoreError as exc:
+                # An ack not yet written costs a repeat (at least once), a kept receipt must not be lost:
+                # both wait in memory, ahead of newer ones, and are written when the store answers again.
+                log.warning("store unavailable (%s): %d acks, %d attempt counts and %d receipts wait; "
+                            "retrying in %.1f s", exc, len(remove), len(count), len(receipts), self._store_retry)
+                self._to_remove[:0] = remove
+                self._to_count[:0] = count
+                self._receipts[:0] = receipts
+                asyncio.get_running_loop().call_later(self._store_retry, self._schedule)
+                self._store_retry = min(self._store_retry * 2, STORE_RETRY_MAX)
 
-    async def _commit(self, batch: list[tuple[QueuedMessage, str]]) -> None:
+    def _not_kept(self, batch: list[tuple[QueuedMessage, str, bool]], exc: StoreError) -> None:
+        """The store refused a batch of inbox writes: nothing of it was kept, and each sender hears so
+        (``failed``/``unavailable``, final for that device) with its id forgotten, so that sending the same
+        message again is not taken for a repeat."""
+        log.warning("store unavailable: %d inbox writes refused (%s)", len(batch), exc)
+        for message, _status, _new in batch:
+            self.stats["rejected"] += 1
+            self.forget_id(message.sender_device, message.msg_id)
+            self.send_receipt(message.user, message.sender_device,
+                              receipt(message.msg_id, "failed", message.device, ReceiptReason.UNAVAILABLE.value))
+
+    async def _commit(self, batch: list[tuple[QueuedMessage, str, bool]]) -> None:
         settings = self.settings
-        outcome = await self.core.store.enqueue([message for message, _ in batch], settings.inbox_max_messages,
-                                               settings.inbox_max_bytes, settings.inbox_overflow)
+        ids = IdMemory(self.core.now(), int(settings.idempotency_window * 1000), settings.idempotency_cache,
+                       [new_send for _, _, new_send in batch])
+        outcome = await self.core.store.enqueue([message for message, _, _ in batch], settings.inbox_max_messages,
+                                               settings.inbox_max_bytes, settings.inbox_overflow, ids)
         rejected = {(m.device, m.sender_device, m.msg_id) for m in outcome.rejected}
+        repeats = {(m.device, m.sender_device, m.msg_id) for m in outcome.repeated + outcome.conflicting}
+        if repeats:
+            self._answer_repeats(outcome.repeated, outcome.conflicting)
         stored = iter(outcome.stored)
-        for message, status in batch:
-            if (message.device, message.sender_device, message.msg_id) in rejected:
+        for message, status, _ in batch:
+            key = (message.device, message.sender_device, message.msg_id)
+            if key in repeats:
+                continue  # answered once per send above
+            if key in rejected:
                 self.stats["rejected"] += 1
                 self.send_receipt(message.user, message.sender_device,
                                   receipt(message.msg_id, "failed", message.device, ReceiptReason.INBOX_FULL.value))
@@ -128,6 +170,24 @@ class Deliveries:
             self.in_flight.pop(message.id, None)
             self.send_receipt(message.user, message.sender_device,
                               receipt(message.msg_id, "failed", message.device, ReceiptReason.DROPPED.value))
+
+    def _answer_repeats(self, repeated: list[QueuedMessage], conflicting: list[QueuedMessage]) -> None:
+        """The shared store knew these ids (sent through another node, perhaps): each send is answered once,
+        as ``send`` answers a repeat its own node caught (``duplicate``, or the error ``duplicate_id``)."""
+        answered: set[tuple[str, str | int]] = set()
+        for message, verdict in [(m, "duplicate") for m in repeated] + [(m, "conflict") for m in conflicting]:
+            send = (message.sender_device, message.msg_id)
+            if send in answered:
+                continue
+            answered.add(send)
+            self.stats["duplicates"] += 1
+            if verdict == "duplicate":
+                self.send_receipt(message.user, message.sender_device,
+                                  {"op": "receipt", "id": message.msg_id, "status": "duplicate"})
+            elif not self.router.send_to_device(message.user, message.sender_device, {
+                    "op": "error", "code": ErrorCode.DUPLICATE_ID.value, "id": message.msg_id,
+                    "message": "this message id was used for a different message recently"}):
+                self.stats["conflicts_unanswered"] += 1  # its sender left: an error is not kept like a receipt
 
     # ---- receipts ------------------------------------------------------
 
@@ -171,6 +231,12 @@ class Deliveries:
             seen.popitem(last=False)
         return None
 
+    def forget_id(self, sender_device: str, msg_id: str | int) -> None:
+        """Take back ``first_time``'s record of an id whose message was not kept after all."""
+        seen = self._seen.get(sender_device)
+        if seen is not None:
+            seen.pop(msg_id, None)
+
     async def save_message_ids(self) -> None:
         """At shutdown: the idempotency window survives a graceful restart (not a crash)."""
         await self.core.store.save_message_ids([
@@ -187,9 +253,11 @@ class Deliveries:
 
     # ---- queueing ------------------------------------------------------------
 
-    def enqueue(self, message: QueuedMessage, status: str) -> None:
-        """Keep a message in its target's inbox; ``status`` (queued/accepted) is the sender's receipt."""
-        self._to_enqueue.append((message, status))
+    def enqueue(self, message: QueuedMessage, status: str, new_send: bool = False) -> None:
+        """Keep a message in its target's inbox; ``status`` (queued/accepted) is the sender's receipt.
+        ``new_send``: it comes from a ``send`` now (not from a session that ended), so a store shared by
+        several nodes checks its id."""
+        self._to_enqueue.append((message, status, new_send))
         self._schedule()
 
     def deliver(self, session: LiveSession, message: QueuedMessage) -> None:
@@ -238,11 +306,30 @@ class Deliveries:
                 self.deliver(session, message)
 
     def ring(self, doorbell: list[str]) -> None:
-        """Another node put messages into the inbox of a device connected here: write them now."""
+        """Another node put messages into the inbox, or receipts into the store, of a device connected here:
+        write them now."""
         user, device = doorbell
         session = self.router.online(user, device)
-        if session is not None and session.inbox_loaded:
-            self.core.spawn(self._load_after_flush(session))
+        if session is not None:  # even before its first inbox read: that read may have come too early
+            self.core.spawn(self._catch_up(session))
+
+    async def _catch_up(self, session: LiveSession) -> None:
+        await self.flush()
+        if session.state_is_open():
+            assert session.device is not None
+            for envelope in await self.core.store.take_receipts(session.device):
+                session.send_control(envelope)
+            await self.load_inbox(session)
+
+    def _ring_for_receipts(self, kept: list[tuple[str, dict[str, Any]]]) -> None:
+        """Several nodes: a receipt kept for a sender this node thought offline may be for a device that has
+        just connected to another node (after that node read its kept receipts): its node looks again."""
+        if not self.router.broker.spans_nodes:
+            return
+        for device in dict.fromkeys(device for device, _ in kept):
+            record = self.router.registry.get(device)
+            if record is not None:
+                self.router.broker.publish(INBOX_DOORBELL, [record.user, device])
 
     def on_acked(self, session: LiveSession, inbox_id: int) -> None:
         self.in_flight.pop(inbox_id, None)

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from ._fastpath import routing as fast_routing
 from .clock import now_ms
-from .errors import ErrorCode, ProtocolError, ReceiptReason
+from .errors import STORE_RETRY_AFTER, ErrorCode, ProtocolError, ReceiptReason
 from .inbox import Deliveries
 from .outgoing import Outgoing
 from .protocol import (
@@ -113,6 +113,9 @@ class Messaging:
                 raise ProtocolError(ErrorCode.BAD_REQUEST,
                                     "'first_ack' needs 'ack': true, pick \"all\" and no 'durable'")
             order = selector_order(header.get("to"), selector)
+            if ack and not router.broker.available:
+                raise ProtocolError(ErrorCode.UNAVAILABLE, "the store cannot be reached; nothing was sent",
+                                    retry_after=STORE_RETRY_AFTER)
             targets, failures, offline = router.resolve(user, device, selector, ack)
             if first_ack:
                 offline = []  # the first online device to ack wins; nothing waits in inboxes
@@ -130,12 +133,18 @@ class Messaging:
                 stats.record_route(_RESULT_REJECTED, time.perf_counter_ns() - started)
                 answer_repeated(sender, msg_id, repeated)
                 return
-            if durable:
-                offline = offline + [router.registry.devices[t.device] for t in targets]  # type: ignore[index]
+            # Several nodes: a node may die holding what it routed, so the online targets' copies are kept
+            # in the shared inbox first too (not first_ack and pick one, whose state is this node's).
+            if targets and (durable or (router.broker.spans_nodes and not (first_ack or selector.pick_one))):
+                online = [router.registry.devices[t.device] for t in targets]  # type: ignore[index]
+                self._enqueue(user, device, outgoing, online, ttl, priority, "accepted", failures)
                 targets = []
+            else:
+                online = []
             if offline:
                 self._enqueue(user, device, outgoing, offline, ttl, priority, "accepted" if durable else "queued",
                               failures)
+            offline = offline + online
         delivered: list[str] = []
         written: list[tuple[LiveSession, int]] = []
         for target in targets:
@@ -234,7 +243,7 @@ class Messaging:
             self.deliveries.enqueue(QueuedMessage(
                 device=record.id, user=user, sender_device=device, msg_id=outgoing.msg_id,
                 type=outgoing.app_type, body=body, ts=outgoing.ts, priority=priority, expires_at=expires_at,
-                receipt=True), status)
+                receipt=True), status, new_send=True)
 
     # ---- ack --------------------------------------------------------------------
 

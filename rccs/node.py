@@ -34,7 +34,7 @@ from .inbox import INBOX_DOORBELL
 from .login import Login
 from .messaging import Messaging
 from .metrics import build_registry
-from .pairing import Pairing
+from .pairing import PAIRING_REQUESTS, Pairing
 from .protocol import WS_PATH
 from .rpc import RESULTS as RPC_RESULTS
 from .rpc import Rpc
@@ -158,6 +158,7 @@ class Node:
         hub.on_start.append(self.tasks.on_start)
         hub.on_event[STATE_CHANGES] = self.state.on_change
         hub.on_event[INBOX_DOORBELL] = hub.deliveries.ring
+        hub.on_event[PAIRING_REQUESTS] = self.pairing.on_event
         hub.deliver_remote_message = self.messaging.deliver_from_elsewhere
         hub.on_event[RPC_RESULTS] = self.rpc.on_result_from_elsewhere
         self.registry = build_registry(hub, lambda: len(self.pairing.requests))
@@ -188,7 +189,9 @@ class Node:
         return f"{scheme}://{self.settings.http_host}:{self.http_port}"
 
     def is_ready(self) -> bool:
-        return self._ready and self.hub.accepting
+        """Started, not draining, and (on several nodes) Redis reachable: a load balancer sends devices
+        elsewhere while a node could not keep what they send."""
+        return self._ready and self.hub.accepting and self.hub.broker.available
 
     def _accept(self, request: Any) -> ServerConnection | None:
         if request.path.split(b"?", 1)[0] != WS_PATH.encode():

@@ -39,6 +39,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("rccs.pairing")
 
 MAX_CODE_TTL = 3600.0
+# Broker channel (several nodes): requests waiting on a node ("open"/"closed") and decisions made on
+# another node ("decide"), so that any device of the user can approve wherever the new device waits.
+PAIRING_REQUESTS = "pair.requests"
 INVALID_CODE_MESSAGE = "invalid pairing code: wrong, expired or already used"
 
 
@@ -63,6 +66,7 @@ class Pairing:
         self.hub = hub
         settings = hub.settings
         self.requests: dict[str, PairingRequest] = {}
+        self.elsewhere: dict[str, tuple[str, int]] = {}  # request id -> (user, expires_at), waiting on other nodes
         self.limiter = AddressLimiter(settings.pairing_attempts_per_minute, settings.pairing_attempts_per_minute / 60.0)
         # The ops are module functions that take the feature first.
         self.ops: dict[str, Handler] = {
@@ -74,6 +78,32 @@ class Pairing:
 
     def on_abandon(self, session: Conn) -> None:
         abandon(self, session)
+
+    def announce(self, event: list[Any]) -> None:
+        if self.hub.broker.spans_nodes:
+            self.hub.broker.publish(PAIRING_REQUESTS, event)
+
+    def on_event(self, event: list[Any]) -> None:
+        """What another node said about its pairing requests (this node's own announcements come back too)."""
+        kind = event[0]
+        if kind == "open":
+            _, request_id, user, expires_at = event
+            now = now_ms()  # requests of a node that died are never closed: they go when they expire
+            for stale in [key for key, (_, until) in self.elsewhere.items() if until <= now]:
+                del self.elsewhere[stale]
+            if request_id not in self.requests:
+                self.elsewhere[request_id] = (user, expires_at)
+        elif kind == "closed":
+            self.elsewhere.pop(event[1], None)
+        elif kind == "decide":
+            _, request_id, approved, by_device = event
+            request = self.requests.get(request_id)
+            if request is None:
+                return  # decided already, withdrawn, or waiting on another node
+            if approved:
+                approve(self, request, by_device)
+            else:
+                deny(self, request, "pairing denied", "denied")
 
 
 def _address(session: Conn) -> str:
@@ -105,28 +135,44 @@ def op_create(pairing: Pairing, session: Conn, header: dict[str, Any]) -> None:
     session.run_request(header, work)
 
 
-def _request(pairing: Pairing, session: Conn, header: dict[str, Any]) -> PairingRequest:
+def _request(pairing: Pairing, session: Conn, header: dict[str, Any]) -> PairingRequest | str:
+    """The user's pending request the op names: waiting here, or (its id) waiting on another node."""
     request_id = header.get("request")
     if not isinstance(request_id, str) or not 0 < len(request_id) <= MAX_ID_CHARS:
         raise ProtocolError(ErrorCode.BAD_REQUEST, "'request' must be a pairing request id string")
     request = pairing.requests.get(request_id)
-    if request is None or request.user != session.user:
-        raise ProtocolError(ErrorCode.NOT_FOUND, f"no pending pairing request {request_id!r}")
-    return request
+    if request is not None and request.user == session.user:
+        return request
+    waiting = pairing.elsewhere.get(request_id)
+    if waiting is not None and waiting[0] == session.user and waiting[1] > now_ms():
+        return request_id
+    raise ProtocolError(ErrorCode.NOT_FOUND, f"no pending pairing request {request_id!r}")
+
+
+def _decide(pairing: Pairing, session: Conn, header: dict[str, Any], approved: bool) -> None:
+    request = _request(pairing, session, header)
+    session.reply(header, {"op": "ok"})
+    if isinstance(request, str):  # its node decides; a second decision from here is not_found
+        pairing.elsewhere.pop(request, None)
+        pairing.announce(["decide", request, approved, session.device])
+    elif approved:
+        approve(pairing, request, session.device)
+    else:
+        deny(pairing, request, "pairing denied", "denied")
 
 
 def op_approve(pairing: Pairing, session: Conn, header: dict[str, Any]) -> None:
-    request = _request(pairing, session, header)
-    _forget(pairing, request)
-    session.reply(header, {"op": "ok"})
-    pairing.hub.spawn(_complete_safely(pairing, request.session, request.user, request.fields, request.redeem,
-                                       session.device))
+    _decide(pairing, session, header, True)
 
 
 def op_deny(pairing: Pairing, session: Conn, header: dict[str, Any]) -> None:
-    request = _request(pairing, session, header)
-    session.reply(header, {"op": "ok"})
-    deny(pairing, request, "pairing denied", "denied")
+    _decide(pairing, session, header, False)
+
+
+def approve(pairing: Pairing, request: PairingRequest, approver: str | None) -> None:
+    _forget(pairing, request)
+    pairing.hub.spawn(_complete_safely(pairing, request.session, request.user, request.fields, request.redeem,
+                                       approver))
 
 
 def deny(pairing: Pairing, request: PairingRequest, reason: str, why: str) -> None:
@@ -139,7 +185,8 @@ def deny(pairing: Pairing, request: PairingRequest, reason: str, why: str) -> No
 
 
 def _forget(pairing: Pairing, request: PairingRequest) -> None:
-    pairing.requests.pop(request.id, None)
+    if pairing.requests.pop(request.id, None) is not None:
+        pairing.announce(["closed", request.id])
     if request.timer is not None:
         request.timer.cancel()
 
@@ -228,6 +275,7 @@ async def _redeem(pairing: Pairing, session: Conn, header: dict[str, Any], code_
         settings.pairing_code_ttl, deny, pairing, request, "pairing not approved in time", "expired"
     )
     pairing.requests[request.id] = request
+    pairing.announce(["open", request.id, code.user, request.expires_at])
     session.reply(header, {"op": "pair.pending", "request": request.id, "expires_at": request.expires_at})
     hub.router.notify_user(code.user, {
         "op": "pair.request", "request": request.id, "issuer": code.issuer_device,

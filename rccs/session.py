@@ -36,7 +36,15 @@ import msgpack
 from ._fastpath import EnvelopeError, append_seq, decode_envelope
 from .clock import now_ms
 from .contracts import Outgoing, PendingAck, Sink
-from .errors import CloseCode, CredentialNotCached, ErrorCode, HelloRefused, ProtocolError, ReceiptReason
+from .errors import (
+    STORE_RETRY_AFTER,
+    CloseCode,
+    CredentialNotCached,
+    ErrorCode,
+    HelloRefused,
+    ProtocolError,
+    ReceiptReason,
+)
 from .messaging import answer_repeated
 from .protocol import (
     JSON,
@@ -189,8 +197,13 @@ class Session:
             except ProtocolError as exc:
                 self.send_error(exc.code, exc.message, msg_id, **exc.extra)
             except StoreError as exc:
-                log.error("store failure in %r from %s: %s", header.get("op"), self.sink.peer, exc)
-                self.send_error(ErrorCode.INTERNAL, "internal server error", msg_id)
+                if type(exc) is not StoreError:  # a refusal the feature should have answered: a bug
+                    log.exception("internal error in %r from %s", header.get("op"), self.sink.peer)
+                    self.send_error(ErrorCode.INTERNAL, "internal server error", msg_id)
+                    return
+                log.warning("store unavailable for %r from %s: %s", header.get("op"), self.sink.peer, exc)
+                self.send_error(ErrorCode.UNAVAILABLE, "the store cannot be reached; try again", msg_id,
+                                retry_after=STORE_RETRY_AFTER)
             except Exception:
                 log.exception("internal error in %r from %s", header.get("op"), self.sink.peer)
                 self.send_error(ErrorCode.INTERNAL, "internal server error", msg_id)
@@ -330,11 +343,45 @@ class Session:
             self.state = AWAIT_APPROVAL  # nothing else is handled while the store answers
             self.hub.spawn(self._hello_after_lookup(header, is_text, missing.credential_hash))
             return
+        hub = self.hub
+        if (resume is not None and hub.broker.spans_nodes and resume[0] not in hub.live
+                and resume[0] not in hub.detached):
+            self.state = AWAIT_APPROVAL  # as above, while the store says where the session was
+            hub.spawn(self._resume_from_elsewhere(header, is_text, device, auth_expires_at, resume))
+            return
         self.open(device, auth_expires_at, resume)
+
+    async def _resume_from_elsewhere(self, header: dict[str, Any], is_text: bool, device: DeviceRecord,
+                                     auth_expires_at: int, resume: tuple[str, int]) -> None:
+        """Several nodes: a session this node does not hold, perhaps dropped on another node: its record is
+        in the shared store."""
+        try:
+            record = await self.hub.store.get_session(resume[0])
+        except StoreError as exc:
+            self._store_unavailable_at_hello(header, is_text, exc)
+            return
+        if self.state == CLOSED:
+            return
+        if record is not None and record.device == device.id:
+            self.hub.adopt_resumable(record, now_ms())
+        self.state = AWAIT_HELLO
+        self.open(device, auth_expires_at, resume)
+
+    def _store_unavailable_at_hello(self, header: dict[str, Any], is_text: bool, exc: StoreError) -> None:
+        if self.state != CLOSED:
+            log.warning("store unavailable for the hello of %s: %s", self.sink.peer, exc)
+            self.encoding = JSON if is_text else MSGPACK
+            self.send_error(ErrorCode.UNAVAILABLE, "the store cannot be reached; try again", header.get("id"),
+                            retry_after=STORE_RETRY_AFTER)
+            self.close(CloseCode.TRY_AGAIN_LATER, "store unavailable")
 
     async def _hello_after_lookup(self, header: dict[str, Any], is_text: bool, credential_hash: str) -> None:
         """A credential this node does not know yet (made by the CLI a moment ago?): ask the store once."""
-        await self.hub.login.look_up_credential(credential_hash)
+        try:
+            await self.hub.login.look_up_credential(credential_hash)
+        except StoreError as exc:
+            self._store_unavailable_at_hello(header, is_text, exc)
+            return
         if self.state == CLOSED:
             return
         self.state = AWAIT_HELLO

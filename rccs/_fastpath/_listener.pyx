@@ -147,6 +147,7 @@ cdef class ServerConnection(WSListener):
     cdef bint _aborted
     cdef object _hello_timer
     cdef bint _direct
+    cdef bint _live_acks
     cdef object _user
     cdef object _device
     cdef RoutingTable _routing
@@ -372,7 +373,8 @@ cdef class ServerConnection(WSListener):
         msg_id = header.get("id")
         app_type = header.get("type")
         ack = header.get("ack", False)
-        if not (type(to) is dict and len(<dict>to) == 1 and type(app_type) is str and (ack is False or ack is True)):
+        if not (type(to) is dict and len(<dict>to) == 1 and type(app_type) is str
+                and (ack is False or (ack is True and self._live_acks))):
             return False
         # Any key beyond op, id, to, type, ack (body is not in the header) is a delivery option
         # (ttl, priority, durable, first_ack, ...): validated and applied by the general path.
@@ -487,6 +489,7 @@ cdef class ServerConnection(WSListener):
         self._routing = self.hub.routing
         self._stats = self.hub.stats
         self._direct = session.encoding == _MSGPACK
+        self._live_acks = self.hub.live_acks
         settings = self.hub.settings
         self._rate = settings.send_rate
         self._burst = max(1, settings.send_burst)

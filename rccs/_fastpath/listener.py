@@ -120,6 +120,7 @@ class ServerConnection(WSListener):
         self._hello_timer: asyncio.TimerHandle | None = None
         # Set by hello_done when the session is open on msgpack: the direct path's state.
         self._direct = False
+        self._live_acks = True
         self._user: str = ""
         self._device: str = ""
         self._routing: Any = None
@@ -306,7 +307,8 @@ class ServerConnection(WSListener):
         msg_id = header.get("id")
         app_type = header.get("type")
         ack = header.get("ack", False)
-        if not (type(to) is dict and len(to) == 1 and type(app_type) is str and (ack is False or ack is True)):
+        if not (type(to) is dict and len(to) == 1 and type(app_type) is str
+                and (ack is False or (ack is True and self._live_acks))):
             return False
         # Any key beyond op, id, to, type, ack (body is not in the header) is a delivery option
         # (ttl, priority, durable, first_ack, ...): validated and applied by the general path.
@@ -421,6 +423,7 @@ class ServerConnection(WSListener):
         self._routing = self.hub.routing
         self._stats = self.hub.stats
         self._direct = session.encoding == "msgpack"
+        self._live_acks = self.hub.live_acks
         settings = self.hub.settings
         self._rate = float(settings.send_rate)
         self._burst = float(max(1, settings.send_burst))

@@ -27,6 +27,11 @@ class Broker(abc.ABC):
     def __init__(self) -> None:
         self._nodes: list[BrokerNode] = []  # the attached nodes of this process, in attach order
 
+    @property
+    def available(self) -> bool:
+        """False while the engine cannot be reached (a node then refuses what it could not keep)."""
+        return True
+
     def attach(self, node: BrokerNode) -> None:
         """From now on, ``node`` gets what is published for the connections it holds (once, however often
         it is attached)."""

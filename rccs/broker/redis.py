@@ -19,8 +19,9 @@ each subscriber in that order; what the attached local nodes hold gets it at onc
 ``flush`` sends what is queued and waits until a barrier published on this node's own channel comes back,
 so everything another node published to this one before the call has been processed.
 
-After the Pub/Sub connection breaks, the reader reconnects with backoff, subscribes again and reloads
-the directory (a lost announcement costs at most that).
+After the Pub/Sub connection breaks, the reader reconnects with backoff, subscribes again, reloads the
+directory (a lost announcement costs at most that) and has the nodes look in the store for what their
+devices may have missed (``BrokerNode.resubscribed``): a lost doorbell costs latency, never a message.
 """
 
 from __future__ import annotations
@@ -82,16 +83,25 @@ class RedisBroker(Broker):
         self.node_id = node_id or f"node-{secrets.token_hex(4)}"
         self.channel = f"rccs:node:{self.node_id}"
         self._client: aioredis.Redis | None = None
-        # What to send, in order: ("publish", channel, data) or a directory change ("hset"/"forget", field, node).
-        self._outbox: list[tuple[str, str, bytes | str]] = []
+        # What to send, in order: ("publish", channel, data, the "dev" message or None) or a directory change
+        # ("hset"/"forget", field, node, None).
+        self._outbox: list[tuple[str, str, bytes | str, list[Any] | None]] = []
         self._outbox_ready = asyncio.Event()
+        self._queued = self._written = 0  # entries queued and entries the writer is done with, ever
+        self._progress = asyncio.Event()  # set after each batch the writer is done with
         self._barriers: dict[str, asyncio.Future[None]] = {}
         self._barrier_ids = itertools.count(1)
         self.where: dict[tuple[str, str], str] = {}  # (user, device) -> the node holding it
         self.alive: set[str] = set()
         self._tasks: list[asyncio.Task[None]] = []
         self._subscribed = asyncio.Event()
+        self._last_beat_ok = True
         self.stats = {"published": 0, "received": 0, "reconnects": 0, "undelivered": 0, "failed": 0}
+
+    @property
+    def available(self) -> bool:
+        """Redis answered the last heartbeat and the subscription is up (a lost connection clears both)."""
+        return self._last_beat_ok and self._subscribed.is_set()
 
     # ---- lifecycle ----------------------------------------------------------------
 
@@ -131,9 +141,15 @@ class RedisBroker(Broker):
             while True:
                 await self._subscribed.wait()
                 self._queue(self.channel, ["barrier", token])
+                queued = self._queued
                 # A barrier published while the subscription was breaking is lost: send it again.
                 done, _ = await asyncio.wait([arrived], timeout=BARRIER_RESEND)
                 if done:
+                    # The barrier came back; the writer also finishes its batch (what no node heard is
+                    # handed back to this one), so the caller sees that too.
+                    while self._written < queued:
+                        self._progress.clear()
+                        await self._progress.wait()
                     return
         finally:
             self._barriers.pop(token, None)
@@ -204,12 +220,16 @@ class RedisBroker(Broker):
     # ---- the writer: one connection, in order -----------------------------------------
 
     def _queue(self, channel: str, message: list[Any]) -> None:
-        self._outbox.append(("publish", channel, msgpack.packb(message, use_bin_type=True)))
+        # A "dev" message that no node hears (its node died, not yet noticed) is handed back: see _write.
+        self._outbox.append(("publish", channel, msgpack.packb(message, use_bin_type=True),
+                             message if message[0] == "dev" else None))
+        self._queued += 1
         self._outbox_ready.set()
 
     def _queue_directory(self, change: str, field: str, node: str | None = None) -> None:
         # Directory writes travel in the same ordered stream as the announcements that follow them.
-        self._outbox.append((change, field, node or self.node_id))
+        self._outbox.append((change, field, node or self.node_id, None))
+        self._queued += 1
         self._outbox_ready.set()
 
     async def _write(self) -> None:
@@ -223,15 +243,20 @@ class RedisBroker(Broker):
             while batch:
                 try:
                     pipe = self._client.pipeline(transaction=False)
-                    for kind, target, data in batch:
+                    for kind, target, data, _ in batch:
                         if kind == "publish":
                             pipe.publish(target, data)
                         elif kind == "hset":
                             pipe.hset(WHERE, target, data)
                         else:
                             await forget(keys=[WHERE], args=[target, data], client=pipe)
-                    await pipe.execute()
+                    replies = await pipe.execute()
                     self.stats["published"] += len(batch)
+                    for (_, _, _, for_one_device), listeners in zip(batch, replies, strict=True):
+                        if for_one_device is not None and listeners == 0:
+                            self._unheard(for_one_device)
+                    self._written += len(batch)
+                    self._progress.set()
                     batch = []
                     delay = 0.05
                 except (RedisError, OSError) as exc:
@@ -240,16 +265,30 @@ class RedisBroker(Broker):
                     await asyncio.sleep(delay)  # backoff before the next attempt, in order
                     delay = min(delay * 2, RECONNECT_MAX)
 
+    def _unheard(self, message: list[Any]) -> None:
+        """A message for one device's node that no node subscribed to: what must not be lost is kept here."""
+        _, user, device, envelope = message
+        self.stats["undelivered"] += 1
+        if not any(node.deliver_to_device(user, device, envelope) for node in self._nodes):
+            for node in self._nodes:
+                node.undeliverable(user, device, envelope)
+
     # ---- the reader -------------------------------------------------------------------
 
     async def _read(self) -> None:
         delay = 0.05
+        subscribed_before = False
         while True:
             pubsub = aioredis.from_url(self.url, socket_connect_timeout=5).pubsub()
             try:
                 await pubsub.subscribe(CONTROL, self.channel)
                 await self._load_directory()
                 self._subscribed.set()
+                if subscribed_before:
+                    # Pub/Sub is only the doorbell: what rang while it was down is found in the store.
+                    for node in self._nodes:
+                        node.resubscribed()
+                subscribed_before = True
                 delay = 0.05
                 while True:
                     message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
@@ -363,4 +402,10 @@ class RedisBroker(Broker):
             try:
                 await self._beat()
             except (RedisError, OSError) as exc:
-                log.warning("broker: heartbeat failed (%s)", exc)
+                if self._last_beat_ok:
+                    log.warning("broker: heartbeat failed (%s)", exc)
+                self._last_beat_ok = False
+            else:
+                if not self._last_beat_ok:
+                    log.warning("broker: Redis answers again")
+                self._last_beat_ok = True

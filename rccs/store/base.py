@@ -153,6 +153,22 @@ class EnqueueOutcome:
     stored: list[QueuedMessage]  # with ``id`` set, in the order given
     rejected: list[QueuedMessage]  # the target's inbox was full (policy reject)
     dropped: list[QueuedMessage]  # removed from inboxes to make room (policy drop_oldest)
+    # With ``IdMemory`` (stores shared by several nodes): not stored, their sender used the id recently,
+    # with the same body (a repeat) or another one.
+    repeated: list[QueuedMessage] = dataclasses.field(default_factory=list)
+    conflicting: list[QueuedMessage] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass
+class IdMemory:
+    """How a store shared by several nodes remembers the ids of new sends per sender device (protocol.md
+    section 12, idempotency): for ``window_ms`` before ``now``, at most ``per_sender`` ids. ``checked`` says,
+    for each message of the batch, whether it is a new send (True) or one already taken that moves to an
+    inbox (its session ended): only new sends are checked and remembered."""
+    now: int
+    window_ms: int
+    per_sender: int
+    checked: Sequence[bool]
 
 
 @dataclasses.dataclass
@@ -256,6 +272,8 @@ class TaskLease:
 
 class Store(abc.ABC):
     """Persistent users, devices, sessions and pairing codes. Safe to call from one event loop."""
+
+    shared_by_nodes = False  # True for a store several server processes use at once (Redis)
 
     @abc.abstractmethod
     async def open(self) -> None:
@@ -364,8 +382,12 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def enqueue(self, messages: Sequence[QueuedMessage], max_count: int, max_bytes: int,
-                      policy: str) -> EnqueueOutcome:
+                      policy: str, ids: IdMemory | None = None) -> EnqueueOutcome:
         """Add messages to their targets' inboxes in ONE transaction (group commit), in order.
+
+        ``ids``: a store that several nodes share (Redis) checks and remembers the senders' ids in the same
+        step, so that a repeat sent through another node is caught (``repeated``/``conflicting``); a store
+        of one node ignores it (the node remembers ids in memory: ``inbox.Deliveries.first_time``).
 
         Each inbox holds at most ``max_count`` messages and ``max_bytes`` (sum of ``size``). A message
         that does not fit: with OVERFLOW_REJECT it is not stored (``rejected``); with
@@ -425,7 +447,9 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def save_message_ids(self, entries: Sequence[tuple[str, str | int, int, int]]) -> None:
-        """Replace the remembered message ids: (sender device, message id, time ms, body digest)."""
+        """Replace the remembered message ids: (sender device, message id, time ms, body digest). A store
+        ``shared_by_nodes`` adds them instead (each node saves its own at its shutdown; the same device
+        and id again replaces that one entry)."""
 
     @abc.abstractmethod
     async def load_message_ids(self, since: int) -> list[tuple[str, str | int, int, int]]:

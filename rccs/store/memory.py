@@ -31,6 +31,7 @@ from .base import (
     DeadLetter,
     DeviceRecord,
     EnqueueOutcome,
+    IdMemory,
     PairingCode,
     QueuedMessage,
     SessionRecord,
@@ -384,7 +385,7 @@ class MemoryStore(Store):
         return [self._queued[queued_id] for queued_id in sorted(set(ids)) if queued_id in self._queued]
 
     async def enqueue(self, messages: Sequence[QueuedMessage], max_count: int, max_bytes: int,
-                      policy: str) -> EnqueueOutcome:
+                      policy: str, ids: IdMemory | None = None) -> EnqueueOutcome:
         """Every message given ends up in ``stored`` or ``rejected``. ``dropped`` may also list messages
         stored earlier in the same batch: a batch does what the same messages enqueued one call at a
         time would do."""

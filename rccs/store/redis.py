@@ -77,8 +77,13 @@ key                                    type         contents; who deletes it
 ``P dead``, ``P dead-device:<d>``,     zset         dead letter ids (score: id); as above
 ``P dead-user:<u>``
 ``P receipts:<device>``                list         msgpack receipts, oldest first; ``take_receipts``
-``P message-ids``                      string       msgpack of the saved idempotency window; replaced by
-                                                    ``save_message_ids``
+``P message-ids``                      hash         msgpack [device, id] -> msgpack [at, digest]: the ids nodes
+                                                    remembered in memory, saved at their shutdowns (merged);
+                                                    expired ones deleted by ``load_message_ids``
+``P {user}:ids:<device>``              hash         id key ("i<int>"/"s<str>") -> body digest: the device's
+                                                    recent new sends kept in inboxes (``enqueue`` with
+                                                    ``IdMemory``); trimmed by it to the window and the cap
+``P {user}:id-times:<device>``         zset         id key -> when it was taken; as above
 ``P {user}:docs``                      hash         state document name -> size (0: deleted tombstone);
                                                     ``remove_user``
 ``P {user}:doc:<name>``                hash         rev, value (JSON; absent when deleted), size, by, updated
@@ -111,6 +116,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import hashlib
 import inspect
 import json
 import secrets
@@ -137,6 +143,7 @@ from .base import (
     DeadLetter,
     DeviceRecord,
     EnqueueOutcome,
+    IdMemory,
     PairingCode,
     PendingMessage,
     QueuedMessage,
@@ -164,6 +171,7 @@ DEFAULT_PREFIX = "rccs:"
 CONNECT_TIMEOUT = 2.0  # seconds: an unreachable Redis fails a call after this
 COMMAND_TIMEOUT = 5.0  # seconds: a hung Redis fails a call after this
 CHANGE_FEED_KEEP = 100_000
+ID_REPEATED, ID_CONFLICTING = -1, -2  # the enqueue script's answers for a message whose id was used recently
 STATE_PATCH_ATTEMPTS = 50  # optimistic retries of one patch before giving up under contention
 
 try:
@@ -281,6 +289,9 @@ for _, name in ipairs(redis.call('HKEYS', ukey(user, 'docs'))) do
   redis.call('DEL', ukey(user, 'doc:' .. name), ukey(user, 'doc-log:' .. name))
 end
 redis.call('DEL', ukey(user, 'docs'), ukey(user, 'state-version'), ukey(user, 'tasks'), ukey(user, 'task-handoffs'))
+for _, id in ipairs(redis.call('SMEMBERS', ukey(user, 'devices'))) do
+  redis.call('DEL', ukey(user, 'ids:' .. id), ukey(user, 'id-times:' .. id))
+end
 redis.call('SREM', P .. 'task-notices', user)
 return 1
 """
@@ -454,18 +465,52 @@ end
 return #codes
 """
 
-# ARGV: max_count, max_bytes, '1' to reject (else drop oldest), then per message: device, user, priority,
-# size, expires_at ('' for none), attempts, blob. Returns {ids (0: rejected), dropped records}.
+# ARGV: max_count, max_bytes, '1' to reject (else drop oldest), now, idempotency window (ms; 0: no id
+# check), ids kept per sender, then per message: device, user, priority, size, expires_at ('' for none),
+# attempts, blob, sender device, id key ('' for none: not checked), body digest.
+# Returns {ids (0: rejected, -1: a repeat of the id with the same body, -2: with another body), dropped}.
+# The id check and the write are one atomic step, so two nodes taking the same id at once keep it once; the
+# copies of one send (one per target, with the same sender and id) share the first copy's verdict.
 SCRIPTS["enqueue"] = """
 local max_count, max_bytes, reject = tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4] == '1'
-local ids, dropped = {}, {}
-for i = 5, #ARGV, 7 do
+local now, window, keep = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
+local ids, dropped, verdicts = {}, {}, {}
+for i = 8, #ARGV, 10 do
   local device, user, priority, size, expires, attempts, blob =
     ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4], ARGV[i + 5], ARGV[i + 6]
+  local sender, idkey, digest = ARGV[i + 7], ARGV[i + 8], ARGV[i + 9]
   local n = tonumber(size)
   local id = 0
+  local verdict = 0
+  if window > 0 and idkey ~= '' then
+    local send = sender .. '\0' .. idkey
+    verdict = verdicts[send]
+    if verdict == nil then
+      local hashes, times = ukey(user, 'ids:' .. sender), ukey(user, 'id-times:' .. sender)
+      local at = redis.call('ZSCORE', times, idkey)
+      if at and tonumber(at) + window > now then
+        if redis.call('HGET', hashes, idkey) == digest then verdict = -1 else verdict = -2 end
+      else
+        verdict = 0
+        redis.call('HSET', hashes, idkey, digest)
+        redis.call('ZADD', times, now, idkey)
+        local old = redis.call('ZRANGEBYSCORE', times, '-inf', '(' .. num(now - window), 'LIMIT', 0, 100)
+        local over = redis.call('ZCARD', times) - #old - keep
+        if over > 0 then
+          for _, gone in ipairs(redis.call('ZRANGE', times, #old, #old + over - 1)) do table.insert(old, gone) end
+        end
+        if #old > 0 then
+          redis.call('ZREM', times, unpack(old))
+          redis.call('HDEL', hashes, unpack(old))
+        end
+      end
+      verdicts[send] = verdict
+    end
+  end
   local revoked = redis.call('HEXISTS', P .. 'device:' .. device, 'revoked_at') == 1
-  if not revoked and n <= max_bytes and max_count >= 1 then
+  if verdict ~= 0 then
+    id = verdict
+  elseif not revoked and n <= max_bytes and max_count >= 1 then
     local inbox = P .. 'inbox:' .. device
     local count = redis.call('ZCARD', inbox)
     local bytes = tonumber(redis.call('GET', P .. 'inbox-bytes:' .. device) or '0')
@@ -830,6 +875,11 @@ def _queued_arguments(message: QueuedMessage) -> list[Any]:
             "" if message.expires_at is None else message.expires_at, message.attempts, blob]
 
 
+def _id_key(msg_id: str | int) -> str:
+    """A message id as a hash field: 1 and "1" are different ids."""
+    return f"i{msg_id}" if isinstance(msg_id, int) else f"s{msg_id}"
+
+
 def _queued_record(reply: Sequence[Any]) -> QueuedMessage:
     queued_id, device, user, priority, expires, attempts, blob = reply
     sender_device, msg_id, message_type, body, ts, receipt = msgpack.unpackb(blob, raw=False)
@@ -866,6 +916,8 @@ def _state_changes(user: str, name: str, log: list[tuple[int, str, str, str | No
 
 class RedisStore(Store):
     """The Store contract on one Redis server (see the module docstring). ``url``: redis://HOST:PORT/DB."""
+
+    shared_by_nodes = True
 
     def __init__(self, url: str, prefix: str = DEFAULT_PREFIX, connect_timeout: float = CONNECT_TIMEOUT,
                  command_timeout: float = COMMAND_TIMEOUT) -> None:
@@ -1061,26 +1113,38 @@ class RedisStore(Store):
     # ---- durable inboxes ----------------------------------------------
 
     async def enqueue(self, messages: Sequence[QueuedMessage], max_count: int, max_bytes: int,
-                      policy: str) -> EnqueueOutcome:
-        """Every message given ends up in ``stored`` or ``rejected``. ``dropped`` may also list messages
-        stored earlier in the same batch: a batch does what the same messages enqueued one call at a
-        time would do."""
+                      policy: str, ids: IdMemory | None = None) -> EnqueueOutcome:
+        """Every message given ends up in ``stored``, ``rejected``, ``repeated`` or ``conflicting``.
+        ``dropped`` may also list messages stored earlier in the same batch: a batch does what the same
+        messages enqueued one call at a time would do. With ``ids``, the senders' message ids are checked
+        and remembered here, in the same step (several nodes share them)."""
         check_policy(policy)
         outcome = EnqueueOutcome(stored=[], rejected=[], dropped=[])
         if not messages:
             return outcome
         copies = []
         arguments: list[Any] = []
-        for message in messages:
+        for index, message in enumerate(messages):
             copied = QueuedMessage(**{field: getattr(message, field) for field in QueuedMessage.__dataclass_fields__})
             copied.body = bytes(message.body)  # a bytearray or memoryview would stay shared with the caller
             copies.append(copied)
             arguments += _queued_arguments(copied)
-        ids, dropped = await self._run("enqueue", max_count, max_bytes, int(policy == OVERFLOW_REJECT), *arguments)
-        for copied, queued_id in zip(copies, ids, strict=True):
-            if queued_id:
+            if ids is not None and ids.checked[index]:
+                arguments += [message.sender_device, _id_key(message.msg_id),
+                              hashlib.blake2b(copied.body, digest_size=12).hexdigest()]
+            else:
+                arguments += [message.sender_device, "", ""]
+        checked = ids or IdMemory(now=0, window_ms=0, per_sender=0, checked=())
+        queued_ids, dropped = await self._run("enqueue", max_count, max_bytes, int(policy == OVERFLOW_REJECT),
+                                              checked.now, checked.window_ms, checked.per_sender, *arguments)
+        for copied, queued_id in zip(copies, queued_ids, strict=True):
+            if queued_id > 0:
                 copied.id = int(queued_id)
                 outcome.stored.append(copied)
+            elif queued_id == ID_REPEATED:
+                outcome.repeated.append(copied)
+            elif queued_id == ID_CONFLICTING:
+                outcome.conflicting.append(copied)
             else:
                 outcome.rejected.append(copied)
         outcome.dropped = [_queued_record(reply) for reply in dropped]
@@ -1159,15 +1223,24 @@ class RedisStore(Store):
     # ---- idempotency keys --------------------------------------------
 
     async def save_message_ids(self, entries: Sequence[tuple[str, str | int, int, int]]) -> None:
-        packed = msgpack.packb([list(entry) for entry in entries], use_bin_type=True)
-        await self.client.set(self._key("message-ids"), packed)
+        # Several nodes save theirs at their shutdowns: merged into one hash, never replacing each other's.
+        if entries:
+            await self.client.hset(self._key("message-ids"), mapping={
+                msgpack.packb([device, msg_id], use_bin_type=True): msgpack.packb([at, digest])
+                for device, msg_id, at, digest in entries})
 
     async def load_message_ids(self, since: int) -> list[tuple[str, str | int, int, int]]:
-        packed = await self.client.get(self._key("message-ids"))
-        if packed is None:
-            return []
-        entries = [(device, msg_id, at, digest)
-                   for device, msg_id, at, digest in msgpack.unpackb(packed, raw=False) if at >= since]
+        key = self._key("message-ids")
+        entries, expired = [], []
+        for field, value in (await self.client.hgetall(key)).items():
+            at, digest = msgpack.unpackb(value)
+            if at >= since:
+                device, msg_id = msgpack.unpackb(field, raw=False)
+                entries.append((device, msg_id, at, digest))
+            else:
+                expired.append(field)
+        if expired:
+            await self.client.hdel(key, *expired)
         entries.sort(key=lambda entry: entry[2])
         return entries
 

@@ -46,6 +46,7 @@ from .base import (
     DeadLetter,
     DeviceRecord,
     EnqueueOutcome,
+    IdMemory,
     PairingCode,
     PendingMessage,
     QueuedMessage,
@@ -899,7 +900,7 @@ class SqliteStore(Store):
     # ---- durable inboxes ----------------------------------------------
 
     async def enqueue(self, messages: Sequence[QueuedMessage], max_count: int, max_bytes: int,
-                      policy: str) -> EnqueueOutcome:
+                      policy: str, ids: IdMemory | None = None) -> EnqueueOutcome:
         """Every message given ends up in ``stored`` or ``rejected``. ``dropped`` may also list messages
         stored earlier in the same batch: a batch does what the same messages enqueued one call at a
         time would do."""

@@ -43,6 +43,9 @@ class RecordingNode:
     def device_gone(self, user: str, device: str) -> None:
         self.seen.append(("gone", user, device))
 
+    def resubscribed(self) -> None:
+        self.seen.append(("resubscribed",))
+
     def device_moved(self, user: str, device: str) -> None:
         if (user, device) in self.devices:  # a node acts only on a connection it holds
             self.devices.discard((user, device))

@@ -109,9 +109,23 @@ async def test_a_lost_pubsub_connection_is_restored_with_the_directory(brokers, 
     assert a.where[("alice", "phone")] == "node-b"
     assert a.to_device("alice", "phone", {"op": "receipt", "id": 7}) is True
     await settle(a, b)
-    assert there.seen == [("device", "alice", "phone", {"op": "receipt", "id": 7})]
+    # Whatever rang while b's subscription was down, b's node looks it up in the store first.
+    assert there.seen == [("resubscribed",), ("device", "alice", "phone", {"op": "receipt", "id": 7})]
     assert a.stats["reconnects"] >= 1 and b.stats["reconnects"] >= 1
     await client.aclose()
+
+
+async def test_a_receipt_for_a_node_that_died_unnoticed_is_handed_back_to_be_kept(brokers):
+    a = await brokers("node-a")
+    here = RecordingNode()
+    a.attach(here)
+    # The directory still names a node that stopped without a word (its heartbeat has not expired yet).
+    a.where[("alice", "phone")] = "node-gone"
+    a.alive.add("node-gone")
+    receipt = {"op": "receipt", "id": 7, "status": "delivered"}
+    assert a.to_device("alice", "phone", receipt) is True  # published to node-gone's channel...
+    await a.flush()
+    assert here.seen == [("undeliverable", "alice", "phone", receipt)]  # ...which nobody heard: kept here
 
 
 async def test_a_live_message_goes_to_the_node_holding_the_device(brokers):

@@ -1,12 +1,13 @@
-"""Several rccs nodes on one Redis, each a real `rccs serve` process: devices on different nodes talk.
+"""Several rccs nodes on one Redis, each a real `rccs serve` process (tests/cluster/conftest.py starts three):
+devices on different nodes talk. What a device sees when a node or Redis dies is in test_failures.py.
 
-What is covered so far (issue 13 is not done): an ack:true message between devices on two nodes with its
-receipts, live (ack:false) messages by name and by selector, a call and its result, state changes in
-order to a subscriber on the other node, presence across
-nodes, the `devices` op seeing a device of another node online, a revocation made on one node closing the
-socket on the other, the CLI acting on the cluster's store, a device that connects to a second node
-ending its older connection on the first, a killed node's devices going offline, and a node started later
-knowing who is online elsewhere.
+Covered here: ack:true messages between devices on different nodes with their receipts, and their ids
+remembered across nodes; live (ack:false) messages by name and by selector; a call and its result; state
+changes in order to a subscriber on another node; presence and the `devices` op across nodes; a revocation
+made on one node closing the socket on another; the CLI acting on the cluster's store; a device that
+connects to a second node ending its older connection on the first; a killed node's devices going offline;
+a node started later knowing who is online elsewhere; pairing across three nodes. Not yet (issue 13):
+tasks and handoffs, pick-one fail-over and first_ack between nodes, live/ documents.
 """
 
 import asyncio
@@ -15,54 +16,8 @@ import sys
 
 import pytest
 
-from rccs.auth import TokenAuthority
-from rccs.client import Client, ConnectionClosed
-from rccs.store import open_store
-from rccs.testing import RedisServer, ServerProcess, child_environment
-
-
-class Cluster:
-    def __init__(self, redis_url: str, nodes: list[ServerProcess], tokens: TokenAuthority):
-        self.redis_url = redis_url
-        self.nodes = nodes
-        self.tokens = tokens
-        self.clients: list[Client] = []
-
-    async def connect(self, node: int, user: str, device: str, **options) -> Client:
-        client = Client(self.nodes[node].ws_url, self.tokens.issue(user, device, 600), {"type": "desktop"},
-                        **options)
-        self.clients.append(client)
-        await client.connect()
-        return client
-
-
-@pytest.fixture
-async def cluster(tmp_path):
-    redis_server = RedisServer(tmp_path / "redis")
-    url = await redis_server.start()
-    # The devices are registered before the nodes start, as `rccs token issue --store` does, so that every
-    # node's registry knows them from its first moment.
-    store = open_store(url, "")
-    await store.open()
-    from rccs import admin
-
-    for device in ("alice-phone", "alice-laptop", "alice-tablet"):
-        await admin.ensure_device_for_token(store, "alice", device, 1)
-    tokens = TokenAuthority(await store.token_secret())
-    await store.close()
-    nodes = [ServerProcess(tmp_path / f"node{n}", "--store", url, "--node-id", f"n{n}", env=child_environment())
-             for n in range(2)]
-    for node in nodes:
-        await node.start()
-    running = Cluster(url, nodes, tokens)
-    try:
-        yield running
-    finally:
-        for client in running.clients:
-            await client.close()
-        for node in nodes:
-            node.kill()
-        redis_server.kill()
+from rccs.client import ClientError, ConnectionClosed, pair
+from rccs.testing import child_environment
 
 
 async def test_an_acked_message_crosses_nodes_with_its_receipts(cluster):
@@ -176,3 +131,48 @@ async def test_a_node_that_starts_later_knows_who_is_online_elsewhere(cluster):
     laptop = await cluster.connect(1, "alice", "alice-laptop")
     listed = {device["id"]: device["status"] for device in await laptop.devices()}
     assert listed["alice-phone"] == "online"
+
+
+async def test_a_message_id_sent_again_through_another_node_is_a_repeat(cluster):
+    phone = await cluster.connect(0, "alice", "alice-phone", reconnect=False)
+    receipts = await phone.send({"device": "alice-tablet"}, "note", {"n": 1}, ack=True, id="once", timeout=10)
+    assert [r.status for r in receipts] == ["queued"]
+    await phone.close()
+    phone = await cluster.connect(1, "alice", "alice-phone")  # reconnected through another node
+    again = await phone.send({"device": "alice-tablet"}, "note", {"n": 1}, ack=True, id="once", timeout=10)
+    assert [r.status for r in again] == ["duplicate"]
+    with pytest.raises(ClientError) as refused:
+        await phone.send({"device": "alice-tablet"}, "note", {"n": 2}, ack=True, id="once", timeout=10)
+    assert refused.value.code == "duplicate_id"
+    await phone.send({"device": "alice-tablet"}, "note", {"n": 3}, ack=True, id="after", timeout=10)
+    tablet = await cluster.connect(2, "alice", "alice-tablet")
+    # Inbox order is commit order: a second copy of "once" would come before "after".
+    assert [(await tablet.next_message(timeout=10)).id for _ in range(2)] == ["once", "after"]
+
+
+async def test_a_code_made_on_one_node_is_redeemed_on_a_second_and_approved_on_a_third(cluster):
+    phone = await cluster.connect(0, "alice", "alice-phone")
+    laptop = await cluster.connect(2, "alice", "alice-laptop")
+    code = await phone.create_pairing_code(approve=True)
+    joining = asyncio.ensure_future(pair(cluster.nodes[1].ws_url, code["code"], {"type": "web", "name": "Browser"}))
+    request = await laptop.next_event("pair.request", timeout=10)  # the request waits on node 1
+    assert request["device"]["name"] == "Browser" and request["issuer"] == "alice-phone"
+    await laptop.approve_pairing(request["request"])
+    browser = await asyncio.wait_for(joining, 10)
+    cluster.clients.append(browser)
+    joined = await phone.next_event("pair.joined", timeout=10)
+    assert joined["approved_by"] == "alice-laptop" and joined["device"]["id"] == browser.device_id
+    with pytest.raises(ClientError) as unknown:  # decided once: the request is gone on every node
+        await phone.approve_pairing(request["request"])
+    assert unknown.value.code == "not_found"
+
+
+async def test_a_denial_on_another_node_refuses_the_waiting_device(cluster):
+    phone = await cluster.connect(0, "alice", "alice-phone")
+    code = await phone.create_pairing_code(approve=True)
+    joining = asyncio.ensure_future(pair(cluster.nodes[1].ws_url, code["code"], {"type": "web"}))
+    request = await phone.next_event("pair.request", timeout=10)
+    await phone.deny_pairing(request["request"])
+    with pytest.raises(ClientError) as refused:
+        await asyncio.wait_for(joining, 10)
+    assert refused.value.code == "forbidden"

@@ -14,6 +14,7 @@ from rccs.config import ConfigError, load_settings
 from rccs.store import (
     OVERFLOW_REJECT,
     DeviceRecord,
+    IdMemory,
     PairingCode,
     QueuedMessage,
     SessionRecord,
@@ -262,3 +263,45 @@ async def test_calls_of_one_store_run_in_the_order_they_were_made(node_a):
                                                              created=NOW)))
     await asyncio.gather(add, put)
     assert (await node_a.get_device("laptop")).user == "alice"
+
+
+def remembering(count, now=NOW, window=HOUR, per_sender=10_000, new_sends=True):
+    return IdMemory(now=now, window_ms=window, per_sender=per_sender, checked=[new_sends] * count)
+
+
+async def test_a_new_sends_id_is_remembered_across_stores_and_a_repeat_is_not_kept_again(node_a, node_b):
+    taken = await node_a.enqueue([message("m-1"), message("m-1", "tablet")], 100, 1 << 20, OVERFLOW_REJECT,
+                                 remembering(2))
+    assert len(taken.stored) == 2  # one send to two devices: its copies share the verdict
+    again = await node_b.enqueue([message("m-1")], 100, 1 << 20, OVERFLOW_REJECT, remembering(1, NOW + 1))
+    assert (again.stored, [m.msg_id for m in again.repeated], again.conflicting) == ([], ["m-1"], [])
+    other_body = message("m-1")
+    other_body.body = b"another body"
+    changed = await node_b.enqueue([other_body], 100, 1 << 20, OVERFLOW_REJECT, remembering(1, NOW + 2))
+    assert ([m.msg_id for m in changed.conflicting], changed.stored) == (["m-1"], [])
+    # 1 and "1" are different ids; a message moving to an inbox (its session ended) is not a new send.
+    numbered = await node_a.enqueue([message(1), message("1")], 100, 1 << 20, OVERFLOW_REJECT, remembering(2))
+    assert len(numbered.stored) == 2
+    moved = await node_a.enqueue([message("m-1")], 100, 1 << 20, OVERFLOW_REJECT, remembering(1, new_sends=False))
+    assert len(moved.stored) == 1
+    assert len(await node_a.inbox("laptop", NOW)) == 4
+
+
+async def test_remembered_ids_end_with_their_window_and_beyond_the_cap(node_a):
+    await node_a.enqueue([message("old")], 100, 1 << 20, OVERFLOW_REJECT, remembering(1))
+    later = await node_a.enqueue([message("old")], 100, 1 << 20, OVERFLOW_REJECT, remembering(1, NOW + HOUR))
+    assert len(later.stored) == 1  # the window (one hour) passed: a new message
+    for n in range(3):
+        await node_a.enqueue([message(f"c-{n}")], 100, 1 << 20, OVERFLOW_REJECT,
+                             remembering(1, NOW + HOUR + 1 + n, per_sender=2))
+    repeats = await node_a.enqueue([message("c-0"), message("c-2")], 100, 1 << 20, OVERFLOW_REJECT,
+                                   remembering(2, NOW + HOUR + 10, per_sender=2))
+    assert [m.msg_id for m in repeats.stored] == ["c-0"]  # the oldest id fell out past two per sender
+    assert [m.msg_id for m in repeats.repeated] == ["c-2"]
+
+
+async def test_ids_saved_at_shutdown_by_several_nodes_are_merged(node_a, node_b):
+    await node_a.save_message_ids([("phone", "a", NOW, 1)])
+    await node_b.save_message_ids([("laptop", 7, NOW + 1, 2), ("phone", "old", NOW - HOUR, 3)])
+    assert await node_a.load_message_ids(NOW - 1) == [("phone", "a", NOW, 1), ("laptop", 7, NOW + 1, 2)]
+    assert await node_b.load_message_ids(NOW - 2 * HOUR) == [("phone", "a", NOW, 1), ("laptop", 7, NOW + 1, 2)]
