@@ -97,6 +97,8 @@ class Hub:
         self.on_close: list[Callable[[LiveSession], None]] = []
         self.on_abandon: list[Callable[[LiveSession], None]] = []  # closed before hello completed
         self.on_user_removed: list[Callable[[str], None]] = []
+        # (user, device): a device held by a node that died (several nodes; said by one surviving node)
+        self.on_device_gone: list[Callable[[str, str], None]] = []
         self.on_start: list[Callable[[], Awaitable[None]]] = []
         self.on_event: dict[str, Callable[[Any], None]] = {}  # broker channel -> its feature's handler
         # Messaging's writer of a live message from another node (set by node.py; messaging sits below).
@@ -446,6 +448,8 @@ class Hub:
     def device_gone(self, user: str, device: str) -> None:
         if self.router.online(user, device) is None:
             self.router.set_presence(user, device, STATUS_OFFLINE, now_ms(), announce=True)
+            for gone in self.on_device_gone:
+                gone(user, device)
 
     def device_moved(self, user: str, device: str) -> None:
         older = self.router.online(user, device)

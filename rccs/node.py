@@ -155,6 +155,7 @@ class Node:
         hub.on_open.append(self.tasks.on_open)
         hub.on_abandon.append(self.pairing.on_abandon)
         hub.on_user_removed.append(self.tasks.forget_user)
+        hub.on_device_gone.append(self.state.on_device_gone)
         hub.on_start.append(self.tasks.on_start)
         hub.on_event[STATE_CHANGES] = self.state.on_change
         hub.on_event[INBOX_DOORBELL] = hub.deliveries.ring

@@ -97,13 +97,19 @@ class State:
     def on_close(self, session: Conn) -> None:
         on_closed(self, session)
 
-    def notify(self, user: str, doc: str, rev: int, envelope: dict[str, Any]) -> None:
-        """A committed change goes to every node (the broker's ``CHANGES`` channel): ``on_change`` there."""
-        self.hub.broker.publish(CHANGES, (user, doc, rev, envelope))
+    def notify(self, user: str, doc: str, rev: int, envelope: dict[str, Any], live_value: Any = None) -> None:
+        """A committed change goes to every node (the broker's ``CHANGES`` channel): ``on_change`` there.
+        A ``live/`` document's change carries its whole new value: the other nodes keep a copy of it."""
+        change: tuple[Any, ...] = (user, doc, rev, envelope)
+        if _is_live(doc):
+            change += (live_value,)
+        self.hub.broker.publish(CHANGES, change)
 
-    def on_change(self, change: tuple[str, str, int, dict[str, Any]]) -> None:
+    def on_change(self, change: tuple[Any, ...]) -> None:
         """Send a committed change to every connection of its user subscribed to its document (once each)."""
-        user, doc, rev, envelope = change
+        user, doc, rev, envelope = change[:4]
+        if len(change) == 5:
+            self._mirror(user, doc, rev, change[4])
         for session, subs in list(self.subscriptions.get(user, {}).items()):
             matching = [sub for sub in subs.values() if sub.matches(doc)]
             if not matching:
@@ -113,6 +119,28 @@ class State:
             else:
                 for sub in matching:
                     sub.buffer.append((doc, rev, envelope))
+
+    def _mirror(self, user: str, doc: str, rev: int, value: Any) -> None:
+        """Several nodes: the copy of another node's ``live/`` document follows its changes (this node's own
+        changes come back here too, at a revision it already has)."""
+        docs = self.live.setdefault(user, {})
+        live = docs.get(doc)
+        if live is None:
+            live = docs[doc] = _LiveDoc(owner=None)
+        elif rev <= live.rev:
+            return
+        live.rev = rev
+        live.value = value
+        live.owner = None  # written elsewhere last: no connection of this node removes it when it ends
+        live.recent.clear()
+
+    def on_device_gone(self, user: str, device: str) -> None:
+        """Several nodes: the node holding ``device`` died, and this node speaks for it: the device's
+        ``live/`` documents go, as they would have when its connection ended."""
+        prefix = f"live/{device}/"
+        for name, live in sorted(self.live.get(user, {}).items()):
+            if name.startswith(prefix) and live.value is not None:
+                _remove_live(self, user, name, live, device)
 
     def drop(self, session: Conn) -> None:
         by_session = self.subscriptions.get(session.user or "")
@@ -278,7 +306,7 @@ def _patch_live(state: State, session: Conn, header: dict[str, Any], user: str, 
     live.owner = session if merged is not None else None
     live.recent.append((device, patch_id, patch_text, live.rev))
     session.reply(header, {"op": "state.ok", "doc": doc, "rev": live.rev, "prev_rev": live.rev - 1, "noop": False})
-    state.notify(user, doc, live.rev, _changed(doc, live.rev, patch, device))
+    state.notify(user, doc, live.rev, _changed(doc, live.rev, patch, device), merged)
 
 
 def op_subscribe(state: State, session: Conn, header: dict[str, Any]) -> None:
@@ -382,8 +410,12 @@ def on_closed(state: State, session: Conn) -> None:
     device = session.device or ""
     for name, live in sorted(docs.items()):
         if live.owner is session:
-            live.owner = None
-            live.value = None
-            live.rev += 1
-            live.recent.clear()
-            state.notify(session.user, name, live.rev, _changed(name, live.rev, None, device))
+            _remove_live(state, session.user, name, live, device)
+
+
+def _remove_live(state: State, user: str, name: str, live: _LiveDoc, device: str) -> None:
+    live.owner = None
+    live.value = None
+    live.rev += 1
+    live.recent.clear()
+    state.notify(user, name, live.rev, _changed(name, live.rev, None, device))

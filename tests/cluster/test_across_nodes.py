@@ -6,8 +6,9 @@ remembered across nodes; live (ack:false) messages by name and by selector; a ca
 changes in order to a subscriber on another node; presence and the `devices` op across nodes; a revocation
 made on one node closing the socket on another; the CLI acting on the cluster's store; a device that
 connects to a second node ending its older connection on the first; a killed node's devices going offline;
-a node started later knowing who is online elsewhere; pairing across three nodes. Not yet (issue 13):
-tasks and handoffs, pick-one fail-over and first_ack between nodes, live/ documents.
+a node started later knowing who is online elsewhere; pairing across three nodes; live/ documents read on
+every node and removed with their writer's node. Not yet (issue 13): tasks and handoffs, pick-one fail-over
+and first_ack between nodes.
 """
 
 import asyncio
@@ -176,3 +177,25 @@ async def test_a_denial_on_another_node_refuses_the_waiting_device(cluster):
     with pytest.raises(ClientError) as refused:
         await asyncio.wait_for(joining, 10)
     assert refused.value.code == "forbidden"
+
+
+async def test_a_live_document_is_read_on_every_node_and_goes_when_its_writers_node_dies(cluster):
+    phone = await cluster.connect(0, "alice", "alice-phone", reconnect=False)
+    laptop = await cluster.connect(1, "alice", "alice-laptop")
+    watching = await laptop.state_subscribe("live/alice-phone/battery")
+    assert (await watching.next(timeout=10)).rev == 0
+    await phone.state_patch("live/alice-phone/battery", {"level": 80})
+    change = await watching.next(timeout=10)
+    assert (change.rev, change.value) == (1, {"level": 80})
+    # A subscription made later, on a third node, starts from the document as it is (its node keeps a copy).
+    tablet = await cluster.connect(2, "alice", "alice-tablet")
+    later = await tablet.state_subscribe("live/alice-phone/battery")
+    while (seen := await later.next(timeout=10)).rev < 1:
+        pass  # a snapshot taken before node 2 heard of revision 1 is followed by that change
+    assert (seen.rev, seen.value) == (1, {"level": 80})
+    assert (await tablet.state_get("live/alice-phone/battery")).value == {"level": 80}
+    # Its writer's node dies: within the node timeout the document goes, as when its connection ends.
+    cluster.nodes[0].kill()
+    removed = await watching.next(timeout=30)
+    assert (removed.rev, removed.patch, removed.value) == (2, None, None)
+    assert (await later.next(timeout=30)).rev == 2
