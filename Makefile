@@ -7,7 +7,7 @@ SERVE_STAMP := $(VENV)/.rccs-serve-installed
 WHEEL_TOOLS := $(VENV)/.rccs-wheel-tools
 SOURCES := pyproject.toml setup.py $(wildcard rccs/_fastpath/*.pyx rccs/_fastpath/*.pxd)
 
-.PHONY: redis-server-available serve test lint test-compiled test-pure bench-check loadtest-smoke bench bench-micro bench-e2e bench-scale bench-store bench-flood loadtest wheel sdist test-wheel clean
+.PHONY: redis-server-available chromium-available test-js serve test lint test-compiled test-pure bench-check loadtest-smoke bench bench-micro bench-e2e bench-scale bench-store bench-flood loadtest wheel sdist test-wheel clean
 
 # Serving needs the package and its runtime dependencies only.
 $(SERVE_STAMP): $(SOURCES)
@@ -36,6 +36,23 @@ redis-server-available:
 	@command -v redis-server >/dev/null 2>&1 || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null)
 	@redis-server --version
 
+# The JavaScript client (clients/js) and the console: its Node packages from the committed lock file
+# (npm ci), then node --test against real servers, and the console in headless Chromium. Chromium comes
+# from Debian's package (as root) when missing; where it cannot be installed, the browser tests are skipped
+# with a message saying so.
+JS := clients/js
+JS_STAMP := $(JS)/node_modules/.rccs-npm-ci
+$(JS_STAMP): $(JS)/package.json $(JS)/package-lock.json
+	cd $(JS) && npm ci --no-audit --no-fund --loglevel=error
+	touch $(JS_STAMP)
+
+chromium-available:
+	@command -v chromium >/dev/null 2>&1 || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+		|| echo "chromium could not be installed: the browser tests will be skipped"
+
+test-js: $(STAMP) $(JS_STAMP) chromium-available
+	cd $(JS) && RCCS_PYTHON=$(abspath $(BIN)/python) npm test --silent
+
 test-compiled: $(STAMP) redis-server-available
 	RCCS_EXPECT_IMPLEMENTATION=cython $(BIN)/python -m pytest -q
 
@@ -54,7 +71,7 @@ loadtest-smoke: $(STAMP)
 test-wheel: $(STAMP) wheel sdist
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests/packaging/check_install.py
 
-test: lint test-compiled test-pure bench-check loadtest-smoke test-wheel
+test: lint test-js test-compiled test-pure bench-check loadtest-smoke test-wheel
 
 # scale.py draws docs/scaling.png with matplotlib, which the package itself does not need: install it
 # before a long run rather than fail at its end.
