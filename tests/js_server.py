@@ -15,6 +15,7 @@ per command line read from stdin (``{"id": n, "cmd": .., ...}`` -> ``{"id": n, "
   of ``py.echo`` with their params;
 - ``py_send`` (device, to, type, body, ack): that device sends; the result lists its receipts;
 - ``py_next`` (device, timeout): the next message that device took (``{from, id, type, body}``);
+- ``py_call`` (device, to, method, params): that device calls a method; the result is the call's result;
 - ``py_close`` (device).
 
 Standard input closed: the server stops and the process exits.
@@ -101,6 +102,9 @@ async def main(argv: list[str]) -> None:
             if cmd == "py_next":
                 message = await python_devices[command["device"]].next_message(timeout=command.get("timeout", 10))
                 return {"from": message.sender, "id": message.id, "type": message.type, "body": message.body}
+            if cmd == "py_call":
+                return await python_devices[command["device"]].call(command["to"], command["method"],
+                                                                    command.get("params"), timeout=10)
             if cmd == "py_close":
                 await python_devices.pop(command["device"]).close()
                 return None
