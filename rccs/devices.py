@@ -7,6 +7,7 @@ need the store run in the background through ``conn.run_request`` and answer whe
 
 from __future__ import annotations
 
+import collections
 from typing import TYPE_CHECKING, Any
 
 from . import admin
@@ -19,6 +20,7 @@ if TYPE_CHECKING:
     from .contracts import Conn, Handler
     from .hub import Hub
 
+MAX_COUNTED_DEAD_LETTERS = 10_000  # ``devices`` with ``counts``: dead letters read per request, at most
 DEVICE_FIELDS = frozenset({"type", "name", "platform", "version", "capabilities", "metadata"})
 
 
@@ -61,10 +63,29 @@ class Devices:
         return device
 
     def op_devices(self, conn: Conn, header: dict[str, Any]) -> None:
-        assert conn.user is not None
+        user = conn.user
+        assert user is not None
         router = self.hub.router
-        devices = [router.device_info(device) for device in router.registry.user_devices(conn.user)]
-        conn.reply(header, {"op": "devices", "devices": devices})
+        devices = [router.device_info(device) for device in router.registry.user_devices(user)]
+        counts = header.get("counts", False)
+        if not isinstance(counts, bool):
+            raise ProtocolError(ErrorCode.BAD_REQUEST, "'counts' must be a boolean")
+        if not counts:
+            conn.reply(header, {"op": "devices", "devices": devices})
+            return
+        store = self.hub.store
+
+        async def work() -> None:
+            # The counts come from the store: messages waiting in each device's durable inbox, and its dead
+            # letters (the user's first MAX_COUNTED_DEAD_LETTERS, so a device's count is at most that).
+            letters = await store.dead_letters(user, None, MAX_COUNTED_DEAD_LETTERS)
+            dead = collections.Counter(letter.message.device for letter in letters)
+            for view in devices:
+                view["inbox"] = (await store.inbox_size(view["id"]))[0]
+                view["dead_letters"] = dead[view["id"]]
+            conn.reply(header, {"op": "devices", "devices": devices})
+
+        conn.run_request(header, work)
 
     def op_device_update(self, conn: Conn, header: dict[str, Any]) -> None:
         router = self.hub.router

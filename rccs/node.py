@@ -44,6 +44,7 @@ from .state import State
 from .store import is_store_url, open_store
 from .store.base import url_without_password
 from .tasks import Tasks
+from .transport.console import console_handler
 from .transport.http import HttpServer, http_router
 from .transport.ws import ServerConnection
 
@@ -240,7 +241,8 @@ class Node:
         )
         self._http_server = HttpServer(
             http_router(self.registry, self.is_ready, admin_handler(
-                self.hub, settings.admin_key, self.is_ready, self.messaging, self.pairing, self.tasks)))
+                self.hub, settings.admin_key, self.is_ready, self.messaging, self.pairing, self.tasks),
+                console_handler(lambda: self.ws_port, self.ssl_context is not None, settings.public_url)))
         await self._http_server.start(settings.http_host, settings.http_port, self.ssl_context)
         self._ready = True
         log.info(

@@ -1,4 +1,5 @@
-"""The HTTP side: ``/healthz``, ``/readyz``, ``/metrics`` and, when an admin key is set, the admin API.
+"""The HTTP side: ``/healthz``, ``/readyz``, ``/metrics``, the web console (``/console/``) and, when an admin
+key is set, the admin API.
 
 A small asyncio HTTP/1.1 server on top of h11 (a sans-I/O HTTP/1.1 protocol
 implementation: it parses and frames, this module does the I/O). One task per
@@ -293,10 +294,12 @@ class HttpServer:
     async def _send(self, conn: h11.Connection, writer: asyncio.StreamWriter, response: Response, method: bytes,
                     close: bool) -> bool:
         """Write a response; True if the connection may serve another request."""
+        # Nothing is cached unless the response says otherwise (the console's files do).
+        own_cache_control = any(name.lower() == "cache-control" for name, _ in response.headers)
         headers = [
             ("Content-Type", response.content_type),
             ("Content-Length", str(len(response.body))),
-            ("Cache-Control", "no-store"),
+            *(() if own_cache_control else (("Cache-Control", "no-store"),)),
             *response.headers,
         ]
         if close:
@@ -319,8 +322,9 @@ class HttpServer:
 
 
 def http_router(registry: CollectorRegistry, is_ready: Callable[[], bool],
-                admin: Handler | None = None) -> Handler:
-    """The request handler: health, readiness and metrics (GET only, as always), ``/admin/`` to ``admin``."""
+                admin: Handler | None = None, console: Handler | None = None) -> Handler:
+    """The request handler: health, readiness and metrics (GET only, as always), ``/admin/`` to ``admin``,
+    ``/console/`` to ``console`` (the web console's files)."""
 
     async def route(request: Request) -> Response:
         path = request.path
@@ -328,6 +332,8 @@ def http_router(registry: CollectorRegistry, is_ready: Callable[[], bool],
             if admin is None:
                 return text_response(404, "not found\n")  # the admin API is off: nothing is there
             return await admin(request)
+        if console is not None and (path == "/console" or path.startswith("/console/")):
+            return await console(request)
         if request.method != "GET":
             return text_response(405, "only GET is supported\n", (("Allow", "GET"),))
         if path == "/healthz":

@@ -10,6 +10,7 @@ import re
 import shutil
 import subprocess
 import sys
+import urllib.request
 import zipfile
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from rccs.testing import ServerProcess
 REPO = Path(__file__).resolve().parents[2]
 DIST = REPO / "dist"
 UNIT = REPO / "deploy" / "rccs.service"
+CONSOLE_FILES = ("index.html", "console.js", "console.css")
 INSTALL_TIMEOUT = 900  # seconds: the sdist compiles the fast path
 
 pytestmark = pytest.mark.timeout(INSTALL_TIMEOUT)
@@ -57,6 +59,11 @@ def _source_version() -> str:
     return match.group(1)
 
 
+def _get(url: str) -> tuple[int, bytes]:
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return response.status, response.read()
+
+
 def test_the_wheel_is_manylinux_lean_and_licensed():
     wheel = _one("rccs-*.whl")
     assert "manylinux" in wheel.name, wheel.name
@@ -64,7 +71,10 @@ def test_the_wheel_is_manylinux_lean_and_licensed():
     assert wheel.name.startswith(f"rccs-{version}-"), (wheel.name, version)
     with zipfile.ZipFile(wheel) as archive:
         names = archive.namelist()
-        assert not [name for name in names if name.endswith((".c", ".html"))]
+        assert not [name for name in names if name.endswith(".c")
+                    or (name.startswith("rccs/_fastpath/") and name.endswith(".html"))]
+        # the web console's built files (rccs/console, committed) are package data
+        assert {f"rccs/console/{name}" for name in CONSOLE_FILES} <= set(names)
         assert f"rccs-{version}.dist-info/licenses/LICENSE" in names
         assert any(name.startswith("rccs/broker/") for name in names)  # every package, found, not listed
         modules = [name for name in names if name.startswith("rccs/_fastpath/_") and name.endswith(".so")]
@@ -101,6 +111,10 @@ async def test_the_wheel_installs_without_a_compiler_and_serves_compiled(tmp_pat
             laptop.next_message(timeout=10))
         assert message.body == {"text": "from the wheel"}
         assert [(r.status, r.device) for r in receipts] == [("delivered", "laptop")]
+        # the web console is served from the installed package
+        for name in CONSOLE_FILES:
+            status, body = await asyncio.to_thread(_get, f"{server.http_url}/console/{name}")
+            assert (status, body) == (200, (REPO / "rccs" / "console" / name).read_bytes()), name
         await phone.close()
         await laptop.close()
     finally:

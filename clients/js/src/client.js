@@ -487,9 +487,13 @@ export class Client {
 
   // ---- devices, sessions, pairing ----------------------------------------------
 
-  /** The user's devices: id, type, name, capabilities, status (online / away / offline), last_seen, ... */
-  async devices() {
-    return (await this.request("devices")).devices;
+  /**
+   * The user's devices: id, type, name, capabilities, status (online / away / offline), last_seen, ...; with
+   * `counts: true` also `inbox` (messages waiting in its durable inbox) and `dead_letters`.
+   */
+  async devices({ counts = false } = {}) {
+    // counts: each device also carries `inbox` and `dead_letters` (protocol.md 4.5)
+    return (await this.request("devices", counts ? { counts: true } : {})).devices;
   }
 
   /** Change this device's (or, with `device`, another of the user's devices') description. */

@@ -71,6 +71,10 @@ export interface Device {
   created: number;
   last_seen: number;
   status: "online" | "away" | "offline";
+  /** With devices({counts: true}): messages waiting in the device's durable inbox. */
+  inbox?: number;
+  /** With devices({counts: true}): the device's dead letters. */
+  dead_letters?: number;
   [field: string]: unknown;
 }
 
@@ -214,7 +218,7 @@ export class Client {
   ping(): Promise<number>;
   serverTime(): number;
 
-  devices(): Promise<Device[]>;
+  devices(options?: { counts?: boolean }): Promise<Device[]>;
   updateDevice(changes: DeviceInfo, options?: { device?: string }): Promise<Device>;
   revokeDevice(device: string): Promise<void>;
   sessions(): Promise<Record<string, any>[]>;
