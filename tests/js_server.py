@@ -41,6 +41,8 @@ def _settings(argv: list[str]) -> dict[str, Any]:
     parser.add_argument("--ack-timeout", dest="ack_timeout", type=float)
     parser.add_argument("--max-delivery-attempts", dest="max_delivery_attempts", type=int)
     parser.add_argument("--session-grace", dest="session_grace", type=float)
+    parser.add_argument("--handoff-prepare-timeout", dest="handoff_prepare_timeout", type=float)
+    parser.add_argument("--handoff-accept-timeout", dest="handoff_accept_timeout", type=float)
     args = parser.parse_args(argv)
     return {name: value for name, value in vars(args).items() if value is not None}
 

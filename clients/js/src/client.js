@@ -4,7 +4,7 @@
 import { decode, encode } from "@msgpack/msgpack";
 
 import {
-  ConnectionClosed, RccsError, ReceiptTimeout, RequestTimeout, errorFrom,
+  ConnectionClosed, HandoffFailed, HandoffRefusal, RccsError, ReceiptTimeout, RequestTimeout, StaleEpoch, errorFrom,
 } from "./errors.js";
 import { mergePatch } from "./mergepatch.js";
 import { AsyncQueue, TimeoutError } from "./queue.js";
@@ -27,6 +27,11 @@ const EVENT_OPS = new Set(["presence", "pair.request", "pair.joined", "pair.with
 const SEEN_MESSAGES = 10000; // (from, id) of ack:true messages remembered to recognise redeliveries
 const CALL_GRACE = 5000; // how much longer than a call's timeout call() waits for the server's answer
 const HELLO_TIMEOUT = 30000;
+// How long handoff() waits for the outcome by default: the server's default prepare (10 s) and accept (30 s)
+// timeouts, after which it reports handoff.failed itself, and some time for the messages.
+const HANDOFF_TIMEOUT = 10000 + 30000 + CALL_GRACE;
+const SEEN_HANDOFFS = 1000; // handoff ids remembered to act on a repeated handoff.committed once
+const TRANSIENT_ERRORS = new Set(["rate_limited", "internal", "overloaded"]); // a renewal refused for now
 
 /** Sending needs an open connection and there is none right now. */
 export class NotConnected extends Error {
@@ -129,6 +134,11 @@ export class Client {
     this._listeners = new Map(); // event name -> Set of functions
     this._subscriptions = [];
     this._welcomed = null; // deferred of the connection attempt under way
+    this._handoffRequests = new Map(); // request id -> outcome deferred (until handoff.started)
+    this._handoffOutcomes = new Map(); // handoff id -> outcome deferred
+    this._handoffsSeen = new Set(); // recent "op handoff" told to the application
+    this._keepers = new Map(); // task -> its TaskKeeper
+    this._handoffCallbacks = { prepare: null, offer: null, gained: null, lost: null, failed: null };
   }
 
   // ---- lifecycle ----------------------------------------------------------
@@ -295,7 +305,9 @@ export class Client {
     this._inbox.end(reason);
     for (const subscription of this._subscriptions) subscription._queue.end(reason);
     for (const waiter of this._waiters.values()) settle(waiter.pending, reason);
-    for (const pending of [...this._requests.values(), ...this._calls.values()]) settle(pending, reason);
+    for (const pending of [...this._requests.values(), ...this._calls.values(), ...this._handoffRequests.values(),
+      ...this._handoffOutcomes.values()]) settle(pending, reason);
+    for (const keeper of [...this._keepers.values()]) keeper._end(null);
     settle(this._closed, null, reason);
     this._emit("close", reason);
   }
@@ -709,6 +721,7 @@ export class Client {
           { from: envelope.from }));
       } else settle(call, null, envelope.result ?? null);
     } else if (op === "call") this._answerCall(envelope);
+    else if (typeof op === "string" && op.startsWith("handoff.")) this._onHandoff(envelope);
     else if (op === "state.changed" || (op === "state" && !this._requests.has(envelope.id))) this._onState(envelope);
     else if (REPLY_OPS.has(op) && this._requests.has(envelope.id)) settle(this._requests.get(envelope.id), null, envelope);
     else if (op === "paired") {
@@ -819,9 +832,11 @@ export class Client {
     return leaseOf(await this._requestResent(envelope, timeout));
   }
 
-  /** Give the lease up: nobody owns the task; the next claim gets the next epoch. */
+  /** Give the lease up (and stop its keepTask renewer): nobody owns the task; the next claim gets the next epoch. */
   async taskRelease(task, epoch) {
     await this.request("task.release", { task, epoch });
+    const keeper = this._keepers.get(task);
+    if (keeper && keeper.lease.epoch === epoch) keeper._end(null);
   }
 
   /** Every task of the user ever claimed (or only `task`): `{task, owner, epoch, expires, live, handoff}`. */
@@ -830,11 +845,228 @@ export class Client {
     return reply.tasks.map((entry) => ({ task: entry.task, owner: entry.owner ?? null, epoch: entry.epoch,
       expires: entry.expires, live: Boolean(entry.live), handoff: entry.handoff ?? null }));
   }
+
+  /** Renew a lease now and then until stop() or until it is lost: see TaskKeeper. Replaces an earlier keeper. */
+  keepTask(lease, { ttl = null } = {}) {
+    this._keepers.get(lease.task)?._end(null);
+    const keeper = new TaskKeeper(this, lease, ttl);
+    this._keepers.set(lease.task, keeper);
+    return keeper;
+  }
+
+  // ---- handoffs (protocol.md 15.3) ---------------------------------------------
+
+  /**
+   * Move `task` from its owner to the device `to` selects (a selector or a device id): push from the owner,
+   * pull to this device, or from a third device. Resolves with `{handoff, task, owner, epoch, expires}` once
+   * committed; rejects with HandoffFailed (the old owner keeps the task), RccsError `not_found` (nobody holds
+   * it), HandoffBusy, `offline`, `bad_request`, or TimeoutError after `timeout` ms (it may still finish).
+   */
+  async handoff(task, to, { timeout = HANDOFF_TIMEOUT } = {}) {
+    const requestId = `handoff-${this.newId()}`;
+    const outcome = deferred();
+    this._handoffRequests.set(requestId, outcome); // moved to _handoffOutcomes by handoff.started
+    let handoffId = null;
+    try {
+      const started = await this.request("handoff.request", { task, to: typeof to === "string" ? { device: to } : to },
+        { id: requestId });
+      handoffId = started.handoff;
+      return await withTimeout(outcome.promise, timeout,
+        () => new TimeoutError(`no outcome of handoff ${handoffId} of task ${JSON.stringify(task)} in time`));
+    } finally {
+      this._handoffRequests.delete(requestId);
+      if (handoffId != null) this._handoffOutcomes.delete(handoffId);
+    }
+  }
+
+  /**
+   * `callback(prepare)` (sync or async; prepare: `{handoff, task, to, epoch, deadline}`) runs when a handoff
+   * asks this device to give up one of its tasks: pause at a safe point and return the checkpoint the target
+   * continues from, or throw HandoffRefusal(reason). Without a callback every handoff of this device's tasks
+   * is refused.
+   */
+  onHandoffPrepare(callback) {
+    this._handoffCallbacks.prepare = callback;
+  }
+
+  /**
+   * `callback(offer)` (offer: `{handoff, task, from, checkpoint, epoch, deadline}`) runs when another device's
+   * task is offered to this one: return true to accept, false (or throw HandoffRefusal) to reject. Without a
+   * callback every offer is rejected.
+   */
+  onHandoffOffer(callback) {
+    this._handoffCallbacks.offer = callback;
+  }
+
+  /** `callback(result)` runs once per handoff that gave this device a task (also when the server repeats it). */
+  onTaskGained(callback) {
+    this._handoffCallbacks.gained = callback;
+  }
+
+  /** `callback(result)` runs when a handoff moved one of this device's tasks away: stop working on it. */
+  onTaskLost(callback) {
+    this._handoffCallbacks.lost = callback;
+  }
+
+  /** `callback(failure)` (a HandoffFailed) runs for every handoff this device took part in that failed. */
+  onHandoffFailed(callback) {
+    this._handoffCallbacks.failed = callback;
+  }
+
+  _firstTime(op, handoff) {
+    const key = `${op} ${handoff}`;
+    if (this._handoffsSeen.has(key)) return false;
+    this._handoffsSeen.add(key);
+    if (this._handoffsSeen.size > SEEN_HANDOFFS) this._handoffsSeen.delete(this._handoffsSeen.values().next().value);
+    return true;
+  }
+
+  _notify(name, argument) {
+    const callback = this._handoffCallbacks[name];
+    if (!callback) return;
+    Promise.resolve().then(() => callback(argument)).catch((error) => {
+      console.error(`rccs-client: the ${name} callback failed`, error);
+    });
+  }
+
+  _onHandoff(envelope) {
+    const { op } = envelope;
+    const handoff = String(envelope.handoff);
+    const task = String(envelope.task);
+    if (op === "handoff.started") {
+      const outcome = this._handoffRequests.get(envelope.id);
+      if (outcome) this._handoffOutcomes.set(handoff, outcome); // before any later envelope reports the outcome
+      settle(this._requests.get(envelope.id), null, envelope);
+    } else if (op === "handoff.prepare") {
+      this._answerPrepare({ handoff, task, to: envelope.to, epoch: envelope.epoch, deadline: envelope.deadline });
+    } else if (op === "handoff.offer") {
+      this._answerOffer({ handoff, task, from: envelope.from, checkpoint: envelope.checkpoint ?? null,
+        epoch: envelope.epoch, deadline: envelope.deadline });
+    } else if (op === "handoff.committed" || op === "handoff.revoked") {
+      const result = { handoff, task, owner: envelope.owner, epoch: envelope.epoch, expires: envelope.expires ?? null };
+      if (op === "handoff.committed") {
+        settle(this._handoffOutcomes.get(handoff), null, result);
+        if (result.owner === this.deviceId && this._firstTime(op, handoff)) this._notify("gained", result);
+      } else if (this._firstTime(op, handoff)) {
+        const keeper = this._keepers.get(task);
+        if (keeper && keeper.lease.epoch < result.epoch) {
+          keeper._end(new StaleEpoch(`task ${JSON.stringify(task)} was handed off to ${result.owner}`, task,
+            result.epoch, result.owner));
+        }
+        this._notify("lost", result);
+      }
+    } else if (op === "handoff.failed") {
+      const failure = new HandoffFailed(handoff, task, String(envelope.reason), envelope.detail ?? null);
+      settle(this._handoffOutcomes.get(handoff), failure);
+      if (this._firstTime(op, handoff)) this._notify("failed", failure);
+    }
+  }
+
+  async _answerPrepare(prepare) {
+    const refuse = (reason) => ({ op: "handoff.refuse", handoff: prepare.handoff, reason });
+    const callback = this._handoffCallbacks.prepare;
+    let answer;
+    if (!callback) answer = refuse("this device hands off no tasks (it has no onHandoffPrepare callback)");
+    else {
+      try {
+        answer = { op: "handoff.prepared", handoff: prepare.handoff, checkpoint: (await callback(prepare)) ?? null };
+      } catch (error) {
+        answer = refuse(error instanceof HandoffRefusal ? error.reason : `${error?.name}: ${error?.message}`);
+      }
+    }
+    try {
+      this._send(answer);
+    } catch (error) {
+      if (!(error instanceof NotConnected)) this._send(refuse(`the checkpoint cannot be encoded: ${error.message}`));
+    }
+  }
+
+  async _answerOffer(offer) {
+    const callback = this._handoffCallbacks.offer;
+    let accepted = false;
+    let reason = "this device takes no tasks (it has no onHandoffOffer callback)";
+    if (callback) {
+      try {
+        accepted = Boolean(await callback(offer));
+        reason = "declined";
+      } catch (error) {
+        reason = error instanceof HandoffRefusal ? error.reason : `${error?.name}: ${error?.message}`;
+      }
+    }
+    const answer = { op: accepted ? "handoff.accept" : "handoff.reject", handoff: offer.handoff };
+    if (!accepted) answer.reason = reason;
+    try {
+      this._send(answer);
+    } catch (error) {
+      if (!(error instanceof NotConnected)) throw error;
+    }
+  }
 }
 
 function receiptOf(envelope) {
   return { id: envelope.id, status: String(envelope.status), device: envelope.device ?? null,
     reason: envelope.reason ?? null, fromDevice: envelope.from_device ?? null };
+}
+
+/**
+ * Renews a lease (Client.keepTask) at a third of its lifetime until stop(), or until the lease is lost.
+ * `lease` is the latest lease; `ended` resolves with the StaleEpoch (or other RccsError) that ended it (the
+ * task was handed off, or claimed by another device after the lease ran out), or null after stop().
+ */
+export class TaskKeeper {
+  constructor(client, lease, ttl) {
+    this.client = client;
+    this.lease = lease;
+    this.ttl = ttl;
+    this.renewals = 0;
+    this._ended = deferred();
+    this._timer = null;
+    this._stopped = false;
+    this._schedule();
+  }
+
+  get ended() {
+    return this._ended.promise;
+  }
+
+  _schedule() {
+    const wait = this.ttl != null ? this.ttl / 3 : Math.max(50, (this.lease.expires - this.client.serverTime()) / 3);
+    this._timer = setTimeout(() => this._renew(), wait);
+  }
+
+  async _renew() {
+    if (this._stopped) return;
+    const remaining = this.lease.expires - this.client.serverTime();
+    try {
+      this.lease = await this.client.taskRenew(this.lease.task, this.lease.epoch,
+        { ttl: this.ttl, timeout: Math.max(1000, remaining) });
+      this.renewals += 1;
+      this.client._emit("task.renewed", this.lease);
+    } catch (error) {
+      if (error instanceof ConnectionClosed) {
+        this._end(null);
+        return;
+      }
+      // refused for good (StaleEpoch, ...): stop; refused for now, or not connected: try again
+      if (error instanceof RccsError && !TRANSIENT_ERRORS.has(error.code) && error.code !== "disconnected") {
+        this._end(error);
+        return;
+      }
+    }
+    if (!this._stopped) this._schedule();
+  }
+
+  _end(reason) {
+    this._stopped = true;
+    clearTimeout(this._timer);
+    settle(this._ended, null, reason);
+    if (this.client._keepers.get(this.lease.task) === this) this.client._keepers.delete(this.lease.task);
+  }
+
+  /** Stop renewing (the lease stays until it expires; taskRelease gives it up at once). */
+  stop() {
+    this._end(null);
+  }
 }
 
 function leaseOf(reply) {

@@ -55,6 +55,35 @@ export class HandoffBusy extends RccsError {
   }
 }
 
+/**
+ * A handoff ended without moving the task (the old owner keeps it): `reason` is the server's (`refused`,
+ * `rejected`, `prepare_timeout`, `accept_timeout`, `owner_disconnected`, ...), `detail` the refusing or
+ * rejecting device's reason, if it gave one.
+ */
+export class HandoffFailed extends RccsError {
+  constructor(handoff, task, reason, detail = null) {
+    super("handoff_failed", `handoff ${handoff} of task ${JSON.stringify(task)} failed: ${reason}`
+      + (detail ? ` (${detail})` : ""), { handoff, task, reason, detail });
+    this.name = "HandoffFailed";
+    this.handoff = handoff;
+    this.task = task;
+    this.reason = reason;
+    this.detail = detail;
+  }
+}
+
+/**
+ * Throw it in an onHandoffPrepare callback to refuse the handoff, or in an onHandoffOffer callback to reject
+ * the task; `reason` reaches the other devices as the failure's `detail`.
+ */
+export class HandoffRefusal extends Error {
+  constructor(reason = "") {
+    super(reason);
+    this.name = "HandoffRefusal";
+    this.reason = reason;
+  }
+}
+
 /** The connection ended and will not be re-established (close(), or the server refused it for good). */
 export class ConnectionClosed extends Error {
   constructor(code, reason) {

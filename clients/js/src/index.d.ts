@@ -184,6 +184,7 @@ export interface EventMap {
   reconnect: Welcome;
   close: ConnectionClosed;
   state: StateChange;
+  "task.renewed": TaskLease;
 }
 
 export class Client {
@@ -243,6 +244,48 @@ export class Client {
   taskRenew(task: string, epoch: number, options?: { ttl?: number; timeout?: number }): Promise<TaskLease>;
   taskRelease(task: string, epoch: number): Promise<void>;
   taskList(task?: string | null): Promise<TaskStatus[]>;
+  keepTask(lease: TaskLease, options?: { ttl?: number }): TaskKeeper;
+
+  handoff(task: string, to: Selector | string, options?: { timeout?: number }): Promise<HandoffResult>;
+  onHandoffPrepare(callback: ((prepare: HandoffPrepare) => unknown) | null): void;
+  onHandoffOffer(callback: ((offer: HandoffOffer) => boolean | Promise<boolean>) | null): void;
+  onTaskGained(callback: ((result: HandoffResult) => unknown) | null): void;
+  onTaskLost(callback: ((result: HandoffResult) => unknown) | null): void;
+  onHandoffFailed(callback: ((failure: HandoffFailed) => unknown) | null): void;
+}
+
+export interface HandoffResult {
+  handoff: string;
+  task: string;
+  owner: string;
+  epoch: number;
+  /** null in a handoff.revoked */
+  expires: number | null;
+}
+
+export interface HandoffPrepare {
+  handoff: string;
+  task: string;
+  to: string;
+  epoch: number;
+  deadline: number;
+}
+
+export interface HandoffOffer {
+  handoff: string;
+  task: string;
+  from: string;
+  checkpoint: unknown;
+  epoch: number;
+  deadline: number;
+}
+
+export class TaskKeeper {
+  readonly lease: TaskLease;
+  readonly renewals: number;
+  /** The error that ended it (StaleEpoch: handed off), or null after stop(). */
+  readonly ended: Promise<RccsError | null>;
+  stop(): void;
 }
 
 export class StateSubscription implements AsyncIterable<StateChange> {
@@ -296,6 +339,16 @@ export class StaleEpoch extends RccsError {
 export class HandoffBusy extends RccsError {
   readonly task: string | null;
   readonly handoff: string | null;
+}
+export class HandoffFailed extends RccsError {
+  readonly handoff: string;
+  readonly task: string;
+  readonly reason: string;
+  readonly detail: string | null;
+}
+export class HandoffRefusal extends Error {
+  constructor(reason?: string);
+  readonly reason: string;
 }
 export class ConnectionClosed extends Error {
   readonly code: number | null;

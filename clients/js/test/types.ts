@@ -1,5 +1,5 @@
 // Compiled by `npm run typecheck` (tsc, never run): the README's usage type-checks against src/index.d.ts.
-import { Client, ConnectionClosed, RccsError, StaleEpoch, pair } from "rccs-client";
+import { Client, ConnectionClosed, HandoffRefusal, RccsError, StaleEpoch, pair } from "rccs-client";
 import type { Message, Receipt, StateChange, TaskLease, Welcome } from "rccs-client";
 
 export async function usage(url: string, token: string, code: string): Promise<void> {
@@ -36,6 +36,12 @@ export async function usage(url: string, token: string, code: string): Promise<v
     else if (error instanceof RccsError) void error.code;
     else if (error instanceof ConnectionClosed) void error.code;
   }
-  void [session, receipts, credential, deviceId, level, names];
+  const keeper = me.keepTask(lease, { ttl: 30000 });
+  me.onHandoffPrepare((prepare) => ({ step: 3, for: prepare.to }));
+  me.onHandoffOffer((offer) => offer.epoch > 1);
+  me.onHandoffPrepare(() => { throw new HandoffRefusal("busy"); });
+  const moved = await me.handoff("agent", { device: "alice-phone" });
+  const ended = await keeper.ended;
+  void [session, receipts, credential, deviceId, level, names, moved.epoch, ended?.code];
   await me.close();
 }
