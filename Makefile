@@ -132,4 +132,4 @@ sdist: $(WHEEL_TOOLS)
 	$(BIN)/python -m build --sdist --outdir dist .
 
 clean:
-	rm -rf $(VENV) build dist *.egg-info rccs/_fastpath/*.so rccs/_fastpath/_*.c
+	rm -rf $(VENV) build dist *.egg-info rccs/_fastpath/*.so rccs/_fastpath/_*.c $(JS)/node_modules $(JS)/dist

@@ -1,10 +1,11 @@
 // The web console (/console/) in headless Chromium against a real server: it pairs itself by code, shows the
 // devices with live presence and counts, pairs a new device by the code it shows (approved in the page),
 // renames and revokes devices, lists the messages sent to it, and requests nothing outside this machine.
-// Chromium: $CHROMIUM, else /usr/bin/chromium (Debian's package); without one the test is skipped.
+// Chromium: $CHROMIUM, else chromium (Debian's package) or chromium-browser on PATH; without one the test is
+// skipped, saying so.
 import assert from "node:assert/strict";
 import { existsSync } from "node:fs";
-import { join } from "node:path";
+import { delimiter, join } from "node:path";
 import { after, before, test } from "node:test";
 
 import { chromium } from "playwright-core";
@@ -12,7 +13,8 @@ import { chromium } from "playwright-core";
 import { Client, pair } from "../../src/node.js";
 import { REPO, startServer } from "../server.js";
 
-const CHROMIUM = process.env.CHROMIUM ?? "/usr/bin/chromium";
+const onPath = (name) => (process.env.PATH ?? "").split(delimiter).map((dir) => join(dir, name)).find(existsSync);
+const CHROMIUM = process.env.CHROMIUM || onPath("chromium") || onPath("chromium-browser") || "/usr/bin/chromium";
 const SKIP = existsSync(CHROMIUM) ? false : `no Chromium at ${CHROMIUM} (apt-get install chromium): browser test skipped`;
 const UI_WAIT = 10000; // ms the page may take to show an expected state
 // docs/console.png is this test's screenshot; RCCS_CONSOLE_SCREENSHOT=docs/console.png writes it again.
@@ -50,6 +52,9 @@ test("the console pairs by code, follows presence, pairs, renames and revokes de
   page.on("websocket", (socket) => { if (!isLocal(socket.url())) outside.push(socket.url()); });
   const pageErrors = [];
   page.on("pageerror", (error) => pageErrors.push(error.message));
+  page.on("console", (message) => { // CSP violations and failed loads show up here
+    if (message.type() === "error") pageErrors.push(message.text());
+  });
 
   const desktop = server.track(new Client(server.wsUrl, {
     token: await server.token("zoe", "zoe-desktop"), device: { type: "desktop", capabilities: ["shell", "files"] } }));
