@@ -124,3 +124,30 @@ test("a pairing code from the command line's way of making one works for the fir
   assert.equal(paired.user, "henry");
   await assert.rejects(pair(server.wsUrl, "AAAA-AAAA", { type: "web" }), (error) => error.code === "invalid_code");
 });
+
+test("a firstAck message taken by one device is retracted from the other, which hears retract", async () => {
+  const sender = await server.connect("kim", "fa-sender");
+  const one = await server.connect("kim", "fa-one", { type: "worker" });
+  const other = await server.connect("kim", "fa-other", { type: "worker" });
+  const sending = sender.send({ type: "worker" }, "job", { n: 1 }, { ack: true, firstAck: true, id: "job-1" });
+  const retracted = other.nextEvent("retract", { timeout: WAIT });
+  const taken = await one.nextMessage({ timeout: WAIT });
+  assert.equal(taken.id, "job-1");
+  const retract = await retracted;
+  assert.deepEqual([retract.id, retract.from], ["job-1", "fa-sender"]);
+  const receipts = await sending;
+  assert.deepEqual(receipts.map((r) => [r.status, r.device]).sort(), [["delivered", "fa-one"], ["retracted", "fa-other"]]);
+});
+
+test("refresh extends the session with a fresh token; revokeSession ends another device's session", async () => {
+  const phone = await server.connect("lena", "ref-phone");
+  const other = await server.connect("lena", "ref-other", { backoffInitial: 10 });
+  const before = phone.welcome.expires_at;
+  const expires = await phone.refresh({ token: await server.token("lena", "ref-phone") });
+  assert.ok(expires >= before);
+  await assert.rejects(phone.refresh({ token: await server.token("lena", "ref-other") }),
+    (error) => error.code === "forbidden");
+  await phone.revokeSession(other.sessionId);
+  assert.equal((await other.closed).code, 4410);
+  await assert.rejects(phone.revokeSession("no-such-session"), (error) => error.code === "not_found");
+});
