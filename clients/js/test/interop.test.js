@@ -38,6 +38,14 @@ test("msgpack JS, JSON JS and Python devices exchange messages, receipts and cal
   assert.deepEqual([fromPyPacked.from, fromPyPacked.body], ["py", { ok: true }]);
   assert.deepEqual([fromPyTexted.from, fromPyTexted.body], ["py", { ok: true }]);
 
+  // JS (JSON) -> Python
+  const [toPy, atPy] = await Promise.all([
+    texted.send({ device: "py" }, "from-json", { pi: 3.14159, neg: -7 }, { ack: true }),
+    server.command("py_next", { device: "py" }),
+  ]);
+  assert.deepEqual(toPy.map((r) => [r.status, r.device]), [["delivered", "py"]]);
+  assert.deepEqual([atPy.from, atPy.type, atPy.body], ["js-json", "from-json", { pi: 3.14159, neg: -7 }]);
+
   // JS (JSON) -> JS (msgpack); binary data in a msgpack body reaches a JSON device as base64 (protocol.md 6)
   const [jsonReceipts, atPacked] = await Promise.all([
     texted.send({ device: "js-msgpack" }, "back", [1, "two"], { ack: true }),
