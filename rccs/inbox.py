@@ -25,7 +25,7 @@ import logging
 import random
 import zlib
 from collections import OrderedDict
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from ._fastpath import EnvelopeError, decode_envelope
 from .errors import ErrorCode, ProtocolError, ReceiptReason
@@ -46,6 +46,15 @@ STORE_RETRY_FIRST = 0.5  # seconds before writing acks and receipts again after 
 STORE_RETRY_MAX = 5.0
 INBOX_DOORBELL = "inbox.new"  # broker channel: (user, device) has new messages in its inbox
 
+class ToKeep(NamedTuple):
+    """An inbox write waiting for the next group commit."""
+
+    message: QueuedMessage
+    status: str  # the sender's receipt once it is stored
+    new_send: bool  # from a send just now: a store shared by several nodes checks its id
+    from_device: str | None  # a pick-one message moving from that device: its receipt is moved
+
+
 class Deliveries:
     """The node's durable delivery machinery. Event loop thread only.
 
@@ -59,8 +68,7 @@ class Deliveries:
         self.live = live
         self.settings = core.settings
         self.receipt_takers: list[Callable[[str, str, dict[str, Any]], bool]] = []
-        # (message, receipt status once stored, whether it is a new send whose id the store checks)
-        self._to_enqueue: list[tuple[QueuedMessage, str, bool]] = []
+        self._to_enqueue: list[ToKeep] = []
         self._to_remove: list[int] = []
         self._to_count: list[int] = []
         self._receipts: list[tuple[str, dict[str, Any]]] = []
@@ -124,29 +132,29 @@ class Deliveries:
                 asyncio.get_running_loop().call_later(self._store_retry, self._schedule)
                 self._store_retry = min(self._store_retry * 2, STORE_RETRY_MAX)
 
-    def _not_kept(self, batch: list[tuple[QueuedMessage, str, bool]], exc: StoreError) -> None:
+    def _not_kept(self, batch: list[ToKeep], exc: StoreError) -> None:
         """The store refused a batch of inbox writes: nothing of it was kept, and each sender hears so
         (``failed``/``unavailable``, final for that device) with its id forgotten, so that sending the same
         message again is not taken for a repeat."""
         log.warning("store unavailable: %d inbox writes refused (%s)", len(batch), exc)
-        for message, _status, _new in batch:
+        for message, *_ in batch:
             self.stats["rejected"] += 1
             self.forget_id(message.sender_device, message.msg_id)
             self.send_receipt(message.user, message.sender_device,
                               receipt(message.msg_id, "failed", message.device, ReceiptReason.UNAVAILABLE.value))
 
-    async def _commit(self, batch: list[tuple[QueuedMessage, str, bool]]) -> None:
+    async def _commit(self, batch: list[ToKeep]) -> None:
         settings = self.settings
         ids = IdMemory(self.core.now(), int(settings.idempotency_window * 1000), settings.idempotency_cache,
-                       [new_send for _, _, new_send in batch])
-        outcome = await self.core.store.enqueue([message for message, _, _ in batch], settings.inbox_max_messages,
+                       [item.new_send for item in batch])
+        outcome = await self.core.store.enqueue([item.message for item in batch], settings.inbox_max_messages,
                                                settings.inbox_max_bytes, settings.inbox_overflow, ids)
         rejected = {(m.device, m.sender_device, m.msg_id) for m in outcome.rejected}
         repeats = {(m.device, m.sender_device, m.msg_id) for m in outcome.repeated + outcome.conflicting}
         if repeats:
             self._answer_repeats(outcome.repeated, outcome.conflicting)
         stored = iter(outcome.stored)
-        for message, status, _ in batch:
+        for message, status, _, from_device in batch:
             key = (message.device, message.sender_device, message.msg_id)
             if key in repeats:
                 continue  # answered once per send above
@@ -157,7 +165,10 @@ class Deliveries:
                 continue
             kept = next(stored)
             self.stats["enqueued"] += 1
-            self.send_receipt(message.user, message.sender_device, receipt(kept.msg_id, status, kept.device))
+            kept_receipt = receipt(kept.msg_id, status, kept.device)
+            if from_device is not None:
+                kept_receipt["from_device"] = from_device
+            self.send_receipt(message.user, message.sender_device, kept_receipt)
             target = self.router.online(kept.user, kept.device)
             if target is not None and target.inbox_loaded:
                 self.deliver(target, kept)
@@ -253,11 +264,12 @@ class Deliveries:
 
     # ---- queueing ------------------------------------------------------------
 
-    def enqueue(self, message: QueuedMessage, status: str, new_send: bool = False) -> None:
-        """Keep a message in its target's inbox; ``status`` (queued/accepted) is the sender's receipt.
+    def enqueue(self, message: QueuedMessage, status: str, new_send: bool = False,
+                from_device: str | None = None) -> None:
+        """Keep a message in its target's inbox; ``status`` (queued/accepted/moved) is the sender's receipt.
         ``new_send``: it comes from a ``send`` now (not from a session that ended), so a store shared by
-        several nodes checks its id."""
-        self._to_enqueue.append((message, status, new_send))
+        several nodes checks its id. ``from_device``: a pick-one message moving here from that device."""
+        self._to_enqueue.append(ToKeep(message, status, new_send, from_device))
         self._schedule()
 
     def deliver(self, session: LiveSession, message: QueuedMessage) -> None:

@@ -414,4 +414,38 @@ class WorkItem:
                 "op": "receipt", "id": self.outgoing.msg_id, "status": "moved", "device": chosen.device,
                 "from_device": session.device})
             return True
+        return self._move_elsewhere(session, seq, exclude)
+
+    def _move_elsewhere(self, session: LiveSession, seq: int, exclude: str | None) -> bool:
+        """Several nodes, no candidate left on this one: a matching device online on another node gets it
+        through its inbox (its node writes it from there; it does not move again). ``moved`` follows the
+        inbox write."""
+        messaging = self.messaging
+        router = messaging.router
+        user = self.sender_user
+        if not router.broker.spans_nodes:
+            return False
+        if self.selector.kind in ("device", "devices"):
+            names = [self.selector.value] if self.selector.kind == "device" else list(self.selector.value)
+        else:
+            names = [record.id for record in router.registry.user_devices(user)
+                     if selector_matches(record, self.selector)]
+        outgoing = self.outgoing
+        for name in names:
+            record = router.registry.get(name)
+            if (name in self.tried or name == exclude or record is None or record.revoked_at is not None
+                    or router.online(user, name) is not None or router.broker.holder(user, name) is None):
+                continue
+            self.tried.add(name)
+            try:
+                body = outgoing.body_raw if outgoing.body_raw is not None else json_value_to_msgpack(outgoing.body_json)
+            except ProtocolError:
+                return False  # no msgpack form: it stays where it is
+            messaging.deliveries.enqueue(QueuedMessage(
+                device=name, user=user, sender_device=self.sender_device, msg_id=outgoing.msg_id,
+                type=outgoing.app_type, body=body, ts=outgoing.ts, expires_at=messaging.deliveries.kept_expiry(),
+                receipt=True), "moved", from_device=session.device)
+            session.withdraw(seq, outgoing.msg_id, self.sender_device)
+            messaging.core.events["work_moved"] += 1
+            return True
         return False

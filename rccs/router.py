@@ -178,7 +178,7 @@ class Router:
                 if targets:
                     offline = []
                 elif len(offline) > 1:
-                    offline = [max(offline, key=lambda record: record.last_seen)]
+                    offline = [self._likeliest(user, offline)]
                 if targets or offline:
                     failures = []
             if not targets and not failures and not offline:
@@ -191,10 +191,15 @@ class Router:
                        if record.id != exclude and self.online(user, record.id) is None
                        and selector_matches(record, selector)]
             if selector.pick_one and len(offline) > 1:
-                offline = [max(offline, key=lambda record: record.last_seen)]
+                offline = [self._likeliest(user, offline)]
         if not found and not offline:
             return found, [(None, ReceiptReason.NO_ROUTE)], offline
         return found, [], offline
+
+    def _likeliest(self, user: str, offline: list[DeviceRecord]) -> DeviceRecord:
+        """Of devices not connected here, the one a pick-one message waits for: one connected to another
+        node (several nodes), else the most recently seen."""
+        return max(offline, key=lambda record: (self.broker.holder(user, record.id) is not None, record.last_seen))
 
     def resolve_one(self, user: str, selector: Selector, exclude: str | None) -> LiveSession | None:
         """The most recently active online device of ``user`` that ``selector`` matches, other than

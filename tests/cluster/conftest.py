@@ -1,99 +1,10 @@
-"""A cluster for each test: a throw-away redis-server and three `rccs serve` node processes on it."""
-
-import asyncio
-import time
-import urllib.error
-import urllib.request
+"""A cluster for each test (tests/cluster/clusters.py): a redis-server and three node processes."""
 
 import pytest
-
-from rccs import admin
-from rccs.auth import TokenAuthority
-from rccs.client import Client
-from rccs.store import open_store
-from rccs.testing import RedisServer, ServerProcess, child_environment
-
-NODES = 3
-DEVICES = ("alice-phone", "alice-laptop", "alice-tablet")
-
-
-class Cluster:
-    def __init__(self, redis: RedisServer, nodes: list[ServerProcess], tokens: TokenAuthority):
-        self.redis = redis
-        self.redis_url = redis.url
-        self.nodes = nodes
-        self.tokens = tokens
-        self.clients: list[Client] = []
-
-    async def connect(self, node: int, user: str, device: str, **options) -> Client:
-        client = Client(self.nodes[node].ws_url, self.tokens.issue(user, device, 600), {"type": "desktop"},
-                        **options)
-        self.clients.append(client)
-        await client.connect()
-        return client
-
-    async def readiness(self, node: int) -> int:
-        """The HTTP status of the node's /readyz."""
-        def probe() -> int:
-            try:
-                with urllib.request.urlopen(self.nodes[node].http_url + "/readyz", timeout=5) as response:
-                    return int(response.status)
-            except urllib.error.HTTPError as refused:
-                return refused.code
-        return await asyncio.to_thread(probe)
-
-    async def until_readiness(self, status: int, timeout: float = 30.0) -> None:
-        """Wait (bounded) until every node's /readyz answers ``status``."""
-        deadline = time.monotonic() + timeout
-        while True:
-            seen = [await self.readiness(n) for n in range(len(self.nodes))]
-            if all(code == status for code in seen):
-                return
-            if time.monotonic() > deadline:
-                raise AssertionError(f"/readyz still {seen} after {timeout} s, expected {status} everywhere")
-            await asyncio.sleep(0.1)  # polling an HTTP probe: the interval between looks, not synchronisation
-
-
-    async def until_stored(self, session_id: str, timeout: float = 10.0) -> None:
-        """Wait (bounded) until the session's record is in the cluster's store."""
-        store = open_store(self.redis_url, "")
-        await store.open()
-        try:
-            deadline = time.monotonic() + timeout
-            while await store.get_session(session_id) is None:
-                if time.monotonic() > deadline:
-                    raise AssertionError(f"session {session_id} not stored after {timeout} s")
-                await asyncio.sleep(0.05)  # polling the store: the interval between looks, not synchronisation
-        finally:
-            await store.close()
+from clusters import running_cluster
 
 
 @pytest.fixture
 async def cluster(tmp_path):
-    redis_server = RedisServer(tmp_path / "redis")
-    url = await redis_server.start()
-    # The devices are registered before the nodes start, as `rccs token issue --store` does, so that every
-    # node's registry knows them from its first moment.
-    store = open_store(url, "")
-    await store.open()
-    for device in DEVICES:
-        await admin.ensure_device_for_token(store, "alice", device, 1)
-    tokens = TokenAuthority(await store.token_secret())
-    await store.close()
-    nodes = []
-    for n in range(NODES):
-        (tmp_path / f"logs{n}").mkdir()  # each node's output apart: log file names count per ServerProcess
-        nodes.append(ServerProcess(tmp_path / f"node{n}", "--store", url, "--node-id", f"n{n}",
-                                   env=child_environment(), log_dir=tmp_path / f"logs{n}"))
-    await asyncio.gather(*(node.start() for node in nodes))
-    running = Cluster(redis_server, nodes, tokens)
-    try:
+    async with running_cluster(tmp_path) as running:
         yield running
-    finally:
-        for client in running.clients:
-            await client.close()
-        for node in nodes:
-            node.kill()
-        redis_server.kill()
-        for n, node in enumerate(nodes):  # shown by pytest when the test failed
-            print(f"===== node n{n} =====\n{node.logs()}")

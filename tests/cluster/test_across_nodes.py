@@ -16,6 +16,7 @@ import subprocess
 import sys
 
 import pytest
+from clusters import running_cluster
 
 from rccs.client import ClientError, ConnectionClosed, pair
 from rccs.testing import child_environment
@@ -199,3 +200,34 @@ async def test_a_live_document_is_read_on_every_node_and_goes_when_its_writers_n
     removed = await watching.next(timeout=30)
     assert (removed.rev, removed.patch, removed.value) == (2, None, None)
     assert (await later.next(timeout=30)).rev == 2
+
+
+async def test_a_pick_one_message_moves_to_a_device_of_another_node_when_its_device_does_not_ack(tmp_path):
+    async with running_cluster(tmp_path, RCCS_ACK_TIMEOUT="1") as cluster:
+        phone = await cluster.connect(0, "alice", "alice-phone")
+        laptop = await cluster.connect(0, "alice", "alice-laptop", auto_ack=False)  # takes, never acks
+        tablet = await cluster.connect(1, "alice", "alice-tablet")
+        while (await asyncio.wait_for(phone.events.get(), 10))["device"] != "alice-tablet":
+            pass  # once the phone heard of the tablet, its node knows where the tablet is
+        sending = asyncio.create_task(phone.send({"type": "desktop", "pick": "one"}, "job", {"n": 1}, ack=True,
+                                                 id="job-1", timeout=30))
+        held = await laptop.next_message(timeout=10)  # this node's own candidate first
+        assert held.id == "job-1"
+        moved = await tablet.next_message(timeout=30)  # then, unacked, to the device on node 1
+        assert (moved.id, moved.body) == ("job-1", {"n": 1})
+        receipts = await sending
+        assert [(r.status, r.device) for r in receipts if r.status in ("moved", "delivered")] == [
+            ("moved", "alice-tablet"), ("delivered", "alice-tablet")]
+        retract = await laptop.next_event("retract", timeout=10)
+        assert retract["id"] == "job-1"
+
+
+async def test_a_pick_one_message_prefers_a_device_online_elsewhere_to_one_offline_everywhere(cluster):
+    tablet = await cluster.connect(1, "alice", "alice-tablet")
+    laptop = await cluster.connect(2, "alice", "alice-laptop")
+    await laptop.close()  # seen more recently than the tablet, but offline now
+    phone = await cluster.connect(0, "alice", "alice-phone")
+    listed = {device["id"]: device["status"] for device in await phone.devices()}
+    assert (listed["alice-tablet"], listed["alice-laptop"]) == ("online", "offline")
+    await phone.send({"type": "desktop", "pick": "one"}, "job", {"n": 2}, ack=True, id="job-2", timeout=10)
+    assert (await tablet.next_message(timeout=10)).id == "job-2"
