@@ -49,7 +49,7 @@ from .clock import now_ms
 from .errors import ErrorCode, ProtocolError
 from .mergepatch import canonical_json, json_problem
 from .protocol import MAX_ID_CHARS, check_message_id, parse_epoch, parse_selector, parse_task_name
-from .store import TaskLease
+from .store import TaskLease, TaskRaced
 
 if TYPE_CHECKING:
     from .contracts import Conn, Handler
@@ -59,6 +59,7 @@ log = logging.getLogger("rccs.tasks")
 
 MAX_TASKS_PER_USER = 10_000  # lease records per user (released ones count: they keep the epoch)
 MAX_LEASE_TTL = 3600.0  # seconds
+RACE_ATTEMPTS = 5  # several nodes: a lease change decided again after another node's change won
 
 PREPARE = "prepare"
 OFFER = "offer"
@@ -203,16 +204,18 @@ def _tell(hub: Hub, handoff: Handoff, devices: list[str], envelope: dict[str, An
 
 
 async def _leases(hub: Hub, user: str, book: _Book) -> dict[str, TaskLease]:
-    """The user's leases; call with ``book.lock`` held."""
-    if book.leases is None:
+    """The user's leases; call with ``book.lock`` held. On several nodes they are read again every time:
+    another node may have changed them (its lock is not this one)."""
+    if book.leases is None or hub.broker.spans_nodes:
         book.leases = {lease.task: lease for lease in await hub.store.load_tasks(user)}
     return book.leases
 
 
 async def _write(hub: Hub, book: _Book, lease: TaskLease) -> None:
-    """Store ``lease``, then adopt it; call with ``book.lock`` held."""
-    await hub.store.put_task(lease)
+    """Store ``lease``, then adopt it; call with ``book.lock`` held. On several nodes only if the stored lease
+    is still the one read (TaskRaced otherwise: another node changed it meanwhile)."""
     assert book.leases is not None
+    await hub.store.put_task(lease, if_unchanged=hub.broker.spans_nodes, previous=book.leases.get(lease.task))
     book.leases[lease.task] = lease
 
 
@@ -226,7 +229,15 @@ def _serialised(tasks: Tasks, session: Conn, header: dict[str, Any],
 
     async def locked() -> None:
         async with book.lock:
-            await work(await _leases(hub, user, book), book)
+            for attempt in range(RACE_ATTEMPTS):
+                try:
+                    await work(await _leases(hub, user, book), book)
+                    return
+                except TaskRaced:
+                    # Another node changed the lease between this node's read and write: decide again on
+                    # what is stored now (the work writes before it answers or tells anyone anything).
+                    if attempt == RACE_ATTEMPTS - 1:
+                        raise
 
     session.run_request(header, locked)
 
@@ -347,14 +358,21 @@ async def fenced(tasks: Tasks, session: Conn, task: str, epoch: int) -> AsyncIte
     assert user is not None and device is not None
     book = tasks.book(user)
     async with book.lock:
-        leases = await _leases(hub, user, book)
-        lease = _check_holder(leases.get(task), task, device, epoch)
-        handoff = book.handoffs.get(task)
-        if handoff is not None and handoff.stage != PREPARE:
-            raise ProtocolError(ErrorCode.HANDOFF_BUSY, f"task {task[:64]!r} is being handed off and its owner "
-                                "said it paused", task=task, handoff=handoff.id)
-        if lease.handoff is not None:
-            await _write(hub, book, _confirmed(lease, now_ms()))
+        for attempt in range(RACE_ATTEMPTS):
+            leases = await _leases(hub, user, book)
+            lease = _check_holder(leases.get(task), task, device, epoch)
+            handoff = book.handoffs.get(task)
+            if handoff is not None and handoff.stage != PREPARE:
+                raise ProtocolError(ErrorCode.HANDOFF_BUSY, f"task {task[:64]!r} is being handed off and its "
+                                    "owner said it paused", task=task, handoff=handoff.id)
+            if lease.handoff is None:
+                break
+            try:
+                await _write(hub, book, _confirmed(lease, now_ms()))
+                break
+            except TaskRaced:
+                if attempt == RACE_ATTEMPTS - 1:
+                    raise
         yield
 
 
@@ -503,6 +521,9 @@ def op_handoff_accept(tasks: Tasks, session: Conn, header: dict[str, Any]) -> No
         tasks.notice_users.add(handoff.user)
         try:
             await _write(hub, book, new)
+        except TaskRaced:
+            _fail(tasks, handoff, "lease_changed")  # another node changed the lease meanwhile
+            return
         except Exception:
             log.exception("handoff %s of task %r could not be committed", handoff.id, handoff.task)
             _fail(tasks, handoff, "internal")

@@ -47,6 +47,11 @@ class AlreadyExists(StoreError):
     """A record with this id exists already (users, pairing codes)."""
 
 
+class TaskRaced(StoreError):
+    """``put_task(..., if_unchanged=True)``: the stored lease is no longer the one the caller read (another
+    node changed it meanwhile); nothing was written."""
+
+
 @dataclasses.dataclass
 class UserRecord:
     id: str
@@ -489,9 +494,12 @@ class Store(abc.ABC):
         """The users that have a lease with ``handoff`` set (a committed notice not yet confirmed), sorted."""
 
     @abc.abstractmethod
-    async def put_task(self, lease: TaskLease) -> None:
+    async def put_task(self, lease: TaskLease, if_unchanged: bool = False, previous: TaskLease | None = None) -> None:
         """Create or replace the lease of ``(lease.user, lease.task)``. StoreError for an unknown user. The
-        caller serialises the changes of one user (the server holds one lock per user around each)."""
+        caller serialises the changes of one user (the server holds one lock per user around each). With
+        ``if_unchanged`` (several nodes, whose locks are their own), only if the stored lease is still
+        ``previous`` (None: there is none; compared by owner, epoch, expires, handoff and updated), else
+        TaskRaced and nothing is written."""
 
     # ---- change feed -------------------------------------------------
 
@@ -508,6 +516,11 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def last_change(self) -> int:
         """The newest change's seq (0 when none)."""
+
+
+def lease_fields(lease: TaskLease | None) -> tuple[str | None, int, int, str | None, int] | None:
+    """What ``put_task(..., if_unchanged=True)`` compares of a lease."""
+    return None if lease is None else (lease.owner, lease.epoch, lease.expires, lease.handoff, lease.updated)
 
 
 def session_is_stale(session: SessionRecord, cutoff: int, grace_ms: int) -> bool:

@@ -42,8 +42,10 @@ from .base import (
     Store,
     StoreError,
     TaskLease,
+    TaskRaced,
     UserRecord,
     check_policy,
+    lease_fields,
     pack_receipt,
     plan_state_patch,
     session_is_stale,
@@ -537,10 +539,13 @@ class MemoryStore(Store):
         return sorted(user for user, leases in self._tasks.items()
                       if any(lease.handoff is not None for lease in leases.values()))
 
-    async def put_task(self, lease: TaskLease) -> None:
+    async def put_task(self, lease: TaskLease, if_unchanged: bool = False, previous: TaskLease | None = None) -> None:
         if lease.user not in self._users:
             raise StoreError(f"unknown user {lease.user!r}")
-        self._tasks.setdefault(lease.user, {})[lease.task] = dataclasses.replace(lease)
+        leases = self._tasks.setdefault(lease.user, {})
+        if if_unchanged and lease_fields(leases.get(lease.task)) != lease_fields(previous):
+            raise TaskRaced(f"task {lease.task!r} of {lease.user!r} changed meanwhile")
+        leases[lease.task] = dataclasses.replace(lease)
 
     # ---- state documents -----------------------------------------------
 

@@ -155,8 +155,10 @@ from .base import (
     Store,
     StoreError,
     TaskLease,
+    TaskRaced,
     UserRecord,
     check_policy,
+    lease_fields,
     pack_receipt,
     parse_redis_url,
     plan_state_patch,
@@ -763,9 +765,12 @@ return redis.call('ZRANGEBYSCORE', P .. 'changes', '(' .. ARGV[2], '+inf', 'LIMI
 """
 
 # ARGV: user, task, lease JSON, '1' if it has a handoff.
+# ARGV: user, task, lease JSON, '1' if it holds a handoff, '1' to write only if the stored lease is ARGV[7]
+# (the previous lease's JSON, '' for none). Returns 0 for an unknown user, -1 if the lease changed meanwhile.
 SCRIPTS["put_task"] = """
 local user, task = ARGV[2], ARGV[3]
 if redis.call('HEXISTS', P .. 'users', user) == 0 then return 0 end
+if ARGV[6] == '1' and (redis.call('HGET', ukey(user, 'tasks'), task) or '') ~= ARGV[7] then return -1 end
 redis.call('HSET', ukey(user, 'tasks'), task, ARGV[4])
 if ARGV[5] == '1' then redis.call('SADD', ukey(user, 'task-handoffs'), task)
 else redis.call('SREM', ukey(user, 'task-handoffs'), task) end
@@ -873,6 +878,11 @@ def _queued_arguments(message: QueuedMessage) -> list[Any]:
                           message.receipt], use_bin_type=True)
     return [message.device, message.user, message.priority, message.size,
             "" if message.expires_at is None else message.expires_at, message.attempts, blob]
+
+
+def _lease_json(lease: TaskLease) -> str:
+    """A lease as its hash value (also what ``put_task`` compares when it must be unchanged)."""
+    return json.dumps(lease_fields(lease))
 
 
 def _id_key(msg_id: str | int) -> str:
@@ -1326,10 +1336,14 @@ class RedisStore(Store):
     async def users_with_task_notices(self) -> list[str]:
         return sorted(_text(user) for user in await self.client.smembers(self._key("task-notices")))
 
-    async def put_task(self, lease: TaskLease) -> None:
-        packed = json.dumps([lease.owner, lease.epoch, lease.expires, lease.handoff, lease.updated])
-        if not await self._run("put_task", lease.user, lease.task, packed, int(lease.handoff is not None)):
+    async def put_task(self, lease: TaskLease, if_unchanged: bool = False, previous: TaskLease | None = None) -> None:
+        written = await self._run("put_task", lease.user, lease.task, _lease_json(lease),
+                                  int(lease.handoff is not None), int(if_unchanged),
+                                  "" if previous is None else _lease_json(previous))
+        if written == 0:
             raise StoreError(f"unknown user {lease.user!r}")
+        if written == -1:
+            raise TaskRaced(f"task {lease.task!r} of {lease.user!r} changed meanwhile")
 
     # ---- change feed -------------------------------------------------
 

@@ -58,8 +58,10 @@ from .base import (
     Store,
     StoreError,
     TaskLease,
+    TaskRaced,
     UserRecord,
     check_policy,
+    lease_fields,
     pack_receipt,
     plan_state_patch,
     session_is_stale,
@@ -1208,12 +1210,17 @@ class SqliteStore(Store):
 
         return await self._read(work)
 
-    async def put_task(self, lease: TaskLease) -> None:
+    async def put_task(self, lease: TaskLease, if_unchanged: bool = False, previous: TaskLease | None = None) -> None:
         row = (lease.user, lease.task, lease.owner, lease.epoch, lease.expires, lease.handoff, lease.updated)
 
         def work(db: sqlite3.Connection) -> None:
             if db.execute("SELECT 1 FROM users WHERE id = ?", (lease.user,)).fetchone() is None:
                 raise StoreError(f"unknown user {lease.user!r}")
+            if if_unchanged:
+                stored = db.execute("SELECT owner, epoch, expires, handoff, updated FROM tasks WHERE user = ? AND "
+                                    "task = ?", (lease.user, lease.task)).fetchone()
+                if (None if stored is None else tuple(stored)) != lease_fields(previous):
+                    raise TaskRaced(f"task {lease.task!r} of {lease.user!r} changed meanwhile")
             db.execute("INSERT INTO tasks (user, task, owner, epoch, expires, handoff, updated)"
                        " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (user, task) DO UPDATE SET owner = excluded.owner,"
                        " epoch = excluded.epoch, expires = excluded.expires, handoff = excluded.handoff,"

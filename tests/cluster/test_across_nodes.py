@@ -18,7 +18,7 @@ import sys
 import pytest
 from clusters import running_cluster
 
-from rccs.client import ClientError, ConnectionClosed, pair
+from rccs.client import ClientError, ConnectionClosed, StaleEpoch, TaskConflict, pair
 from rccs.testing import child_environment
 
 
@@ -234,3 +234,24 @@ async def test_a_pick_one_message_prefers_a_device_online_elsewhere_to_one_offli
     await phone.send({"devices": ["alice-laptop", "alice-tablet"], "pick": "one"}, "job", {"n": 2}, ack=True,
                      id="job-2", timeout=10)
     assert (await tablet.next_message(timeout=10)).id == "job-2"
+
+
+async def test_a_task_claimed_from_two_nodes_at_once_has_one_owner_and_its_epochs_follow_each_other(cluster):
+    phone = await cluster.connect(0, "alice", "alice-phone")
+    laptop = await cluster.connect(1, "alice", "alice-laptop")
+    tablet = await cluster.connect(2, "alice", "alice-tablet")
+    for round_ in range(5):  # each round races two claims of a free task from two nodes
+        task = f"build-{round_}"
+        outcomes = await asyncio.gather(phone.task_claim(task), laptop.task_claim(task), return_exceptions=True)
+        won = [outcome for outcome in outcomes if not isinstance(outcome, BaseException)]
+        lost = [outcome for outcome in outcomes if isinstance(outcome, BaseException)]
+        assert len(won) == 1 and len(lost) == 1, outcomes
+        assert isinstance(lost[0], TaskConflict) and lost[0].owner == won[0].owner and won[0].epoch == 1
+        [status] = await tablet.task_list(task)  # the same on a third node
+        assert (status.owner, status.epoch) == (won[0].owner, 1)
+    # Released on one node, claimed on another: the epoch goes on from the stored one.
+    lease = await phone.task_claim("deploy")
+    await phone.task_release("deploy", lease.epoch)
+    assert (await laptop.task_claim("deploy")).epoch == lease.epoch + 1
+    with pytest.raises(StaleEpoch):  # the old holder's epoch is fenced off, whichever node it asks
+        await phone.task_renew("deploy", lease.epoch)

@@ -34,6 +34,7 @@ from rccs.store import (
     StateTooLarge,
     StoreError,
     TaskLease,
+    TaskRaced,
     UserRecord,
     open_store,
     session_is_stale,
@@ -1394,6 +1395,26 @@ async def test_task_leases_round_trip_and_are_replaced_whole(store):
         TaskLease(user="alice", task="build", owner=None, epoch=1, expires=0, updated=NOW + 1),
     ]
     assert [lease.epoch for lease in await store.load_tasks("bob")] == [9]
+
+
+async def test_a_lease_written_only_if_unchanged_is_refused_once_another_writer_changed_it(store):
+    await add_users(store, "alice")
+    first = TaskLease(user="alice", task="build", owner="laptop", epoch=1, expires=NOW + MINUTE, updated=NOW)
+    with pytest.raises(TaskRaced):  # expected: a lease there; none is
+        await store.put_task(first, if_unchanged=True, previous=dataclasses.replace(first, epoch=0))
+    await store.put_task(first, if_unchanged=True, previous=None)
+    # Two writers read epoch 1; the first to write wins, the second is refused and writes nothing.
+    mine = dataclasses.replace(first, owner="phone", epoch=2, updated=NOW + 1)
+    theirs = dataclasses.replace(first, owner="tablet", epoch=2, updated=NOW + 2)
+    await store.put_task(mine, if_unchanged=True, previous=first)
+    with pytest.raises(TaskRaced):
+        await store.put_task(theirs, if_unchanged=True, previous=first)
+    with pytest.raises(TaskRaced):  # none expected, one is there
+        await store.put_task(theirs, if_unchanged=True, previous=None)
+    assert await store.load_tasks("alice") == [mine]
+    renewed = dataclasses.replace(mine, expires=NOW + HOUR, updated=NOW + 3)
+    await store.put_task(renewed, if_unchanged=True, previous=(await store.load_tasks("alice"))[0])
+    assert await store.load_tasks("alice") == [renewed]
 
 
 async def test_a_loaded_task_lease_is_a_copy(store):
