@@ -8,7 +8,10 @@ feed, which every node polls).
 
 Where a device is connected is a directory in Redis (the hash ``rccs:where``: ``user NUL device`` ->
 node id), mirrored in every node's memory and kept current by ``on``/``off`` announcements on the control
-channel, so that ``to_device`` and ``to_user`` decide without a round trip. A node announces itself in
+channel, so that ``to_device`` and ``to_user`` decide without a round trip. Each time a node takes a device
+(it connected there) Redis gives that connection the device's next epoch (``rccs:epochs``); of two
+connections of one device on two nodes, the one with the higher epoch holds it and the other is closed,
+whatever order the announcements arrive in. A node announces itself in
 the sorted set ``rccs:nodes`` (score: the time its heartbeat expires); a node that stops beating is dead
 and its directory entries are ignored (and removed by the others). When a device connects to a node, the
 node that held it before closes its older connection (``device_moved``).
@@ -45,10 +48,21 @@ log = logging.getLogger("rccs.broker")
 CONTROL = "rccs:ctl"
 NODES = "rccs:nodes"
 WHERE = "rccs:where"
+EPOCHS = "rccs:epochs"  # user NUL device -> how many times a node took the device (its connection's epoch)
 HEARTBEAT_INTERVAL = 2.0  # seconds between a node's heartbeats
 NODE_TTL = 10.0  # seconds without a heartbeat after which a node counts as dead
 RECONNECT_MAX = 5.0  # seconds, the longest wait between reconnection attempts
 BARRIER_RESEND = 1.0  # seconds a flush waits for its barrier before sending it again
+
+# A node takes a device (it connected there): a new epoch for it, the directory names the node, and every node
+# hears "on" with that epoch, in one step. Of two connections of one device, the one with the higher epoch
+# holds it, whichever announcement arrives first.
+_TAKE = """
+local epoch = redis.call('HINCRBY', KEYS[2], ARGV[1], 1)
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('PUBLISH', KEYS[3], cmsgpack.pack({'on', ARGV[2], ARGV[3], ARGV[4], epoch}))
+return epoch
+"""
 
 # Remove a directory entry only if it still names this node (a newer connection elsewhere wins).
 _FORGET_IF_MINE = """
@@ -83,9 +97,14 @@ class RedisBroker(Broker):
         self.node_id = node_id or f"node-{secrets.token_hex(4)}"
         self.channel = f"rccs:node:{self.node_id}"
         self._client: aioredis.Redis | None = None
-        # What to send, in order: ("publish", channel, data, the "dev" message or None) or a directory change
-        # ("hset"/"forget", field, node, None).
+        # What to send, in order: ("publish", channel, data, the "dev" message or None), a device taken
+        # ("take", field, node, [user, device]) or a directory entry to remove ("forget", field, node, None).
         self._outbox: list[tuple[str, str, bytes | str, list[Any] | None]] = []
+        # Epochs of the devices this node holds (see _TAKE), takes waiting for theirs, and the newest epoch
+        # (with its node) another node announced for a device while this node's take was on its way.
+        self.epochs: dict[tuple[str, str], int] = {}
+        self._taking: dict[tuple[str, str], int] = {}
+        self._newer: dict[tuple[str, str], tuple[int, str]] = {}
         self._outbox_ready = asyncio.Event()
         self._queued = self._written = 0  # entries queued and entries the writer is done with, ever
         self._progress = asyncio.Event()  # set after each batch the writer is done with
@@ -157,11 +176,33 @@ class RedisBroker(Broker):
     # ---- the directory --------------------------------------------------------------
 
     def device_online(self, user: str, device: str) -> None:
-        self.where[(user, device)] = self.node_id
-        self._queue_directory("hset", _where_key(user, device))
-        self._queue(CONTROL, ["on", self.node_id, user, device])
+        key = (user, device)
+        self.where[key] = self.node_id
+        self.epochs.pop(key, None)
+        self._taking[key] = self._taking.get(key, 0) + 1
+        self._outbox.append(("take", _where_key(user, device), self.node_id, [user, device]))
+        self._queued += 1
+        self._outbox_ready.set()
+
+    def _took(self, user: str, device: str, epoch: int) -> None:
+        """Redis gave this node's connection of the device ``epoch``: it holds the device unless another node
+        announced a newer one while the answer was on its way."""
+        key = (user, device)
+        self._taking[key] -= 1
+        if not self._taking[key]:
+            del self._taking[key]
+        newer = self._newer.pop(key, None) if key not in self._taking else None
+        if self.where.get(key) != self.node_id:
+            return  # the connection has gone meanwhile
+        if newer is not None and newer[0] > epoch:
+            self.where[key] = newer[1]
+            for node in self._nodes:
+                node.device_moved(user, device)
+        else:
+            self.epochs[key] = epoch
 
     def device_offline(self, user: str, device: str) -> None:
+        self.epochs.pop((user, device), None)
         if self.where.get((user, device)) == self.node_id:
             del self.where[(user, device)]
         self._queue_directory("forget", _where_key(user, device))
@@ -235,6 +276,7 @@ class RedisBroker(Broker):
     async def _write(self) -> None:
         assert self._client is not None
         forget = self._client.register_script(_FORGET_IF_MINE)
+        take = self._client.register_script(_TAKE)
         delay = 0.05
         while True:
             await self._outbox_ready.wait()
@@ -243,18 +285,22 @@ class RedisBroker(Broker):
             while batch:
                 try:
                     pipe = self._client.pipeline(transaction=False)
-                    for kind, target, data, _ in batch:
+                    for kind, target, data, extra in batch:
                         if kind == "publish":
                             pipe.publish(target, data)
-                        elif kind == "hset":
-                            pipe.hset(WHERE, target, data)
+                        elif kind == "take":
+                            assert extra is not None
+                            await take(keys=[WHERE, EPOCHS, CONTROL], args=[target, data, *extra], client=pipe)
                         else:
                             await forget(keys=[WHERE], args=[target, data], client=pipe)
                     replies = await pipe.execute()
                     self.stats["published"] += len(batch)
-                    for (_, _, _, for_one_device), listeners in zip(batch, replies, strict=True):
-                        if for_one_device is not None and listeners == 0:
-                            self._unheard(for_one_device)
+                    for (kind, _, _, extra), reply in zip(batch, replies, strict=True):
+                        if kind == "take":
+                            assert extra is not None
+                            self._took(extra[0], extra[1], int(reply))
+                        elif extra is not None and reply == 0:  # a "dev" message no node listened for
+                            self._unheard(extra)
                     self._written += len(batch)
                     self._progress.set()
                     batch = []
@@ -348,9 +394,17 @@ class RedisBroker(Broker):
         if origin == self.node_id:
             return  # applied locally when published
         if kind == "on":
-            _, _, user, device = message
-            self.where[(user, device)] = origin
+            _, _, user, device, epoch = message
+            key = (user, device)
             self.alive.add(origin)
+            if key in self._taking:  # this node's own take has no epoch yet: _took decides
+                if epoch > self._newer.get(key, (0, ""))[0]:
+                    self._newer[key] = (epoch, origin)
+                return
+            if self.epochs.get(key, 0) > epoch:
+                return  # this node's connection is the newer one; the other node closes its own
+            self.epochs.pop(key, None)
+            self.where[key] = origin
             for node in self._nodes:
                 node.device_moved(user, device)
         elif kind == "off":

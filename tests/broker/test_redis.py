@@ -157,3 +157,21 @@ async def test_a_message_that_fails_to_apply_does_not_stop_the_reader(brokers):
     await settle(a, b)
     assert there.seen == [("event", "state", "fine")]
     assert b.stats["failed"] == 1
+
+
+async def test_a_device_taken_on_two_nodes_at_once_is_held_by_exactly_one(brokers):
+    a, b = await brokers("node-a"), await brokers("node-b")
+    devices = [("alice", f"phone-{n}") for n in range(20)]
+    here, there = RecordingNode(*devices), RecordingNode(*devices)
+    a.attach(here)
+    b.attach(there)
+    for user, device in devices:  # both nodes take each device in the same turn: neither has heard the other
+        a.device_online(user, device)
+        b.device_online(user, device)
+    await settle(a, b)
+    await settle(b, a)
+    for key in devices:
+        closed = [node for node, seen in (("node-a", here.seen), ("node-b", there.seen)) if ("moved", *key) in seen]
+        assert len(closed) == 1, (key, here.seen, there.seen)  # the older connection closes, never both
+        winner = "node-b" if closed == ["node-a"] else "node-a"
+        assert a.where[key] == b.where[key] == winner
