@@ -46,6 +46,7 @@ STORE_RETRY_FIRST = 0.5  # seconds before writing acks and receipts again after 
 STORE_RETRY_MAX = 5.0
 INBOX_DOORBELL = "inbox.new"  # broker channel: (user, device) has new messages in its inbox
 
+
 class ToKeep(NamedTuple):
     """An inbox write waiting for the next group commit."""
 

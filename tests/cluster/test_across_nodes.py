@@ -7,13 +7,16 @@ changes in order to a subscriber on another node; presence and the `devices` op 
 made on one node closing the socket on another; the CLI acting on the cluster's store; a device that
 connects to a second node ending its older connection on the first; a killed node's devices going offline;
 a node started later knowing who is online elsewhere; pairing across three nodes; live/ documents read on
-every node and removed with their writer's node. Not yet (issue 13): tasks and handoffs, pick-one fail-over
-and first_ack between nodes.
+every node and removed with their writer's node; pick-one fail-over to another node; task leases claimed
+from two nodes at once; the admin API publishing across nodes. Not yet (issue 13): handoffs and first_ack
+between nodes.
 """
 
 import asyncio
+import json
 import subprocess
 import sys
+import urllib.request
 
 import pytest
 from clusters import running_cluster
@@ -255,3 +258,23 @@ async def test_a_task_claimed_from_two_nodes_at_once_has_one_owner_and_its_epoch
     assert (await laptop.task_claim("deploy")).epoch == lease.epoch + 1
     with pytest.raises(StaleEpoch):  # the old holder's epoch is fenced off, whichever node it asks
         await phone.task_renew("deploy", lease.epoch)
+
+
+async def test_the_admin_api_of_any_node_publishes_to_devices_of_others(tmp_path):
+    async with running_cluster(tmp_path, RCCS_ADMIN_KEY="cluster-admin-key-0123456789") as cluster:
+        laptop = await cluster.connect(1, "alice", "alice-laptop")
+
+        def publish() -> dict:
+            request = urllib.request.Request(
+                cluster.nodes[0].http_url + "/admin/publish", method="POST",
+                data=json.dumps({"user": "alice", "id": "srv-1", "to": {"device": "alice-laptop"}, "type": "note",
+                                 "body": {"text": "from the backend"}, "ack": True}).encode(),
+                headers={"Authorization": "Bearer cluster-admin-key-0123456789",
+                         "Content-Type": "application/json"})
+            with urllib.request.urlopen(request, timeout=10) as response:
+                return json.loads(response.read())
+
+        answer = await asyncio.to_thread(publish)
+        assert answer["queued"] == ["alice-laptop"] and not answer["failed"]
+        message = await laptop.next_message(timeout=10)
+        assert (message.id, message.sender, message.body) == ("srv-1", "server", {"text": "from the backend"})
