@@ -449,25 +449,16 @@ cdef object _decode_value(cbuf data, Py_ssize_t size, Py_ssize_t* ppos, int dept
     _fail_byte(b)
 
 
-cpdef tuple decode_envelope(object data):
-    """Decode a msgpack envelope.
-
-    Returns ``(header, body_start, body_end)``: ``header`` holds every
-    top-level field except ``body``; ``data[body_start:body_end]`` is the
-    ``body`` value's msgpack encoding, untouched (``-1, -1`` when absent).
-    Raises ``EnvelopeError`` for anything that is not one well-formed map.
-    """
-    cdef cbuf buf
-    cdef Py_ssize_t size, pos, i, kp, kn
+cdef dict decode_envelope_from(const unsigned char* buf, Py_ssize_t size, Py_ssize_t* body_start,
+                               Py_ssize_t* body_end):
+    """``decode_envelope`` on ``buf[0:size]``, a buffer the caller holds: the header, and the body's span
+    in ``body_start``/``body_end`` (-1, -1 when absent)."""
+    cdef Py_ssize_t pos, i, kp, kn
     cdef Py_ssize_t count = 0
-    cdef Py_ssize_t body_start = -1
-    cdef Py_ssize_t body_end = -1
     cdef dict header
     cdef str key
-    if not isinstance(data, bytes):
-        raise TypeError("decode_envelope() needs bytes")
-    buf = <cbuf>PyBytes_AS_STRING(data)
-    size = PyBytes_GET_SIZE(data)
+    body_start[0] = -1
+    body_end[0] = -1
     _need(size, 0, 1)
     pos = 1
     if _container(buf, size, &pos, buf[0], &count) != KIND_MAP:
@@ -481,15 +472,31 @@ cpdef tuple decode_envelope(object data):
             _fail(ERR_KEY_TYPE)
         if kn == 4 and kp + 4 <= size and _same(buf + kp, <cbuf>b"body", 4):
             pos = kp + 4
-            body_start = pos
+            body_start[0] = pos
             pos = skip_raw(buf, size, pos, 1)
-            body_end = pos
+            body_end[0] = pos
         else:
             key = _read_str(buf, size, kp, kn)
             pos = kp + kn
             header[key] = _decode_value(buf, size, &pos, 1)
     if pos != size:
         _fail(ERR_TRAILING)
+    return header
+
+
+cpdef tuple decode_envelope(object data):
+    """Decode a msgpack envelope.
+
+    Returns ``(header, body_start, body_end)``: ``header`` holds every
+    top-level field except ``body``; ``data[body_start:body_end]`` is the
+    ``body`` value's msgpack encoding, untouched (``-1, -1`` when absent).
+    Raises ``EnvelopeError`` for anything that is not one well-formed map.
+    """
+    cdef Py_ssize_t body_start, body_end
+    cdef dict header
+    if not isinstance(data, bytes):
+        raise TypeError("decode_envelope() needs bytes")
+    header = decode_envelope_from(<cbuf>PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data), &body_start, &body_end)
     return header, body_start, body_end
 
 
@@ -506,41 +513,46 @@ cdef struct _StrEnc:
     Py_ssize_t size
 
 
+cdef inline void _prep_ll(long long v, _IntEnc* e) noexcept nogil:
+    """The smallest msgpack int encoding of ``v`` (same choices as codec.py)."""
+    e.bits = <uint64_t>v
+    if 0 <= v <= 0x7F or -32 <= v < 0:
+        e.tag = 0
+        e.width = 0
+        e.bits &= 0xFF
+    elif v > 0:
+        if v <= 0xFF:
+            e.tag = 0xCC
+            e.width = 1
+        elif v <= 0xFFFF:
+            e.tag = 0xCD
+            e.width = 2
+        elif v <= 0xFFFFFFFFLL:
+            e.tag = 0xCE
+            e.width = 4
+        else:
+            e.tag = 0xCF
+            e.width = 8
+    elif v >= -0x80:
+        e.tag = 0xD0
+        e.width = 1
+    elif v >= -0x8000:
+        e.tag = 0xD1
+        e.width = 2
+    elif v >= -0x80000000LL:
+        e.tag = 0xD2
+        e.width = 4
+    else:
+        e.tag = 0xD3
+        e.width = 8
+
+
 cdef int _prep_int(object value, _IntEnc* e) except -1:
     """Choose the smallest msgpack int encoding of the exact int ``value`` (same choices as codec.py)."""
     cdef int overflow = 0
     cdef long long v = PyLong_AsLongLongAndOverflow(value, &overflow)
     if overflow == 0:
-        e.bits = <uint64_t>v
-        if 0 <= v <= 0x7F or -32 <= v < 0:
-            e.tag = 0
-            e.width = 0
-            e.bits &= 0xFF
-        elif v > 0:
-            if v <= 0xFF:
-                e.tag = 0xCC
-                e.width = 1
-            elif v <= 0xFFFF:
-                e.tag = 0xCD
-                e.width = 2
-            elif v <= 0xFFFFFFFF:
-                e.tag = 0xCE
-                e.width = 4
-            else:
-                e.tag = 0xCF
-                e.width = 8
-        elif v >= -0x80:
-            e.tag = 0xD0
-            e.width = 1
-        elif v >= -0x8000:
-            e.tag = 0xD1
-            e.width = 2
-        elif v >= -0x80000000:
-            e.tag = 0xD2
-            e.width = 4
-        else:
-            e.tag = 0xD3
-            e.width = 8
+        _prep_ll(v, e)
         return 0
     if overflow > 0 and value <= 0xFFFFFFFFFFFFFFFF:
         e.tag = 0xCF
@@ -548,6 +560,12 @@ cdef int _prep_int(object value, _IntEnc* e) except -1:
         e.bits = PyLong_AsUnsignedLongLong(value)
         return 0
     raise OverflowError("integer out of msgpack range")
+
+
+cdef int _prep_seq(object seq, _IntEnc* e) except -1:
+    if type(seq) is not int or seq < 0:
+        raise ValueError("seq must be a non-negative int")
+    return _prep_int(seq, e)
 
 
 cdef inline Py_ssize_t _int_size(const _IntEnc* e) noexcept nogil:
@@ -626,84 +644,147 @@ cdef enum:
     SEQ_SIZE = 4      # \xa3seq
 
 
-cpdef bytes encode_msg_prefix(object msg_id, object sender, object app_type, object body, object ts, object ack):
-    """Encode a ``msg`` envelope without its ``seq``, once for every receiver.
+cdef struct _MsgFields:
+    # A "msg" envelope's fields other than body and seq, converted and sized before any buffer exists.
+    int id_kind
+    _IntEnc id_int
+    _StrEnc id_str
+    _StrEnc sender
+    _StrEnc app_type
+    _IntEnc ts
+    bint ack
 
-    ``body`` is an already-encoded msgpack value and is copied untouched.
-    The map header announces 8 entries; ``append_seq`` adds the last one.
-    """
-    cdef int id_kind
-    cdef _IntEnc id_int, ts_int
-    cdef _StrEnc id_str, sender_str, type_str
-    cdef Py_ssize_t body_size, total
-    cdef bint ack_flag
+
+cdef int _prep_names(_MsgFields* m, object msg_id, object sender, object app_type) except -1:
+    """The id, sender and type of a ``msg`` (codec.py's order: id first; sender and app_type are str)."""
+    if msg_id is None:
+        m.id_kind = SCALAR_NIL
+    elif msg_id is True:
+        m.id_kind = SCALAR_TRUE
+    elif msg_id is False:
+        m.id_kind = SCALAR_FALSE
+    elif type(msg_id) is int:
+        m.id_kind = SCALAR_INT
+        _prep_int(msg_id, &m.id_int)
+    elif type(msg_id) is str:
+        m.id_kind = SCALAR_STR
+        _prep_str(msg_id, &m.id_str)
+    else:
+        raise TypeError("only None, bool, int and str can be packed here")
+    _prep_str(sender, &m.sender)
+    _prep_str(app_type, &m.app_type)
+    return 0
+
+
+cdef bytes _write_msg(const _MsgFields* m, const char* body, Py_ssize_t body_size, const _IntEnc* seq,
+                      Py_ssize_t* body_offset):
+    """The envelope in one new bytes object: ``body`` is copied once, straight into it. Without ``seq``
+    (NULL) it ends after ``ack`` (a prefix for ``append_seq``). ``body_offset``, unless NULL, receives
+    where the body starts in the result."""
+    cdef Py_ssize_t total = HEAD_SIZE
     cdef bytes out
     cdef char* w
+    cdef char* start
+    if m.id_kind == SCALAR_INT:
+        total += _int_size(&m.id_int)
+    elif m.id_kind == SCALAR_STR:
+        total += _str_size(&m.id_str)
+    else:
+        total += 1
+    total += (FROM_SIZE + _str_size(&m.sender) + TYPE_SIZE + _str_size(&m.app_type) + BODY_SIZE + body_size
+              + TS_SIZE + _int_size(&m.ts) + ACK_SIZE + 1)
+    if seq != NULL:
+        total += SEQ_SIZE + _int_size(seq)
+
+    out = PyBytes_FromStringAndSize(NULL, total)
+    start = PyBytes_AS_STRING(out)
+    w = start
+    memcpy(w, b"\x88\xa2op\xa3msg\xa2id", HEAD_SIZE)
+    w += HEAD_SIZE
+    if m.id_kind == SCALAR_NIL:
+        w[0] = <char>0xC0
+        w += 1
+    elif m.id_kind == SCALAR_TRUE:
+        w[0] = <char>0xC3
+        w += 1
+    elif m.id_kind == SCALAR_FALSE:
+        w[0] = <char>0xC2
+        w += 1
+    elif m.id_kind == SCALAR_INT:
+        w = _write_int(w, &m.id_int)
+    else:
+        w = _write_str(w, &m.id_str)
+    memcpy(w, b"\xa4from", FROM_SIZE)
+    w = _write_str(w + FROM_SIZE, &m.sender)
+    memcpy(w, b"\xa4type", TYPE_SIZE)
+    w = _write_str(w + TYPE_SIZE, &m.app_type)
+    memcpy(w, b"\xa4body", BODY_SIZE)
+    w += BODY_SIZE
+    if body_offset != NULL:
+        body_offset[0] = w - start
+    memcpy(w, body, body_size)
+    w += body_size
+    memcpy(w, b"\xa2ts", TS_SIZE)
+    w = _write_int(w + TS_SIZE, &m.ts)
+    memcpy(w, b"\xa3ack", ACK_SIZE)
+    w[ACK_SIZE] = <char>(0xC3 if m.ack else 0xC2)
+    if seq != NULL:
+        w += ACK_SIZE + 1
+        memcpy(w, b"\xa3seq", SEQ_SIZE)
+        _write_int(w + SEQ_SIZE, seq)
+    return out
+
+
+cdef int _prep_fields(_MsgFields* m, object msg_id, object sender, object app_type, object body, object ts,
+                      object ack) except -1:
+    """encode_msg_prefix's checks and conversions, in codec.py's order."""
     if type(sender) is not str or type(app_type) is not str:
         raise TypeError("sender and app_type must be str")
     if type(ts) is not int:
         raise TypeError("ts must be int")
     if type(body) is not bytes:
         raise TypeError("body must be bytes")
-    # Every check and conversion that can raise happens before the buffer exists, in codec.py's order.
-    total = HEAD_SIZE
-    if msg_id is None:
-        id_kind = SCALAR_NIL
-        total += 1
-    elif msg_id is True:
-        id_kind = SCALAR_TRUE
-        total += 1
-    elif msg_id is False:
-        id_kind = SCALAR_FALSE
-        total += 1
-    elif type(msg_id) is int:
-        id_kind = SCALAR_INT
-        _prep_int(msg_id, &id_int)
-        total += _int_size(&id_int)
-    elif type(msg_id) is str:
-        id_kind = SCALAR_STR
-        _prep_str(msg_id, &id_str)
-        total += _str_size(&id_str)
-    else:
-        raise TypeError("only None, bool, int and str can be packed here")
-    _prep_str(sender, &sender_str)
-    _prep_str(app_type, &type_str)
-    _prep_int(ts, &ts_int)
-    ack_flag = ack
-    body_size = PyBytes_GET_SIZE(body)
-    total += (FROM_SIZE + _str_size(&sender_str) + TYPE_SIZE + _str_size(&type_str) + BODY_SIZE + body_size
-              + TS_SIZE + _int_size(&ts_int) + ACK_SIZE + 1)
+    _prep_names(m, msg_id, sender, app_type)
+    _prep_int(ts, &m.ts)
+    m.ack = ack
+    return 0
 
-    out = PyBytes_FromStringAndSize(NULL, total)
-    w = PyBytes_AS_STRING(out)
-    memcpy(w, b"\x88\xa2op\xa3msg\xa2id", HEAD_SIZE)
-    w += HEAD_SIZE
-    if id_kind == SCALAR_NIL:
-        w[0] = <char>0xC0
-        w += 1
-    elif id_kind == SCALAR_TRUE:
-        w[0] = <char>0xC3
-        w += 1
-    elif id_kind == SCALAR_FALSE:
-        w[0] = <char>0xC2
-        w += 1
-    elif id_kind == SCALAR_INT:
-        w = _write_int(w, &id_int)
-    else:
-        w = _write_str(w, &id_str)
-    memcpy(w, b"\xa4from", FROM_SIZE)
-    w = _write_str(w + FROM_SIZE, &sender_str)
-    memcpy(w, b"\xa4type", TYPE_SIZE)
-    w = _write_str(w + TYPE_SIZE, &type_str)
-    memcpy(w, b"\xa4body", BODY_SIZE)
-    w += BODY_SIZE
-    memcpy(w, PyBytes_AS_STRING(body), body_size)
-    w += body_size
-    memcpy(w, b"\xa2ts", TS_SIZE)
-    w = _write_int(w + TS_SIZE, &ts_int)
-    memcpy(w, b"\xa3ack", ACK_SIZE)
-    w[ACK_SIZE] = <char>(0xC3 if ack_flag else 0xC2)
-    return out
+
+cpdef bytes encode_msg_prefix(object msg_id, object sender, object app_type, object body, object ts, object ack):
+    """Encode a ``msg`` envelope without its ``seq``, once for every receiver.
+
+    ``body`` is an already-encoded msgpack value and is copied untouched.
+    The map header announces 8 entries; ``append_seq`` adds the last one.
+    """
+    cdef _MsgFields m
+    _prep_fields(&m, msg_id, sender, app_type, body, ts, ack)
+    return _write_msg(&m, PyBytes_AS_STRING(body), PyBytes_GET_SIZE(body), NULL, NULL)
+
+
+cpdef bytes encode_msg(object msg_id, object sender, object app_type, object body, object ts, object ack,
+                       object seq):
+    """A whole ``msg`` envelope for one receiver: ``append_seq(encode_msg_prefix(...), seq)``, same errors.
+
+    Written in one buffer: the body is copied once.
+    """
+    cdef _MsgFields m
+    cdef _IntEnc seq_int
+    _prep_fields(&m, msg_id, sender, app_type, body, ts, ack)
+    _prep_seq(seq, &seq_int)
+    return _write_msg(&m, PyBytes_AS_STRING(body), PyBytes_GET_SIZE(body), &seq_int, NULL)
+
+
+cdef bytes encode_msg_from(object msg_id, str sender, str app_type, const char* body, Py_ssize_t body_size,
+                           long long ts, bint ack, object seq, Py_ssize_t* body_offset):
+    """``encode_msg`` for compiled callers whose body is a span of a buffer they hold (a received frame):
+    the span is copied once, into the new envelope; ``body_offset`` receives where it starts there."""
+    cdef _MsgFields m
+    cdef _IntEnc seq_int
+    _prep_names(&m, msg_id, sender, app_type)
+    _prep_ll(ts, &m.ts)
+    m.ack = ack
+    _prep_seq(seq, &seq_int)
+    return _write_msg(&m, body, body_size, &seq_int, body_offset)
 
 
 cpdef bytes append_seq(object prefix, object seq):

@@ -14,7 +14,7 @@ from cpython.bytes cimport PyBytes_FromStringAndSize
 from libc.time cimport time_t
 from picows.picows cimport WSCloseCode, WSFrame, WSListener, WSMsgType, WSTransport
 
-from rccs._fastpath._codec cimport append_seq, decode_envelope, encode_msg_prefix
+from rccs._fastpath._codec cimport decode_envelope_from, encode_msg_from
 from rccs._fastpath._routing cimport RoutingTable, RouteStats
 from rccs._fastpath.errors import EnvelopeError
 import logging
@@ -55,7 +55,7 @@ cdef enum:
     C_MAX_ID_CHARS = 128
     RESULT_ROUTED = 0
 
-cdef bytes _NIL = b"\xc0"
+cdef const char* _NIL = b"\xc0"  # the body of a send without one
 cdef int _FIN_TEXT = 0x81
 cdef int _FIN_BINARY = 0x82
 cdef list _SHORT_TEXT_HEADERS = [bytes((0x81, n)) for n in range(126)]
@@ -91,6 +91,11 @@ cdef int _reply_close_code(WSFrame frame) except -1:
     """The code to answer a peer's close with: its own, or 1000 when it sent none (1005 must not be sent)."""
     cdef int code = <int>frame.get_close_code()
     return 1000 if code == 0 or code == 1005 or code == 1006 else code
+
+
+cdef inline bytes _payload_bytes(WSFrame frame):
+    """The frame's payload as bytes: a copy, since picows reuses its buffer once on_ws_frame returns."""
+    return PyBytes_FromStringAndSize(frame.payload_ptr, frame.payload_size)
 
 
 def frame_header(length, text):
@@ -142,6 +147,10 @@ cdef class ServerConnection(WSListener):
     cdef public object session
     cdef public object peer
     cdef list _outbox
+    # Looked up once per connection, not per flush (picows keeps its transport's methods the same way).
+    cdef object _writelines
+    cdef object _write_buffer_size
+    cdef Py_ssize_t _max_outbound_bytes
     cdef object _fragments
     cdef bint _fragments_text
     cdef bint _aborted
@@ -176,6 +185,9 @@ cdef class ServerConnection(WSListener):
         self.session = None
         self.peer = "?"
         self._outbox = None
+        self._writelines = None
+        self._write_buffer_size = None
+        self._max_outbound_bytes = 0
         self._fragments = None
         self._fragments_text = False
         self._aborted = False
@@ -208,10 +220,14 @@ cdef class ServerConnection(WSListener):
         # (Read-only from Python: the pure-Python twin cannot drop them.)
         transport.request = None
         transport.response = None
-        peername = transport.underlying_transport.get_extra_info("peername")
+        underlying = transport.underlying_transport
+        self._writelines = underlying.writelines
+        self._write_buffer_size = underlying.get_write_buffer_size
+        hub = self.hub
+        self._max_outbound_bytes = hub.settings.max_outbound_bytes
+        peername = underlying.get_extra_info("peername")
         if peername:
             self.peer = f"{peername[0]}:{peername[1]}"
-        hub = self.hub
         if hub.is_full() or not hub.accepting:
             code = CloseCode.TRY_AGAIN_LATER if hub.accepting else CloseCode.GOING_AWAY
             hub.closes_sent[int(code)] += 1
@@ -228,7 +244,6 @@ cdef class ServerConnection(WSListener):
 
     cpdef on_ws_frame(self, WSTransport transport, WSFrame frame):
         cdef WSMsgType msg_type
-        cdef bytes payload
         session = self.session
         if session is None or transport.is_close_frame_sent:
             # picows keeps parsing after it refused an oversized frame and may
@@ -240,16 +255,15 @@ cdef class ServerConnection(WSListener):
                 self.close(CloseCode.PROTOCOL_ERROR, "new message inside a fragmented message")
                 return
             if frame.fin:
-                payload = PyBytes_FromStringAndSize(frame.payload_ptr, frame.payload_size)
                 self.frames_in += 1
                 self.bytes_in += frame.payload_size
                 if self._rate > 0.0 and not self._take_token():
-                    self._refuse(payload, msg_type == WSMsgType.TEXT)
+                    self._refuse(_payload_bytes(frame), msg_type == WSMsgType.TEXT)
                     return
                 if self._direct and msg_type == WSMsgType.BINARY:
-                    self._on_binary(payload)
+                    self._on_binary(frame)
                 else:
-                    session.on_frame(payload, msg_type == WSMsgType.TEXT)
+                    session.on_frame(_payload_bytes(frame), msg_type == WSMsgType.TEXT)
             else:
                 self._fragments = bytearray(frame.get_payload_as_memoryview())
                 self._fragments_text = msg_type == WSMsgType.TEXT
@@ -296,20 +310,25 @@ cdef class ServerConnection(WSListener):
 
     # ---- direct path --------------------------------------------------------
 
-    cdef _on_binary(self, bytes payload):
-        """A whole binary message on an open msgpack session."""
+    cdef _on_binary(self, WSFrame frame):
+        """A whole binary message on an open msgpack session.
+
+        Decoded and routed straight from picows' buffer: a direct send copies the body once, into the
+        receiver's ``msg``. Only what goes to the session gets the payload as bytes.
+        """
         cdef long long started = _monotonic_ns()
-        cdef tuple decoded
+        cdef dict header
+        cdef Py_ssize_t body_start, body_end
         try:
-            decoded = decode_envelope(payload)
+            header = decode_envelope_from(<const unsigned char*>frame.payload_ptr, frame.payload_size,
+                                          &body_start, &body_end)
         except EnvelopeError:
-            self.session.on_frame(payload, False)  # the session reports the error
+            self.session.on_frame(_payload_bytes(frame), False)  # the session reports the error
             return
-        header = <dict>decoded[0]
         op = header.get("op")
         try:
             if op == _SEND:
-                if self._send_direct(header, payload, decoded[1], decoded[2], started):
+                if self._send_direct(header, frame.payload_ptr, body_start, body_end, started):
                     return
             elif op == _ACK and self._ack_direct(header):
                 return
@@ -318,7 +337,7 @@ cdef class ServerConnection(WSListener):
             log.exception("internal error handling a frame from %s", self.peer)
             self.session.send_error(ErrorCode.INTERNAL, "internal server error", header.get("id"))
             return
-        self.session.on_envelope(header, payload, decoded[1], decoded[2], False)
+        self.session.on_envelope(header, _payload_bytes(frame), body_start, body_end, False)
 
     cdef bint _take_token(self) noexcept:
         cdef long long now = _monotonic_ns()
@@ -364,11 +383,20 @@ cdef class ServerConnection(WSListener):
         self.direct_acks += 1
         return True
 
-    cdef bint _send_direct(self, dict header, bytes payload, Py_ssize_t body_start, Py_ssize_t body_end,
+    cdef bint _send_direct(self, dict header, const char* payload, Py_ssize_t body_start, Py_ssize_t body_end,
                            long long started) except -1:
-        """Route the common ``send``; False (having done nothing) for anything else."""
+        """Route the common ``send``; False (having done nothing) for anything else.
+
+        ``payload`` is picows' buffer, valid until on_ws_frame returns: the body is copied from it once,
+        into the ``msg`` (encoded whole, seq included), which is queued and kept for redelivery as is.
+        """
         cdef ServerConnection target_connection
         cdef object ack
+        cdef const char* body
+        cdef Py_ssize_t body_size
+        cdef Py_ssize_t body_offset = 0
+        cdef long long now_ms
+        cdef bytes frame
         to = header.get("to")
         msg_id = header.get("id")
         app_type = header.get("type")
@@ -398,22 +426,31 @@ cdef class ServerConnection(WSListener):
             return False
         target_connection = <ServerConnection>sink
         self._routing.touch(self._user, self._device)
-        body = payload[body_start:body_end] if body_start >= 0 else _NIL
+        if body_start >= 0:
+            body = payload + body_start
+            body_size = body_end - body_start
+        else:
+            body = _NIL
+            body_size = 1
+        # One clock reading for the idempotency window and the msg's ts. The msg is encoded before the
+        # duplicate check, with the seq it would take, so the check reads the body from the msg.
+        now_ms = _now_ms()
+        seq = target.next_seq
+        frame = encode_msg_from(msg_id, self._device, app_type, body, body_size, now_ms, ack is True, seq,
+                                &body_offset)
         if ack is True:
-            repeated = self.hub.deliveries.first_time(self._device, msg_id, body, _now_ms())
+            repeated = self.hub.deliveries.first_time(
+                self._device, msg_id, memoryview(frame)[body_offset:body_offset + body_size], now_ms)
             if repeated is not None:
                 self.session.on_repeated_send(msg_id, repeated)
                 self.direct_sends += 1
                 return True
-        prefix = encode_msg_prefix(msg_id, self._device, app_type, body, _now_ms(), ack)
-        seq = target.next_seq
         target.next_seq = seq + 1
-        frame = append_seq(prefix, seq)
-        target_connection.send_frame(frame, False)
+        target_connection._queue_frame(frame, False)
         if ack is True:
             target.pending[seq] = (self._user, self._device, msg_id, frame, False)
-        self._stats.count_frames(1, 1)
-        self._stats.record_route(RESULT_ROUTED, _monotonic_ns() - started)
+        self._stats.add_frames(1, 1)
+        self._stats.add_route(RESULT_ROUTED, _monotonic_ns() - started)
         self.direct_sends += 1
         if ack is True:
             self.session.send_control({"op": "receipt", "id": msg_id, "status": "routed", "devices": [name]})
@@ -422,9 +459,12 @@ cdef class ServerConnection(WSListener):
     # ---- Sink ---------------------------------------------------------------
 
     cpdef send_frame(self, bytes data, bint text):
+        self._queue_frame(data, text)
+
+    cdef int _queue_frame(self, bytes data, bint text) except -1:
         transport = self.transport
         if transport is None or (<WSTransport>transport).is_close_frame_sent:
-            return
+            return 0
         self.frames_out += 1
         self.bytes_out += len(data)
         if self._outbox is None:
@@ -433,6 +473,7 @@ cdef class ServerConnection(WSListener):
         else:
             self._outbox.append(_frame_header(len(data), text))
             self._outbox.append(data)
+        return 0
 
     cpdef flush(self):
         """Write the frames queued since the last flush in one go."""
@@ -445,9 +486,8 @@ cdef class ServerConnection(WSListener):
             return
         transport = <WSTransport>self.transport
         if not transport.is_disconnected and not transport.is_close_frame_sent:
-            underlying = transport.underlying_transport
-            underlying.writelines(outbox)
-            if underlying.get_write_buffer_size() > self.hub.settings.max_outbound_bytes:
+            self._writelines(outbox)
+            if <Py_ssize_t>self._write_buffer_size() > self._max_outbound_bytes:
                 self._drop_slow_consumer()
 
     cdef _drop_slow_consumer(self):
@@ -458,8 +498,7 @@ cdef class ServerConnection(WSListener):
         self._direct = False
         self._aborted = True
         self.hub.closes_sent[int(CloseCode.SLOW_CONSUMER)] += 1
-        log.warning("dropping %s: more than %d bytes waiting to be written", self.peer,
-                    self.hub.settings.max_outbound_bytes)
+        log.warning("dropping %s: more than %d bytes waiting to be written", self.peer, self._max_outbound_bytes)
         (<WSTransport>self.transport).disconnect(False)
         if self.session is not None:
             self.session.on_closed()

@@ -31,3 +31,7 @@ cdef class RouteStats:
 
     cpdef record_route(self, object result, object latency_ns)
     cpdef count_frames(self, object frames_in, object frames_out)
+    # The same two counts for compiled callers, without argument objects or checks: ``result`` must be
+    # a RESULT_* code (0..3); ``latency_ns`` is clamped like record_route's.
+    cdef void add_route(self, int result, long long latency_ns) noexcept
+    cdef void add_frames(self, unsigned long long frames_in, unsigned long long frames_out) noexcept

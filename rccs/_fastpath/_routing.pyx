@@ -254,22 +254,32 @@ cdef class RouteStats:
         if type(latency_ns) is not int:
             raise TypeError("latency_ns must be an int")
         ns = PyLong_AsLongLongAndOverflow(latency_ns, &overflow)
-        if overflow > 0 or (overflow == 0 and ns > C_MAX_LATENCY_NS):
+        if overflow > 0:
             ns = C_MAX_LATENCY_NS
-        elif overflow < 0 or ns < 0:
+        elif overflow < 0:
             ns = 0
-        self._results[<Py_ssize_t>result] += 1
-        self._latency_sum_ns += <unsigned long long>ns
+        self.add_route(<int>result, ns)
+
+    cdef void add_route(self, int result, long long latency_ns) noexcept:
+        if latency_ns > C_MAX_LATENCY_NS:
+            latency_ns = C_MAX_LATENCY_NS
+        elif latency_ns < 0:
+            latency_ns = 0
+        self._results[result] += 1
+        self._latency_sum_ns += <unsigned long long>latency_ns
         # Same double arithmetic as routing.py's ``latency_ns / 1000.0`` (exact below 2**53).
-        self._buckets[_bucket_index(<double>ns / 1000.0)] += 1
+        self._buckets[_bucket_index(<double>latency_ns / 1000.0)] += 1
 
     cpdef count_frames(self, object frames_in, object frames_out):
         """Add to the messages-in and messages-out counters."""
         if not (type(frames_in) is int and type(frames_out) is int
                 and 0 <= frames_in <= MAX_FRAMES_PER_CALL and 0 <= frames_out <= MAX_FRAMES_PER_CALL):
             raise ValueError("frame counts must be ints in 0..2**32-1")
-        self._frames_in += <unsigned long long>frames_in
-        self._frames_out += <unsigned long long>frames_out
+        self.add_frames(<unsigned long long>frames_in, <unsigned long long>frames_out)
+
+    cdef void add_frames(self, unsigned long long frames_in, unsigned long long frames_out) noexcept:
+        self._frames_in += frames_in
+        self._frames_out += frames_out
 
     def snapshot(self):
         """A consistent copy: results by name, latency buckets (non-cumulative), sums, frames."""

@@ -303,12 +303,8 @@ def _pack_scalar(out: bytearray, value: object) -> None:
         raise TypeError("only None, bool, int and str can be packed here")
 
 
-def encode_msg_prefix(msg_id: object, sender: str, app_type: str, body: bytes, ts: int, ack: bool) -> bytes:
-    """Encode a ``msg`` envelope without its ``seq``, once for every receiver.
-
-    ``body`` is an already-encoded msgpack value and is copied untouched.
-    The map header announces 8 entries; ``append_seq`` adds the last one.
-    """
+def _pack_msg(msg_id: object, sender: str, app_type: str, body: bytes, ts: int, ack: bool) -> bytearray:
+    """A ``msg`` envelope up to its ``ack`` field; the map header announces 8 entries (``seq`` is the last)."""
     if type(sender) is not str or type(app_type) is not str:
         raise TypeError("sender and app_type must be str")
     if type(ts) is not int:
@@ -327,7 +323,32 @@ def encode_msg_prefix(msg_id: object, sender: str, app_type: str, body: bytes, t
     _pack_int(out, ts)
     out += b"\xa3ack"
     out.append(0xC3 if ack else 0xC2)
+    return out
+
+
+def _pack_seq(out: bytearray, seq: int) -> bytes:
+    if type(seq) is not int or seq < 0:
+        raise ValueError("seq must be a non-negative int")
+    out += b"\xa3seq"
+    _pack_int(out, seq)
     return bytes(out)
+
+
+def encode_msg_prefix(msg_id: object, sender: str, app_type: str, body: bytes, ts: int, ack: bool) -> bytes:
+    """Encode a ``msg`` envelope without its ``seq``, once for every receiver.
+
+    ``body`` is an already-encoded msgpack value and is copied untouched.
+    The map header announces 8 entries; ``append_seq`` adds the last one.
+    """
+    return bytes(_pack_msg(msg_id, sender, app_type, body, ts, ack))
+
+
+def encode_msg(msg_id: object, sender: str, app_type: str, body: bytes, ts: int, ack: bool, seq: int) -> bytes:
+    """A whole ``msg`` envelope for one receiver: ``append_seq(encode_msg_prefix(...), seq)``, same errors.
+
+    The compiled twin writes it in one buffer (the body copied once); the direct path uses it.
+    """
+    return _pack_seq(_pack_msg(msg_id, sender, app_type, body, ts, ack), seq)
 
 
 def append_seq(prefix: bytes, seq: int) -> bytes:
@@ -336,7 +357,4 @@ def append_seq(prefix: bytes, seq: int) -> bytes:
         raise ValueError("seq must be a non-negative int")
     if type(prefix) is not bytes:
         raise TypeError("prefix must be bytes")
-    out = bytearray(prefix)
-    out += b"\xa3seq"
-    _pack_int(out, seq)
-    return bytes(out)
+    return _pack_seq(bytearray(prefix), seq)

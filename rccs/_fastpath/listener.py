@@ -33,7 +33,7 @@ from picows import WSFrame, WSListener, WSMsgType, WSTransport
 
 from ..errors import CloseCode, ErrorCode
 from ..transport.linger import close_code_sent, close_gently_after_1009
-from .codec import append_seq, decode_envelope, encode_msg_prefix
+from .codec import decode_envelope, encode_msg
 from .errors import EnvelopeError
 from .routing import RESULT_ROUTED
 
@@ -114,6 +114,10 @@ class ServerConnection(WSListener):
         self.session: FastPathSession = None  # type: ignore[assignment]  # set by the handshake, None until then
         self.peer = "?"
         self._outbox: list[bytes] | None = None
+        # Looked up once per connection, not per flush (as the compiled twin and picows itself do).
+        self._writelines: Any = None
+        self._write_buffer_size: Any = None
+        self._max_outbound_bytes = 0
         self._fragments: bytearray | None = None
         self._fragments_text = False
         self._aborted = False
@@ -148,10 +152,14 @@ class ServerConnection(WSListener):
         self.transport = transport
         # The compiled twin drops picows' retained upgrade request/response here (~1 KB per idle
         # device); their attributes are read-only from Python, so this one keeps them.
-        peername = transport.underlying_transport.get_extra_info("peername")
+        underlying = transport.underlying_transport
+        self._writelines = underlying.writelines
+        self._write_buffer_size = underlying.get_write_buffer_size
+        hub = self.hub
+        self._max_outbound_bytes = hub.settings.max_outbound_bytes
+        peername = underlying.get_extra_info("peername")
         if peername:
             self.peer = f"{peername[0]}:{peername[1]}"
-        hub = self.hub
         if hub.is_full() or not hub.accepting:
             code = CloseCode.TRY_AGAIN_LATER if hub.accepting else CloseCode.GOING_AWAY
             hub.closes_sent[int(code)] += 1
@@ -332,16 +340,18 @@ class ServerConnection(WSListener):
             return False
         self._routing.touch(self._user, self._device)
         body = payload[body_start:body_end] if body_start >= 0 else _NIL
+        # One clock reading for the idempotency window and the msg's ts; the msg is encoded, with the seq
+        # it would take, before the duplicate check (the compiled twin reads the body from it there).
+        now_ms = time.time_ns() // 1_000_000
+        seq = target.next_seq
+        frame = encode_msg(msg_id, self._device, app_type, body, now_ms, ack, seq)
         if ack:
-            repeated = self.hub.deliveries.first_time(self._device, msg_id, body, time.time_ns() // 1_000_000)
+            repeated = self.hub.deliveries.first_time(self._device, msg_id, body, now_ms)
             if repeated is not None:
                 self.session.on_repeated_send(msg_id, repeated)
                 self.direct_sends += 1
                 return True
-        prefix = encode_msg_prefix(msg_id, self._device, app_type, body, time.time_ns() // 1_000_000, ack)
-        seq = target.next_seq
         target.next_seq = seq + 1
-        frame = append_seq(prefix, seq)
         target_connection.send_frame(frame, False)
         if ack:
             target.pending[seq] = (self._user, self._device, msg_id, frame, False)
@@ -377,9 +387,8 @@ class ServerConnection(WSListener):
         self._outbox = None
         transport = self.transport
         if transport is not None and not transport.is_disconnected and not transport.is_close_frame_sent:
-            underlying = transport.underlying_transport
-            underlying.writelines(outbox)
-            if underlying.get_write_buffer_size() > self.hub.settings.max_outbound_bytes:
+            self._writelines(outbox)
+            if self._write_buffer_size() > self._max_outbound_bytes:
                 self._drop_slow_consumer()
 
     def _drop_slow_consumer(self) -> None:
@@ -390,8 +399,7 @@ class ServerConnection(WSListener):
         self._direct = False
         self._aborted = True
         self.hub.closes_sent[int(CloseCode.SLOW_CONSUMER)] += 1
-        log.warning("dropping %s: more than %d bytes waiting to be written", self.peer,
-                    self.hub.settings.max_outbound_bytes)
+        log.warning("dropping %s: more than %d bytes waiting to be written", self.peer, self._max_outbound_bytes)
         assert self.transport is not None
         self.transport.disconnect(False)
         if self.session is not None:
