@@ -113,7 +113,7 @@ CODEC_CONSTANTS = [
     "MAX_DEPTH", "ERR_TRUNCATED", "ERR_DEPTH", "ERR_TRAILING", "ERR_NOT_MAP", "ERR_KEY_TYPE", "ERR_UTF8",
     "ERR_EXT_IN_HEADER", "ERR_HEADER_MAP_KEY", "ERR_BIN_IN_HEADER",
 ]
-CODEC_FUNCTIONS = ["decode_envelope", "skip_value", "encode_msg_prefix", "append_seq"]
+CODEC_FUNCTIONS = ["decode_envelope", "skip_value", "encode_msg_prefix", "encode_msg", "append_seq"]
 ROUTING_CONSTANTS = [
     "SELECT_ALL", "SELECT_TYPE", "SELECT_CAPABILITY", "RESULT_ROUTED", "RESULT_NO_ROUTE", "RESULT_OFFLINE",
     "RESULT_REJECTED", "RESULT_NAMES", "LATENCY_BUCKETS_US",
@@ -610,6 +610,41 @@ def test_append_seq_cases(codec, args, expected):
     expect(codec.append_seq, args, expected)
 
 
+# seq of every msgpack width; bodies from absent (nil) to well past 64 KiB (the 8-byte frame length).
+SEQ_WIDTHS = [0, 127, 128, 255, 256, 65535, 65536, 2**32 - 1, 2**32, 2**63, 2**64 - 1]
+BODY_VALUES = [None, "", "b" * 120, "b" * 65_535, "b" * 65_536, "b" * 300_000, {"k": [1, "x"]}]
+
+
+@CODECS
+@pytest.mark.parametrize("seq", SEQ_WIDTHS)
+@pytest.mark.parametrize("body_value", BODY_VALUES, ids=lambda value: type(value).__name__ + str(len(value or "")))
+def test_encode_msg_is_the_prefix_with_its_seq(codec, seq, body_value):
+    # The direct path encodes a whole msg in one buffer; it must be byte for byte the general path's
+    # prefix + append_seq (which fan-out keeps: one prefix for every receiver).
+    body = msgpack.packb(body_value)
+    ack = seq % 2 == 0
+    frame = codec.encode_msg("m", "phone", "clip", body, 1715000000000, ack, seq)
+    assert frame == codec.append_seq(codec.encode_msg_prefix("m", "phone", "clip", body, 1715000000000, ack), seq)
+    assert frame == reference_frame("m", "phone", "clip", body_value, 1715000000000, ack, seq)
+
+
+ENCODE_MSG_ERRORS = [
+    (("x", "s", "t", b"", 0, True, -1), (ValueError, "seq must be a non-negative int")),
+    (("x", "s", "t", b"", 0, True, True), (ValueError, "seq must be a non-negative int")),
+    (("x", "s", "t", b"", 0, True, 2**64), (OverflowError, "integer out of msgpack range")),
+    # The envelope's own errors come first, as in append_seq(encode_msg_prefix(...), seq).
+    ((1.5, "s", "t", b"", 0, True, -1), (TypeError, "only None, bool, int and str can be packed here")),
+    (("x", "s", "t", b"", 0, Explosive(), -1), (RuntimeError, "no truth here")),
+    (("x", "s", "t", bytearray(), 0, True, None), (TypeError, "body must be bytes")),
+]
+
+
+@CODECS
+@pytest.mark.parametrize(("args", "expected"), ENCODE_MSG_ERRORS)
+def test_encode_msg_errors(codec, args, expected):
+    expect(codec.encode_msg, args, expected)
+
+
 # ---- encode: differential -----------------------------------------------------
 
 TEXTS = st.one_of(
@@ -638,6 +673,9 @@ def test_encode_differential(msg_id, sender, app_type, body, ts, ack, seq):
     assert outcome(cy_codec.encode_msg_prefix, *args) == expected
     prefix = py_codec.encode_msg_prefix(*args) if expected[0] == "returned" else b"\x88"
     assert outcome(cy_codec.append_seq, prefix, seq) == outcome(py_codec.append_seq, prefix, seq)
+    whole = outcome(py_codec.encode_msg, *args, seq)
+    assert outcome(cy_codec.encode_msg, *args, seq) == whole
+    assert whole == outcome(lambda: py_codec.append_seq(py_codec.encode_msg_prefix(*args), seq))
 
 
 # bytearray(n) allocates n zero bytes: keep int prefixes small.

@@ -12,6 +12,8 @@ import contextlib
 import importlib
 import os
 import struct
+import tracemalloc
+import types
 
 import msgpack
 import pytest
@@ -251,10 +253,18 @@ async def test_plain_sends_and_acks_take_the_direct_path(listener):
         assert sum(1 for e in sender.transcript if e.get("status") == "delivered") == 10
         assert live_connection(server, SENDER).direct_sends == 20
         assert live_connection(server, TWIN).direct_acks == 10
+        # The router's counters (Prometheus' rccs_messages_routed, rccs_messages, the latency histogram)
+        # count direct sends like any other.
+        stats = server.hub.stats.snapshot()
+        assert stats["results"] == {"routed": 20, "no_route": 0, "offline": 0, "rejected": 0}
+        assert (stats["frames_in"], stats["frames_out"], sum(stats["latency_buckets"])) == (20, 20, 20)
+        assert 0 < stats["latency_sum_ns"] < 20 * 60 * 10**9
         # Not for the direct path: an option it leaves to the session (the general path routes it).
         await sender.send({"op": "send", "id": "slow", "to": {"device": TWIN}, "type": "t", "ttl": 30})
         await sender.settle("general")
         assert live_connection(server, SENDER).direct_sends == 20
+        stats = server.hub.stats.snapshot()
+        assert (stats["results"]["routed"], stats["frames_in"], stats["frames_out"]) == (21, 21, 21)
         for device in (sender, twin):
             await device.close()
 
@@ -285,3 +295,102 @@ async def test_server_frames_of_every_length_reach_the_client(listener, encoding
             assert code == length_code
         for device in (sender, receiver):
             await device.close()
+
+
+# ---- seq of every width --------------------------------------------------------------------------
+
+
+async def transcript_from_seq(listener, first_seq):
+    """What the sender and the receiver see when the receiver's next seq is ``first_seq``."""
+    async with running_server(listener, ack_timeout=600) as server:
+        sender = await RawDevice.connect(server, SENDER)
+        twin = await RawDevice.connect(server, TWIN)
+        live_connection(server, TWIN).session.next_seq = first_seq
+        for n, ack in enumerate((False, True, True)):
+            await sender.send({"op": "send", "id": n, "to": {"device": TWIN}, "type": "t", "body": [n], "ack": ack})
+        await sender.settle("sent")
+        await twin.settle("received")
+        for message in twin.transcript:
+            if message.get("ack"):
+                await twin.send({"op": "ack", "seq": message["seq"]})
+        await twin.settle("acked")
+        await sender.settle("receipts")
+        counters = (live_connection(server, SENDER).direct_sends, live_connection(server, TWIN).direct_acks)
+        for device in (sender, twin):
+            await device.close()
+        return {"sender": sender.transcript, "twin": twin.transcript, "counters": counters}
+
+
+@pytest.mark.skipif(cy_listener is None, reason="a pure run has no compiled routing table for the compiled listener")
+@pytest.mark.parametrize("first_seq", [126, 254, 65_534, 2**32 - 2, 2**40])
+async def test_listener_twins_write_every_seq_width_alike(first_seq):
+    # Each start puts the three seqs across a msgpack int width boundary (1, 2, 3, 5 and 9 bytes); the
+    # direct path writes the seq into the msg it encodes whole, and settles acks of every width.
+    pure = await transcript_from_seq(py_listener, first_seq)
+    compiled = await transcript_from_seq(cy_listener, first_seq)
+    assert compiled == pure
+    assert [m["seq"] for m in compiled["twin"] if m["op"] == "msg"] == [first_seq, first_seq + 1, first_seq + 2]
+    assert [e["status"] for e in compiled["sender"] if e["op"] == "receipt"] == [
+        "routed", "routed", "delivered", "delivered"]
+    assert compiled["counters"] == (3, 2)
+
+
+# ---- a direct send copies the body once --------------------------------------------------------------
+
+# Larger than msgpack's packer, which holds a 256 KiB scratch buffer while it encodes a receipt.
+BIG_BODY = 1024 * 1024
+
+
+def measuring_listener(listener, peaks):
+    """``listener`` whose first connection (the sender) records, for every frame it is given, the frame's
+    size and the most memory its handling held at once beyond what was held before (tracemalloc)."""
+
+    class MeasuredConnection(listener.ServerConnection):
+        def on_ws_frame(self, transport, frame):
+            size = frame.payload_size
+            tracemalloc.reset_peak()
+            before, _ = tracemalloc.get_traced_memory()
+            super().on_ws_frame(transport, frame)
+            peaks.append((size, tracemalloc.get_traced_memory()[1] - before))
+
+    made = []
+
+    def server_connection(hub, coalescer, session_factory):
+        kind = listener.ServerConnection if made else MeasuredConnection
+        made.append(kind)
+        return kind(hub, coalescer, session_factory)
+
+    return types.SimpleNamespace(ServerConnection=server_connection, WriteCoalescer=listener.WriteCoalescer)
+
+
+@LISTENERS
+@pytest.mark.parametrize("ack", [False, True])
+async def test_a_direct_send_copies_its_body_once(listener, ack):
+    # Handling a send, the compiled listener holds one body-sized buffer: the msg it queues (and, with
+    # ack, keeps for redelivery). Copying the payload to bytes, slicing the body out, encoding a prefix
+    # and appending the seq each held another; any of them back fails this. picows' own read buffer is
+    # not a Python allocation, so tracemalloc sees only what the listener makes. The pure twin slices
+    # and joins in Python: its measure shows the copies the instrument is there to see.
+    peaks = []
+    tracemalloc.start()
+    try:
+        async with running_server(measuring_listener(listener, peaks), max_message_bytes=4 * BIG_BODY) as server:
+            sender = await RawDevice.connect(server, SENDER)
+            twin = await RawDevice.connect(server, TWIN)
+            body = "c" * BIG_BODY
+            await sender.send({"op": "send", "id": "big", "to": {"device": TWIN}, "type": "t", "body": body,
+                               "ack": ack})
+            await sender.settle("sent")
+            await twin.settle("received")
+            (message,) = [e for e in twin.transcript if e["op"] == "msg"]
+            assert message["body"] == body
+            assert live_connection(server, SENDER).direct_sends == 1
+            for device in (sender, twin):
+                await device.close()
+    finally:
+        tracemalloc.stop()
+    (held,) = [held for size, held in peaks if size > BIG_BODY]
+    if listener is py_listener:
+        assert held > 2 * BIG_BODY
+    else:
+        assert BIG_BODY < held < 2 * BIG_BODY
