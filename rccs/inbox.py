@@ -225,10 +225,11 @@ class Deliveries:
 
     # ---- idempotency -----------------------------------------------------
 
-    def first_time(self, sender_device: str, msg_id: str | int, body: bytes | memoryview, now: int) -> str | None:
+    def first_time(self, sender_device: str, msg_id: str | int, body: bytes, now: int) -> str | None:
         """None for a new ack:true message id; ``"duplicate"`` for one seen with the same body within the
         window (do not deliver again); ``"conflict"`` for one seen with a different body. ``body`` is only
-        read, here and now: the compiled direct path passes a view of the msg it has just encoded."""
+        read, here and now: the compiled direct path passes a read-only buffer over the body inside the msg
+        it has just encoded (bytes-like, not bytes)."""
         seen = self._seen.get(sender_device)
         if seen is None:
             seen = self._seen[sender_device] = OrderedDict()

@@ -8,7 +8,9 @@ implements the session's ``Sink``.
 Direct path: once the session is open on msgpack, a binary ``send`` to one
 named, online msgpack device with a string id is routed here without the
 general session machinery (selector parsing, fan-out bookkeeping): decode,
-look up, encode once, queue. Anything else, and any doubt, goes to
+look up, encode the whole ``msg`` once (``encode_msg``), queue. The compiled
+twin decodes straight from picows' buffer and copies the body once, into that
+``msg``; this one copies it as Python must. Anything else, and any doubt, goes to
 ``Session.on_envelope`` with the already-decoded header, which applies the
 full rules. Both paths produce the same frames, receipts and counters.
 
