@@ -113,6 +113,10 @@ class FastPathSession(Protocol):
     pending: dict[int, PendingAck]
     inbox_ids: dict[int, int] | None
     work: dict[int, Any] | None
+    held: Any  # not None while envelopes wait behind a running request: the direct path stays off
+
+    @property
+    def closed(self) -> bool: ...
 
     def on_frame(self, payload: bytes, is_text: bool) -> None: ...
 

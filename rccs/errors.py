@@ -44,8 +44,9 @@ class CloseCode(IntEnum):
 
     NORMAL = 1000
     GOING_AWAY = 1001  # the server is shutting down: reconnect later
-    PROTOCOL_ERROR = 1002  # WebSocket-level violation (bad framing)
-    POLICY_VIOLATION = 1008  # more than 1,000 messages in a row refused as rate_limited
+    PROTOCOL_ERROR = 1002  # WebSocket-level violation (bad framing, reserved bits, a close code over 4999)
+    INVALID_PAYLOAD = 1007  # sent by picows: a close frame whose reason is not UTF-8
+    POLICY_VIOLATION = 1008  # over 1,000 refused as rate_limited in a second, or too many held behind a request
     MESSAGE_TOO_BIG = 1009  # a message exceeds max_message_bytes
     INTERNAL_ERROR = 1011
     TRY_AGAIN_LATER = 1013  # the server is full (max_connections), or its store is unreachable

@@ -9,6 +9,8 @@ from __future__ import annotations
 import base64
 import json
 import math
+import re
+import struct
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -47,14 +49,46 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
+def _finite_float(text: str) -> float:
+    number = float(text)
+    if not math.isfinite(number):  # 1e999999: JSON has no infinity, and no receiver could get it back
+        raise ValueError(f"number {text[:32]} is out of range")
+    return number
+
+
+# A \u escape of a surrogate (U+D800..U+DFFF): the only way a JSON text can carry a lone one, which no
+# UTF-8 frame can hold. Pairs are joined by the parser; what is left after it is refused.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def _has_lone_surrogate(value: Any) -> bool:
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return True
+        return False
+    if isinstance(value, dict):
+        return any(_has_lone_surrogate(key) or _has_lone_surrogate(item) for key, item in value.items())
+    if isinstance(value, list):
+        return any(_has_lone_surrogate(item) for item in value)
+    return False
+
+
 def json_loads(data: bytes) -> Any:
-    """Parse a text frame; raises ProtocolError(bad_request) for anything that is not strict JSON."""
+    """Parse a text frame; raises ProtocolError(bad_request) for anything that is not strict JSON
+    (NaN, infinities, numbers too large for a float, lone surrogates included)."""
     try:
-        return json.loads(data, parse_constant=_reject_constant)
+        # Decoded first: json.loads would take UTF-16 and UTF-32 bytes too, and a text frame is UTF-8.
+        text = data.decode("utf-8")
+        value = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
     except UnicodeDecodeError:
         raise ProtocolError(ErrorCode.BAD_REQUEST, "text frame is not valid UTF-8") from None
     except (ValueError, RecursionError) as exc:
         raise ProtocolError(ErrorCode.BAD_REQUEST, f"malformed JSON: {exc}") from None
+    if _SURROGATE_ESCAPE.search(text) is not None and _has_lone_surrogate(value):
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "malformed JSON: a \\u escape of a lone surrogate")
+    return value
 
 
 def _json_key(key: Any) -> str:
@@ -88,10 +122,116 @@ def to_json_value(value: Any) -> Any:
     raise TypeError(f"unexpected msgpack value of type {type(value).__name__}")
 
 
+# Conversion deeper than this is refused (unconvertible): bodies are at most 32 levels (the codec checks), a
+# whole stored frame one more; the bound only keeps a corrupt input from exhausting the stack.
+MAX_CONVERT_DEPTH = 64
+_FLOAT32 = struct.Struct(">f")
+_FLOAT64 = struct.Struct(">d")
+
+
+def _unconvertible(why: str) -> ProtocolError:
+    return ProtocolError(ErrorCode.UNCONVERTIBLE, f"body cannot be expressed in JSON: {why}")
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def _length(data: bytes, pos: int, width: int) -> tuple[int, int]:
+    end = pos + width
+    if end > len(data):
+        raise _unconvertible("truncated msgpack data")
+    return int.from_bytes(data[pos:end], "big"), end
+
+
+def _take(data: bytes, pos: int, n: int) -> tuple[bytes, int]:
+    end = pos + n
+    if end > len(data):
+        raise _unconvertible("truncated msgpack data")
+    return data[pos:end], end
+
+
+def _json_value_at(data: bytes, pos: int, depth: int) -> tuple[Any, int]:
+    """The JSON form of the msgpack value at ``pos`` (section 6), read straight from the bytes: every ext
+    type (the timestamp too, whatever its length) keeps its payload as it is, and map keys keep their
+    identity (msgpack's own decoder would fold ``1`` and ``true`` into one Python key)."""
+    if depth > MAX_CONVERT_DEPTH:
+        raise _unconvertible("nested too deeply")
+    if pos >= len(data):
+        raise _unconvertible("truncated msgpack data")
+    b = data[pos]
+    pos += 1
+    if b <= 0x7F:
+        return b, pos
+    if b >= 0xE0:
+        return b - 0x100, pos
+    if 0xA0 <= b <= 0xBF or b in (0xD9, 0xDA, 0xDB):
+        if b <= 0xBF:
+            n = b & 0x1F
+        else:
+            n, pos = _length(data, pos, 1 << (b - 0xD9))
+        raw, pos = _take(data, pos, n)
+        try:
+            return raw.decode("utf-8"), pos
+        except UnicodeDecodeError:
+            raise _unconvertible("invalid UTF-8") from None
+    if 0x90 <= b <= 0x9F or b in (0xDC, 0xDD):
+        count, pos = (b & 0x0F, pos) if b <= 0x9F else _length(data, pos, 2 if b == 0xDC else 4)
+        items = []
+        for _ in range(count):
+            item, pos = _json_value_at(data, pos, depth + 1)
+            items.append(item)
+        return items, pos
+    if 0x80 <= b <= 0x8F or b in (0xDE, 0xDF):
+        count, pos = (b & 0x0F, pos) if b <= 0x8F else _length(data, pos, 2 if b == 0xDE else 4)
+        mapping: dict[str, Any] = {}
+        for _ in range(count):
+            key_is_text = 0xA0 <= data[pos] <= 0xBF or data[pos] in (0xC4, 0xC5, 0xC6, 0xD9, 0xDA, 0xDB) \
+                if pos < len(data) else True
+            key, pos = _json_value_at(data, pos, depth + 1)
+            if not key_is_text:
+                key = json.dumps(key, separators=(",", ":"), ensure_ascii=False)
+            if key in mapping:
+                raise _unconvertible(f"two keys of one map are both {key[:64]!r} in JSON")
+            mapping[key], pos = _json_value_at(data, pos, depth + 1)
+        return mapping, pos
+    if b == 0xC0:
+        return None, pos
+    if b in (0xC2, 0xC3):
+        return b == 0xC3, pos
+    if b in (0xC4, 0xC5, 0xC6):
+        n, pos = _length(data, pos, 1 << (b - 0xC4))
+        raw, pos = _take(data, pos, n)
+        return _b64(raw), pos
+    if b in (0xC7, 0xC8, 0xC9) or 0xD4 <= b <= 0xD8:
+        if b >= 0xD4:
+            n = 1 << (b - 0xD4)
+        else:
+            n, pos = _length(data, pos, 1 << (b - 0xC7))
+        code, pos = _take(data, pos, 1)
+        raw, pos = _take(data, pos, n)
+        return {EXT_MARKER: int.from_bytes(code, "big", signed=True), EXT_DATA: _b64(raw)}, pos
+    if b in (0xCA, 0xCB):
+        raw, pos = _take(data, pos, 4 if b == 0xCA else 8)
+        number = (_FLOAT32 if b == 0xCA else _FLOAT64).unpack(raw)[0]
+        return (number if math.isfinite(number) else None), pos
+    if 0xCC <= b <= 0xD3:
+        width = 1 << ((b - 0xCC) & 3)
+        raw, pos = _take(data, pos, width)
+        return int.from_bytes(raw, "big", signed=b >= 0xD0), pos
+    raise _unconvertible(f"invalid msgpack type byte 0x{b:02x}")
+
+
 def msgpack_body_to_json_value(raw: bytes) -> Any:
-    """Decode a msgpack body (already validated by the codec) into a JSON-safe value."""
-    value = msgpack.unpackb(raw, raw=False, strict_map_key=False, use_list=True)
-    return to_json_value(value)
+    """A msgpack body (or a whole msgpack frame) as a JSON-safe value (section 6).
+
+    Raises ProtocolError(unconvertible) when it has no JSON form: two keys of one map that come out the
+    same in JSON (``1`` and ``"1"``, or one key twice), or bytes that are not one msgpack value.
+    """
+    value, end = _json_value_at(raw, 0, 0)
+    if end != len(raw):
+        raise _unconvertible("trailing bytes")
+    return value
 
 
 def json_value_to_msgpack(value: Any) -> bytes:
@@ -315,7 +455,7 @@ def convert_frame(frame: bytes, text: bool) -> bytes:
     """
     if text:
         return json_value_to_msgpack(json_loads(frame))
-    return json_dumps(to_json_value(msgpack.unpackb(frame, raw=False, strict_map_key=False)))
+    return json_dumps(msgpack_body_to_json_value(frame))
 
 
 PRIORITIES = {"LOW": 0, "NORMAL": 1, "HIGH": 2, "URGENT": 3, "EMERGENCY": 4}

@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import secrets
+from collections import deque
 from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
@@ -71,14 +72,19 @@ OPEN = 1
 CLOSED = 2
 AWAIT_APPROVAL = 3
 
+# Envelopes that may wait behind a request still running (section 2: answers come in order). A client
+# that pipelines more than this gets the connection closed with 1008 instead of growing the server.
+MAX_HELD_ENVELOPES = 1000
+MAX_HELD_BYTES = 16 * 1024 * 1024
+
 
 class Session:
     """Protocol state of one connection. All methods run on the event loop thread."""
 
     __slots__ = ("__weakref__", "base_counters", "connected_at", "connected_ms", "created", "device", "encoding",
-                 "ended", "expired", "expires_at", "flushed_total", "frame", "hub", "id", "inbox_ids", "inbox_loaded",
-                 "inbox_more", "last_activity", "moved", "next_seq", "peer_said_goodbye", "pending", "retry",
-                 "revoked", "sink", "state", "user", "work")
+                 "ended", "expired", "expires_at", "flushed_total", "frame", "held", "held_bytes", "hub", "id",
+                 "inbox_ids", "inbox_loaded", "inbox_more", "last_activity", "moved", "next_seq",
+                 "peer_said_goodbye", "pending", "retry", "revoked", "sink", "state", "user", "work")
 
     def __init__(self, hub: Hub, sink: Sink):
         self.hub = hub
@@ -111,6 +117,11 @@ class Session:
         self.inbox_loaded = False  # the inbox was read after welcome: new inbox messages go out at once
         self.inbox_more = False  # the inbox held more than one page
         self.frame: tuple[bytes, int, int, bool] | None = None  # the envelope being dispatched (payload, body)
+        # While a request runs in the background (run_request), later envelopes wait here, so that every
+        # answer leaves in the order the envelopes came: None when nothing runs. The listener's direct path
+        # is off meanwhile (it reads this field).
+        self.held: deque[tuple[Any, ...]] | None = None
+        self.held_bytes = 0
         hub.attach(self)
 
     # ---- what a handler sees (contracts.Conn) ----------------------------
@@ -190,6 +201,8 @@ class Session:
         """Handle a request in the background (it needs the store); a refusal ``work`` raises
         (ProtocolError, with its fields) answers the request, as does a failure (``internal``, logged)."""
         msg_id = header.get("id")
+        if self.held is None:
+            self.held = deque()
 
         async def run() -> None:
             try:
@@ -207,8 +220,32 @@ class Session:
             except Exception:
                 log.exception("internal error in %r from %s", header.get("op"), self.sink.peer)
                 self.send_error(ErrorCode.INTERNAL, "internal server error", msg_id)
+            finally:
+                self._release_held()
 
         self.hub.spawn(run())
+
+    def _hold(self, entry: tuple[Any, ...], size: int) -> None:
+        assert self.held is not None
+        self.held.append(entry)
+        self.held_bytes += size
+        if len(self.held) > MAX_HELD_ENVELOPES or self.held_bytes > MAX_HELD_BYTES:
+            self.close(CloseCode.POLICY_VIOLATION, "too many envelopes waiting behind a running request")
+
+    def _release_held(self) -> None:
+        """The running request answered: handle what waited behind it, until one starts another request."""
+        held, self.held = self.held, None
+        self.held_bytes = 0
+        while held and self.state != CLOSED:
+            entry = held.popleft()
+            if len(entry) == 2:
+                self.on_frame(entry[0], entry[1])
+            else:
+                self.on_envelope(entry[0], entry[1], entry[2], entry[3], entry[4])
+            if self.held is not None:  # that envelope started a request: the rest wait for it in turn
+                self.held = held
+                self.held_bytes = sum(len(entry[0] if len(entry) == 2 else entry[1]) for entry in held)
+                return
 
     def close(self, code: int, reason: str) -> None:
         """Close the connection; ``on_closed`` follows when the transport reports it."""
@@ -230,6 +267,9 @@ class Session:
     def on_frame(self, payload: bytes, is_text: bool) -> None:
         """Handle one whole WebSocket message. Never raises."""
         if self.state == CLOSED:
+            return
+        if self.held is not None:
+            self._hold((payload, is_text), len(payload))
             return
         try:
             if is_text:
@@ -253,6 +293,9 @@ class Session:
         inside ``header`` for JSON). Never raises."""
         if self.state == CLOSED:
             return
+        if self.held is not None:
+            self._hold((header, payload, body_start, body_end, is_text), len(payload))
+            return
         try:
             op = header.get("op")
             if self.state == AWAIT_HELLO:
@@ -271,8 +314,8 @@ class Session:
                     self.frame = None
             elif op == "ping":
                 pong: dict[str, Any] = {"op": "pong", "server_time": now_ms()}
-                if "id" in header:
-                    pong["id"] = header["id"]
+                if header.get("id") is not None:  # echoed only when it is a valid id (section 3)
+                    pong["id"] = check_message_id(header["id"])
                 self.send_control(pong)
             elif op == "hello":
                 raise ProtocolError(ErrorCode.BAD_REQUEST, "hello was already accepted on this connection")

@@ -22,7 +22,7 @@ from rccs._fastpath.errors import EnvelopeError
 import logging
 
 from rccs.errors import CloseCode, ErrorCode
-from rccs.transport.linger import close_code_sent, close_gently_after_1009
+from rccs.transport.linger import close_code_not_echoed, close_gently_after_1009
 
 log = logging.getLogger("rccs.session")
 
@@ -203,6 +203,7 @@ cdef class ServerConnection(WSListener):
     cdef object _fragments
     cdef bint _fragments_text
     cdef bint _aborted
+    cdef bint _close_counted
     cdef object _hello_timer
     cdef bint _direct
     cdef bint _live_acks
@@ -240,6 +241,7 @@ cdef class ServerConnection(WSListener):
         self._fragments = None
         self._fragments_text = False
         self._aborted = False
+        self._close_counted = False  # the close frame sent was asked for by the session, which counted it
         self._hello_timer = None
         self._direct = False
         self._user = ""
@@ -298,10 +300,13 @@ cdef class ServerConnection(WSListener):
             # picows keeps parsing after it refused an oversized frame and may
             # still deliver that frame; nothing is accepted once we are closing.
             return
+        if frame.rsv1 or frame.rsv2 or frame.rsv3:  # no extension is negotiated (RFC 6455 section 5.2)
+            session.close(CloseCode.PROTOCOL_ERROR, "reserved bits set")
+            return
         msg_type = frame.msg_type
         if msg_type == WSMsgType.BINARY or msg_type == WSMsgType.TEXT:
             if self._fragments is not None:
-                self.close(CloseCode.PROTOCOL_ERROR, "new message inside a fragmented message")
+                session.close(CloseCode.PROTOCOL_ERROR, "new message inside a fragmented message")
                 return
             if frame.fin:
                 self.frames_in += 1
@@ -309,7 +314,7 @@ cdef class ServerConnection(WSListener):
                 if self._rate > 0.0 and not self._take_token():
                     self._refuse(_payload_bytes(frame), msg_type == WSMsgType.TEXT)
                     return
-                if self._direct and msg_type == WSMsgType.BINARY:
+                if self._direct and msg_type == WSMsgType.BINARY and session.held is None:
                     self._on_binary(frame)
                 else:
                     session.on_frame(_payload_bytes(frame), msg_type == WSMsgType.TEXT)
@@ -319,10 +324,10 @@ cdef class ServerConnection(WSListener):
         elif msg_type == WSMsgType.CONTINUATION:
             fragments = self._fragments
             if fragments is None:
-                self.close(CloseCode.PROTOCOL_ERROR, "continuation frame without a message")
+                session.close(CloseCode.PROTOCOL_ERROR, "continuation frame without a message")
                 return
             if len(fragments) + frame.payload_size > self.hub.settings.max_message_bytes:
-                self.close(CloseCode.MESSAGE_TOO_BIG, "message too big")
+                session.close(CloseCode.MESSAGE_TOO_BIG, "message too big")
                 return
             fragments += frame.get_payload_as_memoryview()
             if frame.fin:
@@ -334,6 +339,9 @@ cdef class ServerConnection(WSListener):
                     return
                 session.on_frame(bytes(fragments), self._fragments_text)
         elif msg_type == WSMsgType.CLOSE:
+            if <int>frame.get_close_code() >= 5000:  # picows checks those below
+                session.close(CloseCode.PROTOCOL_ERROR, "invalid close code")
+                return
             session.on_peer_close(<int>frame.get_close_code())
             self.flush()  # what was queued before the peer's close still goes out, ahead of our reply
             if not transport.is_close_frame_sent:
@@ -350,10 +358,12 @@ cdef class ServerConnection(WSListener):
         if self._hello_timer is not None:
             self._hello_timer.cancel()
             self._hello_timer = None
-        if close_code_sent(transport) == CloseCode.MESSAGE_TOO_BIG:
-            # Sent by picows (a frame header over max_message_bytes) or by close() (fragments adding up to
-            # too much); neither goes through the session, so it is counted here, once per connection.
-            self.hub.closes_sent[int(CloseCode.MESSAGE_TOO_BIG)] += 1
+        if self.session is not None and not self._close_counted:
+            # A close the session did not ask for (it counts those itself) nor an echo of the client's:
+            # picows' own (1002 bad framing, 1007, 1009 a frame header over max_message_bytes, 1011).
+            code = close_code_not_echoed(transport)
+            if code is not None:
+                self.hub.closes_sent[code] += 1
         if self.session is not None:
             self.session.on_closed()
 
@@ -561,6 +571,7 @@ cdef class ServerConnection(WSListener):
         if self._aborted:  # the flush found a slow consumer and aborted the connection
             return
         if not (<WSTransport>transport).is_close_frame_sent:
+            self._close_counted = True
             (<WSTransport>transport).send_close(int(code), reason.encode("utf-8")[:123])
         (<WSTransport>transport).disconnect()
         if self.session is not None:

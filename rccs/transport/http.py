@@ -221,6 +221,9 @@ class HttpServer:
             await self._send(conn, writer, response, b"GET", close=True)
             await self._linger(reader, writer)
             return False
+        if event.http_version != b"1.1":  # HTTP/1.0 (no keep-alive, no Host) is not served: said in the docs
+            await self._send(conn, writer, text_response(400, "HTTP/1.1 only\n"), event.method, close=True)
+            return False
         request = Request(
             method=event.method.decode("ascii", "replace"),
             target=event.target.decode("ascii", "replace"),

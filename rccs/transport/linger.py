@@ -49,6 +49,14 @@ def close_code_sent(ws_transport: Any) -> int | None:
     return int(handshake.sent.code)
 
 
+def close_code_not_echoed(ws_transport: Any) -> int | None:
+    """The code of a close frame the server side sent first (not its answer to the client's close), or None."""
+    handshake = ws_transport.close_handshake
+    if handshake is None or handshake.sent is None or handshake.recv_then_sent:
+        return None
+    return int(handshake.sent.code)
+
+
 def _restore_close(transport: Any) -> None:
     transport.__dict__.pop("close", None)  # the transport's own close from now on
 
