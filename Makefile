@@ -7,7 +7,7 @@ SERVE_STAMP := $(VENV)/.rccs-serve-installed
 WHEEL_TOOLS := $(VENV)/.rccs-wheel-tools
 SOURCES := pyproject.toml setup.py $(wildcard rccs/_fastpath/*.pyx rccs/_fastpath/*.pxd)
 
-.PHONY: redis-server-available chromium-available test-js serve test lint test-compiled test-pure bench-check loadtest-smoke bench bench-micro bench-e2e bench-scale bench-store bench-flood loadtest wheel sdist test-wheel clean
+.PHONY: redis-server-available chromium-available test-js serve test lint fuzz test-compiled test-pure bench-check loadtest-smoke bench bench-micro bench-e2e bench-scale bench-store bench-flood loadtest wheel sdist test-wheel clean
 
 # Serving needs the package and its runtime dependencies only.
 $(SERVE_STAMP): $(SOURCES)
@@ -72,6 +72,12 @@ test-wheel: $(STAMP) wheel sdist
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests/packaging/check_install.py
 
 test: lint test-js test-compiled test-pure bench-check loadtest-smoke test-wheel
+
+# The codec and protocol fuzzers (tests/fuzz) for FUZZ_MINUTES in all; stops by itself; exit 1 on a finding.
+FUZZ_MINUTES ?= 10
+FUZZ_SEED ?=
+fuzz: $(STAMP)
+	$(BIN)/python tests/fuzz/run.py --minutes $(FUZZ_MINUTES) $(if $(FUZZ_SEED),--seed $(FUZZ_SEED))
 
 # scale.py draws docs/scaling.png with matplotlib, which the package itself does not need: install it
 # before a long run rather than fail at its end.
