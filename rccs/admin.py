@@ -17,8 +17,6 @@ import sys
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-import msgpack
-
 from .auth import valid_id
 from .credentials import new_credential, new_pairing_code, pairing_uri
 from .errors import ProtocolError
@@ -413,9 +411,10 @@ def queued_view(message: QueuedMessage) -> dict[str, Any]:
     }
     try:
         view["body"] = msgpack_body_to_json_value(message.body)
-    except (ValueError, TypeError, msgpack.UnpackException) as exc:
+    except ProtocolError as exc:  # bytes that are no msgpack value, or a map whose keys meet in JSON
         view["body"] = None
-        view["body_error"] = f"the body ({len(message.body)} bytes) is not valid msgpack: {exc}"
+        view["body_error"] = f"the body ({len(message.body)} bytes) is not valid msgpack or has no JSON form: " \
+                             f"{exc.message}"
     return view
 
 

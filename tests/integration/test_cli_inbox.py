@@ -202,6 +202,17 @@ def test_inbox_list_json_decodes_the_bodies(rccs, data_dir, registry):
     assert "not valid msgpack" in third["body_error"]
 
 
+def test_inbox_list_json_names_a_body_without_a_json_form(rccs, data_dir, registry):
+    meeting_keys = queued("alice-phone", "keys")
+    meeting_keys.body = bytes.fromhex("8201a161a131a162")  # {1: "a", "1": "b"}: both keys are "1" in JSON
+    enqueue(data_dir, meeting_keys)
+    code, out, err = rccs("inbox", "list", "alice-phone", "--json")
+    assert (code, err) == (0, "")
+    (listed,) = json.loads(out)["messages"]
+    assert listed["body"] is None
+    assert "has no JSON form" in listed["body_error"]
+
+
 def test_inbox_list_leaves_out_expired_messages_but_counts_them(rccs, data_dir, registry):
     enqueue(data_dir, queued("alice-phone", "old", expires_at=now_ms() - 1000), queued("alice-phone", "fresh"))
     code, out, _ = rccs("inbox", "list", "alice-phone")
