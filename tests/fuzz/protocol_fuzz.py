@@ -228,6 +228,7 @@ class RawConnection:
         self.welcomed = asyncio.Event()
         self.closed = asyncio.Event()
         self.last_pong = asyncio.Event()
+        self.revoked = False  # its hello was refused: the device was revoked
         # Answers must come in the order of the requests (section 2): the ids this connection gave its
         # requests, by position, and the position of the latest request answered so far.
         self.request_ids: dict[str, int] = {}
@@ -248,9 +249,13 @@ class RawConnection:
         if hello:
             self.write(frame(encode({"op": "hello", "token": self.fuzzer.token(self.user, self.device),
                                      "device": {"type": "web"}}, self.text), 0x1 if self.text else 0x2))
-            try:
-                await asyncio.wait_for(self.welcomed.wait(), 10)
-            except TimeoutError:
+            waits = [asyncio.ensure_future(self.welcomed.wait()), asyncio.ensure_future(self.closed.wait())]
+            await asyncio.wait(waits, timeout=10, return_when=asyncio.FIRST_COMPLETED)
+            for waiting in waits:
+                waiting.cancel()
+            if not self.welcomed.is_set():
+                if self.revoked:  # a fuzzed device.revoke took it for good: the user gets a new device
+                    self.fuzzer.replace_device(self.user, self.device)
                 return False
         return True
 
@@ -310,6 +315,8 @@ class RawConnection:
             if envelope.get("ack") is True and isinstance(envelope.get("seq"), int):
                 self.write(frame(encode({"op": "ack", "seq": envelope["seq"]}, self.text),
                                  0x1 if self.text else 0x2))
+        elif op == "error" and envelope.get("code") == "revoked":
+            self.revoked = True
         elif op == "error" and envelope.get("code") == "internal":
             self.fuzzer.findings.add(f"{self.device}: internal error: {envelope}")
 
@@ -345,6 +352,14 @@ class Fuzzer:
         self.witnessed = 0
         self.inputs = 0
         self.request_counter = itertools.count()
+        self.generations = itertools.count(1)
+
+    def replace_device(self, user: str, device: str) -> None:
+        devices = self.users[user]
+        if device in devices:
+            replacement = f"{device.split('.')[0]}.{next(self.generations)}"
+            devices[devices.index(device)] = replacement
+            self.device_owner[replacement] = user
 
     def token(self, user: str, device: str) -> str:
         return self.tokens.issue(user, device, 3600)
