@@ -311,8 +311,9 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def put_device(self, device: DeviceRecord) -> None:
-        """Insert or replace a device (its user must exist, else StoreError). Appends a device change.
-        A revoked device cannot be replaced (StoreError)."""
+        """Insert or replace a device (its user must exist, else StoreError, unless the record given is
+        revoked: a tombstone, as a removed user leaves behind). Appends a device change. A revoked device
+        cannot be replaced (StoreError)."""
 
     @abc.abstractmethod
     async def get_device(self, device_id: str) -> DeviceRecord | None:
@@ -382,6 +383,10 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def delete_pairing_codes_before(self, cutoff: int) -> int:
         """Delete codes that expired before ``cutoff``. Returns how many."""
+
+    @abc.abstractmethod
+    async def list_pairing_codes(self) -> list[PairingCode]:
+        """Every pairing code kept (used, expired and burnt ones too, until deleted), ordered by id."""
 
     # ---- durable inboxes ----------------------------------------------
 
@@ -477,6 +482,18 @@ class Store(abc.ABC):
         ``duplicate`` set. Raises StateConflict / StateTooLarge and changes nothing then."""
 
     @abc.abstractmethod
+    async def list_state(self, user_id: str) -> list[tuple[StateDoc, list[StateChange]]]:
+        """Every document of the user, deleted ones (tombstones) included, with its change log (oldest first);
+        ordered by name."""
+
+    @abc.abstractmethod
+    async def restore_state(self, doc: StateDoc, changes: Sequence[StateChange]) -> None:
+        """Write a document as it is given (revision, value or tombstone, ``by``, ``updated``) with this change
+        log (oldest first), replacing the document and its log: how ``rccs store copy`` moves documents
+        without changing their revisions. The caller keeps the revisions consistent (the log's newest is the
+        document's ``rev``). No limit is applied and no change is appended."""
+
+    @abc.abstractmethod
     async def state_catch_up(self, user_id: str, since: Mapping[str, int], doc: str | None = None,
                              prefix: str | None = None) -> list[StateCatchUp]:
         """In one read: the document ``doc`` (always, also when it does not exist), or every document of the
@@ -511,6 +528,12 @@ class Store(abc.ABC):
         """The token signing secret every process on this store shares, created by the first that asks (at
         once: two asking together get the same one). Only a store shared over the network has one (Redis);
         a local store's processes share the data directory's ``token.key`` instead."""
+        raise StoreError(f"{type(self).__name__} keeps no token secret: it is in the data directory")
+
+    async def adopt_token_secret(self, secret: bytes) -> bytes:
+        """Make ``secret`` the store's token secret unless it has one already; returns the secret it has after
+        the call (so the caller sees whether it was adopted). Only a store with ``token_secret`` has one: how
+        ``rccs store copy`` keeps the dev tokens of a single node valid in a cluster."""
         raise StoreError(f"{type(self).__name__} keeps no token secret: it is in the data directory")
 
     @abc.abstractmethod

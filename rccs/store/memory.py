@@ -18,6 +18,7 @@ import json
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from ..mergepatch import json_size
 from .base import (
     CHANGE_DEVICE,
     CHANGE_SESSION,
@@ -224,7 +225,7 @@ class MemoryStore(Store):
     # ---- devices -----------------------------------------------------
 
     async def put_device(self, device: DeviceRecord) -> None:
-        if device.user not in self._users:
+        if device.user not in self._users and device.revoked_at is None:
             raise StoreError(f"cannot store device {device.id!r}: unknown user {device.user!r}")
         existing = self._devices.get(device.id)
         if existing is not None and existing.revoked_at is not None:
@@ -365,6 +366,9 @@ class MemoryStore(Store):
         for code_id in expired:
             del self._pairing_codes[code_id]
         return len(expired)
+
+    async def list_pairing_codes(self) -> list[PairingCode]:
+        return [copy.copy(self._pairing_codes[code_id]) for code_id in sorted(self._pairing_codes)]
 
     # ---- durable inboxes ----------------------------------------------
 
@@ -584,6 +588,22 @@ class MemoryStore(Store):
         change = StateChange(user=user_id, doc=doc, rev=entry.rev, prev_rev=entry.rev - 1,
                              patch=json.loads(patch_text), by=by, patch_id=patch_id, at=now)
         return StatePatched(doc=entry.record(user_id, doc), rev=entry.rev, prev_rev=entry.rev - 1, change=change)
+
+    async def list_state(self, user_id: str) -> list[tuple[StateDoc, list[StateChange]]]:
+        docs = self._state.get(user_id, {})
+        return [(docs[name].record(user_id, name), docs[name].change_records(user_id, name, 0))
+                for name in sorted(docs)]
+
+    async def restore_state(self, doc: StateDoc, changes: Sequence[StateChange]) -> None:
+        entry = _StateEntry()
+        try:
+            entry.value = None if doc.value is None else json.dumps(doc.value, ensure_ascii=False, allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            raise StoreError(f"state document {doc.name!r} is not JSON: {exc}") from None
+        entry.rev, entry.size, entry.by, entry.updated = doc.rev, json_size(doc.value), doc.by, doc.updated
+        entry.changes.extend((change.rev, state_patch_text(change.patch), change.by, change.patch_id, change.at)
+                             for change in changes)
+        self._state.setdefault(doc.user, {})[doc.name] = entry
 
     async def state_catch_up(self, user_id: str, since: Mapping[str, int], doc: str | None = None,
                              prefix: str | None = None) -> list[StateCatchUp]:

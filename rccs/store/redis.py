@@ -93,6 +93,7 @@ key                                    type         contents; who deletes it
 ``P {user}:tasks``                     hash         task -> JSON [owner, epoch, expires, handoff, updated]
 ``P {user}:task-handoffs``             set          tasks with a handoff set; ``put_task``, ``remove_user``
 ``P task-notices``                     set          users with a task handoff set; as above
+``P token-secret``                     string       the cluster's token signing secret (hex); kept
 ``P change-seq``                       string       the last change-feed seq; kept
 ``P changes``                          zset         seq -> "seq kind key"; cut to the newest
                                                     ``CHANGE_FEED_KEEP`` by each append
@@ -130,6 +131,7 @@ from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
 from redis.retry import Retry
 
+from ..mergepatch import json_size
 from .base import (
     CHANGE_DEVICE,
     CHANGE_SESSION,
@@ -298,10 +300,10 @@ redis.call('SREM', P .. 'task-notices', user)
 return 1
 """
 
-# ARGV: id, user, credential ('' for none), then field/value pairs of the record.
+# ARGV: id, user, credential ('' for none), '1' if the record is revoked, then field/value pairs of the record.
 SCRIPTS["put_device"] = """
 local id, user, credential = ARGV[2], ARGV[3], ARGV[4]
-if redis.call('HEXISTS', P .. 'users', user) == 0 then return 'unknown user' end
+if ARGV[5] ~= '1' and redis.call('HEXISTS', P .. 'users', user) == 0 then return 'unknown user' end
 local key = P .. 'device:' .. id
 local old = redis.call('HMGET', key, 'revoked_at', 'credential_hash', 'user')
 if old[1] then return 'revoked' end
@@ -315,7 +317,7 @@ end
 if old[3] and old[3] ~= user then redis.call('SREM', ukey(old[3], 'devices'), id) end
 if credential ~= '' then redis.call('HSET', P .. 'credentials', credential, id) end
 redis.call('DEL', key)
-redis.call('HSET', key, unpack(ARGV, 5))
+redis.call('HSET', key, unpack(ARGV, 6))
 redis.call('SADD', P .. 'devices', id)
 redis.call('SADD', ukey(user, 'devices'), id)
 change('device', id)
@@ -760,6 +762,21 @@ end
 return out
 """
 
+# ARGV: user, name, rev, has value ('1'/'0'), value, size, by, updated, then the log entries oldest first.
+SCRIPTS["state_restore"] = """
+local user, name = ARGV[2], ARGV[3]
+local doc = ukey(user, 'doc:' .. name)
+redis.call('DEL', doc)
+redis.call('HSET', doc, 'rev', ARGV[4], 'size', ARGV[7], 'by', ARGV[8], 'updated', ARGV[9])
+if ARGV[5] == '1' then redis.call('HSET', doc, 'value', ARGV[6]) end
+redis.call('HSET', ukey(user, 'docs'), name, ARGV[7])
+local log = ukey(user, 'doc-log:' .. name)
+redis.call('DEL', log)
+if #ARGV >= 10 then redis.call('RPUSH', log, unpack(ARGV, 10)) end
+redis.call('INCR', ukey(user, 'state-version'))
+return 1
+"""
+
 SCRIPTS["changes_since"] = """
 return redis.call('ZRANGEBYSCORE', P .. 'changes', '(' .. ARGV[2], '+inf', 'LIMIT', 0, ARGV[3])
 """
@@ -1013,7 +1030,8 @@ class RedisStore(Store):
 
     async def put_device(self, device: DeviceRecord) -> None:
         fields = _device_fields(device)  # before Redis: a bad record fails without a round trip
-        outcome = _text(await self._run("put_device", device.id, device.user, device.credential_hash or "", *fields))
+        outcome = _text(await self._run("put_device", device.id, device.user, device.credential_hash or "",
+                                        int(device.revoked_at is not None), *fields))
         if outcome == "unknown user":
             raise StoreError(f"cannot store device {device.id!r}: unknown user {device.user!r}")
         if outcome == "revoked":
@@ -1119,6 +1137,12 @@ class RedisStore(Store):
     async def delete_pairing_codes_before(self, cutoff: int) -> int:
         deleted: int = await self._run("delete_pairing_codes_before", cutoff)
         return deleted
+
+    async def list_pairing_codes(self) -> list[PairingCode]:
+        members: list[bytes] = await self.client.zrange(self._key("pairing-expiry"), 0, -1)  # type: ignore[assignment]  # no WITHSCORES: members only
+        codes = sorted(_text(code) for code in members)
+        records = await self._hashes([self._key(f"pairing:{code}") for code in codes])
+        return [_pairing_record(fields) for fields in records if fields]
 
     # ---- durable inboxes ----------------------------------------------
 
@@ -1294,6 +1318,26 @@ class RedisStore(Store):
         raise StoreError(f"state document {doc!r} of user {user_id!r} changed under {STATE_PATCH_ATTEMPTS} attempts "
                          "in a row to patch it; try again")
 
+    async def list_state(self, user_id: str) -> list[tuple[StateDoc, list[StateChange]]]:
+        # The catch-up script with an empty prefix reads every document the user's index names, tombstones too.
+        reply = await self._run("state_catch_up", user_id, "prefix", "")
+        listed = [(_state_doc(user_id, _text(name), _fields(doc_reply)),
+                   _state_changes(user_id, _text(name), _log_entries(log_reply), 0))
+                  for name, doc_reply, log_reply in reply]
+        listed.sort(key=lambda item: item[0].name)
+        return listed
+
+    async def restore_state(self, doc: StateDoc, changes: Sequence[StateChange]) -> None:
+        try:
+            value = "" if doc.value is None else json.dumps(doc.value, ensure_ascii=False, allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            raise StoreError(f"state document {doc.name!r} is not JSON: {exc}") from None
+        entries = [json.dumps([change.rev, state_patch_text(change.patch), change.by,
+                               None if change.patch_id is None else json.dumps(change.patch_id), change.at],
+                              ensure_ascii=False) for change in changes]
+        await self._run("state_restore", doc.user, doc.name, doc.rev, int(doc.value is not None), value,
+                        json_size(doc.value), doc.by, doc.updated, *entries)
+
     async def state_catch_up(self, user_id: str, since: Mapping[str, int], doc: str | None = None,
                              prefix: str | None = None) -> list[StateCatchUp]:
         if doc is not None:
@@ -1368,6 +1412,14 @@ class RedisStore(Store):
         if secret is None or len(secret) < 32:
             raise StoreError(f"redis store {self.where} holds no usable token secret at {key!r}")
         return secret if isinstance(secret, bytes) else secret.encode()
+
+    async def adopt_token_secret(self, secret: bytes) -> bytes:
+        key = self._key("token-secret")
+        await self.client.set(key, secret, nx=True)  # a secret the cluster has already is never replaced
+        kept = await self.client.get(key)
+        if kept is None:
+            raise StoreError(f"redis store {self.where} holds no token secret at {key!r} after setting it")
+        return kept if isinstance(kept, bytes) else kept.encode()
 
 
 def _surface_redis_errors(method: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:

@@ -33,6 +33,7 @@ from typing import Any, TypeVar
 
 import msgpack
 
+from ..mergepatch import json_size
 from .base import (
     CHANGE_DEVICE,
     CHANGE_SESSION,
@@ -713,7 +714,8 @@ class SqliteStore(Store):
         row = _device_row(device)  # before the transaction: a bad record fails without touching the file
 
         def work(db: sqlite3.Connection) -> None:
-            if db.execute("SELECT 1 FROM users WHERE id = ?", (device.user,)).fetchone() is None:
+            if device.revoked_at is None and \
+                    db.execute("SELECT 1 FROM users WHERE id = ?", (device.user,)).fetchone() is None:
                 raise StoreError(f"cannot store device {device.id!r}: unknown user {device.user!r}")
             existing = db.execute("SELECT revoked_at FROM devices WHERE id = ?", (device.id,)).fetchone()
             if existing is not None and existing[0] is not None:
@@ -898,6 +900,12 @@ class SqliteStore(Store):
             return count
 
         return await self._write(work)
+
+    async def list_pairing_codes(self) -> list[PairingCode]:
+        def work(db: sqlite3.Connection) -> list[PairingCode]:
+            return [_pairing_record(row) for row in db.execute(f"{SELECT_PAIRING} ORDER BY id")]
+
+        return await self._read(work)
 
     # ---- durable inboxes ----------------------------------------------
 
@@ -1160,6 +1168,29 @@ class SqliteStore(Store):
             return StatePatched(doc=stored, rev=rev, prev_rev=rev - 1, change=change)
 
         return await self._write(work)
+
+    async def list_state(self, user_id: str) -> list[tuple[StateDoc, list[StateChange]]]:
+        def work(db: sqlite3.Connection) -> list[tuple[StateDoc, list[StateChange]]]:
+            rows = db.execute("SELECT name, rev, value, size, by, updated FROM state_docs WHERE user = ?"
+                              " ORDER BY name", (user_id,)).fetchall()
+            return [(_state_doc(user_id, name, row), _state_changes(db, user_id, name, 0)) for name, *row in rows]
+
+        return await self._write(work)  # one transaction: the documents and their logs as of one moment
+
+    async def restore_state(self, doc: StateDoc, changes: Sequence[StateChange]) -> None:
+        value = None if doc.value is None else _json_text(doc.value, f"state document {doc.name!r}")
+        size = json_size(doc.value)
+        log = [(doc.user, doc.name, change.rev, state_patch_text(change.patch), change.by,
+                None if change.patch_id is None else json.dumps(change.patch_id), change.at) for change in changes]
+
+        def work(db: sqlite3.Connection) -> None:
+            db.execute("INSERT OR REPLACE INTO state_docs (user, name, rev, value, size, by, updated)"
+                       " VALUES (?, ?, ?, ?, ?, ?, ?)", (doc.user, doc.name, doc.rev, value, size, doc.by, doc.updated))
+            db.execute("DELETE FROM state_changes WHERE user = ? AND doc = ?", (doc.user, doc.name))
+            db.executemany("INSERT INTO state_changes (user, doc, rev, patch, by, patch_id, at)"
+                           " VALUES (?, ?, ?, ?, ?, ?, ?)", log)
+
+        await self._write(work)
 
     async def state_catch_up(self, user_id: str, since: Mapping[str, int], doc: str | None = None,
                              prefix: str | None = None) -> list[StateCatchUp]:

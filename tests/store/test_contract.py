@@ -30,7 +30,9 @@ from rccs.store import (
     QueuedMessage,
     SessionRecord,
     SqliteStore,
+    StateChange,
     StateConflict,
+    StateDoc,
     StateTooLarge,
     StoreError,
     TaskLease,
@@ -234,6 +236,16 @@ async def test_a_device_of_an_unknown_user_is_refused(store):
         await store.put_device(make_device("laptop", user="nobody"))
     assert await store.get_device("laptop") is None
     assert await store.last_change() == 0
+
+
+async def test_a_revoked_device_of_an_unknown_user_is_kept_as_a_tombstone(store):
+    # What a removed user leaves behind, as rccs store copy writes it into another store: the id stays dead.
+    tombstone = make_device("laptop", user="gone", revoked_at=NOW + 5, last_seen=NOW + 1)
+    await store.put_device(tombstone)
+    assert await store.get_device("laptop") == tombstone
+    assert await store.list_devices(include_revoked=True) == [tombstone]
+    with pytest.raises(StoreError):
+        await store.put_device(make_device("laptop", user="gone"))
 
 
 async def test_putting_a_device_again_replaces_it_and_appends_a_change_each_time(store):
@@ -604,6 +616,21 @@ async def test_codes_expired_before_the_cutoff_are_deleted(store):
     for kept in ("EDGE", "NEW1"):
         with pytest.raises(AlreadyExists):
             await store.add_pairing_code(make_code(kept))
+
+
+async def test_pairing_codes_are_listed_by_id_with_every_field(store):
+    await add_users(store, "alice", "bob")
+    assert await store.list_pairing_codes() == []
+    await store.add_pairing_code(make_code("ZZZZ", user="bob", issuer_device="phone", approve=True))
+    await store.add_pairing_code(make_code("AAAA"))
+    await store.add_pairing_code(make_code("MMMM", expires_at=NOW - 1, attempts=2, used_at=NOW - 5))
+    await store.redeem_pairing_code("AAAA", "wrong", NOW, 5)
+    listed = await store.list_pairing_codes()
+    assert listed == [make_code("AAAA", attempts=1),
+                      make_code("MMMM", expires_at=NOW - 1, attempts=2, used_at=NOW - 5),
+                      make_code("ZZZZ", user="bob", issuer_device="phone", approve=True)]
+    listed[0].attempts = 99  # a copy
+    assert (await store.list_pairing_codes())[0].attempts == 1
 
 
 async def test_pairing_codes_append_no_change(store):
@@ -1377,6 +1404,57 @@ async def test_a_patch_that_is_not_json_is_refused(store):
     assert (await store.get_state("alice", "user/x")).rev == 0
 
 
+async def test_state_is_listed_with_tombstones_and_change_logs_by_name(store):
+    await add_users(store, "alice", "bob")
+    await patch(store, "user/b", {"x": 1}, patch_id="p1", at=NOW + 1)
+    await patch(store, "user/b", {"y": [1, 2]}, by="laptop", patch_id=7, at=NOW + 2)
+    await patch(store, "user/a", {"gone": True}, at=NOW + 3)
+    await patch(store, "user/a", None, at=NOW + 4)  # deleted: a tombstone at revision 2
+    await patch(store, "user/b", {"other": "user"}, user="bob")
+    listed = await store.list_state("alice")
+    assert [(doc.name, doc.rev, doc.value, doc.by, doc.updated) for doc, _ in listed] == [
+        ("user/a", 2, None, "phone", NOW + 4), ("user/b", 2, {"x": 1, "y": [1, 2]}, "laptop", NOW + 2)]
+    assert [(change.rev, change.patch, change.by, change.patch_id, change.at) for change in listed[1][1]] == [
+        (1, {"x": 1}, "phone", "p1", NOW + 1), (2, {"y": [1, 2]}, "laptop", 7, NOW + 2)]
+    assert [change.rev for change in listed[0][1]] == [1, 2]
+    assert await store.list_state("carol") == []
+
+
+async def test_restored_state_keeps_its_revisions_log_and_duplicate_detection(store):
+    await add_users(store, "alice")
+    doc = StateDoc(user="alice", name="user/draft", rev=7, value={"text": "hi"}, by="laptop", updated=NOW)
+    changes = [StateChange(user="alice", doc="user/draft", rev=6, prev_rev=5, patch={"n": None}, by="phone",
+                           patch_id="p6", at=NOW - 1),
+               StateChange(user="alice", doc="user/draft", rev=7, prev_rev=6, patch={"text": "hi"}, by="laptop",
+                           patch_id=7, at=NOW)]
+    await store.restore_state(doc, changes)
+    assert await store.get_state("alice", "user/draft") == doc
+    assert await store.list_state("alice") == [(doc, changes)]
+    (caught,) = await store.state_catch_up("alice", {"user/draft": 5}, doc="user/draft")
+    assert caught.changes == changes
+    (too_old,) = await store.state_catch_up("alice", {"user/draft": 4}, doc="user/draft")
+    assert too_old.changes is None
+    repeat = await patch(store, "user/draft", {"text": "hi"}, by="laptop", patch_id=7)
+    assert (repeat.duplicate, repeat.rev) == (True, 7)
+    assert (await patch(store, "user/draft", {"more": 1}, if_rev=7)).rev == 8
+    tombstone = StateDoc(user="alice", name="user/old", rev=3, value=None, by="phone", updated=NOW)
+    await store.restore_state(tombstone, [])
+    assert await store.get_state("alice", "user/old") == tombstone
+    assert (await patch(store, "user/old", {"back": True})).rev == 4  # revisions go on from the tombstone's
+    # A restore replaces the document and its whole log.
+    await store.restore_state(doc, changes[1:])
+    assert (await store.list_state("alice"))[0] == (doc, changes[1:])
+    assert (await store.get_state("alice", "user/draft")).rev == 7
+
+
+async def test_restored_state_counts_against_the_user_limit(store):
+    await add_users(store, "alice")
+    big = {"text": "x" * 100}
+    await store.restore_state(StateDoc(user="alice", name="user/big", rev=1, value=big, by="pc", updated=NOW), [])
+    with pytest.raises(StateTooLarge):
+        await patch(store, "user/other", {"text": "y" * 100}, max_user=150)
+
+
 # ---- task leases -----------------------------------------------------------
 
 
@@ -1459,3 +1537,16 @@ async def test_users_with_task_notices_are_those_with_an_unconfirmed_handoff(sto
     assert await store.users_with_task_notices() == ["alice", "carol"]
     await store.put_task(TaskLease(user="carol", task="a", owner="pc", epoch=2, expires=NOW))  # confirmed
     assert await store.users_with_task_notices() == ["alice"]
+
+
+# ---- token secret --------------------------------------------------------------
+
+
+async def test_a_shared_store_adopts_a_token_secret_only_when_it_has_none(store):
+    if not store.shared_by_nodes:
+        with pytest.raises(StoreError, match="data directory"):
+            await store.adopt_token_secret(b"a" * 64)
+        return
+    assert await store.adopt_token_secret(b"a" * 64) == b"a" * 64
+    assert await store.adopt_token_secret(b"b" * 64) == b"a" * 64  # never replaced
+    assert await store.token_secret() == b"a" * 64
