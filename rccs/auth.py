@@ -56,6 +56,27 @@ def load_or_create_secret(data_dir: str) -> bytes:
     return secret.encode()
 
 
+def read_secret(data_dir: str) -> bytes | None:
+    """The token secret kept in ``data_dir``, or None if there is none (nothing is created)."""
+    path = Path(data_dir) / SECRET_FILE
+    if not path.exists():
+        return None
+    return load_or_create_secret(data_dir)
+
+
+def adopt_secret(data_dir: str, secret: bytes) -> bytes:
+    """Keep ``secret`` in ``data_dir`` unless it holds a secret already; returns the one it holds after."""
+    directory = Path(data_dir)
+    directory.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(directory / SECRET_FILE, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return load_or_create_secret(data_dir)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(secret.decode() + "\n")
+    return secret
+
+
 class TokenAuthority:
     """Issues and verifies device tokens with one secret."""
 

@@ -1,7 +1,7 @@
 """``rccs`` command line: ``serve``, ``token issue``, ``version``, the registry commands
 ``users``, ``devices`` and ``sessions``, and ``inbox`` and ``deadletters`` for durable
 delivery; these work on the store in the data directory (whether or not a server is
-running on it).
+running on it). ``store copy`` moves a whole store into another (no server may run on either).
 """
 
 from __future__ import annotations
@@ -506,6 +506,57 @@ def cmd_deadletters_purge(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_store_copy(args: argparse.Namespace) -> int:
+    from . import storecopy  # on demand: only this command needs the copy and the serve lock
+
+    settings = _settings(args)
+    source = storecopy.endpoint(args.source, settings.data_dir, "--from")
+    target = storecopy.endpoint(args.target, settings.data_dir, "--to")
+    report = asyncio.run(storecopy.run_copy(source, target))
+    copied = report.copied
+    print(f"copied {source.description} to {target.description}:")
+    rows = [
+        ("users", str(copied.users)),
+        ("devices", f"{copied.devices} ({copied.revoked_devices} of them revoked)"),
+        ("sessions", f"{copied.sessions}" + (f" ({copied.sessions_not_copied} of revoked devices left out: they "
+                                             "cannot be resumed)" if copied.sessions_not_copied else "")),
+        ("inbox messages", str(copied.inbox_messages)),
+        ("dead letters", str(copied.dead_letters)),
+        ("kept receipts", str(copied.receipts)),
+        ("pairing codes", str(copied.pairing_codes)),
+        ("state documents", f"{copied.state_documents} ({copied.state_changes} changes in their logs)"),
+        ("task leases", str(copied.task_leases)),
+        ("message ids", str(copied.message_ids)),
+        ("token secret", "copied: dev tokens issued before stay valid" if report.secret == "copied"
+         else "none in the source"),
+    ]
+    for kind, count in rows:
+        print(f"  {kind:<16} {count}")
+    print("Inbox messages and dead letters have new ids in the target (their order is kept). The source is left "
+          "as it was: serve from the target only from now on.")
+    return 0
+
+
+def _add_store_commands(sub: Any) -> None:
+    store = sub.add_parser("store", help="copy a whole store (e.g. a single node's data directory into Redis)")
+    store_sub = store.add_subparsers(dest="store_command", required=True)
+    copy = store_sub.add_parser(
+        "copy", help="copy everything a server needs from one store into an empty one",
+        description="Copy users, devices (revoked ones too), sessions, inboxes, dead letters, kept receipts, "
+                    "pairing codes, state documents with their revisions, task leases, remembered message ids and "
+                    "the token secret from one store into another that holds no data, so that devices keep "
+                    "their credentials, tokens and sessions. No server may run on either store meanwhile. The "
+                    "source is left as it was. Refusals exit with 2, store failures with 1.",
+        epilog="example: rccs store copy --from ./rccs-data --to redis://10.0.0.5:6379/0")
+    copy.add_argument("--from", dest="source", required=True, metavar="SRC",
+                      help="where from: a data directory, 'sqlite' (the --data-dir one), or redis://HOST:PORT/DB")
+    copy.add_argument("--to", dest="target", required=True, metavar="DST",
+                      help="where to, an empty store: redis://HOST:PORT/DB, a data directory, or 'sqlite'")
+    copy.add_argument("--config", help="TOML settings file (also RCCS_CONFIG): its data_dir is what 'sqlite' means")
+    copy.add_argument("--data-dir", dest="data_dir", help="the data directory 'sqlite' means (default ./rccs-data)")
+    copy.set_defaults(handler=cmd_store_copy)
+
+
 def _store_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="TOML settings file (also RCCS_CONFIG)")
     parser.add_argument("--data-dir", dest="data_dir", help="data directory holding rccs.db (default ./rccs-data)")
@@ -644,6 +695,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_registry_commands(sub)
     _add_inbox_commands(sub)
+    _add_store_commands(sub)
 
     version = sub.add_parser("version", help="print the version and fast-path implementation")
     version.set_defaults(handler=cmd_version)

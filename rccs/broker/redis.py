@@ -86,6 +86,17 @@ def _where_key(user: str, device: str) -> str:
     return f"{user}\x00{device}"
 
 
+async def live_nodes(url: str) -> list[str]:
+    """The nodes whose heartbeat in the Redis at ``url`` has not expired (a node that stops cleanly leaves at
+    once, one that died after ``NODE_TTL``): for commands that must not run while a cluster serves."""
+    client = aioredis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
+    try:
+        alive: list[bytes] = await client.zrangebyscore(NODES, time.time(), "+inf")  # type: ignore[assignment]
+    finally:
+        await client.aclose()
+    return sorted(_text(node) for node in alive)
+
+
 class RedisBroker(Broker):
     """A node's side of the Redis broker. Event loop thread only; ``start`` before use."""
 
