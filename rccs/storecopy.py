@@ -27,10 +27,11 @@ token secret, which is not in the Store contract of a local store: the command l
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import TypeVar
 
 from .auth import adopt_secret, read_secret
@@ -200,29 +201,36 @@ class CopyReport:
     secret: str  # "copied" (or the target had the same already) or "none" (the source has none)
 
 
-class _Locked:
-    """The serve locks of the SQLite data directories of a copy, held while it runs: no server may start on
-    either meanwhile, and a server running on one refuses the copy."""
+@contextlib.contextmanager
+def _at_rest(side: Endpoint, role: str) -> Iterator[None]:
+    """Hold the serve lock of a data directory while the copy runs: a server running on it refuses the copy,
+    and no server starts on it meanwhile. (A Redis side is checked for live nodes instead.)"""
+    if side.url:
+        yield
+        return
+    lock = DataDirLock(side.data_dir)
+    try:
+        lock.acquire()
+    except ConfigError:
+        raise ConfigError(f"an rccs server is running on the {role}, {side.description}: stop it first (a copy "
+                          "needs both stores at rest)") from None
+    try:
+        yield
+    finally:
+        lock.release()
 
-    def __init__(self, source: Endpoint, target: Endpoint):
-        self.sides = [(side, role) for side, role in ((source, "source"), (target, "target")) if not side.url]
-        self.locks: list[DataDirLock] = []
 
-    def __enter__(self) -> None:
-        for side, role in self.sides:
-            lock = DataDirLock(side.data_dir)
-            try:
-                lock.acquire()
-            except ConfigError:
-                self.__exit__()
-                raise ConfigError(f"an rccs server is running on the {role}, {side.description}: stop it first "
-                                  "(a copy needs both stores at rest)") from None
-            self.locks.append(lock)
-
-    def __exit__(self, *_: object) -> None:
-        for lock in self.locks:
-            lock.release()
-        self.locks = []
+@contextlib.asynccontextmanager
+async def _opened(side: Endpoint, role: str) -> AsyncIterator[Store]:
+    with _at_rest(side, role):
+        store = side.open()
+        await store.open()
+        try:
+            if side.url:
+                await _refuse_live_nodes(side, role)
+            yield store
+        finally:
+            await store.close()
 
 
 async def _refuse_live_nodes(side: Endpoint, role: str) -> None:
@@ -249,38 +257,28 @@ async def _adopt_secret(target: Endpoint, store: Store, secret: bytes) -> bytes:
 
 async def run_copy(source: Endpoint, target: Endpoint) -> CopyReport:
     """The whole command: refuses (ConfigError) a copy onto itself, from a source with no store or no data,
-    into a target that holds data or another token secret, and while a server runs on either side."""
+    into a target that holds data or another token secret, and while a server runs on either side. The
+    source is checked before the target is touched, so a refused copy leaves no empty store behind."""
     if source == target:
         raise ConfigError(f"--from and --to are both {source.description}")
     if not source.url and not os.path.exists(os.path.join(source.data_dir, DB_FILE)):
         raise ConfigError(f"no store at {os.path.join(source.data_dir, DB_FILE)} (is --from right?)")
-    with _Locked(source, target):
-        source_store, target_store = source.open(), target.open()
-        await source_store.open()
-        try:
-            await target_store.open()
-            try:
-                for side, role in ((source, "source"), (target, "target")):
-                    if side.url:
-                        await _refuse_live_nodes(side, role)
-                if not await holds_data(source_store):
-                    raise ConfigError(f"the source, {source.description}, holds no data (is --from right?)")
-                if await holds_data(target_store):
+    async with _opened(source, "source") as source_store:
+        if not await holds_data(source_store):
+            raise ConfigError(f"the source, {source.description}, holds no data (is --from right?)")
+        async with _opened(target, "target") as target_store:
+            if await holds_data(target_store):
+                raise ConfigError(
+                    f"the target, {target.description}, already holds data: a copy goes into an empty store only "
+                    "(merging two could clash on ids and would reorder inboxes); use an empty Redis database "
+                    "(another /DB number, or FLUSHDB after checking) or a new data directory")
+            secret = await _source_secret(source, source_store)
+            outcome = "none"
+            if secret is not None:
+                if await _adopt_secret(target, target_store, secret) != secret:
                     raise ConfigError(
-                        f"the target, {target.description}, already holds data: a copy goes into an empty store only "
-                        "(merging two could clash on ids and would reorder inboxes); use an empty Redis database "
-                        "(another /DB number, or FLUSHDB after checking) or a new data directory")
-                secret = await _source_secret(source, source_store)
-                outcome = "none"
-                if secret is not None:
-                    if await _adopt_secret(target, target_store, secret) != secret:
-                        raise ConfigError(
-                            f"the target, {target.description}, has another token secret already: dev tokens "
-                            "issued with the source's would be refused there; copy into a store without one")
-                    outcome = "copied"
-                copied = await copy_store(source_store, target_store)
-            finally:
-                await target_store.close()
-        finally:
-            await source_store.close()
+                        f"the target, {target.description}, has another token secret already: dev tokens issued "
+                        "with the source's would be refused there; copy into a store without one")
+                outcome = "copied"
+            copied = await copy_store(source_store, target_store)
     return CopyReport(copied=copied, secret=outcome)

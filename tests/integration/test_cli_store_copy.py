@@ -8,7 +8,6 @@ import dataclasses
 import signal
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -208,6 +207,10 @@ async def test_copies_that_would_lose_or_mix_data_are_refused(tmp_path, redis_ur
     source = tmp_path / "source"
     assert rccs("users", "add", "alice", "--device", "phone", "--data-dir", str(source)).returncode == 0
     refused(rccs("store", "copy", "--from", str(tmp_path / "nothing"), "--to", redis_url), "no store at")
+    await on_store("sqlite", tmp_path / "empty", lambda store: store.last_change())
+    refused(rccs("store", "copy", "--from", str(tmp_path / "empty"), "--to", str(tmp_path / "never")),
+            "holds no data")
+    assert not (tmp_path / "never").exists()  # the source is checked before the target is touched
     refused(rccs("store", "copy", "--from", "memory", "--to", redis_url), "memory store")
     refused(rccs("store", "copy", "--from", str(source), "--to", "redis://host:port/0"), "port that is not a number")
     refused(rccs("store", "copy", "--from", str(source), "--to", str(source)), "are both")
@@ -248,5 +251,3 @@ def test_an_unreachable_redis_is_one_line_and_exit_1(tmp_path):
     result = rccs("store", "copy", "--from", str(source), "--to", "redis://127.0.0.1:1/0")
     assert result.returncode == 1, (result.stdout, result.stderr)
     assert result.stderr.startswith("rccs: error: store: ") and len(result.stderr.splitlines()) == 1, result.stderr
-    assert Path(source, "rccs.serve.lock").exists()  # the lock file stays; the lock itself is released
-    assert rccs("users", "list", "--data-dir", str(source)).returncode == 0
