@@ -12,7 +12,7 @@ import sys
 import pytest
 
 from rccs.auth import read_secret
-from rccs.client import Client
+from rccs.client import Client, pair
 from rccs.store import DeviceRecord, PairingCode, QueuedMessage, StateDoc, TaskLease, UserRecord, open_store
 from rccs.testing import RedisServer, ServerProcess, child_environment
 
@@ -127,6 +127,9 @@ async def test_a_single_node_moves_into_redis_and_its_devices_carry_on(tmp_path,
         await laptop.close()
     finally:
         node.kill()
+    paired = rccs("users", "pair", "alice", "--ttl", "1h", "--data-dir", str(data_dir))
+    assert paired.returncode == 0, paired.stderr
+    code = next(line.split(": ", 1)[1] for line in paired.stdout.splitlines() if line.startswith("pairing code:"))
     await on_store("sqlite", data_dir, lambda store: add_what_no_client_made(store, lease.expires - 600_000))
     before = await on_store("sqlite", data_dir, dump)
     assert before["message ids"] and before["sessions"] and before["inboxes"]["phone"]  # the test covers them
@@ -141,7 +144,7 @@ async def test_a_single_node_moves_into_redis_and_its_devices_carry_on(tmp_path,
     assert counts["inbox messages"] == "2"
     assert counts["dead letters"] == "1"
     assert counts["kept receipts"] == "1"
-    assert counts["pairing codes"] == "1"
+    assert counts["pairing codes"] == "2"
     assert counts["state documents"] == "2 (4 changes in their logs)"
     assert counts["task leases"] == "1"
     assert counts["token secret"] == "copied: dev tokens issued before stay valid"
@@ -166,6 +169,9 @@ async def test_a_single_node_moves_into_redis_and_its_devices_carry_on(tmp_path,
         await phone.connect()
         message = await phone.next_message(timeout=10)
         assert (message.id, message.sender, message.body) == ("m-1", "laptop", {"text": "from before the move"})
+        tablet = await pair(cluster_node.ws_url, code, {"type": "tablet"}, reconnect=False)  # a code from before
+        clients.append(tablet)
+        assert tablet.paired is not None and tablet.paired["user"] == "alice", tablet.paired
         assert (await laptop.state_get("user/notes")).rev == 2
         [status] = await laptop.task_list("build")
         assert (status.owner, status.epoch) == ("laptop", lease.epoch)
