@@ -14,15 +14,14 @@ order, and why the order:
 3. devices, revoked ones (tombstones, also of removed users) included: their ids stay dead;
 4. sessions, so that devices resume; the sessions of a revoked device are not copied (they can never be
    resumed again, and every store skips them: ``put_sessions``);
-5. kept receipts (taken from the source, written to the target, then put back into the source: the
-   contract reads them only by taking them);
+5. kept receipts (``kept_receipts``: read without taking them from the source);
 6. pairing codes, state documents at their revisions with their change logs (``restore_state``), task
    leases with their epochs, the remembered message ids (``save_message_ids``);
 7. ``reset_live_state`` on the target: nothing is connected there yet.
 
-Not copied: the change feed (each store numbers its own; a server starts reading it at its end) and the
-token secret, which is not in the Store contract of a local store: the command line copies it
-(``rccs.cli``). The caller makes sure that nothing writes to either store meanwhile.
+Not copied here: the change feed (each store numbers its own; a server starts reading it at its end), and
+the token secret, which a local store keeps beside it, not in it: ``run_copy`` below copies that. The
+caller makes sure that nothing writes to either store meanwhile (``run_copy`` does).
 """
 
 from __future__ import annotations
@@ -105,13 +104,9 @@ async def copy_store(source: Store, target: Store, now: int | None = None) -> Co
     copied.sessions_not_copied = len(sessions) - len(resumable)
 
     for device in devices:
-        receipts = await source.take_receipts(device.id, ALL)
+        receipts = await source.kept_receipts(device.id)
         if receipts:
-            kept = [(device.id, receipt) for receipt in receipts]
-            try:
-                await target.add_receipts(kept)
-            finally:
-                await source.add_receipts(kept)  # the source is left as it was, whatever happened to the target
+            await target.add_receipts([(device.id, receipt) for receipt in receipts])
             copied.receipts += len(receipts)
 
     codes = await source.list_pairing_codes()

@@ -453,6 +453,10 @@ class Store(abc.ABC):
     async def take_receipts(self, device_id: str, limit: int = 10000) -> list[dict[str, Any]]:
         """Delete and return a device's kept receipts, oldest first."""
 
+    @abc.abstractmethod
+    async def kept_receipts(self, device_id: str) -> list[dict[str, Any]]:
+        """A device's kept receipts, oldest first, left where they are (``rccs store copy`` reads the source)."""
+
     # ---- idempotency keys --------------------------------------------
 
     @abc.abstractmethod

@@ -524,6 +524,9 @@ class MemoryStore(Store):
             del self._receipts[device_id]
         return [unpack_receipt(envelope) for envelope in taken]
 
+    async def kept_receipts(self, device_id: str) -> list[dict[str, Any]]:
+        return [unpack_receipt(envelope) for envelope in self._receipts.get(device_id, [])]
+
     # ---- idempotency keys --------------------------------------------
 
     async def save_message_ids(self, entries: Sequence[tuple[str, str | int, int, int]]) -> None:

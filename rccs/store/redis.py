@@ -1254,6 +1254,11 @@ class RedisStore(Store):
             return []
         return [unpack_receipt(envelope) for envelope in await self._run("take_receipts", device_id, limit)]
 
+    async def kept_receipts(self, device_id: str) -> list[dict[str, Any]]:
+        key = self._key(f"receipts:{device_id}")
+        kept: list[bytes] = await self.client.lrange(key, 0, -1)  # type: ignore[assignment]  # no decode_responses
+        return [unpack_receipt(envelope) for envelope in kept]
+
     # ---- idempotency keys --------------------------------------------
 
     async def save_message_ids(self, entries: Sequence[tuple[str, str | int, int, int]]) -> None:

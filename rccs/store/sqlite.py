@@ -1100,6 +1100,13 @@ class SqliteStore(Store):
 
         return await self._write(work, unless=none_kept)
 
+    async def kept_receipts(self, device_id: str) -> list[dict[str, Any]]:
+        def work(db: sqlite3.Connection) -> list[dict[str, Any]]:
+            rows = db.execute("SELECT envelope FROM receipts WHERE device = ? ORDER BY id", (device_id,))
+            return [unpack_receipt(envelope) for (envelope,) in rows]
+
+        return await self._read(work)
+
     # ---- idempotency keys --------------------------------------------
 
     async def save_message_ids(self, entries: Sequence[tuple[str, str | int, int, int]]) -> None:

@@ -44,8 +44,7 @@ async def on_store(kind, data_dir, operation):
 
 async def dump(store):
     """Everything a copy carries, comparable across stores: inbox ids differ by design (each store counts its
-    own), so messages are compared without them, in their order. Receipts are read by taking them and putting
-    them back, as the copy does."""
+    own), so messages are compared without them, in their order."""
     devices = await store.list_devices(include_revoked=True)
     revoked = {device.id for device in devices if device.revoked_at is not None}
     users = await store.list_users()
@@ -55,10 +54,9 @@ async def dump(store):
         if count:
             messages = await store.inbox(device.id, 0, count)
             inboxes[device.id] = ([dataclasses.replace(message, id=0) for message in messages], size)
-        taken = await store.take_receipts(device.id)
-        if taken:
-            await store.add_receipts([(device.id, receipt) for receipt in taken])
-            receipts[device.id] = taken
+        kept = await store.kept_receipts(device.id)
+        if kept:
+            receipts[device.id] = kept
     return {
         "users": users,
         "devices": devices,

@@ -1233,6 +1233,19 @@ async def test_receipts_are_kept_per_device_and_taken_oldest_first_once(store):
     assert await store.take_receipts("nobody") == []
 
 
+async def test_kept_receipts_are_read_oldest_first_and_stay_kept(store):
+    await store.add_receipts([("phone", {"id": "m-1", "extra": {3: b"\x00"}}), ("tablet", {"id": 2})])
+    await store.add_receipts([("phone", {"id": 2**64 - 1})])
+    kept = await store.kept_receipts("phone")
+    assert kept == [{"id": "m-1", "extra": {3: b"\x00"}}, {"id": 2**64 - 1}]
+    kept[0]["id"] = "changed"  # a copy
+    assert await store.kept_receipts("phone") == [{"id": "m-1", "extra": {3: b"\x00"}}, {"id": 2**64 - 1}]
+    assert await store.kept_receipts("nobody") == []
+    assert await store.take_receipts("phone") == [{"id": "m-1", "extra": {3: b"\x00"}}, {"id": 2**64 - 1}]
+    assert await store.kept_receipts("phone") == []
+    assert await store.kept_receipts("tablet") == [{"id": 2}]
+
+
 async def test_receipts_are_taken_at_most_limit_at_a_time(store):
     await store.add_receipts([("phone", {"id": n}) for n in range(5)])
     assert await store.take_receipts("phone", limit=2) == [{"id": 0}, {"id": 1}]
