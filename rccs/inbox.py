@@ -71,6 +71,11 @@ class Deliveries:
         self.receipt_takers: list[Callable[[str, str, dict[str, Any]], bool]] = []
         self._to_enqueue: list[ToKeep] = []
         self._to_remove: list[int] = []
+        # Acked inbox ids until their removal is written: an inbox read in between (a doorbell's catch-up,
+        # another page) still finds them in the store and must not write them again.
+        self._acked: set[int] = set()
+        # Connections whose inbox and kept receipts are being looked at after a doorbell; True: look again.
+        self._looking: dict[LiveSession, bool] = {}
         self._to_count: list[int] = []
         self._receipts: list[tuple[str, dict[str, Any]]] = []
         self._flush_scheduled = False
@@ -113,6 +118,7 @@ class Deliveries:
             try:
                 if remove:
                     await store.remove_queued(remove)
+                    self._acked.difference_update(remove)
                     remove = []
                 if count:
                     await store.count_attempts(count)
@@ -277,7 +283,7 @@ class Deliveries:
 
     def deliver(self, session: LiveSession, message: QueuedMessage) -> None:
         """Write an inbox message to its device's connection (once per connection until acked)."""
-        if message.id in self.in_flight and self.in_flight[message.id] is session:
+        if (message.id in self.in_flight and self.in_flight[message.id] is session) or message.id in self._acked:
             return
         if message.attempts >= self.settings.max_delivery_attempts:
             self.dead_letter([message])
@@ -325,16 +331,32 @@ class Deliveries:
         write them now."""
         user, device = doorbell
         session = self.router.online(user, device)
-        if session is not None:  # even before its first inbox read: that read may have come too early
-            self.core.spawn(self._catch_up(session))
+        if session is None:
+            return
+        # Even before its first inbox read (that read may have come too early). Doorbells that ring while a
+        # look is under way make one more look after it, not one each: a burst of messages from another node
+        # must not read the inbox once per message.
+        if session in self._looking:
+            self._looking[session] = True
+            return
+        self._looking[session] = False
+        self.core.spawn(self._catch_up(session))
 
     async def _catch_up(self, session: LiveSession) -> None:
-        await self.flush()
-        if session.state_is_open():
-            assert session.device is not None
-            for envelope in await self.core.store.take_receipts(session.device):
-                session.send_control(envelope)
-            await self.load_inbox(session)
+        try:
+            while True:
+                await self.flush()
+                if not session.state_is_open():
+                    return
+                assert session.device is not None
+                for envelope in await self.core.store.take_receipts(session.device):
+                    session.send_control(envelope)
+                await self.load_inbox(session)
+                if not self._looking.get(session):
+                    return
+                self._looking[session] = False
+        finally:
+            self._looking.pop(session, None)
 
     def _ring_for_receipts(self, kept: list[tuple[str, dict[str, Any]]]) -> None:
         """Several nodes: a receipt kept for a sender this node thought offline may be for a device that has
@@ -348,6 +370,7 @@ class Deliveries:
 
     def on_acked(self, session: LiveSession, inbox_id: int) -> None:
         self.in_flight.pop(inbox_id, None)
+        self._acked.add(inbox_id)
         self._to_remove.append(inbox_id)
         self._schedule()
         if session.inbox_more and not session.inbox_ids:

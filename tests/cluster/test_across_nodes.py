@@ -110,7 +110,13 @@ async def test_the_command_line_acts_on_the_cluster_store(cluster):
 
 
 async def test_a_device_connecting_to_another_node_ends_its_older_connection(cluster):
+    phone = await cluster.connect(1, "alice", "alice-phone")
     first = await cluster.connect(0, "alice", "alice-tablet", reconnect=False)
+    # Once node 0 announced the tablet (the phone hears its presence after that), a newer connection is one
+    # that Redis orders after it: two made within the same moment are ordered by Redis, not by the clock.
+    while ((event := await asyncio.wait_for(phone.events.get(), 10))["device"], event["status"]) != (
+            "alice-tablet", "online"):
+        pass
     await cluster.connect(1, "alice", "alice-tablet")
     closed: ConnectionClosed = await asyncio.wait_for(first.closed, 5)
     assert closed.code == 4409

@@ -392,3 +392,26 @@ async def test_idempotency_window_survives_a_graceful_restart(tmp_path):
         await phone.connect()  # re-sends after the restart, not knowing whether the first one counted
         assert [r.status for r in await phone.send({"device": "laptop"}, "cmd", 1, ack=True, id="k")] == ["duplicate"]
         await phone.close()
+
+
+async def test_an_inbox_read_between_an_ack_and_its_removal_does_not_write_the_message_again(server, connect):
+    # A doorbell's catch-up (several nodes) or the next inbox page can read the inbox after a message was
+    # acked and before its removal is written: found a cross-node benchmark delivering repeats under load.
+    await _register(connect, "alice", "laptop")
+    phone = await connect("alice", "phone")
+    receipts = await phone.send({"device": "laptop"}, "cmd", "once", ack=True, id="m-once")
+    assert [r.status for r in receipts] == ["queued"]
+    laptop = await connect("alice", "laptop", auto_ack=False)
+    message = await laptop.next_message(timeout=5)
+    session = server.hub.live[laptop.session_id]
+    deliveries = server.hub.deliveries
+    [(seq, inbox_id)] = list(session.inbox_ids.items())
+    assert message.seq == seq and deliveries.in_flight[inbox_id] is session
+    # The ack, as the ack op settles it, then at once an inbox read: the store still holds the message.
+    session.pending.pop(seq)
+    session.inbox_ids.pop(seq)
+    deliveries.on_acked(session, inbox_id)
+    await deliveries.load_inbox(session)
+    assert not session.inbox_ids and inbox_id not in deliveries.in_flight  # not written again
+    await server.hub.settle()
+    assert await server.node.store.inbox_size("laptop") == (0, 0)
