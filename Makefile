@@ -7,7 +7,7 @@ SERVE_STAMP := $(VENV)/.rccs-serve-installed
 WHEEL_TOOLS := $(VENV)/.rccs-wheel-tools
 SOURCES := pyproject.toml setup.py $(wildcard rccs/_fastpath/*.pyx rccs/_fastpath/*.pxd)
 
-.PHONY: redis-server-available chromium-available test-js serve test lint fuzz test-compiled test-pure bench-check loadtest-smoke bench bench-micro bench-e2e bench-scale bench-store bench-flood loadtest wheel sdist test-wheel clean
+.PHONY: redis-server-available chromium-available test-js serve test lint fuzz test-compiled test-pure bench-check loadtest-smoke bench bench-micro bench-e2e bench-scale bench-store bench-flood bench-cluster loadtest wheel sdist test-wheel clean
 
 # Serving needs the package and its runtime dependencies only.
 $(SERVE_STAMP): $(SOURCES)
@@ -115,6 +115,11 @@ bench-store: $(STAMP)
 # One device floods, one stalls, 1,000 others keep talking: p99 and memory against the unloaded run (~30 s).
 bench-flood: $(STAMP)
 	$(BIN)/python benchmarks/e2e/flood_stall.py
+
+# Several nodes on one Redis (about 6 min): CPU per message same-node vs cross-node, throughput with 1-3 nodes,
+# connect + hello rate, the Locust suite over 3 nodes. Starts its own redis-server (from PATH) and nodes.
+bench-cluster: $(STAMP) redis-server-available
+	$(BIN)/python benchmarks/cluster/run.py
 
 # Locust, headless: 1,200 devices for 60 s.
 loadtest: $(STAMP)

@@ -102,6 +102,12 @@ def _add_arguments(parser: Any) -> None:
                        help="per-user pause between round trips, upper bound in seconds (default 1.5)")
     group.add_argument("--payload-bytes", type=int, default=64, env_var="LOCUST_PAYLOAD_BYTES",
                        help="size of the text in each message body (default 64)")
+    group.add_argument("--rccs-hosts", default="", env_var="LOCUST_RCCS_HOSTS",
+                       help="comma-separated ws://HOST:PORT of several rccs nodes: the two devices of each user "
+                            "connect to different ones, so every round trip crosses nodes (default: --host only)")
+    group.add_argument("--settle", type=float, default=0.0, env_var="LOCUST_SETTLE",
+                       help="seconds to wait after (re)connecting before the next round trip; several nodes: a device "
+                            "is known to the other nodes a moment after its hello (default 0)")
     group.add_argument("--wire-encoding", choices=["msgpack", "json"], default="msgpack",
                        env_var="LOCUST_WIRE_ENCODING", help="envelope encoding of every connection (default msgpack)")
 
@@ -215,8 +221,12 @@ class RccsDevicePair(User):
         encoding = options.wire_encoding if options is not None else "msgpack"
         number = next(_user_numbers)
         user = f"lt-{number}"
-        url = self.host.rstrip("/") + "/v1"
-        self.devices = (Device(url, user, f"{user}-a", encoding), Device(url, user, f"{user}-b", encoding))
+        hosts = [h for h in (options.rccs_hosts.split(",") if options is not None else []) if h] or [self.host]
+        url_a, url_b = (hosts[(2 * number + side) % len(hosts)].rstrip("/") + "/v1" for side in (0, 1))
+        self.devices = (Device(url_a, user, f"{user}-a", encoding), Device(url_b, user, f"{user}-b", encoding))
+        # Several nodes keep every ack:true message in the shared inbox first (protocol.md section 12): routed
+        # lists the receiver under "queued", then an accepted/queued receipt comes before delivered.
+        self.kept_first = options is not None and bool(options.rccs_hosts)
         self.message_ids = itertools.count(1)
         self.turn = number % 2
         self._connect_missing()
@@ -237,6 +247,7 @@ class RccsDevicePair(User):
 
     def _connect_missing(self) -> bool:
         """Open the connections that are not open; True when both are online."""
+        opened = False
         for device in self.devices:
             if device.online:
                 continue
@@ -249,6 +260,10 @@ class RccsDevicePair(User):
                 self._fire(HELLO, started, 0, _failure(exc))
                 return False
             self._fire(HELLO, started, 0)
+            opened = True
+        options = self.environment.parsed_options
+        if opened and options is not None and options.settle > 0:
+            time.sleep(options.settle)  # gevent's sleep under Locust: other users go on
         return True
 
     @task
@@ -276,15 +291,20 @@ class RccsDevicePair(User):
             receiver.next_seq += 1
             receiver.send({"op": "ack", "seq": msg["seq"]})
 
-            for status in ("routed", "delivered"):
+            for status in ("routed", "kept", "delivered") if self.kept_first else ("routed", "delivered"):
                 receipt, size = sender.receive(deadline, f"{status} receipt")
                 received += size
                 if receipt.get("op") != "receipt" or receipt.get("id") != message_id:
                     raise ProtocolFailure(f"expected the {status} receipt, got {receipt.get('op')!r}")
+                if status == "kept" and receipt.get("status") in ("accepted", "queued"):
+                    if receipt.get("device") != receiver.device:
+                        raise ProtocolFailure("accepted/queued receipt names another device")
+                    continue
                 if receipt.get("status") != status:
                     reason = receipt.get("reason")
                     raise ProtocolFailure(f"expected {status}, got receipt {receipt.get('status')!r} ({reason})")
-                if status == "routed" and receipt.get("devices") != [receiver.device]:
+                if status == "routed" and ((receipt.get("devices"), receipt.get("queued")) != ([], [receiver.device])
+                                           if self.kept_first else receipt.get("devices") != [receiver.device]):
                     raise ProtocolFailure("routed receipt does not list exactly the receiver")
                 if status == "delivered" and receipt.get("device") != receiver.device:
                     raise ProtocolFailure("delivered receipt names another device")

@@ -83,6 +83,7 @@ class Shared:
         self.receipts_routed = 0
         self.receipts_delivered = 0
         self.receipts_failed = 0
+        self.receipts_kept = 0  # accepted / queued: kept in the shared inbox first (several nodes, protocol.md 12)
         self.errors = 0
         self.unexpected_disconnects = 0
         self.problems: list[str] = []  # first few error envelopes / disconnects, for the report
@@ -91,7 +92,7 @@ class Shared:
         self.latency_ns = array("q")
         self.delivered_latency_ns = array("q")
         self.received = self.sent = 0
-        self.receipts_routed = self.receipts_delivered = self.receipts_failed = 0
+        self.receipts_routed = self.receipts_delivered = self.receipts_failed = self.receipts_kept = 0
 
     def problem(self, text: str) -> None:
         if len(self.problems) < 10:
@@ -181,6 +182,8 @@ class RccsDevice(Device):
                 sent = self.sent_at.pop(envelope["id"], None)
                 if sent is not None:
                     shared.delivered_latency_ns.append(_monotonic_ns() - sent)
+            elif status in ("accepted", "queued"):
+                shared.receipts_kept += 1
             else:
                 shared.receipts_failed += 1
                 shared.problem(f"{self.name}: receipt {envelope}")
@@ -220,18 +223,30 @@ class BaselineDevice(Device):
             self.send_one()
 
 
-async def connect_all(factories: list[Callable[[], Device]], url: str, timeout: float) -> list[Device]:
-    """Open every connection (a few at a time) and wait until each is ready."""
+async def connect_all(factories: list[Callable[[], Device]], urls: list[str], timeout: float) -> list[Device]:
+    """Open every connection (a few at a time) and wait until each is ready; device i connects to ``urls[i]``."""
     gate = asyncio.Semaphore(16)
 
-    async def one(factory: Callable[[], Device]) -> Device:
+    async def one(factory: Callable[[], Device], url: str) -> Device:
         async with gate:
             _, listener = await ws_connect(factory, url, websocket_handshake_timeout=timeout)
             assert isinstance(listener, Device)
             await asyncio.wait_for(listener.ready, timeout)
             return listener
 
-    return list(await asyncio.gather(*(one(f) for f in factories)))
+    return list(await asyncio.gather(*(one(f, u) for f, u in zip(factories, urls, strict=True))))
+
+
+def device_urls(args: argparse.Namespace) -> list[str]:
+    """The URL each device connects to: ``--url`` (one), or the ``--placement`` digit of each device (several)."""
+    count = 2 * args.pairs
+    if not args.placement:
+        return [args.url[0]] * count
+    return [args.url[int(digit)] for digit in args.placement]
+
+
+def cpu_of(pids: list[int]) -> dict[str, float]:
+    return {str(pid): sum(server_cpu_times(pid)) for pid in pids}
 
 
 def make_pairs(args: argparse.Namespace, shared: Shared) -> list[Callable[[], Device]]:
@@ -261,9 +276,12 @@ def link(devices: list[Device]) -> None:
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     shared = Shared()
     started = time.monotonic()
-    devices = await connect_all(make_pairs(args, shared), args.url, args.connect_timeout)
+    devices = await connect_all(make_pairs(args, shared), device_urls(args), args.connect_timeout)
     connect_seconds = time.monotonic() - started
     link(devices)
+    # Several nodes: a device that has just said hello on one node is known to the others a moment later
+    # (presence travels through Redis Pub/Sub); a send before that answers offline / no_route.
+    await asyncio.sleep(args.settle)
     if args.sync_stdin:
         print(json.dumps({"event": "ready", "connections": len(devices)}), flush=True)
         line = await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
@@ -278,13 +296,16 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     shared.reset()
     cpu0 = time.process_time()
     server0 = server_cpu_times(args.server_pid) if args.server_pid else (0.0, 0.0)
+    watched0 = cpu_of(args.watch_pid)
     wall0 = time.monotonic()
     await asyncio.sleep(args.seconds)
     wall1 = time.monotonic()
+    watched1 = cpu_of(args.watch_pid)
     server1 = server_cpu_times(args.server_pid) if args.server_pid else (0.0, 0.0)
     cpu1 = time.process_time()
     received, sent = shared.received, shared.sent
     routed, delivered, failed = shared.receipts_routed, shared.receipts_delivered, shared.receipts_failed
+    kept = shared.receipts_kept
     latency = sorted(shared.latency_ns[:received])
     delivered_latency = sorted(shared.delivered_latency_ns)
     shared.running = False
@@ -318,6 +339,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "unexpected_disconnects": shared.unexpected_disconnects,
         "problems": shared.problems,
     }
+    if args.watch_pid:
+        result["watched_cpu_s"] = {pid: watched1[pid] - watched0[pid] for pid in watched0}
     if args.server_pid:
         user, system = server1[0] - server0[0], server1[1] - server0[1]
         result["server_user_s"] = user
@@ -326,7 +349,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         result["server_cpu_util"] = (user + system) / window
         result["server_cpu_us_per_msg"] = (user + system) * 1e6 / received if received else None
     if args.ack:
-        result["receipts"] = {"routed": routed, "delivered": delivered, "failed": failed}
+        result["receipts"] = {"routed": routed, "kept": kept, "delivered": delivered, "failed": failed}
         result["delivered_latency_us"] = {name: percentile(delivered_latency, q) / 1000 for name, q in
                                           (("p50", 0.50), ("p99", 0.99), ("p999", 0.999))}
     return result
@@ -335,21 +358,33 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mode", choices=("rccs", "baseline"), required=True)
-    parser.add_argument("--url", required=True, help="ws://127.0.0.1:PORT/v1 (rccs) or ws://127.0.0.1:PORT/")
+    parser.add_argument("--url", required=True, action="append",
+                        help="ws://127.0.0.1:PORT/v1 (rccs) or ws://127.0.0.1:PORT/; repeated: several servers "
+                             "(with --placement)")
+    parser.add_argument("--placement", default="",
+                        help="one digit per device (p0-a, p0-b, p1-a, ...): the index of the --url it connects to")
     parser.add_argument("--pairs", type=int, default=50)
     parser.add_argument("--inflight", type=int, default=4, help="messages in flight per pair")
     parser.add_argument("--seconds", type=float, default=5.0, help="measured window")
     parser.add_argument("--warmup", type=float, default=1.0, help="traffic before the measured window")
     parser.add_argument("--ack", action="store_true", help="rccs: ask for receipts and ack every msg")
     parser.add_argument("--server-pid", type=int, default=0, help="read this process's CPU time over the window")
+    parser.add_argument("--watch-pid", type=int, action="append", default=[],
+                        help="also report this process's CPU seconds over the window (repeatable: watched_cpu_s)")
     parser.add_argument("--user", default="bench")
     parser.add_argument("--device-prefix", default="g0", help="unique per generator process")
     parser.add_argument("--samples-out", help="write the window's one-way latencies (int64 ns) to this file")
     parser.add_argument("--sync-stdin", action="store_true", help="after connecting, wait for a line on stdin")
     parser.add_argument("--connect-timeout", type=float, default=10.0)
+    parser.add_argument("--settle", type=float, default=0.0, help="seconds to wait after connecting, before sending")
     args = parser.parse_args(argv)
     if args.pairs < 1 or args.inflight < 1 or args.seconds <= 0 or args.warmup < 0:
         parser.error("--pairs and --inflight must be >= 1, --seconds > 0, --warmup >= 0")
+    if args.placement and (len(args.placement) != 2 * args.pairs
+                           or any(not c.isdigit() or int(c) >= len(args.url) for c in args.placement)):
+        parser.error("--placement needs one digit per device (2 x --pairs), each the index of a --url")
+    if len(args.url) > 1 and not args.placement:
+        parser.error("several --url need --placement")
     if args.ack and args.mode != "rccs":
         parser.error("--ack only applies to --mode rccs")
     return args
