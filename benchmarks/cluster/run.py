@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import os
 import platform
@@ -70,6 +71,8 @@ PARTS = ("routing", "nodes", "connect", "locust")
 # A device is known to the other nodes a moment after its hello (presence goes through Redis Pub/Sub): a send to it
 # from another node before that is answered offline / no_route. The generators wait this long after connecting.
 SETTLE = 1.0
+QUIET_CPU = 0.15  # fraction of one core: below it, the cluster counts as idle between runs
+QUIET_TIMEOUT = 30.0
 HIREDIS_NODES = ("n0", "n1", "n2")
 PLAIN_NODES = ("p0", "p1")
 # redis-py picks hiredis when it imports; a node started this way finds none and uses its own parser.
@@ -139,6 +142,20 @@ class Cluster:
             if node.proc is not None and node.proc.returncode is not None:
                 raise BenchmarkError(f"node {node.name} ended during the run; {node.report()}")
 
+    async def quiet(self, limit: float = QUIET_TIMEOUT) -> float:
+        """Wait (bounded) until the nodes and Redis together use under QUIET_CPU of a core: what a run left
+        behind (receipts, inbox writes, closes) must not run into the next one. The seconds waited."""
+        pids = [node.pid for node in self.nodes.values()] + [self.redis_pid]
+        started = time.monotonic()
+        before = sum(cpu_seconds(pid) for pid in pids)
+        while time.monotonic() - started < limit:
+            await asyncio.sleep(0.5)
+            after = sum(cpu_seconds(pid) for pid in pids)
+            if after - before < QUIET_CPU * 0.5:
+                break
+            before = after
+        return time.monotonic() - started
+
     async def appendfsync(self, policy: str) -> None:
         client = aioredis.Redis.from_url(self.redis.url, socket_timeout=5)
         try:
@@ -174,7 +191,9 @@ async def run_child(cmd: list[str], env: dict[str, str], timeout: float, log: Pa
     result: dict[str, Any] = json.loads(lines[-1])
     if proc.returncode != 0:
         cluster.check_alive()
-        raise BenchmarkError(f"{what}: exited with {proc.returncode}: {json.dumps(result)[:600]}\n{tail(log)}")
+        problems = result.get("problems") or [p["failures"] for p in result.get("phases", [])]
+        raise BenchmarkError(f"{what}: exited with {proc.returncode}: errors {result.get('errors')}, "
+                             f"{json.dumps(problems)[:800]}\n{tail(log)}")
     return result
 
 
@@ -232,6 +251,7 @@ NODES = (
 
 
 async def traffic_run(cluster: Cluster, spec: Traffic, args: argparse.Namespace, index: int) -> dict[str, Any]:
+    waited = await cluster.quiet()
     rng = random.Random(index)
     placement = spec.place(args.pairs, len(spec.nodes), rng)
     cross = sum(1 for k in range(args.pairs) if placement[2 * k] != placement[2 * k + 1])
@@ -273,11 +293,13 @@ async def traffic_run(cluster: Cluster, spec: Traffic, args: argparse.Namespace,
         "redis_us_per_msg": redis_cpu * 1e6 / received if received else float("nan"),
         "received": received,
         "window_seconds": window,
+        "quiet_wait_s": waited,
         "cpu_util_by_node": {name: watched[str(cluster.nodes[name].pid)] / window for name in spec.counted},
     }
     run["total_us_per_msg"] = run["nodes_us_per_msg"] + run["redis_us_per_msg"]
     if spec.ack:
         run["receipts"] = result["receipts"]
+        run["repeats"] = result["repeats"]
         run["delivered_latency_us_p50"] = result["delivered_latency_us"]["p50"]
     return run
 
@@ -340,6 +362,7 @@ CONNECTS = (
 
 
 async def connect_run(cluster: Cluster, spec: Connect, args: argparse.Namespace, index: int) -> dict[str, Any]:
+    waited = await cluster.quiet()
     counted = [cluster.nodes[name].pid for name in spec.counted]
     cmd = [sys.executable, str(CONNECTGEN), "--devices", str(args.connect_devices), "--per-user",
            str(args.connect_per_user), "--concurrency", str(args.connect_concurrency), "--prefix", f"c{index}"]
@@ -351,7 +374,7 @@ async def connect_run(cluster: Cluster, spec: Connect, args: argparse.Namespace,
     env["RCCS_TOKEN_SECRET"] = cluster.secret
     result = await run_child(cmd, env, 150, cluster.root / f"connectgen-{index}.log", f"connect {spec.name}", cluster)
     cluster.check_alive()
-    run: dict[str, Any] = {"scenario": spec.name}
+    run: dict[str, Any] = {"scenario": spec.name, "quiet_wait_s": waited}
     for ph in result["phases"]:
         watched = ph["watched_cpu_s"]
         nodes_cpu = sum(watched[str(pid)] for pid in counted)
@@ -460,7 +483,9 @@ def print_traffic(run: dict[str, Any]) -> None:
     print(f"  {run['scenario']:<16}{run['msgs_per_s']:>8.0f} msgs/s  p50 {lat['p50']:>6.0f} p99 {lat['p99']:>7.0f} us  "
           f"nodes {run['nodes_us_per_msg']:6.2f} + redis {run['redis_us_per_msg']:5.2f} us/msg  "
           f"(nodes {run['nodes_cpu_util']:.0%}, redis {run['redis_cpu_util']:.0%}, "
-          f"gen {run['generator_cpu_util']:.0%}; cross pairs {run['cross_pairs']:.0%})", flush=True)
+          f"gen {run['generator_cpu_util']:.0%}; cross pairs {run['cross_pairs']:.0%}; "
+          f"waited {run['quiet_wait_s']:.1f} s for quiet" + (f"; repeats {run['repeats']}" if "repeats" in run else "")
+          + ")", flush=True)
 
 
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
@@ -475,7 +500,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     fastpath = fastpath_in_use(False)
     root = Path(tempfile.mkdtemp(prefix="rccs-bench-cluster-"))
     cluster = Cluster(root)
-    index = 0
+    indexes = itertools.count(1)  # every attempt gets new users, devices and message ids
     started = time.monotonic()
     try:
         await cluster.start(plain="routing" in args.parts)
@@ -490,10 +515,9 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             for round_no in range(args.rounds):
                 print(f" round {round_no + 1}", flush=True)
                 by_name = {}
-                for spec in rotated(specs, round_no):
-                    index += 1
+                for spec in rotated(tuple(s for s in specs if not args.only or s.name in args.only), round_no):
                     run = await with_retry(f"{part} {spec.name}", results,
-                                           lambda s=spec, i=index: traffic_run(cluster, s, args, i), args.retries)
+                                           lambda s=spec: traffic_run(cluster, s, args, next(indexes)), args.retries)
                     run["round"] = round_no
                     results.runs[part].append(run)
                     by_name[spec.name] = run
@@ -508,9 +532,8 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                   f"{args.connect_per_user} per user, {args.connect_concurrency} connects at once", flush=True)
             for round_no in range(args.connect_rounds):
                 for cspec in rotated(CONNECTS, round_no):
-                    index += 1
                     crun = await with_retry(f"connect {cspec.name}", results,
-                                            lambda s=cspec, i=index: connect_run(cluster, s, args, i), args.retries)
+                                            lambda s=cspec: connect_run(cluster, s, args, next(indexes)), args.retries)
                     crun["round"] = round_no
                     results.runs["connect"].append(crun)
                     print(f"  {cspec.name:<9}" + "  ".join(
@@ -593,6 +616,8 @@ def report(data: dict[str, Any]) -> str:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--parts", default=",".join(PARTS), help="comma-separated subset of " + ", ".join(PARTS))
+    parser.add_argument("--only", type=lambda v: [n.strip() for n in v.split(",") if n.strip()], default=[],
+                        help="comma-separated scenario names of the routing and nodes parts to run (default all)")
     parser.add_argument("--quick", action="store_true", help="short windows, 2 rounds, small Locust run")
     parser.add_argument("--pairs", type=int, default=50)
     parser.add_argument("--inflight", type=int, default=4)

@@ -84,6 +84,7 @@ class Shared:
         self.receipts_delivered = 0
         self.receipts_failed = 0
         self.receipts_kept = 0  # accepted / queued: kept in the shared inbox first (several nodes, protocol.md 12)
+        self.repeats = 0  # ack:true messages received again (same id)
         self.errors = 0
         self.unexpected_disconnects = 0
         self.problems: list[str] = []  # first few error envelopes / disconnects, for the report
@@ -93,6 +94,7 @@ class Shared:
         self.delivered_latency_ns = array("q")
         self.received = self.sent = 0
         self.receipts_routed = self.receipts_delivered = self.receipts_failed = self.receipts_kept = 0
+        self.repeats = 0
 
     def problem(self, text: str) -> None:
         if len(self.problems) < 10:
@@ -141,6 +143,7 @@ class RccsDevice(Device):
         self.to: dict[str, str] = {}
         self.next_id = 0
         self.sent_at: dict[int, int] = {}  # msg id -> send time, only with ack, for the delivered latency
+        self.seen: set[int] = set()  # ids of ack:true messages received (the partner is the only sender)
 
     def on_ws_connected(self, transport: WSTransport) -> None:
         super().on_ws_connected(transport)
@@ -167,10 +170,16 @@ class RccsDevice(Device):
         op = envelope["op"]
         shared = self.shared
         if op == "msg":
-            shared.latency_ns.append(_monotonic_ns() - envelope["body"]["sent_ns"])
-            shared.received += 1
             if envelope["ack"]:
                 transport.send(_BINARY, _packb({"op": "ack", "seq": envelope["seq"]}))
+                # At least once: a repeat (same id) is acked again but neither counted nor answered, or the
+                # loop would carry more than W messages from then on.
+                if envelope["id"] in self.seen:
+                    shared.repeats += 1
+                    return
+                self.seen.add(envelope["id"])
+            shared.latency_ns.append(_monotonic_ns() - envelope["body"]["sent_ns"])
+            shared.received += 1
             if shared.running:
                 self.send_one()
         elif op == "receipt":
@@ -305,7 +314,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     cpu1 = time.process_time()
     received, sent = shared.received, shared.sent
     routed, delivered, failed = shared.receipts_routed, shared.receipts_delivered, shared.receipts_failed
-    kept = shared.receipts_kept
+    kept, repeats = shared.receipts_kept, shared.repeats
     latency = sorted(shared.latency_ns[:received])
     delivered_latency = sorted(shared.delivered_latency_ns)
     shared.running = False
@@ -350,6 +359,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         result["server_cpu_us_per_msg"] = (user + system) * 1e6 / received if received else None
     if args.ack:
         result["receipts"] = {"routed": routed, "kept": kept, "delivered": delivered, "failed": failed}
+        result["repeats"] = repeats
         result["delivered_latency_us"] = {name: percentile(delivered_latency, q) / 1000 for name, q in
                                           (("p50", 0.50), ("p99", 0.99), ("p999", 0.999))}
     return result
