@@ -66,8 +66,9 @@ from rccs.testing import RedisServer  # noqa: E402
 
 LOADGEN = E2E / "loadgen.py"
 CONNECTGEN = HERE / "connectgen.py"
+CLIENT = HERE / "client.py"
 LOCUSTFILE = REPO / "loadtest" / "locustfile.py"
-PARTS = ("routing", "nodes", "connect", "locust")
+PARTS = ("routing", "client", "nodes", "connect", "locust")
 # A device is known to the other nodes a moment after its hello (presence goes through Redis Pub/Sub): a send to it
 # from another node before that is answered offline / no_route. The generators wait this long after connecting.
 SETTLE = 1.0
@@ -391,6 +392,42 @@ async def connect_run(cluster: Cluster, spec: Connect, args: argparse.Namespace,
     return run
 
 
+# ---- the Redis client alone ----------------------------------------------------------------
+
+
+async def client_runs(cluster: Cluster, args: argparse.Namespace, indexes: Any) -> list[dict[str, Any]]:
+    """client.py with and without hiredis, alternating, ``args.rounds`` times each."""
+    runs = []
+    for round_no in range(args.rounds):
+        for hiredis in rotated((True, False), round_no):
+            await cluster.quiet()
+            cmd = [sys.executable, str(CLIENT), "--url", cluster.redis.url, "--seconds", str(args.client_seconds),
+                   "--prefix", f"bench-client-{next(indexes)}"]
+            if not hiredis:
+                cmd.append("--no-hiredis")
+            result = await run_child(cmd, base_env(), 60, cluster.root / "client.log", "client", cluster)
+            if result["hiredis"] != hiredis:
+                raise BenchmarkError(f"client.py ran with hiredis={result['hiredis']}, expected {hiredis}")
+            result["round"] = round_no
+            runs.append(result)
+            print(f"  {'hiredis' if hiredis else 'no hiredis':<11}" + "  ".join(
+                f"{r['workload']}: {r['calls_per_s']:.0f}/s {r['client_us_per_call']:.0f} us"
+                for r in result["results"]), flush=True)
+    return runs
+
+
+def ratios_client(runs: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    out: dict[str, dict[str, float]] = {}
+    for round_no in sorted({r["round"] for r in runs}):
+        pair = {r["hiredis"]: r for r in runs if r["round"] == round_no}
+        if len(pair) < 2:
+            continue
+        for fast, plain in zip(pair[True]["results"], pair[False]["results"], strict=True):
+            key = f"no-hiredis/hiredis {fast['workload']} client CPU per call"
+            out.setdefault(key, {})[str(round_no)] = ratio(plain["client_us_per_call"], fast["client_us_per_call"])
+    return {key: spread(list(values.values())) for key, values in out.items()}
+
+
 # ---- Locust over three nodes ------------------------------------------------------------
 
 LOCUST_LINE = re.compile(r"rccs loadtest: send\+delivered n=(\d+) fail=(\d+) p50/p95/p99=(\d+)/(\d+)/(\d+) ms; "
@@ -527,6 +564,9 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                 for name in PLAIN_NODES:
                     if name in cluster.nodes:
                         await cluster.stop_node(name)  # they would otherwise hear every later presence change
+        if "client" in args.parts:
+            print(f"\n== client: redis-py with and without hiredis, {args.rounds} rounds", flush=True)
+            results.runs["client"] = await client_runs(cluster, args, indexes)
         if "connect" in args.parts:
             print(f"\n== connect: {args.connect_rounds} rounds, {args.connect_devices} devices, "
                   f"{args.connect_per_user} per user, {args.connect_concurrency} connects at once", flush=True)
@@ -556,7 +596,8 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "config": {k: getattr(args, k) for k in ("pairs", "inflight", "seconds", "warmup", "rounds", "parts",
                                                   "connect_devices", "connect_per_user", "connect_concurrency",
-                                                  "connect_rounds", "locust_users", "locust_seconds")},
+                                                  "connect_rounds", "locust_users", "locust_seconds",
+                                                  "client_seconds")},
         "environment": {"cpus": os.cpu_count(), "python": platform.python_version(), "fastpath": fastpath,
                         "hiredis_available": parser, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                         "loadavg_at_end": os.getloadavg(), "seconds": time.monotonic() - started},
@@ -564,6 +605,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         "ratios": {part: {key: spread([r[key] for r in rounds if key in r]) for key in rounds[0]}
                    for part, rounds in results.ratios.items() if rounds},
         "medians": medians(results.runs),
+        "client_ratios": ratios_client(results.runs.get("client", [])),
         "failures": results.failures,
     }
 
@@ -608,6 +650,10 @@ def report(data: dict[str, Any]) -> str:
             lines.append(f"{key.split('/', 1)[1]:<10}" + "  ".join(
                 f"{ph}: {m[ph]['per_s']:.0f}/s, nodes {m[ph]['nodes_us_per_device']:.0f} + redis "
                 f"{m[ph]['redis_us_per_device']:.0f} us/device" for ph in ("first", "again")))
+    if data["client_ratios"]:
+        lines.append("\nRedis client alone (client CPU per call, min/median/max over rounds)")
+        for key, s in data["client_ratios"].items():
+            lines.append(f"  {key:<60} {s['median']:.2f} ({s['min']:.2f}-{s['max']:.2f})")
     for lrun in data["runs"]["locust"]:
         lines.append(f"\nlocust over {lrun['nodes']} nodes: {lrun['verdict']}")
     return "\n".join(lines)
@@ -630,6 +676,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--connect-rounds", type=int, default=2)
     parser.add_argument("--locust-users", type=int, help="Locust users, 2 devices each (default 600, --quick 50)")
     parser.add_argument("--locust-seconds", type=int, help="Locust run time (default 60, --quick 15)")
+    parser.add_argument("--client-seconds", type=float, default=1.0, help="per workload of the client part")
     parser.add_argument("--retries", type=int, default=1, help="retries of a failed run (default 1)")
     parser.add_argument("--keep", action="store_true", help="keep the temp directory (logs) at the end")
     parser.add_argument("--out", default=str(HERE / "results.json"))
