@@ -103,8 +103,14 @@ def _add_arguments(parser: Any) -> None:
     group.add_argument("--payload-bytes", type=int, default=64, env_var="LOCUST_PAYLOAD_BYTES",
                        help="size of the text in each message body (default 64)")
     group.add_argument("--rccs-hosts", default="", env_var="LOCUST_RCCS_HOSTS",
-                       help="comma-separated ws://HOST:PORT of several rccs nodes: the two devices of each user "
-                            "connect to different ones, so every round trip crosses nodes (default: --host only)")
+                       help="comma-separated ws://HOST:PORT of several rccs nodes, users spread over them "
+                            "(default: --host only)")
+    group.add_argument("--user-prefix", default="lt", env_var="LOCUST_USER_PREFIX",
+                       help="rccs users are <prefix>-<n> (default lt); a new prefix gives new users and devices")
+    group.add_argument("--rccs-placement", choices=["cross", "within"], default="cross",
+                       env_var="LOCUST_RCCS_PLACEMENT",
+                       help="with --rccs-hosts: the two devices of a user on different nodes, so every round trip "
+                            "crosses nodes (cross, default), or on the same node (within)")
     group.add_argument("--settle", type=float, default=0.0, env_var="LOCUST_SETTLE",
                        help="seconds to wait after (re)connecting before the next round trip; several nodes: a device "
                             "is known to the other nodes a moment after its hello (default 0)")
@@ -220,9 +226,11 @@ class RccsDevicePair(User):
         self.payload = "x" * (options.payload_bytes if options is not None else 64)
         encoding = options.wire_encoding if options is not None else "msgpack"
         number = next(_user_numbers)
-        user = f"lt-{number}"
+        user = f"{options.user_prefix if options is not None else 'lt'}-{number}"
         hosts = [h for h in (options.rccs_hosts.split(",") if options is not None else []) if h] or [self.host]
-        url_a, url_b = (hosts[(2 * number + side) % len(hosts)].rstrip("/") + "/v1" for side in (0, 1))
+        within = options is not None and options.rccs_placement == "within"
+        url_a, url_b = (hosts[(number if within else 2 * number + side) % len(hosts)].rstrip("/") + "/v1"
+                        for side in (0, 1))
         self.devices = (Device(url_a, user, f"{user}-a", encoding), Device(url_b, user, f"{user}-b", encoding))
         # Several nodes keep every ack:true message in the shared inbox first (protocol.md section 12): routed
         # lists the receiver under "queued", then an accepted/queued receipt comes before delivered.

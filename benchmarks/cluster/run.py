@@ -434,7 +434,7 @@ LOCUST_LINE = re.compile(r"rccs loadtest: send\+delivered n=(\d+) fail=(\d+) p50
                          r"hello n=(\d+) fail=(\d+) p50/p95/p99=(\d+)/(\d+)/(\d+) ms")
 
 
-async def locust_run(cluster: Cluster, args: argparse.Namespace) -> dict[str, Any]:
+async def locust_run(cluster: Cluster, args: argparse.Namespace, placement: str) -> dict[str, Any]:
     locust = Path(sys.executable).parent / "locust"
     if not locust.is_file():
         raise BenchmarkError(f"locust is not installed next to {sys.executable}: "
@@ -444,11 +444,13 @@ async def locust_run(cluster: Cluster, args: argparse.Namespace) -> dict[str, An
     cmd = [str(locust), "-f", str(LOCUSTFILE), "--headless", "-u", str(users), "-r", f"{rate:g}",
            "-t", f"{duration}s", "--host", urls[0], "--rccs-hosts", ",".join(urls), "--only-summary",
            "--stop-timeout", "5", "--exit-code-on-error", "1", "--min-devices", str(2 * users),
-           "--settle", str(SETTLE)]
+           "--settle", str(SETTLE), "--rccs-placement", placement,
+           "--user-prefix", f"lt{placement}"]
     env = dict(os.environ)
     env["PYTHONPATH"] = str(REPO)
     env["RCCS_TOKEN_SECRET"] = cluster.secret
-    workdir = cluster.root / "locust"
+    await cluster.quiet()
+    workdir = cluster.root / f"locust-{placement}"
     workdir.mkdir()
     log = workdir / "locust.log"
     pids = [cluster.nodes[n].pid for n in HIREDIS_NODES]
@@ -473,7 +475,11 @@ async def locust_run(cluster: Cluster, args: argparse.Namespace) -> dict[str, An
     if match is None:
         raise BenchmarkError(f"locust printed no summary (exit code {proc.returncode}):\n{tail(log)}")
     n, fail, p50, p95, p99, hn, hfail, hp50, hp95, hp99 = (int(g) for g in match.groups())
+    # Locust's error report: "# occurrences | Error" then one line per kind of failure.
+    errors = text.split("Error report", 1)[1].splitlines()[3:13] if "Error report" in text else []
     return {
+        "placement": placement,
+        "errors": [line.strip() for line in errors if line.strip() and not line.startswith("-")],
         "users": users, "devices": 2 * users, "seconds": duration, "nodes": len(urls),
         "exit_code": proc.returncode, "verdict": verdict.strip(),
         "roundtrips": n, "roundtrip_failures": fail, "roundtrip_ms": {"p50": p50, "p95": p95, "p99": p99},
@@ -583,12 +589,13 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         if "locust" in args.parts:
             print(f"\n== locust: {args.locust_users} users = {2 * args.locust_users} devices over n0, n1, n2, "
                   f"{args.locust_seconds} s", flush=True)
-            lrun = await locust_run(cluster, args)
-            results.runs["locust"].append(lrun)
-            print(f"  {lrun['verdict']}\n  send+delivered n={lrun['roundtrips']} p50/p95/p99 "
-                  f"{lrun['roundtrip_ms']['p50']}/{lrun['roundtrip_ms']['p95']}/{lrun['roundtrip_ms']['p99']} ms; "
-                  f"hello p99 {lrun['hello_ms']['p99']} ms; nodes CPU {lrun['nodes_cpu_util']:.0%}, "
-                  f"redis {lrun['redis_cpu_util']:.0%}", flush=True)
+            for placement in args.locust_placements:
+                lrun = await locust_run(cluster, args, placement)
+                results.runs["locust"].append(lrun)
+                print(f"  {placement}: {lrun['verdict']}\n  send+delivered n={lrun['roundtrips']} p50/p95/p99 "
+                      f"{lrun['roundtrip_ms']['p50']}/{lrun['roundtrip_ms']['p95']}/{lrun['roundtrip_ms']['p99']} ms; "
+                      f"hello p99 {lrun['hello_ms']['p99']} ms; nodes CPU {lrun['nodes_cpu_util']:.0%}, "
+                      f"redis {lrun['redis_cpu_util']:.0%}" + "".join(f"\n    {e}" for e in lrun["errors"]), flush=True)
     finally:
         await cluster.stop()
         if not args.keep:
@@ -655,7 +662,7 @@ def report(data: dict[str, Any]) -> str:
         for key, s in data["client_ratios"].items():
             lines.append(f"  {key:<60} {s['median']:.2f} ({s['min']:.2f}-{s['max']:.2f})")
     for lrun in data["runs"]["locust"]:
-        lines.append(f"\nlocust over {lrun['nodes']} nodes: {lrun['verdict']}")
+        lines.append(f"\nlocust over {lrun['nodes']} nodes, pairs {lrun['placement']}: {lrun['verdict']}")
     return "\n".join(lines)
 
 
@@ -676,6 +683,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--connect-rounds", type=int, default=2)
     parser.add_argument("--locust-users", type=int, help="Locust users, 2 devices each (default 600, --quick 50)")
     parser.add_argument("--locust-seconds", type=int, help="Locust run time (default 60, --quick 15)")
+    parser.add_argument("--locust-placements", default="cross,within",
+                        help="Locust runs: cross (the devices of a user on different nodes), within (on one node)")
     parser.add_argument("--client-seconds", type=float, default=1.0, help="per workload of the client part")
     parser.add_argument("--retries", type=int, default=1, help="retries of a failed run (default 1)")
     parser.add_argument("--keep", action="store_true", help="keep the temp directory (logs) at the end")
@@ -688,6 +697,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.connect_devices = args.connect_devices or (200 if quick else 600)
     args.locust_users = args.locust_users or (50 if quick else 600)
     args.locust_seconds = args.locust_seconds or (15 if quick else 60)
+    args.locust_placements = [p.strip() for p in args.locust_placements.split(",") if p.strip()]
+    if any(p not in ("cross", "within") for p in args.locust_placements):
+        parser.error("--locust-placements: cross, within")
     args.parts = [p.strip() for p in args.parts.split(",") if p.strip()]
     if not args.parts or any(p not in PARTS for p in args.parts):
         parser.error("--parts: choose from " + ", ".join(PARTS))
@@ -720,7 +732,7 @@ def main() -> int:
     Path(args.out).write_text(json.dumps(data, indent=2) + "\n")
     print(f"\nresults written to {args.out} ({data['environment']['seconds']:.0f} s)")
     locust = data["runs"]["locust"]
-    return 1 if locust and locust[0]["exit_code"] != 0 else 0
+    return 1 if any(run["exit_code"] != 0 for run in locust) else 0
 
 
 if __name__ == "__main__":
