@@ -116,7 +116,7 @@ bench-store: $(STAMP)
 bench-flood: $(STAMP)
 	$(BIN)/python benchmarks/e2e/flood_stall.py
 
-# Several nodes on one Redis (about 6 min): CPU per message same-node vs cross-node, throughput with 1-3 nodes,
+# Several nodes on one Redis (about 8-10 min): CPU per message same-node vs cross-node, throughput with 1-3 nodes,
 # connect + hello rate, the Locust suite over 3 nodes. Starts its own redis-server (from PATH) and nodes.
 bench-cluster: $(STAMP) redis-server-available
 	$(BIN)/python benchmarks/cluster/run.py

@@ -1,4 +1,4 @@
-"""Cluster benchmark: rccs nodes on one Redis, measured in one run (``make bench-cluster``, about 6 min).
+"""Cluster benchmark: rccs nodes on one Redis, measured in one run (``make bench-cluster``, about 8-10 min).
 
     python benchmarks/cluster/run.py                 # every part
     python benchmarks/cluster/run.py --quick         # short windows, 2 rounds, small Locust run (about 2 min)
