@@ -179,7 +179,10 @@ class Deliveries:
             target = self.router.online(kept.user, kept.device)
             if target is not None and target.inbox_loaded:
                 self.deliver(target, kept)
-            elif target is None and self.router.broker.spans_nodes:
+            elif target is not None:
+                # Connected a moment ago: its first inbox read may have come just before this write.
+                self.ring([kept.user, kept.device])
+            elif self.router.broker.spans_nodes:
                 # Perhaps connected to another node (maybe so recently that this one has not heard of it):
                 # the node that holds it writes it from the shared inbox now.
                 self.router.broker.publish(INBOX_DOORBELL, [kept.user, kept.device])

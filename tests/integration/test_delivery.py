@@ -415,3 +415,18 @@ async def test_an_inbox_read_between_an_ack_and_its_removal_does_not_write_the_m
     assert not session.inbox_ids and inbox_id not in deliveries.in_flight  # not written again
     await server.hub.settle()
     assert await server.node.store.inbox_size("laptop") == (0, 0)
+
+
+async def test_a_message_kept_while_the_first_inbox_read_is_under_way_still_reaches_the_device(server, connect):
+    phone = await connect("alice", "phone")
+    laptop = await connect("alice", "laptop")
+    session = server.hub.live[laptop.session_id]
+    await server.hub.settle()  # its real first inbox read is done
+    # As just after welcome: the first inbox read has begun (and read an inbox without this message) but has
+    # not finished, so a message committed now is not written by the commit and not in that read.
+    session.inbox_loaded = False
+    sending = asyncio.create_task(phone.send({"device": "laptop"}, "cmd", "late", ack=True, durable=True,
+                                             id="m-late", timeout=10))
+    message = await laptop.next_message(timeout=5)
+    assert (message.id, message.body) == ("m-late", "late")
+    assert [r.status for r in await sending][-1] == "delivered"
