@@ -213,7 +213,11 @@ class Deliveries:
     # ---- receipts ------------------------------------------------------
 
     def send_receipt(self, user: str, device: str, envelope: dict[str, Any]) -> None:
-        """To the sender device now, or kept in the store until it connects. Final failures are events."""
+        """To the sender device now, or kept in the store until it connects. Final failures are events.
+
+        On several nodes a receipt for a sender connected to another node is kept in the shared store and
+        that node's doorbell rung (``_ring_for_receipts``): a Pub/Sub message to a node that has just died
+        can still count as heard (Redis has not yet noticed the dead connection), and would be lost."""
         for take in self.receipt_takers:
             if take(user, device, envelope):
                 return
@@ -222,7 +226,10 @@ class Deliveries:
             self.core.bus.emit("message.expired" if status == "expired" else "message.failed", user=user,
                                sender=device, id=envelope.get("id"), device=envelope.get("device"),
                                reason=envelope.get("reason"))
-        if self.router.send_to_device(user, device, envelope):
+        if self.router.broker.spans_nodes:
+            if self.router.write_to_device(user, device, envelope):
+                return
+        elif self.router.send_to_device(user, device, envelope):
             return
         self.keep_receipt(device, envelope)
 
