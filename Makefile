@@ -7,7 +7,7 @@ SERVE_STAMP := $(VENV)/.rccs-serve-installed
 WHEEL_TOOLS := $(VENV)/.rccs-wheel-tools
 SOURCES := pyproject.toml setup.py $(wildcard rccs/_fastpath/*.pyx rccs/_fastpath/*.pxd)
 
-.PHONY: redis-server-available chromium-available test-js serve test lint fuzz test-compiled test-pure bench-check loadtest-smoke bench bench-micro bench-e2e bench-scale bench-store bench-flood bench-cluster loadtest wheel sdist test-wheel clean
+.PHONY: redis-server-available chromium-available test-js serve test lint fuzz test-compiled test-pure bench-check loadtest-smoke bench bench-micro bench-e2e bench-scale bench-store bench-flood bench-cluster soak loadtest wheel sdist test-wheel clean
 
 # Serving needs the package and its runtime dependencies only.
 $(SERVE_STAMP): $(SOURCES)
@@ -83,14 +83,16 @@ fuzz: $(STAMP)
 # before a long run rather than fail at its end.
 PLOT_DEPS = $(BIN)/python -c "import matplotlib" 2>/dev/null || $(BIN)/python -m pip install --quiet matplotlib
 
-# Everything in one run (about 15 min): micro-benchmarks, the end-to-end ratio table, the scale parts,
-# then the goals against what was just measured. Commands in sequence, not prerequisites, so -j cannot
-# run two benchmarks at once on the same cores.
+# Everything in one run (about 17 min): micro-benchmarks, the end-to-end ratio table, the scale parts, a
+# 2-minute soak (judged after 40 s of warm-up: `make soak` is the real one), then the goals against what was
+# just measured. Commands in sequence, not prerequisites, so -j cannot run two benchmarks at once on the
+# same cores.
 bench: $(STAMP)
 	$(PLOT_DEPS)
 	$(MAKE) --no-print-directory bench-micro
 	$(BIN)/python benchmarks/e2e/run.py
 	$(BIN)/python benchmarks/e2e/scale.py all
+	$(BIN)/python benchmarks/e2e/soak.py --minutes 2 --json build/soak-short.json
 	$(BIN)/python benchmarks/summary.py
 
 # Fast-path micro-benchmarks (pytest-benchmark), compiled and pure Python side by side.
@@ -120,6 +122,13 @@ bench-flood: $(STAMP)
 # connect + hello rate, the Locust suite over 3 nodes. Starts its own redis-server (from PATH) and nodes.
 bench-cluster: $(STAMP) redis-server-available
 	$(BIN)/python benchmarks/cluster/run.py
+
+# Soak: 100 pairs x 5 acked sends/s plus 20 connections/s for SOAK_MINUTES (30), the server's RSS sampled;
+# fails when it is not flat within 10 % after the 5-minute warm-up. Results: build/soak.json.
+SOAK_MINUTES ?= 30
+soak: $(STAMP)
+	mkdir -p build
+	$(BIN)/python benchmarks/e2e/soak.py --minutes $(SOAK_MINUTES) --json build/soak.json
 
 # Locust, headless: 1,200 devices for 60 s.
 loadtest: $(STAMP)
