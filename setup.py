@@ -21,7 +21,7 @@ from setuptools import Extension, setup
 
 
 def fastpath_extensions(debug: bool) -> tuple[list[Extension], dict[str, object]]:
-    """The three extensions and the Cython directives, for a release or a debug build."""
+    """The four extensions and the Cython directives, for a release or a debug build."""
     directives: dict[str, object] = {
         "language_level": "3",
         "boundscheck": debug,
@@ -43,7 +43,8 @@ def fastpath_extensions(debug: bool) -> tuple[list[Extension], dict[str, object]
         return Extension(f"rccs._fastpath.{name}", [f"rccs/_fastpath/{name}.pyx"],
                          define_macros=macros + extra_macros, extra_compile_args=compile_args)
 
-    return [extension("_codec", []), extension("_routing", []), extension("_listener", picows_macro)], directives
+    return ([extension("_codec", []), extension("_routing", []), extension("_listener", picows_macro),
+             extension("_idmemory", [])], directives)
 
 
 ext_modules = []

@@ -507,6 +507,7 @@ class Hub:
                 if ticks % CLEANUP_EVERY == 0:
                     await self.store.delete_stale_sessions(now, int(self.settings.session_grace * 1000))
                     await self.store.delete_pairing_codes_before(now)
+                    self.deliveries.sweep_ids(now)
             except Exception:
                 log.exception("session maintenance failed; retrying next interval")
 

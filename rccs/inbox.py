@@ -23,11 +23,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-import zlib
-from collections import OrderedDict
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from ._fastpath import EnvelopeError, decode_envelope
+from ._fastpath import EnvelopeError, RememberedIds, decode_envelope
 from .errors import ErrorCode, ProtocolError, ReceiptReason
 from .outgoing import Outgoing
 from .protocol import NIL, json_loads, json_value_to_msgpack, receipt
@@ -82,8 +80,8 @@ class Deliveries:
         self._flush_lock = asyncio.Lock()
         self._store_retry = STORE_RETRY_FIRST
         self.in_flight: dict[int, LiveSession] = {}  # inbox id -> the connection it was last written to
-        # Idempotency: per sender device, recent ack:true message ids -> (time, body hash).
-        self._seen: dict[str, OrderedDict[str | int, tuple[int, int]]] = {}
+        # Idempotency: per sender device, recent ack:true message ids (key, time, body digest).
+        self.ids = RememberedIds(self.settings)
         self.stats = {"enqueued": 0, "rejected": 0, "dropped": 0, "expired": 0, "dead_lettered": 0,
                       "redelivered": 0, "duplicates": 0, "receipts_kept": 0, "conflicts_unanswered": 0}
 
@@ -246,40 +244,26 @@ class Deliveries:
         window (do not deliver again); ``"conflict"`` for one seen with a different body. ``body`` is only
         read, here and now: the compiled direct path passes a read-only buffer over the body inside the msg
         it has just encoded (bytes-like, not bytes)."""
-        seen = self._seen.get(sender_device)
-        if seen is None:
-            seen = self._seen[sender_device] = OrderedDict()
-        digest = zlib.crc32(body)  # stable across processes (saved at shutdown), unlike hash()
-        previous = seen.get(msg_id)
-        window_ms = int(self.settings.idempotency_window * 1000)
-        if previous is not None and previous[0] + window_ms > now:
+        repeated = self.ids.check(sender_device, msg_id, body, now)
+        if repeated is not None:
             self.stats["duplicates"] += 1
-            return "duplicate" if previous[1] == digest else "conflict"
-        seen[msg_id] = (now, digest)
-        seen.move_to_end(msg_id)
-        if len(seen) > self.settings.idempotency_cache:
-            seen.popitem(last=False)
-        return None
+        return repeated
 
     def forget_id(self, sender_device: str, msg_id: str | int) -> None:
         """Take back ``first_time``'s record of an id whose message was not kept after all."""
-        seen = self._seen.get(sender_device)
-        if seen is not None:
-            seen.pop(msg_id, None)
+        self.ids.forget(sender_device, msg_id)
+
+    def sweep_ids(self, now: int) -> int:
+        """Drop the remembered ids of devices that sent nothing within the window."""
+        return self.ids.sweep(now)
 
     async def save_message_ids(self) -> None:
         """At shutdown: the idempotency window survives a graceful restart (not a crash)."""
-        await self.core.store.save_message_ids([
-            (device, msg_id, at, digest)
-            for device, seen in self._seen.items() for msg_id, (at, digest) in seen.items()])
+        await self.core.store.save_message_ids(self.ids.saved())
 
     async def load_message_ids(self) -> None:
         since = self.core.now() - int(self.settings.idempotency_window * 1000)
-        for device, msg_id, at, digest in await self.core.store.load_message_ids(since):
-            seen = self._seen.setdefault(device, OrderedDict())
-            seen[msg_id] = (at, digest)
-            if len(seen) > self.settings.idempotency_cache:
-                seen.popitem(last=False)
+        self.ids.load(await self.core.store.load_message_ids(since))
 
     # ---- queueing ------------------------------------------------------------
 

@@ -1,4 +1,4 @@
-"""The hot path: envelope codec and routing table.
+"""The hot path: envelope codec, routing table, remembered ids of acked sends.
 
 The compiled modules (``_codec``, ``_routing``, ``_listener``) are used when importable; the
 pure-Python twins (``codec``, ``routing``, ``listener``) when not, or when the environment
@@ -91,8 +91,21 @@ def _load(picows_version: str | None = None) -> tuple[ModuleType, ModuleType, Mo
 
 codec_impl, routing_impl, listener_impl, IMPLEMENTATION = _load()
 
+
+def _load_idmemory() -> ModuleType:
+    """The remembered ids of ack:true sends: compiled along with the codec and routing, else the twin."""
+    from . import idmemory
+    if IMPLEMENTATION != "python":
+        with contextlib.suppress(ImportError):
+            return importlib.import_module("._idmemory", __name__)
+    return idmemory
+
+
+idmemory_impl = _load_idmemory()
+
 if TYPE_CHECKING:  # both implementations share the twins' signatures
     from .codec import append_seq, decode_envelope, encode_msg_prefix
+    from .idmemory import RememberedIds
     from .routing import RouteStats, RoutingTable
 else:
     decode_envelope = codec_impl.decode_envelope
@@ -100,16 +113,19 @@ else:
     append_seq = codec_impl.append_seq
     RoutingTable = routing_impl.RoutingTable
     RouteStats = routing_impl.RouteStats
+    RememberedIds = idmemory_impl.RememberedIds
 
 __all__ = [
     "IMPLEMENTATION",
     "EnvelopeError",
+    "RememberedIds",
     "RouteStats",
     "RoutingTable",
     "append_seq",
     "codec_impl",
     "decode_envelope",
     "encode_msg_prefix",
+    "idmemory_impl",
     "listener_impl",
     "routing_impl",
 ]

@@ -64,7 +64,7 @@ def test_debug_build_compiles_line_tracing_in(monkeypatch):
     directives = recorded["directives"]
     assert directives["linetrace"] and directives["boundscheck"] and directives["wraparound"]
     assert set(recorded["extensions"]) == {"rccs._fastpath._codec", "rccs._fastpath._routing",
-                                           "rccs._fastpath._listener"}
+                                           "rccs._fastpath._listener", "rccs._fastpath._idmemory"}
     for extension in recorded["extensions"].values():
         macros = dict(extension.define_macros)
         assert macros["CYTHON_TRACE"] == "1" and macros["CYTHON_TRACE_NOGIL"] == "1", extension.name
