@@ -437,6 +437,8 @@ class Deliveries:
         for session in list(self.live.values()):
             if session.pending:
                 self._retry_session(session, now)
+            elif session.retry:
+                session.retry = None  # all acked: the deadlines of what was acked go (they were kept until now)
 
     def _retry_session(self, session: LiveSession, now: int) -> None:
         """Write again what waited for an ack past its deadline; too many attempts make a dead letter."""

@@ -111,6 +111,7 @@ class Device(WSListener):
         self.gone = asyncio.get_running_loop().create_future()
         self.to: dict[str, str] = {}
         self.next_id = 0
+        self.acks = True  # ack every msg that asks for it
 
     def on_ws_connected(self, transport: WSTransport) -> None:
         self.transport = transport
@@ -141,7 +142,7 @@ class Device(WSListener):
         stats = self.stats
         if op == "msg":
             stats.received += 1
-            if envelope.get("ack"):
+            if envelope.get("ack") and self.acks:
                 transport.send(_BINARY, _packb({"op": "ack", "seq": envelope["seq"]}))
         elif op == "receipt":
             status = envelope["status"]
@@ -166,9 +167,13 @@ class Device(WSListener):
 
 
 async def open_device(stats: Stats, name: str, token: str, pair: bool, url: str) -> Device:
-    _, device = await ws_connect(lambda: Device(stats, name, token, pair), url,
-                                 websocket_handshake_timeout=CONNECT_TIMEOUT)
-    await asyncio.wait_for(device.ready, CONNECT_TIMEOUT)
+    transport, device = await ws_connect(lambda: Device(stats, name, token, pair), url,
+                                         websocket_handshake_timeout=CONNECT_TIMEOUT)
+    try:
+        await asyncio.wait_for(device.ready, CONNECT_TIMEOUT)
+    except BaseException:
+        transport.disconnect()  # no welcome in time: not left open (it would hold a session and its buffers)
+        raise
     return device  # type: ignore[no-any-return]
 
 

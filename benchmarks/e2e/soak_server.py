@@ -1,8 +1,9 @@
 """``rccs`` with allocations traced, for ``soak.py --tracemalloc``: ``soak_server.py DIR serve ...``.
 
-On SIGUSR1 it writes ``DIR/<n>.json``: the traced bytes, the live allocations per site (file:line, the
-innermost frame) and the live objects per type (``gc.get_objects()``, sizes by ``sys.getsizeof``). The
-snapshot is taken on the event loop's thread, between two callbacks (the handler only schedules it).
+On SIGUSR1 it writes ``DIR/<n>.json``: the traced bytes, the live allocations per site (file:line of the
+innermost frame, or of the ``SOAK_TRACEMALLOC_FRAMES`` innermost ones) and the live objects per type
+(``gc.get_objects()``, sizes by ``sys.getsizeof``). The snapshot is taken on the event loop's thread, between
+two callbacks (the handler only schedules it).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import collections
 import gc
 import json
+import os
 import signal
 import sys
 import tracemalloc
@@ -26,9 +28,9 @@ def snapshot(directory: Path, counter: list[int]) -> None:
     counter[0] += 1
     snap = tracemalloc.take_snapshot().filter_traces([tracemalloc.Filter(False, tracemalloc.__file__)])
     sites: dict[str, list[int]] = {}
-    for stat in snap.statistics("lineno"):
-        frame = stat.traceback[0]
-        sites[f"{frame.filename}:{frame.lineno}"] = [stat.size, stat.count]
+    for stat in snap.statistics("traceback" if tracemalloc.get_traceback_limit() > 1 else "lineno"):
+        where = " < ".join(f"{frame.filename.rsplit('/', 2)[-1]}:{frame.lineno}" for frame in stat.traceback)
+        sites[where] = [stat.size, stat.count]
     types: dict[str, list[int]] = collections.defaultdict(lambda: [0, 0])
     for obj in gc.get_objects():
         entry = types[type(obj).__qualname__]
@@ -44,7 +46,7 @@ def snapshot(directory: Path, counter: list[int]) -> None:
 def main() -> None:
     directory = Path(sys.argv[1])
     sys.argv = ["rccs", *sys.argv[2:]]
-    tracemalloc.start(1)
+    tracemalloc.start(int(os.environ.get("SOAK_TRACEMALLOC_FRAMES", "1")))
     counter = [0]
 
     def on_signal(signum: int, frame: Any) -> None:

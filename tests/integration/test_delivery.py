@@ -110,6 +110,28 @@ async def test_idempotent_resend(server, connect):
     assert [r.status for r in await web.send({"device": "laptop"}, "cmd", [1], ack=True, id=7)] == ["duplicate"]
 
 
+async def test_redelivery_deadlines_go_once_everything_is_acked(server, connect):
+    """Issue 20: the deadlines kept for redelivery (``session.retry``) were only swept while something else
+    was pending, so the last burst's stayed with the session; the sweep after the last ack drops them."""
+    phone = await connect("alice", "phone")
+    laptop = await connect("alice", "laptop")
+    sending = asyncio.gather(*(phone.send({"device": "laptop"}, "cmd", n, ack=True, id=f"r{n}") for n in range(5)))
+    hub = server.node.hub
+    session = next(live for live in hub.live.values() if live.device == "laptop")
+    for _ in range(1000):  # ping round trips until the server has written all five
+        if len(session.pending) == 5:
+            break
+        await phone.ping()
+    hub.deliveries.retry_due(now_ms())
+    assert len(session.retry) == 5
+    for _ in range(5):
+        await laptop.next_message(timeout=5)  # taken: acked
+    assert [r.status for receipts in await sending for r in receipts] == ["delivered"] * 5
+    assert not session.pending
+    hub.deliveries.retry_due(now_ms())
+    assert not session.retry
+
+
 async def test_unacked_messages_are_written_again_then_dead_lettered(tmp_path):
     from rccs.client import Client
     from rccs.testing import running_server
