@@ -6,6 +6,12 @@ compiled module on the same input, plus a baseline where one exists
 results read as ratios measured in one run.
 """
 
+import importlib
+import itertools
+import zlib
+from collections import OrderedDict
+from types import SimpleNamespace
+
 import msgpack
 import pytest
 
@@ -126,3 +132,71 @@ def test_route_stats_record(benchmark, fastpath):
     stats = routing.RouteStats()
     benchmark(stats.record_route, routing.RESULT_ROUTED, 12_345)
     assert stats.snapshot()["results"]["routed"] > 0
+
+
+# ---- remembered ids of ack:true sends (protocol.md section 12; issue 20) ----------------------------------
+
+ID_BODY = b"x" * 200
+
+
+@pytest.fixture(params=["python", "cython"])
+def idmemory(request):
+    if request.param == "python":
+        return importlib.import_module("rccs._fastpath.idmemory")
+    try:
+        return importlib.import_module("rccs._fastpath._idmemory")
+    except ImportError:
+        pytest.skip("compiled fast path not built")
+
+
+def _ids_at_the_cap(module, make_id):
+    """A device holding 10,000 ids (the default cap): every new id now also forgets the oldest."""
+    ids = module.RememberedIds(SimpleNamespace(idempotency_window=86400.0, idempotency_cache=10_000))
+    for n in range(10_000):
+        ids.check("phone", make_id(n), ID_BODY, n)
+    return ids
+
+
+@pytest.mark.benchmark(group="remembered_ids_new_id")
+@pytest.mark.parametrize("kind", ["int", "str"])
+def test_remembered_ids_new_id(benchmark, idmemory, kind):
+    make_id = (lambda n: n) if kind == "int" else (lambda n: f"msg-{n:08d}")
+    ids = _ids_at_the_cap(idmemory, make_id)
+    counter = itertools.count(10_000)
+
+    def check():
+        n = next(counter)
+        return ids.check("phone", make_id(n), ID_BODY, n)
+
+    assert benchmark(check) is None
+
+
+@pytest.mark.benchmark(group="remembered_ids_new_id")
+@pytest.mark.parametrize("kind", ["int", "str"])
+def test_remembered_ids_new_id_baseline_ordereddict(benchmark, kind):
+    """Baseline: the OrderedDict of id -> (time, crc32) per device that the compact form replaced."""
+    make_id = (lambda n: n) if kind == "int" else (lambda n: f"msg-{n:08d}")
+    devices = {"phone": OrderedDict((make_id(n), (n, zlib.crc32(ID_BODY))) for n in range(10_000))}
+    counter = itertools.count(10_000)
+
+    def check():
+        n = next(counter)
+        msg_id = make_id(n)
+        seen = devices.get("phone")
+        digest = zlib.crc32(ID_BODY)
+        previous = seen.get(msg_id)
+        if previous is not None and previous[0] + 86_400_000 > n:
+            return "duplicate"
+        seen[msg_id] = (n, digest)
+        seen.move_to_end(msg_id)
+        if len(seen) > 10_000:
+            seen.popitem(last=False)
+        return None
+
+    assert benchmark(check) is None
+
+
+@pytest.mark.benchmark(group="remembered_ids_duplicate")
+def test_remembered_ids_duplicate(benchmark, idmemory):
+    ids = _ids_at_the_cap(idmemory, lambda n: n)
+    assert benchmark(ids.check, "phone", 5_000, ID_BODY, 10_001) == "duplicate"
