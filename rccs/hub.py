@@ -34,7 +34,7 @@ from .clock import now_ms
 from .config import Settings
 from .errors import CloseCode, ReceiptReason
 from .events import EventBus, Webhooks
-from .inbox import Deliveries, queued_from_frame
+from .inbox import RING_BOTH, Deliveries, queued_from_frame
 from .registry import Registry
 from .router import DEVICE_CHANGED, STATUS_REVOKED, Router
 from .store import (
@@ -434,7 +434,7 @@ class Hub:
     def resubscribed(self) -> None:
         for session in list(self.live.values()):
             if session.user is not None and session.device is not None:
-                self.deliveries.ring([session.user, session.device])
+                self.deliveries.ring([session.user, session.device, RING_BOTH])
 
     def undeliverable(self, user: str, device: str, envelope: dict[str, Any]) -> None:
         if envelope.get("op") == "receipt":

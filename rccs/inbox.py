@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from ._fastpath import EnvelopeError, RememberedIds, decode_envelope
@@ -42,7 +43,10 @@ log = logging.getLogger("rccs.inbox")
 INBOX_PAGE = 1000
 STORE_RETRY_FIRST = 0.5  # seconds before writing acks and receipts again after the store failed
 STORE_RETRY_MAX = 5.0
-INBOX_DOORBELL = "inbox.new"  # broker channel: (user, device) has new messages in its inbox
+INBOX_DOORBELL = "inbox.new"  # broker channel: [user, device, what] has new messages and/or kept receipts
+RING_MESSAGES = 1  # ``what`` of a doorbell: bits; a doorbell without one means both
+RING_RECEIPTS = 2
+RING_BOTH = RING_MESSAGES | RING_RECEIPTS
 
 
 class ToKeep(NamedTuple):
@@ -72,8 +76,9 @@ class Deliveries:
         # Acked inbox ids until their removal is written: an inbox read in between (a doorbell's catch-up,
         # another page) still finds them in the store and must not write them again.
         self._acked: set[int] = set()
-        # Connections whose inbox and kept receipts are being looked at after a doorbell; True: look again.
-        self._looking: dict[LiveSession, bool] = {}
+        # Connections whose inbox and/or kept receipts are being looked at after a doorbell, with what the
+        # doorbells that rang meanwhile asked for (RING_* bits; 0: nothing: the look ends).
+        self._looking: dict[LiveSession, int] = {}
         self._to_count: list[int] = []
         self._receipts: list[tuple[str, dict[str, Any]]] = []
         self._flush_scheduled = False
@@ -108,29 +113,36 @@ class Deliveries:
             count, self._to_count = self._to_count, []
             receipts, self._receipts = self._receipts, []
             store = self.core.store
-            if enqueue:
-                try:
-                    await self._commit(enqueue)
-                except StoreError as exc:
-                    self._not_kept(enqueue, exc)
-            try:
-                if remove:
-                    await store.remove_queued(remove)
-                    self._acked.difference_update(remove)
-                    remove = []
-                if count:
-                    await store.count_attempts(count)
-                    count = []
-                if receipts:
-                    await store.add_receipts(receipts)
-                    self._ring_for_receipts(receipts)
-                    receipts = []
+            # Independent writes: asked for together, they share the store's round trips (RedisStore pipelines
+            # the calls made in one turn); each one's failure is handled on its own.
+            writes: list[Awaitable[Any]] = [
+                self._commit(enqueue) if enqueue else _nothing(),
+                store.remove_queued(remove) if remove else _nothing(),
+                store.count_attempts(count) if count else _nothing(),
+                store.add_receipts(receipts) if receipts else _nothing()]
+            outcomes: list[Any] = await asyncio.gather(*writes, return_exceptions=True)
+            committed, removed, counted, kept = outcomes
+            for outcome in (committed, removed, counted, kept):
+                if isinstance(outcome, BaseException) and not isinstance(outcome, StoreError):
+                    raise outcome
+            if isinstance(committed, StoreError):
+                self._not_kept(enqueue, committed)
+            if not isinstance(removed, StoreError):
+                self._acked.difference_update(remove)
+                remove = []
+            if not isinstance(counted, StoreError):
+                count = []
+            if not isinstance(kept, StoreError):
+                self._ring_for_receipts(receipts)
+                receipts = []
+            failure = next((o for o in (removed, counted, kept) if isinstance(o, StoreError)), None)
+            if failure is None:
                 self._store_retry = STORE_RETRY_FIRST
-            except StoreError as exc:
+            else:
                 # An ack not yet written costs a repeat (at least once), a kept receipt must not be lost:
                 # both wait in memory, ahead of newer ones, and are written when the store answers again.
                 log.warning("store unavailable (%s): %d acks, %d attempt counts and %d receipts wait; "
-                            "retrying in %.1f s", exc, len(remove), len(count), len(receipts), self._store_retry)
+                            "retrying in %.1f s", failure, len(remove), len(count), len(receipts), self._store_retry)
                 self._to_remove[:0] = remove
                 self._to_count[:0] = count
                 self._receipts[:0] = receipts
@@ -179,11 +191,11 @@ class Deliveries:
                 self.deliver(target, kept)
             elif target is not None:
                 # Connected a moment ago: its first inbox read may have come just before this write.
-                self.ring([kept.user, kept.device])
+                self.ring([kept.user, kept.device, RING_MESSAGES])
             elif self.router.broker.spans_nodes:
                 # Perhaps connected to another node (maybe so recently that this one has not heard of it):
                 # the node that holds it writes it from the shared inbox now.
-                self.router.broker.publish(INBOX_DOORBELL, [kept.user, kept.device])
+                self.router.broker.publish(INBOX_DOORBELL, [kept.user, kept.device, RING_MESSAGES])
         for message in outcome.dropped:
             self.stats["dropped"] += 1
             self.in_flight.pop(message.id, None)
@@ -304,26 +316,48 @@ class Deliveries:
 
     async def on_online(self, session: LiveSession) -> None:
         """A device said welcome: its kept receipts, then its inbox."""
-        store = self.core.store
         assert session.device is not None
         await self.flush()
-        for envelope in await store.take_receipts(session.device):
-            session.send_control(envelope)
-        await self.load_inbox(session)
+        page = await self._receipts_and_inbox(session, RING_BOTH)
+        assert page is not None
+        self._write_page(session, page)
 
     async def load_inbox(self, session: LiveSession) -> None:
         assert session.device is not None
-        messages = await self.core.store.inbox(session.device, self.core.now(), INBOX_PAGE)
+        self._write_page(session, await self.core.store.inbox(session.device, self.core.now(), INBOX_PAGE))
+
+    async def _receipts_and_inbox(self, session: LiveSession, wanted: int) -> list[QueuedMessage] | None:
+        """Write the device's kept receipts (RING_RECEIPTS) and return its inbox's first page (RING_MESSAGES,
+        else None), both read together: one round trip on RedisStore."""
+        store = self.core.store
+        assert session.device is not None
+        receipts: Awaitable[list[dict[str, Any]]] = (
+            store.take_receipts(session.device) if wanted & RING_RECEIPTS else _nothing([]))
+        messages: Awaitable[list[QueuedMessage] | None] = (
+            store.inbox(session.device, self.core.now(), INBOX_PAGE) if wanted & RING_MESSAGES else _nothing())
+        outcomes: list[Any] = await asyncio.gather(receipts, messages, return_exceptions=True)
+        kept, page = outcomes
+        if not isinstance(kept, BaseException):
+            for envelope in kept:  # taken out of the store: written even when the inbox read failed
+                session.send_control(envelope)
+        for outcome in (kept, page):
+            if isinstance(outcome, BaseException):
+                raise outcome
+        result: list[QueuedMessage] | None = page
+        return result
+
+    def _write_page(self, session: LiveSession, messages: list[QueuedMessage]) -> None:
         session.inbox_loaded = True
         session.inbox_more = len(messages) >= INBOX_PAGE
         for message in messages:
             if session.state_is_open():
                 self.deliver(session, message)
 
-    def ring(self, doorbell: list[str]) -> None:
-        """Another node put messages into the inbox, or receipts into the store, of a device connected here:
-        write them now."""
-        user, device = doorbell
+    def ring(self, doorbell: list[Any]) -> None:
+        """Another node put messages into the inbox, or receipts into the store, of a device connected here
+        (``[user, device, what]``, ``what`` the RING_* bits, both when left out): write them now."""
+        user, device = doorbell[0], doorbell[1]
+        wanted = doorbell[2] if len(doorbell) > 2 and doorbell[2] in (RING_MESSAGES, RING_RECEIPTS) else RING_BOTH
         session = self.router.online(user, device)
         if session is None:
             return
@@ -331,24 +365,22 @@ class Deliveries:
         # look is under way make one more look after it, not one each: a burst of messages from another node
         # must not read the inbox once per message.
         if session in self._looking:
-            self._looking[session] = True
+            self._looking[session] |= wanted
             return
-        self._looking[session] = False
-        self.core.spawn(self._catch_up(session))
+        self._looking[session] = 0
+        self.core.spawn(self._catch_up(session, wanted))
 
-    async def _catch_up(self, session: LiveSession) -> None:
+    async def _catch_up(self, session: LiveSession, wanted: int) -> None:
         try:
-            while True:
+            while wanted:
                 await self.flush()
                 if not session.state_is_open():
                     return
                 assert session.device is not None
-                for envelope in await self.core.store.take_receipts(session.device):
-                    session.send_control(envelope)
-                await self.load_inbox(session)
-                if not self._looking.get(session):
-                    return
-                self._looking[session] = False
+                page = await self._receipts_and_inbox(session, wanted)
+                if page is not None:
+                    self._write_page(session, page)
+                wanted, self._looking[session] = self._looking.get(session, 0), 0
         finally:
             self._looking.pop(session, None)
 
@@ -360,7 +392,7 @@ class Deliveries:
         for device in dict.fromkeys(device for device, _ in kept):
             record = self.router.registry.get(device)
             if record is not None:
-                self.router.broker.publish(INBOX_DOORBELL, [record.user, device])
+                self.router.broker.publish(INBOX_DOORBELL, [record.user, device, RING_RECEIPTS])
 
     def on_acked(self, session: LiveSession, inbox_id: int) -> None:
         self.in_flight.pop(inbox_id, None)
@@ -506,3 +538,9 @@ def queued_from_frame(frame: bytes, text: bool, device: str, user: str, expires_
         return None
     return QueuedMessage(device=device, user=user, sender_device=envelope["from"], msg_id=envelope["id"],
                          type=envelope["type"], body=body, ts=envelope["ts"], expires_at=expires_at, receipt=True)
+
+
+async def _nothing(value: Any = None) -> Any:
+    """An awaitable in place of a store call that has nothing to do."""
+    return value
+

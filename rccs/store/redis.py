@@ -34,12 +34,20 @@ script writes it only if the version is still the one read, else the patch is pl
 So each patch is applied against the state it was planned on, revisions go up by exactly one per change and
 never back, and of two concurrent patches with ``if_rev`` only one can win.
 
-Order. Calls of one store object run one after another in the order they were made, as the SQLite store's
-do (its one worker thread): the hub relies on it, e.g. it spawns ``add_user`` and then ``put_device`` for a
-device first seen with a dev token, and the device would be refused if the second overtook the first on
-another pooled connection. One FIFO ``asyncio.Lock`` around each public call gives that order; it also means
-one store object has one call in flight at a time (a later version could pipeline the calls of one loop
-turn, in order, on one connection). Calls of different store objects (nodes) interleave as Redis runs them.
+Order. Calls of one store object take effect in the order they were made, as the SQLite store's do (its
+one worker thread): the hub relies on it, e.g. it spawns ``add_user`` and then ``put_device`` for a device
+first seen with a dev token, and the device would be refused if the second overtook the first. Every command
+of a store object goes through one sender (``_command``) that writes what was asked during one turn of the
+event loop as one pipeline on one connection, and the next turn's only after those replies: Redis runs the
+commands of one connection in the order they arrive, so a call's command never overtakes an earlier call's,
+while many calls share one round trip (one call in flight at a time cost a round trip and a wake-up per call,
+and under load the calls queued behind each other: ``docs/performance.md``, "Several nodes"). A call made of
+several commands (a state patch: read, plan in Python, commit) can have another call's command between its
+own; each such call is safe against that already, because another node's commands can come between them too.
+After a Redis restart, scripts a pipeline found missing (``NOSCRIPT``) are loaded and those commands sent
+again, after the rest of their pipeline: nothing of a script ran when it was missing, but a command of the
+same pipeline that was not a script (a read) may have run before it.
+Calls of different store objects (nodes) interleave as Redis runs them.
 
 Ids. Inbox ids and change-feed sequence numbers come from ``INCR`` counters inside the scripts that use
 them, so they increase in commit order, across every node, and are never handed out twice.
@@ -122,13 +130,14 @@ import inspect
 import json
 import secrets
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgpack
 import redis.asyncio as aioredis
 from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
-from redis.exceptions import RedisError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError, RedisError
 from redis.retry import Retry
 
 from ..mergepatch import json_size
@@ -261,6 +270,12 @@ SCRIPTS["open"] = """
 local version = redis.call('GET', P .. 'schema')
 if not version then redis.call('SET', P .. 'schema', ARGV[2]); return tonumber(ARGV[2]) end
 return tonumber(version)
+"""
+
+SCRIPTS["read_hashes"] = """
+local out = {}
+for i = 2, #ARGV do out[i - 1] = redis.call('HGETALL', ARGV[i]) end
+return out
 """
 
 SCRIPTS["add_user"] = """
@@ -941,6 +956,21 @@ def _state_changes(user: str, name: str, log: list[tuple[int, str, str, str | No
             for rev, patch, by, id_text, at in log if rev > after]
 
 
+class _Command(NamedTuple):
+    args: tuple[Any, ...]
+    script: str | None  # the script an EVALSHA runs: loaded again if Redis answers NOSCRIPT
+    reply: asyncio.Future[Any]
+
+
+def _settle(reply: asyncio.Future[Any], outcome: Any) -> None:
+    if reply.done():  # its caller was cancelled
+        return
+    if isinstance(outcome, BaseException):
+        reply.set_exception(outcome)
+    else:
+        reply.set_result(outcome)
+
+
 class RedisStore(Store):
     """The Store contract on one Redis server (see the module docstring). ``url``: redis://HOST:PORT/DB."""
 
@@ -955,7 +985,9 @@ class RedisStore(Store):
         self.command_timeout = command_timeout
         self._client: aioredis.Redis | None = None
         self._scripts: dict[str, AsyncScript] = {}
-        self._in_call_order = asyncio.Lock()  # see "Order" in the module docstring
+        # see "Order" in the module docstring: commands not yet sent, and the task that sends them
+        self._unsent: list[_Command] = []
+        self._sender: asyncio.Task[None] | None = None
 
     # ---- plumbing ------------------------------------------------------
 
@@ -982,6 +1014,8 @@ class RedisStore(Store):
                              f"to {SCHEMA_VERSION}: it was written by a newer rccs; upgrade rccs to use it")
 
     async def close(self) -> None:
+        if self._sender is not None:  # what was asked before the close is sent first
+            await asyncio.wait([self._sender])
         await self._disconnect()
 
     async def _disconnect(self) -> None:
@@ -990,7 +1024,61 @@ class RedisStore(Store):
             await client.aclose()
 
     async def _run(self, script: str, *args: Any) -> Reply:
-        return await self._scripts[script](keys=[], args=[self.prefix, *args], client=self.client)
+        return await self._command("EVALSHA", self._scripts[script].sha, 0, self.prefix, *args, script=script)
+
+    def _command(self, *args: Any, script: str | None = None) -> asyncio.Future[Any]:
+        """Send one command (``script``: the name of the script an EVALSHA runs) in call order; its reply, with
+        redis-py's usual conversion for the command, or its error."""
+        if self._client is None:
+            raise StoreError(f"redis store {self.where} is not open")
+        reply = asyncio.get_running_loop().create_future()
+        self._unsent.append(_Command(args, script, reply))
+        if self._sender is None:
+            self._sender = asyncio.create_task(self._send_all())
+        return reply
+
+    async def _send_all(self) -> None:
+        try:
+            while self._unsent and self._client is not None:
+                batch, self._unsent = self._unsent, []
+                await self._send_batch(self._client, batch)
+        finally:
+            self._sender = None
+            for command in self._unsent:  # only when the store was closed meanwhile
+                _settle(command.reply, StoreError(f"redis store {self.where} is not open"))
+            self._unsent = []
+
+    async def _send_batch(self, client: aioredis.Redis, batch: list[_Command]) -> None:
+        try:
+            replies = await self._pipelined(client, batch)
+            missing = [(command, i) for i, command in enumerate(batch)
+                       if command.script is not None and isinstance(replies[i], NoScriptError)]
+            if missing:  # Redis restarted or was flushed since the scripts were loaded
+                for name in {command.script for command, _ in missing}:
+                    await client.script_load(self._scripts[name].script)  # type: ignore[index]
+                again = await self._pipelined(client, [command for command, _ in missing])
+                for (_, i), reply in zip(missing, again, strict=True):
+                    replies[i] = reply
+        except RedisError as exc:
+            for command in batch:
+                _settle(command.reply, exc)
+        except (OSError, TimeoutError) as exc:  # reaches the callers as StoreError, like a RedisError
+            for command in batch:
+                _settle(command.reply, RedisConnectionError(f"{type(exc).__name__}: {exc}"))
+        except BaseException as exc:  # cancelled (the loop is closing): no caller may wait forever
+            for command in batch:
+                _settle(command.reply, StoreError(f"redis store {self.where}: sending was stopped ({exc!r})"))
+            raise
+        else:
+            for command, reply in zip(batch, replies, strict=True):
+                _settle(command.reply, reply)
+
+    @staticmethod
+    async def _pipelined(client: aioredis.Redis, batch: list[_Command]) -> list[Any]:
+        pipe = client.pipeline(transaction=False)
+        for command in batch:
+            pipe.execute_command(*command.args)
+        return list(await pipe.execute(raise_on_error=False))
 
     def _key(self, name: str) -> str:
         return self.prefix + name
@@ -999,14 +1087,11 @@ class RedisStore(Store):
         return f"{self.prefix}{{{user}}}:{name}"
 
     async def _hashes(self, keys: Sequence[str]) -> list[dict[str, bytes]]:
-        """HGETALL of each key, in one round trip (one MULTI: the records as of one moment)."""
+        """HGETALL of each key, in one script (the records as of one moment)."""
         if not keys:
             return []
-        async with self.client.pipeline(transaction=True) as pipe:
-            for key in keys:
-                pipe.hgetall(key)
-            replies: list[dict[bytes, bytes]] = await pipe.execute()
-        return [{_text(name): value for name, value in reply.items()} for reply in replies]
+        replies: list[list[bytes]] = await self._run("read_hashes", *keys)
+        return [_fields(reply) for reply in replies]
 
     # ---- users -------------------------------------------------------
 
@@ -1015,11 +1100,11 @@ class RedisStore(Store):
             raise AlreadyExists(f"user {user.id!r} already exists")
 
     async def get_user(self, user_id: str) -> UserRecord | None:
-        created = await self.client.hget(self._key("users"), user_id)
+        created = await self._command("HGET", self._key("users"), user_id)
         return None if created is None else UserRecord(id=user_id, created=int(created))
 
     async def list_users(self) -> list[UserRecord]:
-        users = await self.client.hgetall(self._key("users"))
+        users = await self._command("HGETALL", self._key("users"))
         return sorted((UserRecord(id=_text(user_id), created=int(created)) for user_id, created in users.items()),
                       key=lambda user: user.id)
 
@@ -1045,7 +1130,7 @@ class RedisStore(Store):
 
     async def list_devices(self, user_id: str | None = None, include_revoked: bool = False) -> list[DeviceRecord]:
         index = self._key("devices") if user_id is None else self._user_key(user_id, "devices")
-        device_ids = sorted(_text(device_id) for device_id in await self.client.smembers(index))
+        device_ids = sorted(_text(device_id) for device_id in await self._command("SMEMBERS", index))
         records = await self._hashes([self._key(f"device:{device_id}") for device_id in device_ids])
         devices = [_device_record(device_id, fields) for device_id, fields in zip(device_ids, records, strict=True)
                    if fields]
@@ -1082,7 +1167,7 @@ class RedisStore(Store):
         return _session_record(session_id, fields) if fields else None
 
     async def _sessions(self, index: str) -> list[SessionRecord]:
-        session_ids = [_text(session_id) for session_id in await self.client.smembers(index)]
+        session_ids = [_text(session_id) for session_id in await self._command("SMEMBERS", index)]
         records = await self._hashes([self._key(f"session:{session_id}") for session_id in session_ids])
         return [_session_record(session_id, fields)
                 for session_id, fields in zip(session_ids, records, strict=True) if fields]
@@ -1139,7 +1224,7 @@ class RedisStore(Store):
         return deleted
 
     async def list_pairing_codes(self) -> list[PairingCode]:
-        members: list[bytes] = await self.client.zrange(self._key("pairing-expiry"), 0, -1)  # type: ignore[assignment]  # no WITHSCORES: members only
+        members: list[bytes] = await self._command("ZRANGE", self._key("pairing-expiry"), 0, -1)
         codes = sorted(_text(code) for code in members)
         records = await self._hashes([self._key(f"pairing:{code}") for code in codes])
         return [_pairing_record(fields) for fields in records if fields]
@@ -1256,7 +1341,7 @@ class RedisStore(Store):
 
     async def kept_receipts(self, device_id: str) -> list[dict[str, Any]]:
         key = self._key(f"receipts:{device_id}")
-        kept: list[bytes] = await self.client.lrange(key, 0, -1)  # type: ignore[assignment]  # no decode_responses
+        kept: list[bytes] = await self._command("LRANGE", key, 0, -1)
         return [unpack_receipt(envelope) for envelope in kept]
 
     # ---- idempotency keys --------------------------------------------
@@ -1264,14 +1349,14 @@ class RedisStore(Store):
     async def save_message_ids(self, entries: Sequence[tuple[str, str | int, int, int]]) -> None:
         # Several nodes save theirs at their shutdowns: merged into one hash, never replacing each other's.
         if entries:
-            await self.client.hset(self._key("message-ids"), mapping={
-                msgpack.packb([device, msg_id], use_bin_type=True): msgpack.packb([at, digest])
-                for device, msg_id, at, digest in entries})
+            fields = [part for device, msg_id, at, digest in entries
+                      for part in (msgpack.packb([device, msg_id], use_bin_type=True), msgpack.packb([at, digest]))]
+            await self._command("HSET", self._key("message-ids"), *fields)
 
     async def load_message_ids(self, since: int) -> list[tuple[str, str | int, int, int]]:
         key = self._key("message-ids")
         entries, expired = [], []
-        for field, value in (await self.client.hgetall(key)).items():
+        for field, value in (await self._command("HGETALL", key)).items():
             at, digest = msgpack.unpackb(value)
             if at >= since:
                 device, msg_id = msgpack.unpackb(field, raw=False)
@@ -1279,7 +1364,7 @@ class RedisStore(Store):
             else:
                 expired.append(field)
         if expired:
-            await self.client.hdel(key, *expired)
+            await self._command("HDEL", key, *expired)
         entries.sort(key=lambda entry: entry[2])
         return entries
 
@@ -1373,7 +1458,7 @@ class RedisStore(Store):
     # ---- task leases -------------------------------------------------
 
     async def load_tasks(self, user_id: str) -> list[TaskLease]:
-        leases = await self.client.hgetall(self._user_key(user_id, "tasks"))
+        leases = await self._command("HGETALL", self._user_key(user_id, "tasks"))
         loaded = []
         for task, packed in leases.items():
             owner, epoch, expires, handoff, updated = json.loads(packed)
@@ -1383,7 +1468,7 @@ class RedisStore(Store):
         return loaded
 
     async def users_with_task_notices(self) -> list[str]:
-        return sorted(_text(user) for user in await self.client.smembers(self._key("task-notices")))
+        return sorted(_text(user) for user in await self._command("SMEMBERS", self._key("task-notices")))
 
     async def put_task(self, lease: TaskLease, if_unchanged: bool = False, previous: TaskLease | None = None) -> None:
         written = await self._run("put_task", lease.user, lease.task, _lease_json(lease),
@@ -1407,35 +1492,33 @@ class RedisStore(Store):
         return changes
 
     async def last_change(self) -> int:
-        seq = await self.client.get(self._key("change-seq"))
+        seq = await self._command("GET", self._key("change-seq"))
         return 0 if seq is None else int(seq)
 
     async def token_secret(self) -> bytes:
         key = self._key("token-secret")
-        await self.client.set(key, secrets.token_hex(32), nx=True)  # the first node's; never replaced
-        secret = await self.client.get(key)
+        await self._command("SET", key, secrets.token_hex(32), "NX")  # the first node's; never replaced
+        secret = await self._command("GET", key)
         if secret is None or len(secret) < 32:
             raise StoreError(f"redis store {self.where} holds no usable token secret at {key!r}")
         return secret if isinstance(secret, bytes) else secret.encode()
 
     async def adopt_token_secret(self, secret: bytes) -> bytes:
         key = self._key("token-secret")
-        await self.client.set(key, secret, nx=True)  # a secret the cluster has already is never replaced
-        kept = await self.client.get(key)
+        await self._command("SET", key, secret, "NX")  # a secret the cluster has already is never replaced
+        kept = await self._command("GET", key)
         if kept is None:
             raise StoreError(f"redis store {self.where} holds no token secret at {key!r} after setting it")
         return kept if isinstance(kept, bytes) else kept.encode()
 
 
 def _surface_redis_errors(method: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
-    """Wrap a store method so that it runs in call order and a Redis failure reaches the caller as StoreError
-    naming the server."""
+    """Wrap a store method so that a Redis failure reaches the caller as StoreError naming the server."""
 
     @functools.wraps(method)
     async def wrapped(self: RedisStore, *args: Any, **kwargs: Any) -> Any:
         try:
-            async with self._in_call_order:
-                return await method(self, *args, **kwargs)
+            return await method(self, *args, **kwargs)
         except RedisError as exc:
             raise StoreError(f"redis store {self.where}: {method.__name__} failed: "
                              f"{type(exc).__name__}: {exc}") from exc

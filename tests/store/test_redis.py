@@ -305,3 +305,17 @@ async def test_ids_saved_at_shutdown_by_several_nodes_are_merged(node_a, node_b)
     await node_b.save_message_ids([("laptop", 7, NOW + 1, 2), ("phone", "old", NOW - HOUR, 3)])
     assert await node_a.load_message_ids(NOW - 1) == [("phone", "a", NOW, 1), ("laptop", 7, NOW + 1, 2)]
     assert await node_b.load_message_ids(NOW - 2 * HOUR) == [("phone", "a", NOW, 1), ("laptop", 7, NOW + 1, 2)]
+
+
+async def test_calls_made_together_after_redis_forgot_the_scripts_each_run_once(server, node_a):
+    admin = aioredis.from_url(server.url)
+    try:
+        await admin.script_flush()
+        # One turn of the event loop: one pipeline of scripts and plain reads, all answered NOSCRIPT or run.
+        added = await asyncio.gather(*(node_a.add_user(UserRecord(id=f"user-{i}", created=NOW)) for i in range(20)),
+                                     node_a.get_user("user-0"), node_a.list_users())
+        assert len(added) == 22
+        assert [user.id for user in await node_a.list_users()] == sorted(f"user-{i}" for i in range(20))
+        assert await node_a.last_change() == 20  # every script ran exactly once
+    finally:
+        await admin.aclose()
