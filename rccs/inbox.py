@@ -81,8 +81,13 @@ class Deliveries:
         self._looking: dict[LiveSession, int] = {}
         self._to_count: list[int] = []
         self._receipts: list[tuple[str, dict[str, Any]]] = []
-        self._flush_scheduled = False
-        self._flush_lock = asyncio.Lock()
+        # Write requests (the four lists above) are numbered; ``flush()`` waits until a write round has taken
+        # every request made before it. One round at a time, each taking everything pending: under load a
+        # caller waits for at most the round under way and the next, not for one round per earlier caller.
+        self._requested = 0
+        self._attempted = 0  # requests up to this number were taken by a finished write round
+        self._writer: asyncio.Task[None] | None = None
+        self._flush_waiters: list[tuple[int, asyncio.Future[None]]] = []
         self._store_retry = STORE_RETRY_FIRST
         self.in_flight: dict[int, LiveSession] = {}  # inbox id -> the connection it was last written to
         # Idempotency: per sender device, recent ack:true message ids (key, time, body digest).
@@ -93,61 +98,83 @@ class Deliveries:
     # ---- batching ------------------------------------------------------
 
     def _schedule(self) -> None:
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self._start_flush)
-
-    def _start_flush(self) -> None:
-        self._flush_scheduled = False
-        self.core.spawn(self.flush())
+        self._requested += 1
+        if self._writer is None:
+            self._writer = self.core.spawn(self._write_rounds())
 
     async def flush(self) -> None:
-        """Write what was asked for so far: one enqueue batch, one removal batch, kept receipts.
+        """Return once everything asked for before the call was written (or, if the store failed, put back
+        to be written again later): a device's hello relies on this before it reads its inbox and receipts."""
+        target = self._requested
+        if self._attempted >= target:
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        self._flush_waiters.append((target, waiter))
+        if self._writer is None:
+            self._writer = self.core.spawn(self._write_rounds())
+        await waiter
 
-        Flushes run one at a time, so once ``flush()`` returns, everything asked for before the call
-        is in the store (a device's hello relies on this before it reads its inbox and receipts).
-        """
-        async with self._flush_lock:
-            enqueue, self._to_enqueue = self._to_enqueue, []
-            remove, self._to_remove = self._to_remove, []
-            count, self._to_count = self._to_count, []
-            receipts, self._receipts = self._receipts, []
-            store = self.core.store
-            # Independent writes: asked for together, they share the store's round trips (RedisStore pipelines
-            # the calls made in one turn); each one's failure is handled on its own.
-            writes: list[Awaitable[Any]] = [
-                self._commit(enqueue) if enqueue else _nothing(),
-                store.remove_queued(remove) if remove else _nothing(),
-                store.count_attempts(count) if count else _nothing(),
-                store.add_receipts(receipts) if receipts else _nothing()]
-            outcomes: list[Any] = await asyncio.gather(*writes, return_exceptions=True)
-            committed, removed, counted, kept = outcomes
-            for outcome in (committed, removed, counted, kept):
-                if isinstance(outcome, BaseException) and not isinstance(outcome, StoreError):
-                    raise outcome
-            if isinstance(committed, StoreError):
-                self._not_kept(enqueue, committed)
-            if not isinstance(removed, StoreError):
-                self._acked.difference_update(remove)
-                remove = []
-            if not isinstance(counted, StoreError):
-                count = []
-            if not isinstance(kept, StoreError):
-                self._ring_for_receipts(receipts)
-                receipts = []
-            failure = next((o for o in (removed, counted, kept) if isinstance(o, StoreError)), None)
-            if failure is None:
-                self._store_retry = STORE_RETRY_FIRST
-            else:
-                # An ack not yet written costs a repeat (at least once), a kept receipt must not be lost:
-                # both wait in memory, ahead of newer ones, and are written when the store answers again.
-                log.warning("store unavailable (%s): %d acks, %d attempt counts and %d receipts wait; "
-                            "retrying in %.1f s", failure, len(remove), len(count), len(receipts), self._store_retry)
-                self._to_remove[:0] = remove
-                self._to_count[:0] = count
-                self._receipts[:0] = receipts
-                asyncio.get_running_loop().call_later(self._store_retry, self._schedule)
-                self._store_retry = min(self._store_retry * 2, STORE_RETRY_MAX)
+    async def _write_rounds(self) -> None:
+        try:
+            while self._attempted < self._requested:
+                taken = self._requested
+                try:
+                    await self._write_round()
+                finally:
+                    self._attempted = taken
+                    waiting, self._flush_waiters = self._flush_waiters, []
+                    for target, waiter in waiting:
+                        if target > taken:
+                            self._flush_waiters.append((target, waiter))
+                        elif not waiter.done():
+                            waiter.set_result(None)
+        finally:
+            self._writer = None
+            if self._flush_waiters:  # asked for while the last round ended (or it failed): another round
+                self._writer = self.core.spawn(self._write_rounds())
+
+    async def _write_round(self) -> None:
+        """Write what was asked for so far: one enqueue batch, one removal batch, attempt counts, kept receipts."""
+        enqueue, self._to_enqueue = self._to_enqueue, []
+        remove, self._to_remove = self._to_remove, []
+        count, self._to_count = self._to_count, []
+        receipts, self._receipts = self._receipts, []
+        store = self.core.store
+        # Independent writes: asked for together, they share the store's round trips (RedisStore pipelines
+        # the calls made in one turn); each one's failure is handled on its own.
+        writes: list[Awaitable[Any]] = [
+            self._commit(enqueue) if enqueue else _nothing(),
+            store.remove_queued(remove) if remove else _nothing(),
+            store.count_attempts(count) if count else _nothing(),
+            store.add_receipts(receipts) if receipts else _nothing()]
+        outcomes: list[Any] = await asyncio.gather(*writes, return_exceptions=True)
+        committed, removed, counted, kept = outcomes
+        for outcome in (committed, removed, counted, kept):
+            if isinstance(outcome, BaseException) and not isinstance(outcome, StoreError):
+                raise outcome
+        if isinstance(committed, StoreError):
+            self._not_kept(enqueue, committed)
+        if not isinstance(removed, StoreError):
+            self._acked.difference_update(remove)
+            remove = []
+        if not isinstance(counted, StoreError):
+            count = []
+        if not isinstance(kept, StoreError):
+            self._ring_for_receipts(receipts)
+            receipts = []
+        failure = next((o for o in (removed, counted, kept) if isinstance(o, StoreError)), None)
+        if failure is None:
+            self._store_retry = STORE_RETRY_FIRST
+        else:
+            # An ack not yet written costs a repeat (at least once), a kept receipt must not be lost:
+            # both wait in memory, ahead of newer ones, and are written when the store answers again.
+            log.warning("store unavailable (%s): %d acks, %d attempt counts and %d receipts wait; "
+                        "retrying in %.1f s", failure, len(remove), len(count), len(receipts), self._store_retry)
+            self._to_remove[:0] = remove
+            self._to_count[:0] = count
+            self._receipts[:0] = receipts
+            asyncio.get_running_loop().call_later(self._store_retry, self._schedule)
+            self._store_retry = min(self._store_retry * 2, STORE_RETRY_MAX)
 
     def _not_kept(self, batch: list[ToKeep], exc: StoreError) -> None:
         """The store refused a batch of inbox writes: nothing of it was kept, and each sender hears so
