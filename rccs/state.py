@@ -39,7 +39,7 @@ from .clock import now_ms
 from .errors import ErrorCode, ProtocolError
 from .mergepatch import canonical_json, json_problem, json_size, merge_patch
 from .protocol import check_message_id, parse_fence
-from .store import StateCatchUp, StateConflict, StateTooLarge
+from .store import FenceMoved, StateCatchUp, StateConflict, StateTooLarge
 
 if TYPE_CHECKING:
     from .contracts import Conn, Handler
@@ -262,10 +262,19 @@ def op_patch(state: State, session: Conn, header: dict[str, Any]) -> None:
         return
 
     async def work() -> None:
-        async with state.fence(session, *fence) if fence is not None else contextlib.nullcontext():
-            outcome = await hub.store.patch_state(user, doc, patch, device, patch_id, if_rev, now_ms(),
-                                                  settings.state_max_doc_bytes, settings.state_max_user_bytes,
-                                                  KEEP_CHANGES)
+        try:
+            # The fence is checked twice: here, in order with this node's task ops (a handoff's steps), and in
+            # the store's transaction with the write (a lease changed through another node in between).
+            async with state.fence(session, *fence) if fence is not None else contextlib.nullcontext():
+                outcome = await hub.store.patch_state(user, doc, patch, device, patch_id, if_rev, now_ms(),
+                                                      settings.state_max_doc_bytes, settings.state_max_user_bytes,
+                                                      KEEP_CHANGES, fence=fence)
+        except FenceMoved:
+            assert fence is not None
+            async with state.fence(session, *fence):  # reads the lease as it is now: its refusal says why
+                pass
+            raise ProtocolError(ErrorCode.STALE_EPOCH, f"epoch {fence[1]} of task {fence[0][:64]!r} is stale",
+                                task=fence[0]) from None
         session.reply(header, {"op": "state.ok", "doc": doc, "rev": outcome.rev, "prev_rev": outcome.prev_rev,
                                "noop": outcome.noop})
         change = outcome.change

@@ -240,6 +240,11 @@ class StateCatchUp:
     changes: list[StateChange] | None
 
 
+class FenceMoved(StoreError):
+    """``patch_state(..., fence=(task, epoch))``: the writer no longer holds ``task`` at ``epoch`` (another
+    device took it, or a handoff moved it, since the caller checked); nothing was written."""
+
+
 class StateConflict(StoreError):
     """``if_rev`` is not the document's revision: the current revision and value come with it."""
 
@@ -478,12 +483,14 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def patch_state(self, user_id: str, doc: str, patch: Any, by: str, patch_id: str | int | None,
                           if_rev: int | None, now: int, max_doc_bytes: int, max_user_bytes: int,
-                          keep_changes: int) -> StatePatched:
+                          keep_changes: int, fence: tuple[str, int] | None = None) -> StatePatched:
         """Apply an RFC 7396 merge patch (JSON values only, else StoreError) in one transaction, following
         ``plan_state_patch``. A change gets ``rev`` = the old rev + 1, is appended to the document's change
         log, and the log is cut to the newest ``keep_changes``. A patch whose ``(by, patch_id)`` and patch
         equal a change still in the log is not applied again: it returns that change's revisions with
-        ``duplicate`` set. Raises StateConflict / StateTooLarge and changes nothing then."""
+        ``duplicate`` set. ``fence`` (task, epoch): written only if ``by`` holds that task's lease at that
+        epoch in the same transaction (``holds_fence``), else FenceMoved. Raises StateConflict /
+        StateTooLarge / FenceMoved and changes nothing then."""
 
     @abc.abstractmethod
     async def list_state(self, user_id: str) -> list[tuple[StateDoc, list[StateChange]]]:
@@ -543,6 +550,12 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def last_change(self) -> int:
         """The newest change's seq (0 when none)."""
+
+
+def holds_fence(lease: TaskLease | None, by: str, epoch: int) -> bool:
+    """The rule every store applies to a fenced write: ``by`` owns the lease at exactly ``epoch`` (expired or
+    not: nobody took the task since)."""
+    return lease is not None and lease.owner == by and lease.epoch == epoch
 
 
 def lease_fields(lease: TaskLease | None) -> tuple[str | None, int, int, str | None, int] | None:

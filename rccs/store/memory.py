@@ -32,6 +32,7 @@ from .base import (
     DeadLetter,
     DeviceRecord,
     EnqueueOutcome,
+    FenceMoved,
     IdMemory,
     PairingCode,
     QueuedMessage,
@@ -46,6 +47,7 @@ from .base import (
     TaskRaced,
     UserRecord,
     check_policy,
+    holds_fence,
     lease_fields,
     pack_receipt,
     plan_state_patch,
@@ -562,8 +564,10 @@ class MemoryStore(Store):
 
     async def patch_state(self, user_id: str, doc: str, patch: Any, by: str, patch_id: str | int | None,
                           if_rev: int | None, now: int, max_doc_bytes: int, max_user_bytes: int,
-                          keep_changes: int) -> StatePatched:
+                          keep_changes: int, fence: tuple[str, int] | None = None) -> StatePatched:
         patch_text = state_patch_text(patch)
+        if fence is not None and not holds_fence(self._tasks.get(user_id, {}).get(fence[0]), by, fence[1]):
+            raise FenceMoved(f"{by!r} no longer holds task {fence[0]!r} at epoch {fence[1]}")
         docs = self._state.get(user_id, {})
         entry = docs.get(doc)
         if entry is not None and patch_id is not None:

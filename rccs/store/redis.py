@@ -154,6 +154,7 @@ from .base import (
     DeadLetter,
     DeviceRecord,
     EnqueueOutcome,
+    FenceMoved,
     IdMemory,
     PairingCode,
     PendingMessage,
@@ -741,6 +742,12 @@ return {redis.call('GET', ukey(user, 'state-version')) or '0', redis.call('HGETA
 # ARGV: user, name, expected version, rev, has value ('1'/'0'), value, size, by, updated, log entry, keep.
 SCRIPTS["state_commit"] = """
 local user, name = ARGV[2], ARGV[3]
+if ARGV[13] ~= '' then
+  local lease = redis.call('HGET', ukey(user, 'tasks'), ARGV[13])
+  if not lease then return -1 end
+  lease = cjson.decode(lease)
+  if lease[1] ~= ARGV[9] or lease[2] ~= tonumber(ARGV[14]) then return -1 end
+end
 if (redis.call('GET', ukey(user, 'state-version')) or '0') ~= ARGV[4] then return 0 end
 local doc = ukey(user, 'doc:' .. name)
 redis.call('HSET', doc, 'rev', ARGV[5], 'size', ARGV[8], 'by', ARGV[9], 'updated', ARGV[10])
@@ -1376,10 +1383,11 @@ class RedisStore(Store):
 
     async def patch_state(self, user_id: str, doc: str, patch: Any, by: str, patch_id: str | int | None,
                           if_rev: int | None, now: int, max_doc_bytes: int, max_user_bytes: int,
-                          keep_changes: int) -> StatePatched:
+                          keep_changes: int, fence: tuple[str, int] | None = None) -> StatePatched:
         patch_text = state_patch_text(patch)
         id_text = None if patch_id is None else json.dumps(patch_id)
         patch_value = json.loads(patch_text)
+        fence_task, fence_epoch = ("", "") if fence is None else (fence[0], str(fence[1]))
         for _attempt in range(STATE_PATCH_ATTEMPTS):
             version, doc_reply, user_bytes, log_reply = await self._run(
                 "state_read", user_id, doc, int(id_text is not None))
@@ -1399,7 +1407,9 @@ class RedisStore(Store):
             value = "" if merged is None else json.dumps(merged, ensure_ascii=False, allow_nan=False)
             entry = json.dumps([rev, patch_text, by, id_text, now], ensure_ascii=False)
             committed = await self._run("state_commit", user_id, doc, version, rev, int(merged is not None), value,
-                                        size, by, now, entry, keep_changes)
+                                        size, by, now, entry, keep_changes, fence_task, fence_epoch)
+            if committed == -1:
+                raise FenceMoved(f"{by!r} no longer holds task {fence_task!r} at epoch {fence_epoch}")
             if committed:
                 change = StateChange(user=user_id, doc=doc, rev=rev, prev_rev=rev - 1, patch=patch_value, by=by,
                                      patch_id=patch_id, at=now)

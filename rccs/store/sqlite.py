@@ -47,6 +47,7 @@ from .base import (
     DeadLetter,
     DeviceRecord,
     EnqueueOutcome,
+    FenceMoved,
     IdMemory,
     PairingCode,
     PendingMessage,
@@ -1136,12 +1137,17 @@ class SqliteStore(Store):
 
     async def patch_state(self, user_id: str, doc: str, patch: Any, by: str, patch_id: str | int | None,
                           if_rev: int | None, now: int, max_doc_bytes: int, max_user_bytes: int,
-                          keep_changes: int) -> StatePatched:
+                          keep_changes: int, fence: tuple[str, int] | None = None) -> StatePatched:
         patch_text = state_patch_text(patch)
         id_text = None if patch_id is None else json.dumps(patch_id)
         patch_value = json.loads(patch_text)
 
         def work(db: sqlite3.Connection) -> StatePatched:
+            if fence is not None:
+                held = db.execute("SELECT owner, epoch FROM tasks WHERE user = ? AND task = ?",
+                                  (user_id, fence[0])).fetchone()
+                if held is None or tuple(held) != (by, fence[1]):
+                    raise FenceMoved(f"{by!r} no longer holds task {fence[0]!r} at epoch {fence[1]}")
             row = db.execute(SELECT_STATE_DOC, (user_id, doc)).fetchone()
             current = _state_doc(user_id, doc, row)
             if row is not None and id_text is not None:

@@ -24,6 +24,7 @@ from rccs.store import (
     AlreadyExists,
     DeadLetter,
     DeviceRecord,
+    FenceMoved,
     MemoryStore,
     PairingCode,
     PendingMessage,
@@ -1506,6 +1507,30 @@ async def test_a_lease_written_only_if_unchanged_is_refused_once_another_writer_
     renewed = dataclasses.replace(mine, expires=NOW + HOUR, updated=NOW + 3)
     await store.put_task(renewed, if_unchanged=True, previous=(await store.load_tasks("alice"))[0])
     assert await store.load_tasks("alice") == [renewed]
+
+
+async def test_a_fenced_state_patch_is_written_only_while_its_writer_holds_the_lease_at_that_epoch(store):
+    await add_users(store, "alice")
+    limits = (NOW, 256 * KIB, 4096 * KIB, 1000)
+    with pytest.raises(FenceMoved):  # nobody ever claimed the task
+        await store.patch_state("alice", "user/plan", {"step": 0}, "laptop", None, None, *limits, fence=("build", 1))
+    await store.put_task(TaskLease(user="alice", task="build", owner="laptop", epoch=1, expires=NOW + MINUTE))
+    written = await store.patch_state("alice", "user/plan", {"step": 1}, "laptop", None, None, *limits,
+                                      fence=("build", 1))
+    assert written.rev == 1
+    # An expired lease still fences: nobody took the task since.
+    await store.put_task(TaskLease(user="alice", task="build", owner="laptop", epoch=1, expires=NOW - MINUTE))
+    assert (await store.patch_state("alice", "user/plan", {"step": 2}, "laptop", None, None, *limits,
+                                    fence=("build", 1))).rev == 2
+    # Taken over (e.g. through another node) after the writer's own check: refused in the write itself.
+    await store.put_task(TaskLease(user="alice", task="build", owner="phone", epoch=2, expires=NOW + MINUTE))
+    for by, epoch in (("laptop", 1), ("laptop", 2), ("phone", 1), ("phone", 3)):
+        with pytest.raises(FenceMoved):
+            await store.patch_state("alice", "user/plan", {"step": 9}, by, None, None, *limits, fence=("build", epoch))
+    doc = await store.get_state("alice", "user/plan")
+    assert (doc.rev, doc.value) == (2, {"step": 2})  # nothing of the refused patches was written
+    assert (await store.patch_state("alice", "user/plan", {"step": 3}, "phone", None, None, *limits,
+                                    fence=("build", 2))).rev == 3
 
 
 async def test_a_loaded_task_lease_is_a_copy(store):
