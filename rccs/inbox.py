@@ -58,6 +58,16 @@ class ToKeep(NamedTuple):
     from_device: str | None  # a pick-one message moving from that device: its receipt is moved
 
 
+class ToRemember(NamedTuple):
+    """A first_ack send whose id the shared store checks at the next group commit."""
+
+    user: str
+    sender_device: str
+    msg_id: str | int
+    body: bytes  # msgpack
+    then: Callable[[str | StoreError | None], None]  # the verdict (None: new), or the store's failure
+
+
 class Deliveries:
     """The node's durable delivery machinery. Event loop thread only.
 
@@ -72,6 +82,7 @@ class Deliveries:
         self.settings = core.settings
         self.receipt_takers: list[Callable[[str, str, dict[str, Any]], bool]] = []
         self._to_enqueue: list[ToKeep] = []
+        self._to_remember: list[ToRemember] = []
         self._to_remove: list[int] = []
         # Acked inbox ids until their removal is written: an inbox read in between (a doorbell's catch-up,
         # another page) still finds them in the store and must not write them again.
@@ -134,22 +145,25 @@ class Deliveries:
                 self._writer = self.core.spawn(self._write_rounds())
 
     async def _write_round(self) -> None:
-        """Write what was asked for so far: one enqueue batch, one removal batch, attempt counts, kept receipts."""
+        """Write what was asked for so far: first_ack ids, one enqueue batch, one removal batch, attempt counts,
+        kept receipts."""
+        remember, self._to_remember = self._to_remember, []
         enqueue, self._to_enqueue = self._to_enqueue, []
         remove, self._to_remove = self._to_remove, []
         count, self._to_count = self._to_count, []
         receipts, self._receipts = self._receipts, []
         store = self.core.store
         # Independent writes: asked for together, they share the store's round trips (RedisStore pipelines
-        # the calls made in one turn); each one's failure is handled on its own.
+        # the calls made in one turn, in this order); each one's failure is handled on its own.
         writes: list[Awaitable[Any]] = [
+            self._remember(remember) if remember else _nothing(),
             self._commit(enqueue) if enqueue else _nothing(),
             store.remove_queued(remove) if remove else _nothing(),
             store.count_attempts(count) if count else _nothing(),
             store.add_receipts(receipts) if receipts else _nothing()]
         outcomes: list[Any] = await asyncio.gather(*writes, return_exceptions=True)
-        committed, removed, counted, kept = outcomes
-        for outcome in (committed, removed, counted, kept):
+        remembered, committed, removed, counted, kept = outcomes
+        for outcome in (remembered, committed, removed, counted, kept):
             if isinstance(outcome, BaseException) and not isinstance(outcome, StoreError):
                 raise outcome
         if isinstance(committed, StoreError):
@@ -175,6 +189,25 @@ class Deliveries:
             self._receipts[:0] = receipts
             asyncio.get_running_loop().call_later(self._store_retry, self._schedule)
             self._store_retry = min(self._store_retry * 2, STORE_RETRY_MAX)
+
+    async def _remember(self, batch: list[ToRemember]) -> None:
+        settings = self.settings
+        ids = IdMemory(self.core.now(), int(settings.idempotency_window * 1000), settings.idempotency_cache,
+                       [True] * len(batch))
+        verdicts: list[str | None] | list[StoreError]
+        try:
+            verdicts = await self.core.store.remember_sends(
+                [(item.user, item.sender_device, item.msg_id, item.body) for item in batch], ids)
+        except StoreError as exc:
+            log.warning("store unavailable: %d first_ack sends refused (%s)", len(batch), exc)
+            verdicts = [exc] * len(batch)
+        for item, verdict in zip(batch, verdicts, strict=True):
+            if isinstance(verdict, str):
+                self.stats["duplicates"] += 1
+            try:
+                item.then(verdict)
+            except Exception:  # one send's failure must not keep the rest of the commit from being answered
+                log.exception("answering a first_ack send after its id check failed")
 
     def _not_kept(self, batch: list[ToKeep], exc: StoreError) -> None:
         """The store refused a batch of inbox writes: nothing of it was kept, and each sender hears so
@@ -287,6 +320,14 @@ class Deliveries:
         if repeated is not None:
             self.stats["duplicates"] += 1
         return repeated
+
+    def remember_send(self, user: str, sender_device: str, msg_id: str | int, body: bytes,
+                      then: Callable[[str | StoreError | None], None]) -> None:
+        """Several nodes: a first_ack send (kept in no inbox, whose id ``enqueue`` would check) has its id
+        checked and remembered in the shared store at the next group commit; ``then`` gets the verdict (None:
+        new; ``"duplicate"``, ``"conflict"``) or the StoreError, in the flush, before ``flush()`` returns."""
+        self._to_remember.append(ToRemember(user, sender_device, msg_id, body, then))
+        self._schedule()
 
     def forget_id(self, sender_device: str, msg_id: str | int) -> None:
         """Take back ``first_time``'s record of an id whose message was not kept after all."""

@@ -8,9 +8,10 @@ inbox write is committed); registered offline targets get the message in their d
 (``inbox.Deliveries``). An ``ack`` settles the message: the sender gets ``delivered`` through the broker.
 
 Two variants keep more state per message. ``first_ack`` writes to every matching device and retracts the
-copies of the losers when one acks (``FirstAckGroup``). ``pick: "one"`` with ack is a work item: if its
-device does not ack in time, the redelivery sweep moves it to the next suitable device (``WorkItem``) and
-the sender gets ``moved``.
+copies of the losers when one acks (``FirstAckGroup``); on several nodes, when some of those devices are
+connected to other nodes, Redis decides which ack was first (``SharedFirstAck``). ``pick: "one"`` with ack
+is a work item: if its device does not ack in time, the redelivery sweep moves it to the next suitable
+device (``WorkItem``) and the sender gets ``moved``.
 
 ``publish`` is the same send for the operator's backend (the admin API): its sender is not a connection
 but a ``BackendSender`` whose device id is ``SERVER_SENDER``; receipts addressed to it after the call are
@@ -22,14 +23,17 @@ falls back to these handlers for anything else, and both give the same frames, r
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import time
+import weakref
 from typing import TYPE_CHECKING, Any
 
 from ._fastpath import routing as fast_routing
+from .broker import BrokerUnavailable
 from .clock import now_ms
 from .errors import STORE_RETRY_AFTER, ErrorCode, ProtocolError, ReceiptReason
-from .inbox import Deliveries
+from .inbox import STORE_RETRY_FIRST, STORE_RETRY_MAX, Deliveries
 from .outgoing import Outgoing
 from .protocol import (
     JSON,
@@ -42,14 +46,21 @@ from .protocol import (
     json_value_to_msgpack,
     parse_delivery_options,
     parse_selector,
+    receipt,
     selector_order,
 )
 from .router import selector_matches
-from .store.base import QueuedMessage
+from .store.base import QueuedMessage, StoreError
 
 if TYPE_CHECKING:
+    from collections.abc import Callable, Coroutine
+
+    from .config import Settings
     from .contracts import Conn, Core, Handler, LiveSession, Sender
     from .router import Router
+
+    # A connection's run_request: handles a request in the background, holding what the connection sends next.
+    RequestRunner = Callable[[dict[str, Any], Callable[[], Coroutine[Any, Any, None]]], None]
 
 _RESULT_ROUTED = fast_routing.RESULT_ROUTED
 _RESULT_NO_ROUTE = fast_routing.RESULT_NO_ROUTE
@@ -57,6 +68,13 @@ _RESULT_OFFLINE = fast_routing.RESULT_OFFLINE
 _RESULT_REJECTED = fast_routing.RESULT_REJECTED
 
 SERVER_SENDER = "server"  # the ``from`` of messages published by the backend (admin API)
+
+
+def first_ack_claim_ms(settings: Settings) -> int:
+    """How long the winner of a first_ack message with copies on several nodes is kept: as long as its id is
+    remembered, and at least as long as a copy can still be acked (every redelivery, then a resume)."""
+    writes = settings.ack_timeout * 1.2 * (2 ** min(settings.max_delivery_attempts, 32)) + settings.session_grace
+    return int(min(max(settings.idempotency_window, writes), 365 * 86400) * 1000)
 
 
 def answer_repeated(sender: Sender, msg_id: str | int, repeated: str) -> None:
@@ -78,16 +96,23 @@ class Messaging:
         self.backend = BackendReceipts(core, router)
         deliveries.receipt_takers.append(self.backend.take)
         self.ops: dict[str, Handler] = {"send": self.op_send, "ack": self.op_ack}
+        # This node's copies of first_ack messages with copies on other nodes, by (user, sender, msg id): kept
+        # while a session still tracks one of them.
+        self.shared_first_acks: weakref.WeakValueDictionary[tuple[str, str, str | int], SharedFirstAck] = \
+            weakref.WeakValueDictionary()
 
     # ---- send -------------------------------------------------------------------
 
     def op_send(self, conn: Conn, header: dict[str, Any]) -> None:
         is_text, raw = conn.frame_body()
-        self.send(conn, header, raw, is_text)
+        self.send(conn, header, raw, is_text, conn.run_request)
 
-    def send(self, sender: Sender, header: dict[str, Any], raw_body: bytes | None, is_text: bool) -> None:
+    def send(self, sender: Sender, header: dict[str, Any], raw_body: bytes | None, is_text: bool,
+             hold: RequestRunner | None = None) -> None:
         """Route one ``send`` envelope from ``sender`` (``raw_body``: the msgpack body bytes, None for
-        JSON, whose body is in ``header``). Raises ProtocolError for what the sender gets as an ``error``."""
+        JSON, whose body is in ``header``). Raises ProtocolError for what the sender gets as an ``error``.
+        ``hold``: a connection's ``run_request``, for a send answered only after the store was asked (what
+        the connection sends next waits for it, so its answers and messages keep their order)."""
         started = time.perf_counter_ns()
         router = self.router
         stats = router.stats
@@ -133,6 +158,9 @@ class Messaging:
                 stats.record_route(_RESULT_REJECTED, time.perf_counter_ns() - started)
                 answer_repeated(sender, msg_id, repeated)
                 return
+            if first_ack and router.broker.spans_nodes:
+                self._check_first_ack(sender, header, outgoing, selector, started, hold)
+                return
             # Several nodes: a node may die holding what it routed, so the online targets' copies are kept
             # in the shared inbox first too (not first_ack and pick one, whose state is this node's).
             if targets and (durable or (router.broker.spans_nodes and not (first_ack or selector.pick_one))):
@@ -145,6 +173,66 @@ class Messaging:
                 self._enqueue(user, device, outgoing, offline, ttl, priority, "accepted" if durable else "queued",
                               failures)
             offline = offline + online
+        self._write(sender, outgoing, selector, order, first_ack, targets, failures, offline, [], started)
+
+    def _check_first_ack(self, sender: Sender, header: dict[str, Any], outgoing: Outgoing, selector: Selector,
+                         started: int, hold: RequestRunner | None) -> None:
+        """Several nodes: a first_ack send is kept in no inbox, whose write would check its id in the shared
+        store, so its id is checked there first (``Deliveries.remember_send``): a repeat sent through another
+        node is answered as one, and no copy is written. The targets are resolved once the store answered."""
+        user, device, msg_id = sender.user, sender.device, outgoing.msg_id
+        assert user is not None and device is not None
+        try:
+            body = outgoing.body_raw if outgoing.body_raw is not None else json_value_to_msgpack(outgoing.body_json)
+        except ProtocolError:
+            body = json_dumps(outgoing.body_json)  # no msgpack form: its JSON text tells repeats apart as well
+
+        def checked(verdict: str | StoreError | None) -> None:
+            if verdict is not None:
+                self.router.stats.record_route(_RESULT_REJECTED, time.perf_counter_ns() - started)
+            if isinstance(verdict, StoreError):
+                self.deliveries.forget_id(device, msg_id)  # nothing was sent: sending it again is no repeat
+                sender.send_error(ErrorCode.UNAVAILABLE, "the store cannot be reached; nothing was sent", msg_id,
+                                  retry_after=STORE_RETRY_AFTER)
+            elif verdict is not None:
+                answer_repeated(sender, msg_id, verdict)
+            else:
+                router = self.router
+                targets, failures, offline = router.resolve(user, device, selector, True)
+                # Devices connected to other nodes get their copies from there.
+                elsewhere = [record.id for record in offline if router.broker.holder(user, record.id) is not None]
+                try:
+                    self._write(sender, outgoing, selector, "", True, targets, failures, [], elsewhere, started)
+                except ProtocolError as exc:
+                    sender.send_error(exc.code, exc.message, msg_id)
+
+        if hold is None:  # the backend's sender: the admin API waits for the flush that answers it
+            self.deliveries.remember_send(user, device, msg_id, body, checked)
+            return
+        answered = asyncio.get_running_loop().create_future()
+
+        def checked_then_release(verdict: str | StoreError | None) -> None:
+            try:
+                checked(verdict)
+            finally:
+                answered.set_result(None)
+
+        async def until_answered() -> None:
+            await answered
+
+        self.deliveries.remember_send(user, device, msg_id, body, checked_then_release)
+        hold(header, until_answered)
+
+    def _write(self, sender: Sender, outgoing: Outgoing, selector: Selector, order: str, first_ack: bool,
+               targets: list[LiveSession], failures: list[tuple[str | None, ReceiptReason]], offline: list[Any],
+               elsewhere: list[str], started: int) -> None:
+        """Write a send's message to its online ``targets`` here (and, ``elsewhere``, first_ack copies to other
+        nodes' devices), then answer the sender: receipts with ack, else an error if nothing was reached.
+        ``offline``: the devices whose inbox keeps it."""
+        router = self.router
+        stats = router.stats
+        user, device, msg_id, ack = sender.user, sender.device, outgoing.msg_id, outgoing.ack
+        assert user is not None and device is not None
         delivered: list[str] = []
         written: list[tuple[LiveSession, int]] = []
         for target in targets:
@@ -159,6 +247,14 @@ class Messaging:
                 written.append((target, target.next_seq - 1))
         if not ack and self.router.broker.spans_nodes and not (selector.pick_one and delivered):
             delivered += self._send_elsewhere(user, device, selector, outgoing, failures)
+        if elsewhere:
+            copied = self._first_ack_elsewhere(user, outgoing, elsewhere, failures)
+            delivered += copied
+            if copied and written:
+                shared = self._shared_first_ack(user, device, msg_id)
+                for target, seq in written:
+                    shared.add(target, seq)
+                written = []
         if ack and written:
             if first_ack and len(written) > 1:
                 group = FirstAckGroup(self, user, device, msg_id, written)
@@ -217,9 +313,39 @@ class Messaging:
         failures[:] = [(name, reason) for name, reason in failures if name not in sent and name is not None]
         return sent
 
+    def _first_ack_elsewhere(self, user: str, outgoing: Outgoing, devices: list[str],
+                             failures: list[tuple[str | None, ReceiptReason]]) -> list[str]:
+        """The copies of a first_ack message for devices connected to other nodes: sent to their nodes, which
+        write and track them (``deliver_from_elsewhere``). Returns the devices sent to."""
+        try:
+            body = outgoing.body_raw if outgoing.body_raw is not None else json_value_to_msgpack(outgoing.body_json)
+        except ProtocolError:
+            failures.extend((name, ReceiptReason.UNCONVERTIBLE) for name in devices)
+            return []
+        message = {"id": outgoing.msg_id, "from": outgoing.sender, "type": outgoing.app_type, "body": body,
+                   "ts": outgoing.ts, "first_ack": True}
+        return [name for name in devices if self.router.broker.message_to_device(user, name, message)]
+
+    def _shared_first_ack(self, user: str, sender: str, msg_id: str | int) -> SharedFirstAck:
+        key = (user, sender, msg_id)
+        group = self.shared_first_acks.get(key)
+        if group is None:
+            group = self.shared_first_acks[key] = SharedFirstAck(self, key)
+        return group
+
+    def on_first_ack_settled(self, payload: list[Any]) -> None:
+        """Another node's ack won a first_ack message (``Broker.claim_first_ack``): this node's copies go."""
+        user, sender, msg_id, winner = payload
+        group = self.shared_first_acks.get((user, sender, msg_id))
+        if group is not None:
+            group.settle(winner)
+
     def deliver_from_elsewhere(self, user: str, device: str, message: dict[str, Any]) -> bool:
-        """A live message another node sent for a device connected here (``Broker.message_to_device``)."""
+        """A live message another node sent for a device connected here (``Broker.message_to_device``);
+        a first_ack copy is written with ``ack`` and tracked here until the message is settled."""
         session = self.router.online(user, device)
+        if message.get("first_ack"):
+            return self._first_ack_copy(session, user, device, message)
         if session is None:
             return False
         outgoing = Outgoing(message["id"], message["from"], message["type"], False, message["body"], None, False,
@@ -228,6 +354,25 @@ class Messaging:
             session.deliver(outgoing, user)
         except ProtocolError:  # its body has no form in this device's encoding: a live message is not kept
             return False
+        return True
+
+    def _first_ack_copy(self, session: LiveSession | None, user: str, device: str, message: dict[str, Any]) -> bool:
+        """A first_ack copy from the sender's node for ``device``. Its sender counts on a final receipt for it
+        (the device is in its ``routed``): a device that left meanwhile, or whose encoding cannot carry the
+        body, is answered ``failed`` from here."""
+        sender = message["from"]
+        if session is None:
+            self.deliveries.send_receipt(user, sender, receipt(message["id"], "failed", device,
+                                                               ReceiptReason.OFFLINE.value))
+            return False
+        outgoing = Outgoing(message["id"], sender, message["type"], True, message["body"], None, False, message["ts"])
+        try:
+            session.deliver(outgoing, user)
+        except ProtocolError:
+            self.deliveries.send_receipt(user, sender, receipt(message["id"], "failed", device,
+                                                               ReceiptReason.UNCONVERTIBLE.value))
+            return False
+        self._shared_first_ack(user, sender, message["id"]).add(session, session.next_seq - 1)
         return True
 
     def _enqueue(self, user: str, device: str, outgoing: Outgoing, devices: list[Any], ttl: float, priority: int,
@@ -262,6 +407,9 @@ class Messaging:
         for seq in seqs:
             pending = session.pending.pop(seq, None)
             if pending is not None:
+                if session.work and isinstance(session.work.get(seq), SharedFirstAck):
+                    session.work.pop(seq).claim(session, seq)  # its receipt follows the claim
+                    continue
                 self.deliveries.send_receipt(pending[0], pending[1], {
                     "op": "receipt", "id": pending[2], "status": "delivered", "device": session.device,
                 })
@@ -449,3 +597,93 @@ class WorkItem:
             messaging.core.events["work_moved"] += 1
             return True
         return False
+
+
+class SharedFirstAck:
+    """This node's copies of a first_ack message whose copies are spread over several nodes (each node that
+    holds some has one of these). Which ack was first is decided in Redis (``Broker.claim_first_ack``), by
+    the node where the ack arrived: if it won, it sends ``delivered`` and every other node hears the winner
+    and takes back its copies (``retract``, and ``retracted`` for the sender); if it lost, the copy that was
+    acked is retracted as well (the device may have processed it, but another one was first).
+
+    A copy is settled exactly once, by whoever takes its entry out of ``session.pending``: the ack (then the
+    claim answers for it) or the withdrawal. A winner heard before an ack arrives makes that ack a late one,
+    ignored as on one node. If the notice of a winner does not arrive (a broken subscription), a copy still
+    waiting for its ack learns the winner when it is due to be written again (``overdue``)."""
+
+    __slots__ = ("__weakref__", "copies", "key", "messaging", "winner")
+
+    def __init__(self, messaging: Messaging, key: tuple[str, str, str | int]):
+        self.messaging = messaging
+        self.key = key  # (user, sender device, msg id)
+        self.copies: list[tuple[LiveSession, int]] = []
+        self.winner: str | None = None
+
+    def add(self, session: LiveSession, seq: int) -> None:
+        self.copies.append((session, seq))
+        session.track(seq, self)
+
+    def claim(self, session: LiveSession, seq: int) -> None:
+        """``session``'s device acked its copy (``seq``): was it the first, anywhere?"""
+        self.messaging.core.spawn(self._claim(session, seq))
+
+    async def _claim(self, session: LiveSession, seq: int) -> None:
+        messaging = self.messaging
+        user, sender, msg_id = self.key
+        device = session.device
+        assert device is not None
+        keep_ms = first_ack_claim_ms(messaging.core.settings)
+        delay = STORE_RETRY_FIRST
+        while True:
+            # Redis unreachable: the ack waits here, as an ack waits in memory for the store, and is decided
+            # when Redis answers again (lost if this node dies meanwhile: operations.md "Several nodes").
+            try:
+                winner = await messaging.router.broker.claim_first_ack(user, sender, msg_id, device, keep_ms)
+                break
+            except BrokerUnavailable:
+                await asyncio.sleep(delay)  # backoff between attempts, not synchronisation
+                delay = min(delay * 2, STORE_RETRY_MAX)
+        if winner == device:
+            if self.winner != device:  # (not if another copy of this device's won already)
+                messaging.deliveries.send_receipt(user, sender, {
+                    "op": "receipt", "id": msg_id, "status": "delivered", "device": device})
+        else:
+            if session.state_is_open():
+                session.send_control({"op": "retract", "seq": seq, "id": msg_id, "from": sender})
+            messaging.deliveries.send_receipt(user, sender, {
+                "op": "receipt", "id": msg_id, "status": "retracted", "device": device})
+        self.settle(winner or device)
+
+    def settle(self, winner: str) -> None:
+        """``winner``'s ack was first: the copies still waiting here for an ack are taken back."""
+        if self.winner is not None:
+            return
+        self.winner = winner
+        user, sender, msg_id = self.key
+        copies, self.copies = self.copies, []
+        for session, seq in copies:
+            if not session.state_is_open():
+                continue  # as on one node: a copy whose connection ended goes on like any unacked message
+            # (A second copy of the winner's own, if it has one, goes too, with no receipt: its sender has one.)
+            if session.withdraw(seq, msg_id, sender) is not None and session.device != winner:
+                self.messaging.deliveries.send_receipt(user, sender, {
+                    "op": "receipt", "id": msg_id, "status": "retracted", "device": session.device})
+
+    def acked(self, session: LiveSession) -> None:
+        """Not called: an ack of a copy is a claim (``Messaging.op_ack``)."""
+
+    def overdue(self, session: LiveSession, seq: int) -> bool:
+        """Written again like any unacked copy; meanwhile Redis is asked whether another device won."""
+        if self.winner is None:
+            self.messaging.core.spawn(self._look())
+        return False
+
+    async def _look(self) -> None:
+        user, sender, msg_id = self.key
+        try:
+            winner = await self.messaging.router.broker.claim_first_ack(
+                user, sender, msg_id, None, first_ack_claim_ms(self.messaging.core.settings))
+        except BrokerUnavailable:
+            return  # asked again when the copy is next due
+        if winner is not None:
+            self.settle(winner)

@@ -24,7 +24,7 @@ from . import __version__
 from ._fastpath import IMPLEMENTATION, listener_impl
 from .admin_api import admin_handler
 from .auth import TokenAuthority, load_or_create_secret
-from .broker import open_broker
+from .broker import FIRST_ACK_SETTLED, open_broker
 from .config import ConfigError, Settings
 from .contracts import Handler
 from .devices import Devices
@@ -162,6 +162,7 @@ class Node:
         hub.on_event[INBOX_DOORBELL] = hub.deliveries.ring
         hub.on_event[PAIRING_REQUESTS] = self.pairing.on_event
         hub.deliver_remote_message = self.messaging.deliver_from_elsewhere
+        hub.on_event[FIRST_ACK_SETTLED] = self.messaging.on_first_ack_settled
         hub.on_event[RPC_RESULTS] = self.rpc.on_result_from_elsewhere
         self.registry = build_registry(hub, lambda: len(self.pairing.requests))
         self._ws_server: asyncio.Server | None = None

@@ -1,9 +1,9 @@
 """The broker seam (``base.Broker``) and its engines: ``memory`` (one process), ``redis`` (several nodes)."""
 
-from .base import Broker
+from .base import FIRST_ACK_SETTLED, Broker, BrokerUnavailable
 from .memory import MemoryBroker
 
-__all__ = ["Broker", "MemoryBroker", "open_broker"]
+__all__ = ["FIRST_ACK_SETTLED", "Broker", "BrokerUnavailable", "MemoryBroker", "open_broker"]
 
 
 def open_broker(url: str = "memory", node_id: str | None = None) -> Broker:

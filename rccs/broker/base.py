@@ -14,9 +14,16 @@ promises per publisher, at a latency; ``tests/broker/test_contract.py`` states t
 from __future__ import annotations
 
 import abc
+import time
 from typing import Any
 
 from ..contracts import BrokerNode
+
+FIRST_ACK_SETTLED = "first_ack.settled"  # event: [user, sender device, msg id, winning device]
+
+
+class BrokerUnavailable(Exception):
+    """The engine could not be reached for a call that needs its answer (a first_ack claim)."""
 
 
 class Broker(abc.ABC):
@@ -26,6 +33,8 @@ class Broker(abc.ABC):
 
     def __init__(self) -> None:
         self._nodes: list[BrokerNode] = []  # the attached nodes of this process, in attach order
+        # One process: (user, sender, msg id) -> (winning device, monotonic expiry) of first_ack claims.
+        self._first_ack_claims: dict[tuple[str, str, str | int], tuple[str, float]] = {}
 
     @property
     def available(self) -> bool:
@@ -97,3 +106,26 @@ class Broker(abc.ABC):
     @abc.abstractmethod
     def publish(self, channel: str, payload: Any) -> None:
         """A feature's event for every node (``BrokerNode.deliver_event``), in publishing order."""
+
+    async def claim_first_ack(self, user: str, sender: str, msg_id: str | int, device: str | None,
+                              keep_ms: int) -> str | None:
+        """The arbiter of a ``first_ack`` message whose copies are on several nodes: atomically, the first
+        device to claim (user, sender, msg_id) wins and stays the winner for ``keep_ms``. Returns the winner:
+        ``device`` if this claim won, another device if one won before, None if ``device`` is None (only a
+        look) and nobody has won yet. A claim that wins makes every other node hear ``FIRST_ACK_SETTLED``
+        (``BrokerNode.deliver_event``) with [user, sender, msg_id, device]; the caller settles its own node.
+        Raises BrokerUnavailable while the engine cannot be reached: nothing was claimed then, or the claim
+        that was taken is found by the next call (a claim by the same device is answered with it).
+
+        This one-process version keeps the claims in memory (there is no other node to tell)."""
+        key = (user, sender, msg_id)
+        now = time.monotonic()
+        held = self._first_ack_claims.get(key)
+        if held is not None and held[1] > now:
+            return held[0]
+        if device is None:
+            return None
+        for stale in [k for k, (_, expiry) in self._first_ack_claims.items() if expiry <= now]:
+            del self._first_ack_claims[stale]
+        self._first_ack_claims[key] = (device, now + keep_ms / 1000)
+        return device

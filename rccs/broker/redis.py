@@ -22,6 +22,11 @@ each subscriber in that order; what the attached local nodes hold gets it at onc
 ``flush`` sends what is queued and waits until a barrier published on this node's own channel comes back,
 so everything another node published to this one before the call has been processed.
 
+A ``first_ack`` message with copies on several nodes is decided here too (``claim_first_ack``): the key
+``rccs:{user}:first-ack:<sender> NUL <id>`` names the device whose ack came first; the script that sets it
+also publishes the winner on the control channel, so a node cannot win without the others being told (a
+lost notice is made up for by the losers' own look-ups). It expires after the time the caller gives.
+
 After the Pub/Sub connection breaks, the reader reconnects with backoff, subscribes again, reloads the
 directory (a lost announcement costs at most that) and has the nodes look in the store for what their
 devices may have missed (``BrokerNode.resubscribed``): a lost doorbell costs latency, never a message.
@@ -39,9 +44,10 @@ from typing import Any
 
 import msgpack
 import redis.asyncio as aioredis
+from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
 
-from .base import Broker
+from .base import FIRST_ACK_SETTLED, Broker, BrokerUnavailable
 
 log = logging.getLogger("rccs.broker")
 
@@ -72,6 +78,19 @@ end
 return 0
 """
 
+# The arbiter of a first_ack message with copies on several nodes: the first claim sets the winner (kept for
+# ARGV[2] ms) and, in the same step, every node hears it; a later claim, or a look (ARGV[1] empty), gets the
+# winner as it is. One script, so two acks on two nodes cannot both win.
+_CLAIM_FIRST_ACK = """
+local winner = redis.call('GET', KEYS[1])
+if winner or ARGV[1] == '' then
+    return winner
+end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+redis.call('PUBLISH', KEYS[2], ARGV[3])
+return ARGV[1]
+"""
+
 
 def _report_crash(task: asyncio.Task[None]) -> None:
     if not task.cancelled() and task.exception() is not None:
@@ -84,6 +103,12 @@ def _text(value: bytes | str) -> str:
 
 def _where_key(user: str, device: str) -> str:
     return f"{user}\x00{device}"
+
+
+def _first_ack_key(user: str, sender: str, msg_id: str | int) -> str:
+    # {user} as the hash tag, as for the store's per-user keys; the id's type is part of it ("7" is not 7).
+    kind = "i" if isinstance(msg_id, int) else "s"
+    return f"rccs:{{{user}}}:first-ack:{sender}\x00{kind}{msg_id}"
 
 
 async def live_nodes(url: str) -> list[str]:
@@ -108,6 +133,7 @@ class RedisBroker(Broker):
         self.node_id = node_id or f"node-{secrets.token_hex(4)}"
         self.channel = f"rccs:node:{self.node_id}"
         self._client: aioredis.Redis | None = None
+        self._claim_script: AsyncScript | None = None
         # What to send, in order: ("publish", channel, data, the "dev" message or None), a device taken
         # ("take", field, node, [user, device]) or a directory entry to remove ("forget", field, node, None).
         self._outbox: list[tuple[str, str, bytes | str, list[Any] | None]] = []
@@ -268,6 +294,22 @@ class RedisBroker(Broker):
         for node in list(self._nodes):
             node.deliver_event(channel, payload)
         self._queue(CONTROL, ["event", self.node_id, channel, payload])
+
+    async def claim_first_ack(self, user: str, sender: str, msg_id: str | int, device: str | None,
+                              keep_ms: int) -> str | None:
+        """In Redis (``_CLAIM_FIRST_ACK``): the other nodes hear a winning claim on the control channel, in the
+        same step as it is taken, so no node can hold the claim without the others being told."""
+        assert self._client is not None
+        notice = msgpack.packb(["event", self.node_id, FIRST_ACK_SETTLED, [user, sender, msg_id, device]],
+                               use_bin_type=True)
+        if self._claim_script is None:
+            self._claim_script = self._client.register_script(_CLAIM_FIRST_ACK)
+        try:
+            winner = await self._claim_script(keys=[_first_ack_key(user, sender, msg_id), CONTROL],
+                                              args=[device or "", keep_ms, notice])
+        except (RedisError, OSError) as exc:
+            raise BrokerUnavailable(str(exc)) from exc
+        return None if winner is None else _text(winner)
 
     # ---- the writer: one connection, in order -----------------------------------------
 

@@ -464,6 +464,16 @@ class Store(abc.ABC):
 
     # ---- idempotency keys --------------------------------------------
 
+    async def remember_sends(self, sends: Sequence[tuple[str, str, str | int, bytes]],
+                             ids: IdMemory) -> list[str | None]:
+        """For sends that keep nothing in an inbox (``first_ack``): check and remember each (user, sender
+        device, message id, msgpack body) as ``enqueue`` does with ``ids``, in one atomic step. Returns a
+        verdict per send: None (new, remembered now), ``"duplicate"`` (the same body within the window) or
+        ``"conflict"`` (another body). A store that is not ``shared_by_nodes`` has no other node to
+        remember them for (the node's own memory catches repeats): every send is new."""
+        return [None] * len(sends)
+
+
     @abc.abstractmethod
     async def save_message_ids(self, entries: Sequence[tuple[str, str | int, int, int]]) -> None:
         """Replace the remembered message ids: (sender device, message id, time ms, body digest). A store

@@ -90,7 +90,9 @@ key                                    type         contents; who deletes it
                                                     expired ones deleted by ``load_message_ids``
 ``P {user}:ids:<device>``              hash         id key ("i<int>"/"s<str>") -> body digest: the device's
                                                     recent new sends kept in inboxes (``enqueue`` with
-                                                    ``IdMemory``); trimmed by it to the window and the cap
+                                                    ``IdMemory``) and its first_ack sends
+                                                    (``remember_sends``); trimmed by both to the window and
+                                                    the cap
 ``P {user}:id-times:<device>``         zset         id key -> when it was taken; as above
 ``P {user}:docs``                      hash         state document name -> size (0: deleted tombstone);
                                                     ``remove_user``
@@ -262,6 +264,27 @@ local function unqueue(id)
     redis.call('DECRBY', P .. 'inbox-bytes:' .. f[1], f[2])
   end
   redis.call('ZREM', P .. 'expiring', id)
+end
+-- A sender's new send: 0 (its id is remembered now), -1 (a repeat with the same body within the window), -2
+-- (with another body). At most `keep` ids per sender are kept; older than the window go.
+local function check_send(user, sender, idkey, digest, now, window, keep)
+  local hashes, times = ukey(user, 'ids:' .. sender), ukey(user, 'id-times:' .. sender)
+  local at = redis.call('ZSCORE', times, idkey)
+  if at and tonumber(at) + window > now then
+    if redis.call('HGET', hashes, idkey) == digest then return -1 else return -2 end
+  end
+  redis.call('HSET', hashes, idkey, digest)
+  redis.call('ZADD', times, now, idkey)
+  local old = redis.call('ZRANGEBYSCORE', times, '-inf', '(' .. num(now - window), 'LIMIT', 0, 100)
+  local over = redis.call('ZCARD', times) - #old - keep
+  if over > 0 then
+    for _, gone in ipairs(redis.call('ZRANGE', times, #old, #old + over - 1)) do table.insert(old, gone) end
+  end
+  if #old > 0 then
+    redis.call('ZREM', times, unpack(old))
+    redis.call('HDEL', hashes, unpack(old))
+  end
+  return 0
 end
 """.replace("CHANGE_FEED_KEEP", str(CHANGE_FEED_KEEP))
 
@@ -485,6 +508,17 @@ end
 return #codes
 """
 
+# ARGV: now, idempotency window (ms), ids kept per sender, then per send: user, sender device, id key, body
+# digest. Returns a verdict per send (check_send): for sends kept nowhere (first_ack), ids as enqueue keeps them.
+SCRIPTS["remember_sends"] = """
+local now, window, keep = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+local verdicts = {}
+for i = 5, #ARGV, 4 do
+  table.insert(verdicts, check_send(ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], now, window, keep))
+end
+return verdicts
+"""
+
 # ARGV: max_count, max_bytes, '1' to reject (else drop oldest), now, idempotency window (ms; 0: no id
 # check), ids kept per sender, then per message: device, user, priority, size, expires_at ('' for none),
 # attempts, blob, sender device, id key ('' for none: not checked), body digest.
@@ -506,24 +540,7 @@ for i = 8, #ARGV, 10 do
     local send = sender .. '\0' .. idkey
     verdict = verdicts[send]
     if verdict == nil then
-      local hashes, times = ukey(user, 'ids:' .. sender), ukey(user, 'id-times:' .. sender)
-      local at = redis.call('ZSCORE', times, idkey)
-      if at and tonumber(at) + window > now then
-        if redis.call('HGET', hashes, idkey) == digest then verdict = -1 else verdict = -2 end
-      else
-        verdict = 0
-        redis.call('HSET', hashes, idkey, digest)
-        redis.call('ZADD', times, now, idkey)
-        local old = redis.call('ZRANGEBYSCORE', times, '-inf', '(' .. num(now - window), 'LIMIT', 0, 100)
-        local over = redis.call('ZCARD', times) - #old - keep
-        if over > 0 then
-          for _, gone in ipairs(redis.call('ZRANGE', times, #old, #old + over - 1)) do table.insert(old, gone) end
-        end
-        if #old > 0 then
-          redis.call('ZREM', times, unpack(old))
-          redis.call('HDEL', hashes, unpack(old))
-        end
-      end
+      verdict = check_send(user, sender, idkey, digest, now, window, keep)
       verdicts[send] = verdict
     end
   end
@@ -1275,6 +1292,17 @@ class RedisStore(Store):
                 outcome.rejected.append(copied)
         outcome.dropped = [_queued_record(reply) for reply in dropped]
         return outcome
+
+    async def remember_sends(self, sends: Sequence[tuple[str, str, str | int, bytes]],
+                             ids: IdMemory) -> list[str | None]:
+        if not sends:
+            return []
+        arguments: list[Any] = []
+        for user, sender, msg_id, body in sends:
+            arguments += [user, sender, _id_key(msg_id), hashlib.blake2b(bytes(body), digest_size=12).hexdigest()]
+        verdicts = await self._run("remember_sends", ids.now, ids.window_ms, ids.per_sender, *arguments)
+        named = {0: None, ID_REPEATED: "duplicate", ID_CONFLICTING: "conflict"}
+        return [named[int(verdict)] for verdict in verdicts]
 
     async def inbox(self, device_id: str, now: int, limit: int = 1000) -> list[QueuedMessage]:
         if limit <= 0:

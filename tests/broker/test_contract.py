@@ -7,6 +7,8 @@ holding some devices as a node holds connections. ``settle`` is the barrier: eac
 turn, so that everything published before has been processed by every node.
 """
 
+import asyncio
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -159,6 +161,29 @@ async def test_attaching_twice_delivers_once(cluster: Cluster):
     assert broker.to_user("alice", {"op": "presence"}) == 1
     await settle([broker])
     assert len(a.seen) == 1
+
+
+async def test_the_first_claim_of_a_first_ack_message_wins_on_every_node(cluster: Cluster):
+    brokers = await cluster(2)
+    assert await brokers[1].claim_first_ack("alice", "phone", "m-1", None, 60_000) is None  # a look: nobody yet
+    assert await brokers[0].claim_first_ack("alice", "phone", "m-1", "laptop", 60_000) == "laptop"
+    assert await brokers[1].claim_first_ack("alice", "phone", "m-1", "tablet", 60_000) == "laptop"  # too late
+    assert await brokers[1].claim_first_ack("alice", "phone", "m-1", None, 60_000) == "laptop"
+    assert await brokers[0].claim_first_ack("alice", "phone", "m-1", "laptop", 60_000) == "laptop"  # asked again
+    # Another message: another sender, another id, an id of another type.
+    assert await brokers[1].claim_first_ack("alice", "desk", "m-1", "tablet", 60_000) == "tablet"
+    assert await brokers[1].claim_first_ack("alice", "phone", "m-2", "tablet", 60_000) == "tablet"
+    assert await brokers[1].claim_first_ack("alice", "phone", 7, "tablet", 60_000) == "tablet"
+    assert await brokers[0].claim_first_ack("alice", "phone", "7", "laptop", 60_000) == "laptop"
+
+
+async def test_a_first_ack_claim_is_forgotten_after_its_time(cluster: Cluster):
+    brokers = await cluster(2)
+    assert await brokers[0].claim_first_ack("alice", "phone", "m-1", "laptop", 1) == "laptop"
+    deadline = time.monotonic() + 5
+    while await brokers[1].claim_first_ack("alice", "phone", "m-1", None, 1) is not None:
+        assert time.monotonic() < deadline, "the claim was kept past its time"
+        await asyncio.sleep(0.01)  # polling the claim's expiry: the interval between looks, not synchronisation
 
 
 def test_open_broker_names_the_engines_it_has():

@@ -5,6 +5,7 @@ import time
 import pytest
 import redis.asyncio as aioredis
 
+from rccs.broker import FIRST_ACK_SETTLED
 from rccs.broker.redis import NODE_TTL, NODES, WHERE, RedisBroker
 from rccs.testing import RedisServer
 
@@ -175,3 +176,16 @@ async def test_a_device_taken_on_two_nodes_at_once_is_held_by_exactly_one(broker
         assert len(closed) == 1, (key, here.seen, there.seen)  # the older connection closes, never both
         winner = "node-b" if closed == ["node-a"] else "node-a"
         assert a.where[key] == b.where[key] == winner
+
+
+async def test_the_other_nodes_hear_a_winning_first_ack_claim_once(brokers):
+    a, b = await brokers("node-a"), await brokers("node-b")
+    here, there = RecordingNode(), RecordingNode()
+    a.attach(here)
+    b.attach(there)
+    assert await a.claim_first_ack("alice", "phone", 17, "laptop", 60_000) == "laptop"
+    assert await b.claim_first_ack("alice", "phone", 17, "tablet", 60_000) == "laptop"  # lost: no notice
+    await settle(a, b)
+    # The claimer's node settles its own copies; the id keeps its type on the way.
+    assert here.seen == []
+    assert there.seen == [("event", FIRST_ACK_SETTLED, ["alice", "phone", 17, "laptop"])]

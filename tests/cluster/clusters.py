@@ -68,15 +68,16 @@ class Cluster:
 
 
 @contextlib.asynccontextmanager
-async def running_cluster(directory, **settings: str):
-    """A redis-server and NODES node processes with ``settings`` (RCCS_... environment variables)."""
+async def running_cluster(directory, devices: tuple[str, ...] = DEVICES, **settings: str):
+    """A redis-server and NODES node processes with ``settings`` (RCCS_... environment variables); alice's
+    ``devices`` are registered before they start."""
     redis_server = RedisServer(directory / "redis")
     url = await redis_server.start()
     # The devices are registered before the nodes start, as `rccs token issue --store` does, so that every
     # node's registry knows them from its first moment.
     store = open_store(url, "")
     await store.open()
-    for device in DEVICES:
+    for device in devices:
         await admin.ensure_device_for_token(store, "alice", device, 1)
     tokens = TokenAuthority(await store.token_secret())
     await store.close()

@@ -8,8 +8,8 @@ made on one node closing the socket on another; the CLI acting on the cluster's 
 connects to a second node ending its older connection on the first; a killed node's devices going offline;
 a node started later knowing who is online elsewhere; pairing across three nodes; live/ documents read on
 every node and removed with their writer's node; pick-one fail-over to another node; task leases claimed
-from two nodes at once; the admin API publishing across nodes. Not yet (issue 13): handoffs and first_ack
-between nodes.
+from two nodes at once; the admin API publishing across nodes. first_ack across nodes is in
+test_first_ack_across_nodes.py. Not yet (issue 13): handoffs between nodes.
 """
 
 import asyncio

@@ -287,6 +287,22 @@ async def test_a_new_sends_id_is_remembered_across_stores_and_a_repeat_is_not_ke
     assert len(await node_a.inbox("laptop", NOW)) == 4
 
 
+async def test_a_first_ack_sends_id_is_remembered_with_the_others_across_stores(node_a, node_b):
+    # A first_ack send is kept in no inbox: remember_sends checks its id as enqueue checks the others', in the
+    # same memory, so a repeat through another node is caught whichever kind of send came first.
+    assert await node_a.remember_sends([("alice", "phone", "fa", b"body"), ("alice", "phone", 7, b"body")],
+                                       remembering(2)) == [None, None]
+    assert await node_b.remember_sends([("alice", "phone", "fa", b"body"), ("alice", "phone", "fa", b"other"),
+                                        ("alice", "phone", "7", b"body"), ("alice", "desk", "fa", b"body")],
+                                       remembering(4, NOW + 1)) == ["duplicate", "conflict", None, None]
+    repeat = await node_b.enqueue([message("fa")], 100, 1 << 20, OVERFLOW_REJECT, remembering(1, NOW + 2))
+    assert [m.msg_id for m in repeat.repeated] == ["fa"]
+    await node_a.enqueue([message("queued-first")], 100, 1 << 20, OVERFLOW_REJECT, remembering(1, NOW + 3))
+    assert await node_b.remember_sends([("alice", "phone", "queued-first", b"body")],
+                                       remembering(1, NOW + 4)) == ["duplicate"]
+    assert await node_b.remember_sends([("alice", "phone", "fa", b"body")], remembering(1, NOW + HOUR)) == [None]
+
+
 async def test_remembered_ids_end_with_their_window_and_beyond_the_cap(node_a):
     await node_a.enqueue([message("old")], 100, 1 << 20, OVERFLOW_REJECT, remembering(1))
     later = await node_a.enqueue([message("old")], 100, 1 << 20, OVERFLOW_REJECT, remembering(1, NOW + HOUR))
