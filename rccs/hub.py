@@ -438,7 +438,7 @@ class Hub:
 
     def undeliverable(self, user: str, device: str, envelope: dict[str, Any]) -> None:
         if envelope.get("op") == "receipt":
-            self.deliveries.keep_receipt(device, envelope)
+            self.deliveries.keep_receipt(user, device, envelope)
         else:
             self.events["broker_undeliverable"] += 1  # a notice for a connection that is gone
 

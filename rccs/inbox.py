@@ -91,7 +91,10 @@ class Deliveries:
         # doorbells that rang meanwhile asked for (RING_* bits; 0: nothing: the look ends).
         self._looking: dict[LiveSession, int] = {}
         self._to_count: list[int] = []
-        self._receipts: list[tuple[str, dict[str, Any]]] = []
+        self._receipts: list[tuple[str, dict[str, Any]]] = []  # (sender device, receipt) to keep in the store
+        # Their senders' users: the doorbell after the write names them, also for a device this node's registry
+        # has not heard of yet (it connected to another node a moment ago).
+        self._receipt_users: dict[str, str] = {}
         # Write requests (the four lists above) are numbered; ``flush()`` waits until a write round has taken
         # every request made before it. One round at a time, each taking everything pending: under load a
         # caller waits for at most the round under way and the next, not for one round per earlier caller.
@@ -174,7 +177,7 @@ class Deliveries:
         if not isinstance(counted, StoreError):
             count = []
         if not isinstance(kept, StoreError):
-            self._ring_for_receipts(receipts)
+            self._ring_for_receipts([device for device, _ in receipts])
             receipts = []
         failure = next((o for o in (removed, counted, kept) if isinstance(o, StoreError)), None)
         if failure is None:
@@ -301,12 +304,13 @@ class Deliveries:
                 return
         elif self.router.send_to_device(user, device, envelope):
             return
-        self.keep_receipt(device, envelope)
+        self.keep_receipt(user, device, envelope)
 
-    def keep_receipt(self, device: str, envelope: dict[str, Any]) -> None:
-        """A receipt whose sender has no connection: kept in the store until the device connects."""
+    def keep_receipt(self, user: str, device: str, envelope: dict[str, Any]) -> None:
+        """A receipt whose sender has no connection here: kept in the store until the device connects."""
         self.stats["receipts_kept"] += 1  # counted: not delivered at once (kept in the store)
         self._receipts.append((device, envelope))
+        self._receipt_users[device] = user
         self._schedule()
 
     # ---- idempotency -----------------------------------------------------
@@ -452,15 +456,13 @@ class Deliveries:
         finally:
             self._looking.pop(session, None)
 
-    def _ring_for_receipts(self, kept: list[tuple[str, dict[str, Any]]]) -> None:
+    def _ring_for_receipts(self, devices: list[str]) -> None:
         """Several nodes: a receipt kept for a sender this node thought offline may be for a device that has
         just connected to another node (after that node read its kept receipts): its node looks again."""
-        if not self.router.broker.spans_nodes:
-            return
-        for device in dict.fromkeys(device for device, _ in kept):
-            record = self.router.registry.get(device)
-            if record is not None:
-                self.router.broker.publish(INBOX_DOORBELL, [record.user, device, RING_RECEIPTS])
+        for device in dict.fromkeys(devices):
+            user = self._receipt_users.pop(device, None)
+            if user is not None and self.router.broker.spans_nodes:
+                self.router.broker.publish(INBOX_DOORBELL, [user, device, RING_RECEIPTS])
 
     def on_acked(self, session: LiveSession, inbox_id: int) -> None:
         self.in_flight.pop(inbox_id, None)
