@@ -18,8 +18,6 @@ import ssl
 from types import ModuleType
 from typing import Any
 
-from picows import WSAutoPingStrategy, ws_create_server
-
 from . import __version__
 from ._fastpath import IMPLEMENTATION, listener_impl
 from .admin_api import admin_handler
@@ -45,6 +43,7 @@ from .store import is_store_url, open_store
 from .store.base import url_without_password
 from .tasks import Tasks
 from .transport.console import console_handler
+from .transport.handshake import create_ws_server
 from .transport.http import HttpServer, http_router
 from .transport.ws import ServerConnection
 
@@ -221,7 +220,7 @@ class Node:
         await self.hub.start()
         tls: dict[str, Any] = {} if self.ssl_context is None else {
             "ssl": self.ssl_context, "ssl_handshake_timeout": settings.hello_timeout}
-        self._ws_server = await ws_create_server(
+        self._ws_server = await create_ws_server(
             self._accept,
             settings.host,
             settings.port,
@@ -230,10 +229,8 @@ class Node:
             # the buffer grows on demand, so start small to keep idle devices cheap.
             read_buffer_init_size=2048,
             websocket_handshake_timeout=settings.hello_timeout,
-            enable_auto_ping=True,
             auto_ping_idle_timeout=settings.heartbeat,
             auto_ping_reply_timeout=settings.heartbeat,
-            auto_ping_strategy=WSAutoPingStrategy.PING_WHEN_IDLE,
             logger_name="rccs.picows",
             # The default accept backlog (100) overflows when many devices reconnect at once
             # (e.g. after a restart); a dropped SYN costs the client a 1 s retransmit.

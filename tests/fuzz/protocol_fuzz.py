@@ -8,6 +8,8 @@ ports. A run fails (a *finding*) on:
 - a traceback in the server's log, or an ``internal`` error answered to anyone;
 - a witness message or receipt that does not arrive in time;
 - a ``msg`` reaching a device of another user;
+- a WebSocket upgrade request whose head is over 16 KiB answered otherwise than 431 and an orderly close
+  (a TCP reset included);
 - the server process dying;
 - the server's memory (RSS) growing by more than ``--rss-growth-mib`` after the warm-up.
 
@@ -42,6 +44,7 @@ import msgpack
 from rccs.auth import TokenAuthority
 from rccs.client import Client, ReceiptTimeout
 from rccs.testing import ServerProcess, child_environment
+from rccs.transport.handshake import MAX_HANDSHAKE_HEAD_BYTES
 
 FUZZ_USERS = 4
 DEVICES_PER_USER = 3
@@ -529,6 +532,8 @@ class Fuzzer:
                                   rng.choice(["", "X-Big: " + "a" * rng.choice([100, 8000, 17000, 70000]) + "\r\n",
                                               "Sec-WebSocket-Extensions: permessage-deflate\r\n"]))
         kind = rng.randrange(5)
+        # A whole head over the limit is refused with 431, then the server closes in order: no reset.
+        oversized = kind in (0, 4) and len(request) > MAX_HANDSHAKE_HEAD_BYTES
         try:
             if kind == 0:  # slowly, a few bytes at a time
                 for start in range(0, len(request), max(1, len(request) // 5)):
@@ -546,11 +551,23 @@ class Fuzzer:
             else:
                 writer.write(request)
             self.inputs += 1
-            await asyncio.wait_for(reader.read(256), rng.choice([0.05, 0.5, 2]))
+            if oversized:
+                await self.expect_431(reader, len(request))
+            else:
+                await asyncio.wait_for(reader.read(256), rng.choice([0.05, 0.5, 2]))
         except (OSError, RuntimeError, TimeoutError, asyncio.IncompleteReadError):  # RuntimeError: uvloop, closed
             pass
         finally:
             writer.close()
+
+    async def expect_431(self, reader: asyncio.StreamReader, size: int) -> None:
+        try:
+            answer = await asyncio.wait_for(reader.read(), 10)  # to the server's FIN
+        except ConnectionResetError:
+            self.findings.add(f"an upgrade request with a {size}-byte head: a TCP reset, not 431")
+            return
+        if not answer.startswith(b"HTTP/1.1 431 "):
+            self.findings.add(f"an upgrade request with a {size}-byte head answered {answer[:60]!r}, not 431")
 
     async def act_http(self, rng: random.Random) -> None:
         """Garbage and odd requests on the HTTP port (health, metrics, admin API)."""

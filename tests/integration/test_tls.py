@@ -6,6 +6,7 @@ import http.client
 import ipaddress
 import json
 import ssl
+from urllib.parse import urlparse
 
 import pytest
 import websockets
@@ -142,3 +143,19 @@ def test_certificate_and_key_go_together(certificate, tmp_path):
         Node(Settings(data_dir=str(tmp_path), store="memory", tls_cert=certificate[0]))
     with pytest.raises(ConfigError, match="cannot load"):
         Node(Settings(data_dir=str(tmp_path), store="memory", tls_cert=certificate[1], tls_key=certificate[0]))
+
+
+async def test_an_oversized_upgrade_head_over_tls_is_answered_431(tls_server, trusting):
+    # Over TLS the server cannot half-close: it answers, discards what still comes, and the client closes.
+    url = urlparse(tls_server.ws_url)
+    for padding, status in [(15 * 1024, b"101"), (64 * 1024, b"431")]:
+        reader, writer = await asyncio.open_connection(url.hostname, url.port, ssl=trusting)
+        writer.write((f"GET {url.path} HTTP/1.1\r\nHost: {url.netloc}\r\nUpgrade: websocket\r\n"
+                      "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                      f"Sec-WebSocket-Version: 13\r\nX-Padding: {'a' * padding}\r\n\r\n").encode())
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        assert head.startswith(b"HTTP/1.1 " + status + b" "), head
+        if status == b"431":
+            length = int(head.split(b"Content-Length: ")[1].split(b"\r\n")[0])
+            assert (await asyncio.wait_for(reader.readexactly(length), 5)).startswith(b"the request line")
+        writer.close()
