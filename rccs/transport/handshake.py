@@ -86,16 +86,21 @@ class HandshakeGuard(asyncio.Protocol):
             if self._discarded > DRAIN_MAX_BYTES:
                 self._cut_off()
             return
-        head = self._head
-        searched_up_to = max(0, len(head) - len(_HEAD_END) + 1)
-        head += data
-        end = head.find(_HEAD_END, searched_up_to)
+        received: bytes | bytearray = data
+        searched_up_to = 0
+        if self._head:  # the head came in pieces: the end may straddle them
+            searched_up_to = len(self._head) - len(_HEAD_END) + 1
+            self._head += data
+            received = self._head
+        end = received.find(_HEAD_END, max(0, searched_up_to))
         if end >= 0 and end + len(_HEAD_END) <= MAX_HANDSHAKE_HEAD_BYTES:
-            self._hand_over()
-        elif end >= 0 or len(head) >= MAX_HANDSHAKE_HEAD_BYTES:
+            self._hand_over(received)
+        elif end >= 0 or len(received) >= MAX_HANDSHAKE_HEAD_BYTES:
             log.info("refused an upgrade request from %s: its head exceeds %d bytes",
                      self._transport.get_extra_info("peername"), MAX_HANDSHAKE_HEAD_BYTES)
             self._refuse(HEAD_TOO_LARGE)
+        elif not self._head:
+            self._head = bytearray(data)
 
     def eof_received(self) -> bool:
         # The client has sent everything (after a refusal: nothing unread is left to cause a reset), or
@@ -107,22 +112,22 @@ class HandshakeGuard(asyncio.Protocol):
             self._timer.cancel()
         self._transport = None
 
-    def _hand_over(self) -> None:
+    def _hand_over(self, received: bytes | bytearray) -> None:
         """Make picows' protocol the transport's and give it the head and what followed."""
         if self._timer is not None:
             self._timer.cancel()
-        transport, received = self._transport, self._head
+        transport = self._transport
         self._transport = None
         self._head = bytearray()
         ws_protocol: Any = self._ws_protocol_factory()
         transport.set_protocol(ws_protocol)  # before picows runs: what it does on the transport finds itself
         ws_protocol.connection_made(transport)
-        view = memoryview(received)
-        while view and not transport.is_closing():  # picows' buffer grows as it fills
+        offset = 0
+        while offset < len(received) and not transport.is_closing():  # picows' buffer grows as it fills
             buffer = ws_protocol.get_buffer(-1)
-            count = min(len(buffer), len(view))
-            buffer[:count] = view[:count]
-            view = view[count:]
+            count = min(len(buffer), len(received) - offset)
+            buffer[:count] = received[offset:offset + count]
+            offset += count
             ws_protocol.buffer_updated(count)
 
     def _refuse(self, answer: bytes) -> None:
@@ -167,7 +172,9 @@ async def create_ws_server(listener_factory: Callable[[Any], Any], host: str | N
             None, None, False,  # no host or path of our own (a client's), server side
             listener_factory, logger,
             True,  # disconnect_on_exception
-            websocket_handshake_timeout,
+            # No handshake timer of picows' own (one costs ~5 us to set and cancel): the guard has timed the
+            # head, and picows, given a complete head, answers it within the call that hands it over.
+            None,
             True, auto_ping_idle_timeout, auto_ping_reply_timeout, WSAutoPingStrategy.PING_WHEN_IDLE,
             True,  # enable_auto_pong
             max_frame_size,
