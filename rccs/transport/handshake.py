@@ -143,6 +143,8 @@ class HandshakeGuard(asyncio.Protocol):
 
     def _too_slow(self) -> None:
         self._timer = None
+        if self._transport.is_closing():  # the client hung up; the transport is on its way out
+            return
         if self._head:
             log.info("refused an upgrade request from %s: its head did not arrive within %s s",
                      self._transport.get_extra_info("peername"), self._timeout)
