@@ -212,6 +212,9 @@ class Node:
                 self._data_dir_lock.release()
             raise
 
+    def _count_refused_upgrade(self, reason: str) -> None:
+        self.hub.events[reason] += 1
+
     async def _start(self, settings: Settings) -> None:
         await self.store.open()
         if self.shared_store and not settings.token_secret:
@@ -235,6 +238,7 @@ class Node:
             # The default accept backlog (100) overflows when many devices reconnect at once
             # (e.g. after a restart); a dropped SYN costs the client a 1 s retransmit.
             backlog=2048,
+            on_refused=self._count_refused_upgrade,
             **tls,
         )
         self._http_server = HttpServer(

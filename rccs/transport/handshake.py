@@ -64,11 +64,14 @@ HEAD_TOO_SLOW = _refusal("408 Request Timeout", "the upgrade request did not arr
 class HandshakeGuard(asyncio.Protocol):
     """A connection's protocol until its upgrade request's head is complete (see the module's docstring)."""
 
-    __slots__ = ("_discarded", "_head", "_refused", "_timeout", "_timer", "_transport", "_ws_protocol_factory")
+    __slots__ = ("_discarded", "_head", "_on_refused", "_refused", "_timeout", "_timer", "_transport",
+                 "_ws_protocol_factory")
 
-    def __init__(self, ws_protocol_factory: Callable[[], asyncio.BaseProtocol], timeout: float | None):
+    def __init__(self, ws_protocol_factory: Callable[[], asyncio.BaseProtocol], timeout: float | None,
+                 on_refused: Callable[[str], None]):
         self._ws_protocol_factory = ws_protocol_factory
         self._timeout = timeout
+        self._on_refused = on_refused  # told "upgrade_head_too_large" or "upgrade_head_too_slow" (counted)
         self._transport: Any = None
         self._head = bytearray()
         self._timer: asyncio.TimerHandle | None = None
@@ -98,6 +101,7 @@ class HandshakeGuard(asyncio.Protocol):
         elif end >= 0 or len(received) >= MAX_HANDSHAKE_HEAD_BYTES:
             log.info("refused an upgrade request from %s: its head exceeds %d bytes",
                      self._transport.get_extra_info("peername"), MAX_HANDSHAKE_HEAD_BYTES)
+            self._on_refused("upgrade_head_too_large")
             self._refuse(HEAD_TOO_LARGE)
         elif not self._head:
             self._head = bytearray(data)
@@ -148,6 +152,7 @@ class HandshakeGuard(asyncio.Protocol):
         if self._head:
             log.info("refused an upgrade request from %s: its head did not arrive within %s s",
                      self._transport.get_extra_info("peername"), self._timeout)
+            self._on_refused("upgrade_head_too_slow")
             self._refuse(HEAD_TOO_SLOW)
         else:
             self._transport.close()
@@ -161,11 +166,11 @@ class HandshakeGuard(asyncio.Protocol):
 async def create_ws_server(listener_factory: Callable[[Any], Any], host: str | None, port: int | None, *,
                            max_frame_size: int, read_buffer_init_size: int, websocket_handshake_timeout: float,
                            auto_ping_idle_timeout: float, auto_ping_reply_timeout: float, logger_name: str,
-                           backlog: int, **server_options: Any) -> asyncio.Server:
+                           backlog: int, on_refused: Callable[[str], None], **server_options: Any) -> asyncio.Server:
     """What ``picows.ws_create_server`` builds (auto-ping when idle, auto-pong), each connection behind a guard.
 
-    ``server_options`` go to the loop's (or aiofastnet's) ``create_server``: ``ssl`` and
-    ``ssl_handshake_timeout``.
+    ``on_refused`` is told why an upgrade request was refused (431 or 408). ``server_options`` go to the
+    loop's (or aiofastnet's) ``create_server``: ``ssl`` and ``ssl_handshake_timeout``.
     """
     logger = logging.getLogger(f"picows.{logger_name}")  # the name picows gives a logger_name
 
@@ -186,7 +191,7 @@ async def create_ws_server(listener_factory: Callable[[Any], Any], host: str | N
         return protocol
 
     def guard() -> HandshakeGuard:
-        return HandshakeGuard(ws_protocol, websocket_handshake_timeout)
+        return HandshakeGuard(ws_protocol, websocket_handshake_timeout, on_refused)
 
     loop = asyncio.get_running_loop()
     create_server = loop.create_server if aiofastnet is None else partial(aiofastnet.create_server, loop)

@@ -12,6 +12,7 @@ import pytest
 from picows.picows import WSProtocol
 from rawws import masked_frame, read_frame
 
+from rccs.metrics import render
 from rccs.transport.handshake import MAX_HANDSHAKE_HEAD_BYTES
 
 TEXT = 0x1
@@ -35,6 +36,15 @@ def upgrade_head(ws_url, size=None):
     head = (lines + "\r\n").encode()
     assert size is None or len(head) == size
     return head
+
+
+def refusals(server, reason):
+    """rccs_events_total for a refused upgrade request (operations.md: counted like every bad input)."""
+    wanted = f'rccs_events_total{{event="{reason}"}} '
+    for line in render(server.node.registry).decode().splitlines():
+        if line.startswith(wanted):
+            return float(line[len(wanted):])
+    return 0.0
 
 
 async def connect(ws_url):
@@ -101,6 +111,7 @@ async def test_an_oversized_head_is_answered_431_and_closed_in_order(server, siz
         assert b"\r\nConnection: close\r\n" in head + b"\r\n"
         assert body == b"the request line and headers exceed 16384 bytes\n"
         writer.close()
+    assert refusals(server, "upgrade_head_too_large") == 5
     await assert_upgrades_and_serves(server, upgrade_head(server.ws_url), "after")
 
 
@@ -117,6 +128,7 @@ async def test_a_head_not_complete_in_time_is_answered_408(server):
     answer = await read_to_eof(reader)  # after hello_timeout
     assert answer.startswith(b"HTTP/1.1 408 Request Timeout\r\n"), answer
     writer.close()
+    assert refusals(server, "upgrade_head_too_slow") == 1
 
 
 async def test_a_connection_that_sends_nothing_is_closed_after_the_timeout(server):
