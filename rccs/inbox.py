@@ -91,10 +91,9 @@ class Deliveries:
         # doorbells that rang meanwhile asked for (RING_* bits; 0: nothing: the look ends).
         self._looking: dict[LiveSession, int] = {}
         self._to_count: list[int] = []
-        self._receipts: list[tuple[str, dict[str, Any]]] = []  # (sender device, receipt) to keep in the store
-        # Their senders' users: the doorbell after the write names them, also for a device this node's registry
-        # has not heard of yet (it connected to another node a moment ago).
-        self._receipt_users: dict[str, str] = {}
+        # (sender device, receipt, sender's user) to keep in the store: the doorbell after the write names the
+        # user, also for a device this node's registry has not heard of yet (it connected elsewhere just now).
+        self._receipts: list[tuple[str, dict[str, Any], str]] = []
         # Write requests (the four lists above) are numbered; ``flush()`` waits until a write round has taken
         # every request made before it. One round at a time, each taking everything pending: under load a
         # caller waits for at most the round under way and the next, not for one round per earlier caller.
@@ -113,7 +112,10 @@ class Deliveries:
 
     def _schedule(self) -> None:
         self._requested += 1
-        if self._writer is None:
+        self._start_writer()
+
+    def _start_writer(self) -> None:
+        if self._writer is None or self._writer.done():  # done: cancelled before it ever ran
             self._writer = self.core.spawn(self._write_rounds())
 
     async def flush(self) -> None:
@@ -124,11 +126,11 @@ class Deliveries:
             return
         waiter = asyncio.get_running_loop().create_future()
         self._flush_waiters.append((target, waiter))
-        if self._writer is None:
-            self._writer = self.core.spawn(self._write_rounds())
+        self._start_writer()
         await waiter
 
     async def _write_rounds(self) -> None:
+        cancelled = False
         try:
             while self._attempted < self._requested:
                 taken = self._requested
@@ -142,10 +144,13 @@ class Deliveries:
                             self._flush_waiters.append((target, waiter))
                         elif not waiter.done():
                             waiter.set_result(None)
+        except asyncio.CancelledError:
+            cancelled = True
+            raise
         finally:
             self._writer = None
-            if self._flush_waiters:  # asked for while the last round ended (or it failed): another round
-                self._writer = self.core.spawn(self._write_rounds())
+            if not cancelled and self._attempted < self._requested:  # a round failed: what came meanwhile
+                self._start_writer()
 
     async def _write_round(self) -> None:
         """Write what was asked for so far: first_ack ids, one enqueue batch, one removal batch, attempt counts,
@@ -163,23 +168,25 @@ class Deliveries:
             self._commit(enqueue) if enqueue else _nothing(),
             store.remove_queued(remove) if remove else _nothing(),
             store.count_attempts(count) if count else _nothing(),
-            store.add_receipts(receipts) if receipts else _nothing()]
+            store.add_receipts([(device, envelope) for device, envelope, _ in receipts]) if receipts else _nothing()]
         outcomes: list[Any] = await asyncio.gather(*writes, return_exceptions=True)
-        remembered, committed, removed, counted, kept = outcomes
-        for outcome in (remembered, committed, removed, counted, kept):
+        for outcome in outcomes:
             if isinstance(outcome, BaseException) and not isinstance(outcome, StoreError):
-                raise outcome
-        if isinstance(committed, StoreError):
+                # A bug, not the store: said loudly, and its part is handled like a refused write (kept
+                # receipts and acks wait and are tried again), never dropped.
+                log.error("writing a round of inbox changes failed", exc_info=outcome)
+        _, committed, removed, counted, kept = outcomes  # _remember answers its own sends
+        if isinstance(committed, BaseException):
             self._not_kept(enqueue, committed)
-        if not isinstance(removed, StoreError):
+        if not isinstance(removed, BaseException):
             self._acked.difference_update(remove)
             remove = []
-        if not isinstance(counted, StoreError):
+        if not isinstance(counted, BaseException):
             count = []
-        if not isinstance(kept, StoreError):
-            self._ring_for_receipts([device for device, _ in receipts])
+        if not isinstance(kept, BaseException):
+            self._ring_for_receipts(receipts)
             receipts = []
-        failure = next((o for o in (removed, counted, kept) if isinstance(o, StoreError)), None)
+        failure = next((o for o in (removed, counted, kept) if isinstance(o, BaseException)), None)
         if failure is None:
             self._store_retry = STORE_RETRY_FIRST
         else:
@@ -212,7 +219,7 @@ class Deliveries:
             except Exception:  # one send's failure must not keep the rest of the commit from being answered
                 log.exception("answering a first_ack send after its id check failed")
 
-    def _not_kept(self, batch: list[ToKeep], exc: StoreError) -> None:
+    def _not_kept(self, batch: list[ToKeep], exc: BaseException) -> None:
         """The store refused a batch of inbox writes: nothing of it was kept, and each sender hears so
         (``failed``/``unavailable``, final for that device) with its id forgotten, so that sending the same
         message again is not taken for a repeat."""
@@ -309,8 +316,7 @@ class Deliveries:
     def keep_receipt(self, user: str, device: str, envelope: dict[str, Any]) -> None:
         """A receipt whose sender has no connection here: kept in the store until the device connects."""
         self.stats["receipts_kept"] += 1  # counted: not delivered at once (kept in the store)
-        self._receipts.append((device, envelope))
-        self._receipt_users[device] = user
+        self._receipts.append((device, envelope, user))
         self._schedule()
 
     # ---- idempotency -----------------------------------------------------
@@ -456,13 +462,13 @@ class Deliveries:
         finally:
             self._looking.pop(session, None)
 
-    def _ring_for_receipts(self, devices: list[str]) -> None:
+    def _ring_for_receipts(self, kept: list[tuple[str, dict[str, Any], str]]) -> None:
         """Several nodes: a receipt kept for a sender this node thought offline may be for a device that has
         just connected to another node (after that node read its kept receipts): its node looks again."""
-        for device in dict.fromkeys(devices):
-            user = self._receipt_users.pop(device, None)
-            if user is not None and self.router.broker.spans_nodes:
-                self.router.broker.publish(INBOX_DOORBELL, [user, device, RING_RECEIPTS])
+        if not self.router.broker.spans_nodes:
+            return
+        for device, user in dict.fromkeys((device, user) for device, _, user in kept):
+            self.router.broker.publish(INBOX_DOORBELL, [user, device, RING_RECEIPTS])
 
     def on_acked(self, session: LiveSession, inbox_id: int) -> None:
         self.in_flight.pop(inbox_id, None)

@@ -217,6 +217,14 @@ local function less(a, b)
   end
   return #a < #b
 end
+-- A fenced state write: does ``by`` own ``task``'s lease (JSON [owner, epoch, ...]) at ``epoch``? No task: yes.
+local function holds_fence(user, task, by, epoch)
+  if task == '' then return true end
+  local lease = redis.call('HGET', ukey(user, 'tasks'), task)
+  if not lease then return false end
+  lease = cjson.decode(lease)
+  return lease[1] == by and lease[2] == tonumber(epoch)
+end
 local function change(kind, key)
   local seq = redis.call('INCR', P .. 'change-seq')
   redis.call('ZADD', P .. 'changes', num(seq), num(seq) .. ' ' .. kind .. ' ' .. key)
@@ -753,18 +761,14 @@ for _, size in ipairs(redis.call('HVALS', ukey(user, 'docs'))) do total = total 
 local log = {}
 if ARGV[4] == '1' then log = redis.call('LRANGE', ukey(user, 'doc-log:' .. name), 0, -1) end
 return {redis.call('GET', ukey(user, 'state-version')) or '0', redis.call('HGETALL', ukey(user, 'doc:' .. name)),
-        num(total), log}
+        num(total), log, holds_fence(user, ARGV[6], ARGV[5], ARGV[7]) and 1 or 0}
 """
 
-# ARGV: user, name, expected version, rev, has value ('1'/'0'), value, size, by, updated, log entry, keep.
+# ARGV: user, name, expected version, rev, has value ('1'/'0'), value, size, by, updated, log entry, keep,
+# fence task ('' for none), fence epoch. -1: the fence does not hold; 0: the version moved; 1: written.
 SCRIPTS["state_commit"] = """
 local user, name = ARGV[2], ARGV[3]
-if ARGV[13] ~= '' then
-  local lease = redis.call('HGET', ukey(user, 'tasks'), ARGV[13])
-  if not lease then return -1 end
-  lease = cjson.decode(lease)
-  if lease[1] ~= ARGV[9] or lease[2] ~= tonumber(ARGV[14]) then return -1 end
-end
+if not holds_fence(user, ARGV[13], ARGV[9], ARGV[14]) then return -1 end
 if (redis.call('GET', ukey(user, 'state-version')) or '0') ~= ARGV[4] then return 0 end
 local doc = ukey(user, 'doc:' .. name)
 redis.call('HSET', doc, 'rev', ARGV[5], 'size', ARGV[8], 'by', ARGV[9], 'updated', ARGV[10])
@@ -995,6 +999,17 @@ def _settle(reply: asyncio.Future[Any], outcome: Any) -> None:
         reply.set_result(outcome)
 
 
+def _fail(commands: list[_Command], exc: BaseException, where: str) -> None:
+    """Answer commands whose pipeline failed, as the callers expect: a RedisError (the wrapper of every store
+    method turns it into StoreError), also for a socket error; a StoreError if sending was cancelled."""
+    if isinstance(exc, (OSError, TimeoutError)):
+        exc = RedisConnectionError(f"{type(exc).__name__}: {exc}")
+    elif not isinstance(exc, RedisError):
+        exc = StoreError(f"redis store {where}: sending was stopped ({exc!r})")
+    for command in commands:
+        _settle(command.reply, exc)
+
+
 class RedisStore(Store):
     """The Store contract on one Redis server (see the module docstring). ``url``: redis://HOST:PORT/DB."""
 
@@ -1057,7 +1072,7 @@ class RedisStore(Store):
             raise StoreError(f"redis store {self.where} is not open")
         reply = asyncio.get_running_loop().create_future()
         self._unsent.append(_Command(args, script, reply))
-        if self._sender is None:
+        if self._sender is None or self._sender.done():  # done: cancelled before it ever ran
             self._sender = asyncio.create_task(self._send_all())
         return reply
 
@@ -1068,34 +1083,45 @@ class RedisStore(Store):
                 await self._send_batch(self._client, batch)
         finally:
             self._sender = None
-            for command in self._unsent:  # only when the store was closed meanwhile
-                _settle(command.reply, StoreError(f"redis store {self.where} is not open"))
-            self._unsent = []
+            unsent, self._unsent = self._unsent, []
+            problem = "is not open" if self._client is None else "stopped sending"  # closed, or cancelled
+            for command in unsent:
+                _settle(command.reply, StoreError(f"redis store {self.where} {problem}"))
 
     async def _send_batch(self, client: aioredis.Redis, batch: list[_Command]) -> None:
         try:
             replies = await self._pipelined(client, batch)
-            missing = [(command, i) for i, command in enumerate(batch)
-                       if command.script is not None and isinstance(replies[i], NoScriptError)]
-            if missing:  # Redis restarted or was flushed since the scripts were loaded
-                for name in {command.script for command, _ in missing}:
-                    await client.script_load(self._scripts[name].script)  # type: ignore[index]
-                again = await self._pipelined(client, [command for command, _ in missing])
-                for (_, i), reply in zip(missing, again, strict=True):
-                    replies[i] = reply
-        except RedisError as exc:
-            for command in batch:
-                _settle(command.reply, exc)
-        except (OSError, TimeoutError) as exc:  # reaches the callers as StoreError, like a RedisError
-            for command in batch:
-                _settle(command.reply, RedisConnectionError(f"{type(exc).__name__}: {exc}"))
-        except BaseException as exc:  # cancelled (the loop is closing): no caller may wait forever
-            for command in batch:
-                _settle(command.reply, StoreError(f"redis store {self.where}: sending was stopped ({exc!r})"))
+        except (RedisError, OSError, TimeoutError) as exc:
+            _fail(batch, exc, self.where)
+            return
+        except BaseException as exc:  # cancelled: nobody may wait forever
+            _fail(batch, exc, self.where)
             raise
-        else:
-            for command, reply in zip(batch, replies, strict=True):
-                _settle(command.reply, reply)
+        missing = {i for i, command in enumerate(batch)
+                   if command.script is not None and isinstance(replies[i], NoScriptError)}
+        for i, (command, reply) in enumerate(zip(batch, replies, strict=True)):
+            if i not in missing:
+                _settle(command.reply, reply)  # it ran (or failed on its own): answered whatever follows
+        if not missing:
+            return
+        retry = [batch[i] for i in sorted(missing)]
+        try:
+            # Redis restarted or was flushed since the scripts were loaded. Every script is loaded again, not
+            # only these: a later batch must not find some loaded and others not, or a call whose script is
+            # missing would run after a later call's (retried after the rest of its batch).
+            loading = client.pipeline(transaction=False)
+            for script in self._scripts.values():
+                loading.script_load(script.script)
+            await loading.execute()
+            again = await self._pipelined(client, retry)
+        except (RedisError, OSError, TimeoutError) as exc:
+            _fail(retry, exc, self.where)
+            return
+        except BaseException as exc:
+            _fail(retry, exc, self.where)
+            raise
+        for command, reply in zip(retry, again, strict=True):
+            _settle(command.reply, reply)
 
     @staticmethod
     async def _pipelined(client: aioredis.Redis, batch: list[_Command]) -> list[Any]:
@@ -1417,8 +1443,10 @@ class RedisStore(Store):
         patch_value = json.loads(patch_text)
         fence_task, fence_epoch = ("", "") if fence is None else (fence[0], str(fence[1]))
         for _attempt in range(STATE_PATCH_ATTEMPTS):
-            version, doc_reply, user_bytes, log_reply = await self._run(
-                "state_read", user_id, doc, int(id_text is not None))
+            version, doc_reply, user_bytes, log_reply, fence_holds = await self._run(
+                "state_read", user_id, doc, int(id_text is not None), by, fence_task, fence_epoch)
+            if not fence_holds:  # before anything else, as the other stores check it
+                raise FenceMoved(f"{by!r} no longer holds task {fence_task!r} at epoch {fence_epoch}")
             fields = _fields(doc_reply)
             current = _state_doc(user_id, doc, fields)
             if fields and id_text is not None:

@@ -1527,6 +1527,8 @@ async def test_a_fenced_state_patch_is_written_only_while_its_writer_holds_the_l
     for by, epoch in (("laptop", 1), ("laptop", 2), ("phone", 1), ("phone", 3)):
         with pytest.raises(FenceMoved):
             await store.patch_state("alice", "user/plan", {"step": 9}, by, None, None, *limits, fence=("build", epoch))
+    with pytest.raises(FenceMoved):  # refused first, also where the patch would change nothing
+        await store.patch_state("alice", "user/plan", {"step": 2}, "laptop", None, None, *limits, fence=("build", 1))
     doc = await store.get_state("alice", "user/plan")
     assert (doc.rev, doc.value) == (2, {"step": 2})  # nothing of the refused patches was written
     assert (await store.patch_state("alice", "user/plan", {"step": 3}, "phone", None, None, *limits,

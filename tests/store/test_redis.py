@@ -335,3 +335,17 @@ async def test_calls_made_together_after_redis_forgot_the_scripts_each_run_once(
         assert await node_a.last_change() == 20  # every script ran exactly once
     finally:
         await admin.aclose()
+
+
+async def test_after_redis_forgot_the_scripts_a_later_call_does_not_overtake_an_earlier_one(server, node_a):
+    admin = aioredis.from_url(server.url)
+    try:
+        await admin.script_flush()  # as after a restart
+        with pytest.raises(StoreError):  # one call finds its script missing: every script is loaded again
+            await node_a.put_device(DeviceRecord(id="x", user="nobody", type="cli", created=NOW))
+        # As the hub spawns them for a device first seen with a dev token: the user first, in one turn.
+        await asyncio.gather(node_a.add_user(UserRecord(id="alice", created=NOW)),
+                             node_a.put_device(DeviceRecord(id="laptop", user="alice", type="desktop", created=NOW)))
+        assert (await node_a.get_device("laptop")).user == "alice"
+    finally:
+        await admin.aclose()
