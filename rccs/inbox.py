@@ -101,6 +101,7 @@ class Deliveries:
         self._attempted = 0  # requests up to this number were taken by a finished write round
         self._writer: asyncio.Task[None] | None = None
         self._flush_waiters: list[tuple[int, asyncio.Future[None]]] = []
+        self._welcomed: list[LiveSession] = []  # welcomed this loop turn: their inboxes are not read yet
         self._store_retry = STORE_RETRY_FIRST
         self.in_flight: dict[int, LiveSession] = {}  # inbox id -> the connection it was last written to
         # Idempotency: per sender device, recent ack:true message ids (key, time, body digest).
@@ -392,13 +393,23 @@ class Deliveries:
             session.retry = {}
         session.retry[seq] = [self.core.now() + int(self.backoff(message.attempts) * 1000), message.attempts]
 
-    async def on_online(self, session: LiveSession) -> None:
-        """A device said welcome: its kept receipts, then its inbox."""
-        assert session.device is not None
+    def on_online(self, session: LiveSession) -> None:
+        """A device said welcome: its kept receipts, then its inbox. The devices welcomed in one loop turn
+        are read together, in one store round trip (``welcome_reads``)."""
+        self._welcomed.append(session)
+        if len(self._welcomed) == 1:
+            self.core.spawn(self._read_for_welcomed())
+
+    async def _read_for_welcomed(self) -> None:
+        # Taken before the flush: what was asked for before these welcomes is in the store when they read.
+        sessions, self._welcomed = self._welcomed, []
         await self.flush()
-        page = await self._receipts_and_inbox(session, RING_BOTH)
-        assert page is not None
-        self._write_page(session, page)
+        device_ids = [session.device or "" for session in sessions]
+        reads = await self.core.store.welcome_reads(device_ids, self.core.now(), INBOX_PAGE)
+        for session, (receipts, messages) in zip(sessions, reads, strict=True):
+            for envelope in receipts:
+                session.send_control(envelope)
+            self._write_page(session, messages)
 
     async def load_inbox(self, session: LiveSession) -> None:
         assert session.device is not None

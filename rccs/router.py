@@ -12,7 +12,6 @@ through ``notify_user``, which hands it to the broker; the broker brings it back
 
 from __future__ import annotations
 
-import contextlib
 from typing import TYPE_CHECKING, Any, cast
 
 from ._fastpath import RouteStats, RoutingTable
@@ -20,7 +19,7 @@ from ._fastpath import routing as fast_routing
 from .errors import ErrorCode, ProtocolError, ReceiptReason
 from .protocol import Selector
 from .registry import Registry
-from .store import STATUS_OFFLINE, AlreadyExists, DeviceRecord, UserRecord
+from .store import STATUS_OFFLINE, DeviceRecord, UserRecord
 
 if TYPE_CHECKING:
     from .broker import Broker
@@ -58,6 +57,11 @@ class Router:
         self.stats = RouteStats()
         self.presence: dict[str, str] = {}  # device id -> online/away (absent: offline)
         self.presence_writes: dict[str, tuple[str, int]] = {}  # device -> (status, when): for the next flush
+        # Registry changes of this loop turn, written together (a connect storm registers thousands of
+        # devices a second: one store transaction each was the largest cost of a first hello).
+        self._users_to_add: list[UserRecord] = []
+        self._devices_to_write: dict[str, None] = {}
+        self._registry_write_scheduled = False
 
     # ---- lookups -------------------------------------------------------------
 
@@ -110,15 +114,12 @@ class Router:
         """A device first seen with a dev token: registered (with its user) as the token says."""
         if user not in self.registry.users:
             self.registry.users.add(user)
-            self.core.spawn(self._add_user_if_missing(user, now))
+            self._users_to_add.append(UserRecord(id=user, created=now))
+            self._schedule_registry_write()
         record = DeviceRecord(id=device_id, user=user, type="", created=now, last_seen=now)
         self.registry.put(record)
         self.core.bus.emit("device.registered", user=user, device=device_id, via="token")
         return record
-
-    async def _add_user_if_missing(self, user: str, now: int) -> None:
-        with contextlib.suppress(AlreadyExists):
-            await self.core.store.add_user(UserRecord(id=user, created=now))
 
     def update_device(self, device: DeviceRecord, fields: dict[str, Any]) -> bool:
         """Apply validated device fields; the store and the routing indexes follow. True if anything changed."""
@@ -129,13 +130,25 @@ class Router:
             setattr(device, name, value)
         if "type" in changed or "capabilities" in changed:
             self.reindex(device)
-        self.core.spawn(self._put_device(device.id))
+        self._devices_to_write[device.id] = None
+        self._schedule_registry_write()
         return True
 
-    async def _put_device(self, device_id: str) -> None:
-        await self.core.store.put_device(self.registry.snapshot(device_id))
+    def _schedule_registry_write(self) -> None:
+        if not self._registry_write_scheduled:
+            self._registry_write_scheduled = True
+            self.core.spawn(self._write_registry())
+
+    async def _write_registry(self) -> None:
+        """The users and devices registered or changed since the last write, in one store call (users
+        first: a device needs its user). Runs one loop turn after the first change, as a task per change did."""
+        self._registry_write_scheduled = False
+        users, self._users_to_add = self._users_to_add, []
+        device_ids, self._devices_to_write = list(self._devices_to_write), {}
+        await self.core.store.register(users, [self.registry.snapshot(device_id) for device_id in device_ids])
         if self.broker.spans_nodes:
-            self.broker.publish(DEVICE_CHANGED, device_id)  # other nodes read it again from the shared store
+            for device_id in device_ids:  # other nodes read them again from the shared store
+                self.broker.publish(DEVICE_CHANGED, device_id)
 
     # ---- resolving selectors ---------------------------------------------------------
 

@@ -508,7 +508,7 @@ class Session:
         hub.router.set_presence(self.user, self.device, STATUS_ONLINE, now)
         hub.bus.emit("device.connected", user=self.user, device=self.device, session=self.id,
                      resumed=resumed_from is not None, peer=self.sink.peer)
-        hub.spawn(hub.deliveries.on_online(self))
+        hub.deliveries.on_online(self)
         for opened in hub.on_open:
             opened(self)
         log.debug("device %s of user %s connected from %s (session %s%s)", self.device, self.user,

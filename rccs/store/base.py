@@ -18,6 +18,8 @@ server makes itself (presence, session counters) append nothing.
 from __future__ import annotations
 
 import abc
+import asyncio
+import contextlib
 import dataclasses
 import urllib.parse
 from collections.abc import Mapping, Sequence
@@ -320,6 +322,23 @@ class Store(abc.ABC):
         revoked: a tombstone, as a removed user leaves behind). Appends a device change. A revoked device
         cannot be replaced (StoreError)."""
 
+    async def register(self, users: Sequence[UserRecord], devices: Sequence[DeviceRecord]) -> None:
+        """Add the users that do not exist yet (an existing one is left as it is), then put the devices:
+        what ``add_user`` and ``put_device`` one by one do, for the hellos of one loop turn. A store may do
+        it in one transaction. A device refused by ``put_device`` does not keep the others out: the first
+        refusal is raised after the rest are stored."""
+        for user in users:
+            with contextlib.suppress(AlreadyExists):
+                await self.add_user(user)
+        refusal: StoreError | None = None
+        for device in devices:
+            try:
+                await self.put_device(device)
+            except StoreError as exc:
+                refusal = refusal or exc
+        if refusal is not None:
+            raise refusal
+
     @abc.abstractmethod
     async def get_device(self, device_id: str) -> DeviceRecord | None:
         """The device, also when revoked."""
@@ -457,6 +476,22 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def take_receipts(self, device_id: str, limit: int = 10000) -> list[dict[str, Any]]:
         """Delete and return a device's kept receipts, oldest first."""
+
+    async def welcome_reads(self, device_ids: Sequence[str], now: int,
+                            limit: int) -> list[tuple[list[dict[str, Any]], list[QueuedMessage]]]:
+        """What the hellos of one loop turn read, per device in order: its kept receipts, taken as
+        ``take_receipts`` takes them, then the first ``limit`` messages of its inbox (``inbox``). A store may
+        answer all of them in one round trip (this default asks for all at once: one pipeline on Redis).
+        Raises only before anything was taken: a device whose receipts could not be taken gets none now (they
+        stay in the store for its next look)."""
+        pages = await asyncio.gather(*(self.inbox(device_id, now, limit) for device_id in device_ids))
+        taken = await asyncio.gather(*(self.take_receipts(device_id) for device_id in device_ids),
+                                     return_exceptions=True)
+        for outcome in taken:
+            if isinstance(outcome, BaseException) and not isinstance(outcome, StoreError):
+                raise outcome  # a bug, not the store: loud
+        return [([] if isinstance(receipts, BaseException) else receipts, page)
+                for receipts, page in zip(taken, pages, strict=True)]
 
     @abc.abstractmethod
     async def kept_receipts(self, device_id: str) -> list[dict[str, Any]]:

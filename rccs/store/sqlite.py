@@ -361,6 +361,31 @@ def _json_text(value: Any, what: str) -> str:
         raise StoreError(f"{what} is not JSON: {exc}") from None
 
 
+def _add_user_if_missing(db: sqlite3.Connection, user: UserRecord) -> bool:
+    """Insert a user with its change; False (nothing written) if the id exists."""
+    if db.execute("SELECT 1 FROM users WHERE id = ?", (user.id,)).fetchone() is not None:
+        return False
+    db.execute(_insert("users", USER_COLUMNS), (user.id, user.created))
+    db.execute(INSERT_CHANGE, (CHANGE_USER, user.id))
+    return True
+
+
+def _put_device(db: sqlite3.Connection, device: DeviceRecord, row: tuple[Any, ...]) -> None:
+    if device.revoked_at is None and \
+            db.execute("SELECT 1 FROM users WHERE id = ?", (device.user,)).fetchone() is None:
+        raise StoreError(f"cannot store device {device.id!r}: unknown user {device.user!r}")
+    existing = db.execute("SELECT revoked_at FROM devices WHERE id = ?", (device.id,)).fetchone()
+    if existing is not None and existing[0] is not None:
+        raise StoreError(f"device {device.id!r} is revoked and cannot be replaced")
+    if device.credential_hash is not None:
+        holder = db.execute("SELECT id FROM devices WHERE credential_hash = ? AND id != ?",
+                            (device.credential_hash, device.id)).fetchone()
+        if holder is not None:
+            raise StoreError(f"cannot store device {device.id!r}: its credential belongs to another device")
+    db.execute(UPSERT_DEVICE, row)
+    db.execute(INSERT_CHANGE, (CHANGE_DEVICE, device.id))
+
+
 def _device_row(device: DeviceRecord) -> tuple[Any, ...]:
     return (device.id, device.user, device.type, device.name, device.platform, device.version,
             _json_text(list(device.capabilities), f"capabilities of device {device.id!r}"),
@@ -667,10 +692,8 @@ class SqliteStore(Store):
 
     async def add_user(self, user: UserRecord) -> None:
         def work(db: sqlite3.Connection) -> None:
-            if db.execute("SELECT 1 FROM users WHERE id = ?", (user.id,)).fetchone() is not None:
+            if not _add_user_if_missing(db, user):
                 raise AlreadyExists(f"user {user.id!r} already exists")
-            db.execute(_insert("users", USER_COLUMNS), (user.id, user.created))
-            db.execute(INSERT_CHANGE, (CHANGE_USER, user.id))
 
         await self._write(work)
 
@@ -715,21 +738,29 @@ class SqliteStore(Store):
         row = _device_row(device)  # before the transaction: a bad record fails without touching the file
 
         def work(db: sqlite3.Connection) -> None:
-            if device.revoked_at is None and \
-                    db.execute("SELECT 1 FROM users WHERE id = ?", (device.user,)).fetchone() is None:
-                raise StoreError(f"cannot store device {device.id!r}: unknown user {device.user!r}")
-            existing = db.execute("SELECT revoked_at FROM devices WHERE id = ?", (device.id,)).fetchone()
-            if existing is not None and existing[0] is not None:
-                raise StoreError(f"device {device.id!r} is revoked and cannot be replaced")
-            if device.credential_hash is not None:
-                holder = db.execute("SELECT id FROM devices WHERE credential_hash = ? AND id != ?",
-                                    (device.credential_hash, device.id)).fetchone()
-                if holder is not None:
-                    raise StoreError(f"cannot store device {device.id!r}: its credential belongs to another device")
-            db.execute(UPSERT_DEVICE, row)
-            db.execute(INSERT_CHANGE, (CHANGE_DEVICE, device.id))
+            _put_device(db, device, row)
 
         await self._write(work)
+
+    async def register(self, users: Sequence[UserRecord], devices: Sequence[DeviceRecord]) -> None:
+        try:
+            rows = [_device_row(device) for device in devices]
+        except StoreError:
+            rows = None
+        if rows is not None:
+            def work(db: sqlite3.Connection) -> bool:
+                for user in users:
+                    _add_user_if_missing(db, user)
+                for device, row in zip(devices, rows, strict=True):
+                    _put_device(db, device, row)
+                return True
+
+            try:
+                await self._write(work)  # one commit for a loop turn's hellos
+                return
+            except StoreError:
+                pass
+        await super().register(users, devices)  # one refused: the others are kept, each on its own
 
     async def get_device(self, device_id: str) -> DeviceRecord | None:
         def work(db: sqlite3.Connection) -> DeviceRecord | None:
@@ -1098,6 +1129,29 @@ class SqliteStore(Store):
             # every hello asks; almost always there is nothing, and then no write transaction is needed
             kept = db.execute("SELECT 1 FROM receipts WHERE device = ? LIMIT 1", (device_id,)).fetchone()
             return [] if kept is None else None
+
+        return await self._write(work, unless=none_kept)
+
+    async def welcome_reads(self, device_ids: Sequence[str], now: int,
+                            limit: int) -> list[tuple[list[dict[str, Any]], list[QueuedMessage]]]:
+        def inbox_pages(db: sqlite3.Connection) -> list[list[QueuedMessage]]:
+            return [[_queued_record(row) for row in db.execute(SELECT_INBOX_PAGE, (device_id, now, limit))]
+                    for device_id in device_ids]
+
+        def work(db: sqlite3.Connection) -> list[tuple[list[dict[str, Any]], list[QueuedMessage]]]:
+            taken = []
+            for device_id in device_ids:
+                rows = db.execute(TAKE_RECEIPTS, (device_id, 10000)).fetchall()
+                rows.sort(key=lambda row: row[0])  # RETURNING comes in no particular order
+                taken.append([unpack_receipt(envelope) for _, envelope in rows])
+            return list(zip(taken, inbox_pages(db), strict=True))
+
+        def none_kept(db: sqlite3.Connection) -> list[tuple[list[dict[str, Any]], list[QueuedMessage]]] | None:
+            # almost always no device has kept receipts, and then no write transaction is needed
+            for device_id in device_ids:
+                if db.execute("SELECT 1 FROM receipts WHERE device = ? LIMIT 1", (device_id,)).fetchone():
+                    return None
+            return [([], page) for page in inbox_pages(db)]
 
         return await self._write(work, unless=none_kept)
 

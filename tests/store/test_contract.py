@@ -1590,3 +1590,41 @@ async def test_a_shared_store_adopts_a_token_secret_only_when_it_has_none(store)
     assert await store.adopt_token_secret(b"a" * 64) == b"a" * 64
     assert await store.adopt_token_secret(b"b" * 64) == b"a" * 64  # never replaced
     assert await store.token_secret() == b"a" * 64
+
+
+# ---- what a connect storm needs, batched ------------------------------------------------------
+
+
+async def test_register_adds_the_missing_users_then_puts_the_devices(store):
+    await store.add_user(UserRecord(id="alice", created=NOW - 5))
+    cursor = await store.last_change()
+    laptop, tv = make_device("laptop"), make_device("tv", user="bob")
+    await store.register([UserRecord(id="alice", created=NOW), UserRecord(id="bob", created=NOW)], [laptop, tv])
+    assert [(user.id, user.created) for user in await store.list_users()] == [("alice", NOW - 5), ("bob", NOW)]
+    assert (await store.get_device("laptop"), await store.get_device("tv")) == (laptop, tv)
+    assert await new_changes(store, cursor) == [(CHANGE_USER, "bob"), (CHANGE_DEVICE, "laptop"),
+                                                (CHANGE_DEVICE, "tv")]
+
+
+async def test_register_keeps_the_other_devices_when_one_is_refused(store):
+    await add_users(store, "alice")
+    with pytest.raises(StoreError, match="nobody"):
+        await store.register([], [make_device("stray", user="nobody"), make_device("laptop")])
+    assert await store.get_device("stray") is None
+    assert (await store.get_device("laptop")).id == "laptop"
+
+
+async def test_welcome_reads_take_each_devices_receipts_and_read_its_inbox(store):
+    await add_users(store, "alice")
+    for device_id in ("laptop", "phone"):
+        await store.put_device(make_device(device_id))
+    await enqueue(store, queued("m-1"), queued("m-2", priority=PRIORITY_HIGH))
+    receipt = {"op": "receipt", "id": "m-0", "status": "delivered", "device": "laptop"}
+    await store.add_receipts([("phone", receipt)])
+
+    reads = await store.welcome_reads(["phone", "laptop", "phone", "nobody"], NOW, 1)
+
+    assert [(receipts, msg_ids(page)) for receipts, page in reads] == [
+        ([receipt], []), ([], ["m-2"]), ([], []), ([], [])]
+    assert await store.take_receipts("phone") == []  # taken means deleted
+    assert await msg_ids_in(store) == ["m-2", "m-1"]  # read, not taken
