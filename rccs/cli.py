@@ -70,6 +70,9 @@ def _server_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-connections", dest="max_connections", type=int, help="default 10000")
     parser.add_argument("--max-outbound-bytes", dest="max_outbound_bytes", type=int,
                         help="unsent bytes per connection before it is dropped as too slow (default 8 MiB)")
+    parser.add_argument("--socket-transport", dest="socket_transport", choices=("aiofastnet", "uvloop"),
+                        help="the sockets' transport under picows: aiofastnet (default) or uvloop (less memory "
+                             "per connection; an oversized message's close may reach the client as a reset)")
     parser.add_argument("--log-level", dest="log_level", help="DEBUG, INFO, WARNING, ERROR (default INFO)")
     parser.add_argument("--log-format", dest="log_format", choices=("auto", "json", "text"),
                         help="json: one JSON object per line; text: readable lines; auto: text on a terminal, "

@@ -32,6 +32,9 @@ class Settings:
     max_message_bytes: int = 1024 * 1024
     max_connections: int = 10000
     max_outbound_bytes: int = 8 * 1024 * 1024  # unsent bytes per connection before it is dropped as too slow
+    # The sockets' transport under picows: "aiofastnet" (picows' default) or "uvloop" (uvloop's own: ~7 KiB
+    # less per idle connection; an oversized message's 1009 close may then reach a client as a TCP reset).
+    socket_transport: str = "aiofastnet"
     log_level: str = "INFO"
     store: str = "sqlite"  # "sqlite" (<data_dir>/rccs.db), "memory" (lost at exit) or redis://HOST:PORT/DB (shared)
     dev_tokens: bool = True  # accept JWT device tokens (``rccs token issue``) besides device credentials
@@ -161,6 +164,8 @@ def load_settings(
             raise ConfigError(f"setting 'store': {exc}") from None
     if settings.session_ttl <= 0 or settings.pairing_code_ttl <= 0:
         raise ConfigError("settings 'session_ttl' and 'pairing_code_ttl' must be positive")
+    if settings.socket_transport not in ("aiofastnet", "uvloop"):
+        raise ConfigError("setting 'socket_transport' must be 'aiofastnet' or 'uvloop'")
     if settings.log_format not in ("auto", "json", "text"):
         raise ConfigError("setting 'log_format' must be 'auto', 'json' or 'text'")
     if bool(settings.tls_cert) != bool(settings.tls_key):

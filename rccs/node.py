@@ -231,6 +231,7 @@ class Node:
             # picows' per-connection receive buffer starts at 16 KiB; most envelopes are far smaller and
             # the buffer grows on demand, so start small to keep idle devices cheap.
             read_buffer_init_size=2048,
+            use_aiofastnet=settings.socket_transport == "aiofastnet",
             websocket_handshake_timeout=settings.hello_timeout,
             auto_ping_idle_timeout=settings.heartbeat,
             auto_ping_reply_timeout=settings.heartbeat,

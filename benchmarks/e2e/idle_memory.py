@@ -127,7 +127,8 @@ async def measure_rccs(args: argparse.Namespace, workdir: Path) -> dict[str, Any
     proc = subprocess.Popen(
         [sys.executable, str(HERE / "soak_server.py"), str(snapshots), "serve", "--port", str(port),
          "--http-port", str(http_port), "--data-dir", str(workdir / "data"),
-         "--max-connections", str(args.devices + args.warmup + 100)], env=env)
+         "--max-connections", str(args.devices + args.warmup + 100), "--socket-transport", args.transport],
+        env=env)
     try:
         await wait_for_port(port, proc)
         url = f"ws://127.0.0.1:{port}/v1"
@@ -216,7 +217,7 @@ def main() -> None:
     parser.add_argument("--settle", type=float, default=2.0, help="seconds after the last welcome (default 2)")
     parser.add_argument("--top", type=int, default=15)
     parser.add_argument("--transport", choices=("aiofastnet", "uvloop"), default="aiofastnet",
-                        help="the bare server's socket transport (default aiofastnet, as rccs)")
+                        help="both servers' socket transport (default aiofastnet, rccs' default)")
     parser.add_argument("--bare-only", action="store_true", help="measure only the bare picows server")
     parser.add_argument("--bare-server", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()

@@ -19,6 +19,7 @@ import json
 import os
 import platform
 import secrets
+import shlex
 import shutil
 import signal
 import statistics
@@ -136,9 +137,10 @@ class Server:
     def command(self, port: int, http_port: int) -> list[str]:
         if self.scenario.server == "baseline":
             return [sys.executable, str(ROUTER), "--port", str(port)]
+        # RCCS_BENCH_SERVE_ARGS: more `rccs serve` flags for every rccs server (an A/B of a setting)
         return [sys.executable, "-m", "rccs", "serve", "--port", str(port), "--http-port", str(http_port),
                 "--data-dir", str(self.workdir / "data"), "--max-connections", str(self.max_connections),
-                "--log-level", "WARNING"]
+                "--log-level", "WARNING", *shlex.split(os.environ.get("RCCS_BENCH_SERVE_ARGS", ""))]
 
     def env(self) -> dict[str, str]:
         env = base_env()

@@ -34,7 +34,7 @@ def close_gently_after_1009(ws_transport: Any) -> None:
     """Make the close of this connection drain first when the server's close frame said 1009.
 
     Called once per connection when the WebSocket handshake completes. A transport that does not take
-    per-instance attributes (not aiofastnet's) is left alone: it closes as before.
+    per-instance attributes (uvloop's, ``socket_transport = "uvloop"``) is left alone: it closes as before.
     """
     underlying = ws_transport.underlying_transport
     with contextlib.suppress(AttributeError):
