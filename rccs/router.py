@@ -145,10 +145,13 @@ class Router:
         self._registry_write_scheduled = False
         users, self._users_to_add = self._users_to_add, []
         device_ids, self._devices_to_write = list(self._devices_to_write), {}
-        await self.core.store.register(users, [self.registry.snapshot(device_id) for device_id in device_ids])
-        if self.broker.spans_nodes:
-            for device_id in device_ids:  # other nodes read them again from the shared store
-                self.broker.publish(DEVICE_CHANGED, device_id)
+        try:
+            await self.core.store.register(users, [self.registry.snapshot(device_id) for device_id in device_ids])
+        finally:
+            # Also after a refusal: the store kept the other devices (a device it refused reads back as before).
+            if self.broker.spans_nodes:
+                for device_id in device_ids:  # other nodes read them again from the shared store
+                    self.broker.publish(DEVICE_CHANGED, device_id)
 
     # ---- resolving selectors ---------------------------------------------------------
 
