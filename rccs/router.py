@@ -12,6 +12,7 @@ through ``notify_user``, which hands it to the broker; the broker brings it back
 
 from __future__ import annotations
 
+import asyncio
 from typing import TYPE_CHECKING, Any, cast
 
 from ._fastpath import RouteStats, RoutingTable
@@ -62,6 +63,9 @@ class Router:
         self._users_to_add: list[UserRecord] = []
         self._devices_to_write: dict[str, None] = {}
         self._registry_write_scheduled = False
+        # One write at a time: a store that answers a batch call by call (Redis) would otherwise interleave two
+        # batches, and a device could reach it before its user, still waiting in the earlier batch.
+        self._registry_write_lock = asyncio.Lock()
 
     # ---- lookups -------------------------------------------------------------
 
@@ -145,13 +149,15 @@ class Router:
         self._registry_write_scheduled = False
         users, self._users_to_add = self._users_to_add, []
         device_ids, self._devices_to_write = list(self._devices_to_write), {}
-        try:
-            await self.core.store.register(users, [self.registry.snapshot(device_id) for device_id in device_ids])
-        finally:
-            # Also after a refusal: the store kept the other devices (a device it refused reads back as before).
-            if self.broker.spans_nodes:
-                for device_id in device_ids:  # other nodes read them again from the shared store
-                    self.broker.publish(DEVICE_CHANGED, device_id)
+        async with self._registry_write_lock:
+            try:
+                await self.core.store.register(users, [self.registry.snapshot(device_id)
+                                                       for device_id in device_ids])
+            finally:
+                # Also after a refusal: the store kept the other devices (a refused one reads back as before).
+                if self.broker.spans_nodes:
+                    for device_id in device_ids:  # other nodes read them again from the shared store
+                        self.broker.publish(DEVICE_CHANGED, device_id)
 
     # ---- resolving selectors ---------------------------------------------------------
 
