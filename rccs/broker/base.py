@@ -129,3 +129,8 @@ class Broker(abc.ABC):
             del self._first_ack_claims[stale]
         self._first_ack_claims[key] = (device, now + keep_ms / 1000)
         return device
+
+    def to_node(self, node: str, channel: str, payload: Any) -> bool:
+        """A feature's event for one other node only (its ``BrokerNode.deliver_event``), in publishing order
+        with everything else this node sends; False if ``node`` is not a live node other than this one."""
+        return False  # one process: no other node

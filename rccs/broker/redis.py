@@ -311,6 +311,12 @@ class RedisBroker(Broker):
             raise BrokerUnavailable(str(exc)) from exc
         return None if winner is None else _text(winner)
 
+    def to_node(self, node: str, channel: str, payload: Any) -> bool:
+        if node == self.node_id or node not in self.alive:
+            return False
+        self._queue(f"rccs:node:{node}", ["event", self.node_id, channel, payload])
+        return True
+
     # ---- the writer: one connection, in order -----------------------------------------
 
     def _queue(self, channel: str, message: list[Any]) -> None:

@@ -266,12 +266,25 @@ class StateTooLarge(StoreError):
         self.size = size
 
 
+@dataclasses.dataclass(frozen=True)
+class OpenHandoff:
+    """A handoff that holds a task while it is open, as every node of a cluster sees it: its ``id`` (which
+    names the node coordinating it), the ``stage`` it is at, and ``until`` (ms since the epoch) when it stops
+    holding the task if its node has not ended it by then (that node died)."""
+
+    id: str
+    stage: str
+    until: int
+
+
 @dataclasses.dataclass
 class TaskLease:
     """Who owns a task (docs/protocol.md section 15). ``epoch`` is the fencing token: it grows by one with every
     new owner and never goes back, so the record is kept after a release (``owner`` None) for as long as the
     user exists. ``handoff``: the handoff that gave ``owner`` the lease, until the owner has used it (its
-    ``handoff.committed`` is sent again after each of its hellos until then)."""
+    ``handoff.committed`` is sent again after each of its hellos until then). ``open_handoff``: several nodes
+    only, the handoff of the task open now (one node keeps its handoffs in memory; a store that serves one
+    process need not keep it)."""
 
     user: str
     task: str
@@ -280,6 +293,7 @@ class TaskLease:
     expires: int  # ms since the epoch; 0 once released
     handoff: str | None = None
     updated: int = 0
+    open_handoff: OpenHandoff | None = None
 
 
 class Store(abc.ABC):

@@ -552,7 +552,9 @@ class MemoryStore(Store):
         if lease.user not in self._users:
             raise StoreError(f"unknown user {lease.user!r}")
         leases = self._tasks.setdefault(lease.user, {})
-        if if_unchanged and lease_fields(leases.get(lease.task)) != lease_fields(previous):
+        stored = leases.get(lease.task)
+        if if_unchanged and (lease_fields(stored), stored and stored.open_handoff) != (
+                lease_fields(previous), previous and previous.open_handoff):
             raise TaskRaced(f"task {lease.task!r} of {lease.user!r} changed meanwhile")
         leases[lease.task] = dataclasses.replace(lease)
 

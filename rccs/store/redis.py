@@ -158,6 +158,7 @@ from .base import (
     EnqueueOutcome,
     FenceMoved,
     IdMemory,
+    OpenHandoff,
     PairingCode,
     PendingMessage,
     QueuedMessage,
@@ -941,8 +942,12 @@ def _queued_arguments(message: QueuedMessage) -> list[Any]:
 
 
 def _lease_json(lease: TaskLease) -> str:
-    """A lease as its hash value (also what ``put_task`` compares when it must be unchanged)."""
-    return json.dumps(lease_fields(lease))
+    """A lease as its hash value (also what ``put_task`` compares when it must be unchanged): its open handoff,
+    if any, is a sixth element, so a handoff opening or moving on is a change another node's write sees."""
+    fields: list[Any] = list(lease_fields(lease) or ())
+    if lease.open_handoff is not None:
+        fields.append([lease.open_handoff.id, lease.open_handoff.stage, lease.open_handoff.until])
+    return json.dumps(fields)
 
 
 def _id_key(msg_id: str | int) -> str:
@@ -1527,9 +1532,10 @@ class RedisStore(Store):
         leases = await self._command("HGETALL", self._user_key(user_id, "tasks"))
         loaded = []
         for task, packed in leases.items():
-            owner, epoch, expires, handoff, updated = json.loads(packed)
+            owner, epoch, expires, handoff, updated, *open_handoff = json.loads(packed)
             loaded.append(TaskLease(user=user_id, task=_text(task), owner=owner, epoch=epoch, expires=expires,
-                                    handoff=handoff, updated=updated))
+                                    handoff=handoff, updated=updated,
+                                    open_handoff=OpenHandoff(*open_handoff[0]) if open_handoff else None))
         loaded.sort(key=lambda lease: lease.task)
         return loaded
 

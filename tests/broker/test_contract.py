@@ -113,6 +113,22 @@ async def test_revocations_reach_every_node(cluster: Cluster):
         assert node.seen == [("revoked device", "phone", 1000), ("revoked session", "s-1", 1001)]
 
 
+async def test_to_node_reaches_only_that_node_and_is_false_for_no_other_live_node(cluster: Cluster):
+    brokers = await cluster(3)
+    nodes = [RecordingNode((f"user-{n}", "phone")) for n in range(3)]  # announced: each is known alive
+    for broker, node in zip(brokers, nodes, strict=True):
+        await attach(broker, node)
+    await settle(brokers)
+    if isinstance(brokers[0], RedisBroker):  # several nodes: the handoff's coordinator sends a party's node a step
+        assert brokers[0].to_node("node-2", "tasks.handoff", ["watch", "h1"]) is True
+        await settle(brokers)
+        assert [node.seen for node in nodes] == [[], [], [("event", "tasks.handoff", ["watch", "h1"])]]
+    assert brokers[0].to_node("node-0", "tasks.handoff", ["watch"]) is False  # not another node
+    assert brokers[0].to_node("node-9", "tasks.handoff", ["watch"]) is False  # no such live node
+    await settle(brokers)
+    assert all(item[0] != "event" or item[2] == ["watch", "h1"] for node in nodes for item in node.seen)
+
+
 async def test_one_publishers_messages_arrive_in_publishing_order(cluster: Cluster):
     brokers = await cluster(2)
     here, there = RecordingNode(), RecordingNode(("alice", "phone"))

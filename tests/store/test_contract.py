@@ -26,6 +26,7 @@ from rccs.store import (
     DeviceRecord,
     FenceMoved,
     MemoryStore,
+    OpenHandoff,
     PairingCode,
     PendingMessage,
     QueuedMessage,
@@ -1533,6 +1534,25 @@ async def test_a_fenced_state_patch_is_written_only_while_its_writer_holds_the_l
     assert (doc.rev, doc.value) == (2, {"step": 2})  # nothing of the refused patches was written
     assert (await store.patch_state("alice", "user/plan", {"step": 3}, "phone", None, None, *limits,
                                     fence=("build", 2))).rev == 3
+
+
+async def test_a_store_shared_by_nodes_keeps_a_leases_open_handoff_and_a_write_sees_it_change(store):
+    if not store.shared_by_nodes and not isinstance(store, MemoryStore):
+        pytest.skip("a store that serves one process need not keep open handoffs (they live in its memory)")
+    await add_users(store, "alice")
+    lease = TaskLease(user="alice", task="build", owner="laptop", epoch=3, expires=NOW + MINUTE, updated=NOW)
+    await store.put_task(lease)
+    held = dataclasses.replace(lease, open_handoff=OpenHandoff("h1-x@n0", "prepare", NOW + MINUTE))
+    await store.put_task(held, if_unchanged=True, previous=lease)
+    assert await store.load_tasks("alice") == [held]
+    # A claim on another node read the lease before the handoff opened: its write is refused, so it looks again.
+    with pytest.raises(TaskRaced):
+        await store.put_task(dataclasses.replace(lease, owner="tablet", epoch=4), if_unchanged=True, previous=lease)
+    offered = dataclasses.replace(held, open_handoff=OpenHandoff("h1-x@n0", "offer", NOW + HOUR))
+    await store.put_task(offered, if_unchanged=True, previous=held)
+    with pytest.raises(TaskRaced):  # the stage moved on since this writer read it
+        await store.put_task(dataclasses.replace(held, expires=NOW + HOUR), if_unchanged=True, previous=held)
+    assert await store.load_tasks("alice") == [offered]
 
 
 async def test_a_loaded_task_lease_is_a_copy(store):
