@@ -18,6 +18,8 @@ from typing import Any
 
 from .store.base import parse_redis_url
 
+MAX_NODE_ID_CHARS = 96  # a handoff's id (at most 128 characters) is a serial, a random part, "@" and the node id
+
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
@@ -177,6 +179,9 @@ def load_settings(
     if min(settings.task_lease_ttl, settings.handoff_prepare_timeout, settings.handoff_accept_timeout) <= 0:
         raise ConfigError("settings 'task_lease_ttl', 'handoff_prepare_timeout' and 'handoff_accept_timeout' "
                           "must be positive")
+    if len(settings.node_id) > MAX_NODE_ID_CHARS:
+        raise ConfigError(f"setting 'node_id' is longer than {MAX_NODE_ID_CHARS} characters (it ends the ids of the "
+                          "handoffs the node coordinates, which clients send back)")
     if settings.pairing_max_attempts < 1 or settings.pairing_attempts_per_minute < 1:
         raise ConfigError("settings 'pairing_max_attempts' and 'pairing_attempts_per_minute' must be at least 1")
     return settings

@@ -41,7 +41,7 @@ from .state import CHANGES as STATE_CHANGES
 from .state import State
 from .store import is_store_url, open_store
 from .store.base import url_without_password
-from .tasks import Tasks
+from .tasks import HANDOFFS, Tasks
 from .transport.console import console_handler
 from .transport.handshake import create_ws_server
 from .transport.http import HttpServer, http_router
@@ -155,7 +155,7 @@ class Node:
         hub.on_open.append(self.tasks.on_open)
         hub.on_abandon.append(self.pairing.on_abandon)
         hub.on_user_removed.append(self.tasks.forget_user)
-        hub.on_device_gone.append(self.state.on_device_gone)
+        hub.on_device_gone += [self.state.on_device_gone, self.tasks.on_device_gone]
         hub.on_start.append(self.tasks.on_start)
         hub.on_event[STATE_CHANGES] = self.state.on_change
         hub.on_event[INBOX_DOORBELL] = hub.deliveries.ring
@@ -163,6 +163,7 @@ class Node:
         hub.deliver_remote_message = self.messaging.deliver_from_elsewhere
         hub.on_event[FIRST_ACK_SETTLED] = self.messaging.on_first_ack_settled
         hub.on_event[RPC_RESULTS] = self.rpc.on_result_from_elsewhere
+        hub.on_event[HANDOFFS] = self.tasks.on_event
         self.registry = build_registry(hub, lambda: len(self.pairing.requests))
         self._ws_server: asyncio.Server | None = None
         self._http_server: HttpServer | None = None

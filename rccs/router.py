@@ -234,6 +234,20 @@ class Router:
         found = self.routing.select(user, SELECT_KIND[selector.kind], selector.value, True, exclude)
         return cast("LiveSession", found[0]) if found else None
 
+    def resolve_elsewhere(self, user: str, selector: Selector, exclude: str | None) -> str | None:
+        """A device of ``user`` that ``selector`` matches, other than ``exclude``, connected to another node
+        (several nodes only; the selector's order for ``device``/``devices``), or None."""
+        if not self.broker.spans_nodes:
+            return None
+        if selector.kind in ("device", "devices"):
+            names = self.online_matching(user, selector)
+        else:
+            names = [record.id for record in self.registry.user_devices(user) if selector_matches(record, selector)]
+        for name in names:
+            if name != exclude and self.broker.holder(user, name) is not None:
+                return name
+        return None
+
     def online_matching(self, user: str, selector: Selector) -> list[str]:
         """The devices a selector names (in its order for ``device``/``devices``) or matches online now."""
         if selector.kind in ("device", "devices"):

@@ -33,8 +33,7 @@ from typing import TYPE_CHECKING, Any
 import msgpack
 
 from .errors import ErrorCode, ProtocolError
-from .protocol import MAX_ID_CHARS, MSGPACK, Selector, check_message_id, json_dumps, parse_selector, to_json_value
-from .router import selector_matches
+from .protocol import MAX_ID_CHARS, MSGPACK, check_message_id, json_dumps, parse_selector, to_json_value
 
 if TYPE_CHECKING:
     from .contracts import Conn, Handler
@@ -208,7 +207,9 @@ def op_call(rpc: Rpc, session: Conn, header: dict[str, Any]) -> None:
     # the one online device a call goes to: the most recently active match
     exclude = None if selector.include_self else session.device
     target = hub.router.resolve_one(session.user, selector, exclude)
-    elsewhere = _elsewhere(rpc, session.user, selector, exclude) if target is None else None
+    elsewhere_name = hub.router.resolve_elsewhere(session.user, selector, exclude) if target is None else None
+    # stands where the target's connection would (a Conn for the call's bookkeeping)
+    elsewhere: Any = None if elsewhere_name is None else DeviceElsewhere(elsewhere_name)
     if target is None and elsewhere is None:
         hub.events["rpc_offline"] += 1
         raise ProtocolError(ErrorCode.OFFLINE, "no online device matched 'to': the call reached nobody")
@@ -242,21 +243,6 @@ class DeviceElsewhere:
 
     def __init__(self, device: str):
         self.device: str | None = device
-
-
-def _elsewhere(rpc: Rpc, user: str, selector: Selector, exclude: str | None) -> Any:
-    """A device of another node that the selector matches (several nodes only), or None."""
-    router = rpc.hub.router
-    if not router.broker.spans_nodes:
-        return None
-    if selector.kind in ("device", "devices"):
-        names = router.online_matching(user, selector)
-    else:
-        names = [record.id for record in router.registry.user_devices(user) if selector_matches(record, selector)]
-    for name in names:
-        if name != exclude and router.broker.holder(user, name) is not None:
-            return DeviceElsewhere(name)
-    return None
 
 
 def _on_timer(hub: Hub, registry: RpcRegistry, call: Call) -> None:

@@ -208,7 +208,8 @@ class Session:
             try:
                 await work()
             except ProtocolError as exc:
-                self.send_error(exc.code, exc.message, msg_id, **exc.extra)
+                extra = {"retry_after": exc.retry_after} if exc.retry_after is not None else {}
+                self.send_error(exc.code, exc.message, msg_id, **extra, **exc.extra)
             except StoreError as exc:
                 if type(exc) is not StoreError:  # a refusal the feature should have answered: a bug
                     log.exception("internal error in %r from %s", header.get("op"), self.sink.peer)

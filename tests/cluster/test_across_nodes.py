@@ -9,7 +9,7 @@ connects to a second node ending its older connection on the first; a killed nod
 a node started later knowing who is online elsewhere; pairing across three nodes; live/ documents read on
 every node and removed with their writer's node; pick-one fail-over to another node; task leases claimed
 from two nodes at once; the admin API publishing across nodes. first_ack across nodes is in
-test_first_ack_across_nodes.py. Not yet (issue 13): handoffs between nodes.
+test_first_ack_across_nodes.py, handoffs across nodes in test_handoffs_across_nodes.py.
 """
 
 import asyncio
