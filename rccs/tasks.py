@@ -176,7 +176,7 @@ class Tasks:
         """Fail every open handoff (the server is shutting down; leases stay as they are)."""
         for handoff in list(self.handoffs.values()):
             if handoff.stage != COMMIT:
-                _fail(self, handoff, reason)
+                _fail(self, handoff, reason, at_once=True)
 
     def forget_user(self, user: str) -> None:
         """The user was removed: its leases went with it from the store; drop the copy and fail its handoffs."""
@@ -453,7 +453,7 @@ async def fenced(tasks: Tasks, session: Conn, task: str, epoch: int) -> AsyncIte
 
 # ---- handoff --------------------------------------------------------------------
 
-Act = Callable[["Handoff", dict[str, TaskLease], _Book], Coroutine[Any, Any, None]]
+Act = Callable[[Handoff, dict[str, TaskLease], _Book], Coroutine[Any, Any, None]]
 
 
 def op_handoff_request(tasks: Tasks, session: Conn, header: dict[str, Any]) -> None:
@@ -518,6 +518,10 @@ def op_handoff_request(tasks: Tasks, session: Conn, header: dict[str, Any]) -> N
                   first=True)
         if target_node is not None:
             _to_party(tasks, handoff, TARGET, None, first=True)  # its connection is watched from now on
+        for role in (OWNER, TARGET):  # a connection here that ended while the hold was being written
+            connection = handoff.session_of(role)
+            if connection is not None and connection.closed:
+                _disconnected(tasks, handoff, role)
 
     _serialised(tasks, session, header, work)
 
@@ -744,25 +748,28 @@ def _end_elsewhere(tasks: Tasks, handoff: Handoff) -> None:
             tasks.hub.broker.to_node(node, HANDOFFS, ["end", handoff.id])
 
 
-def _fail(tasks: Tasks, handoff: Handoff, reason: str, detail: Any = None) -> None:
-    if not _forget(tasks, handoff, ended_elsewhere=not tasks.hub.broker.spans_nodes):
-        return
+def _fail(tasks: Tasks, handoff: Handoff, reason: str, detail: Any = None, at_once: bool = False) -> None:
+    """End ``handoff`` without a commit. Several nodes: the parties hear it once its hold is cleared in the
+    store, unless ``at_once`` (this node is shutting down: its connections close next)."""
     hub = tasks.hub
+    deferred = hub.broker.spans_nodes and not at_once
+    if not _forget(tasks, handoff, ended_elsewhere=not deferred):
+        return
     hub.events["handoffs_failed"] += 1
     envelope: dict[str, Any] = {"op": "handoff.failed", "handoff": handoff.id, "task": handoff.task,
                                 "reason": reason}
     if isinstance(detail, str) and detail:
         envelope["detail"] = detail[:256]
     if hub.broker.spans_nodes:
-        hub.spawn(_release_then_tell(tasks, handoff, envelope))
-    else:
+        hub.spawn(_release_then_tell(tasks, handoff, envelope if deferred else None))
+    if not deferred:
         _tell(hub, handoff, [handoff.requester, handoff.owner, handoff.target], envelope)
 
 
-async def _release_then_tell(tasks: Tasks, handoff: Handoff, failed: dict[str, Any]) -> None:
+async def _release_then_tell(tasks: Tasks, handoff: Handoff, failed: dict[str, Any] | None) -> None:
     """Several nodes: a failed handoff stops holding the task in the store, and the parties' nodes stop
-    watching, before anyone hears ``handoff.failed``: the owner resumes on it, and its fenced writes (judged on
-    its node against the stored lease) must not be refused then."""
+    watching, before anyone hears ``failed`` (if given): the owner resumes on it, and its fenced writes (judged
+    on its node against the stored lease) must not be refused then."""
     hub = tasks.hub
     book = tasks.book(handoff.user)
     try:
@@ -779,8 +786,9 @@ async def _release_then_tell(tasks: Tasks, handoff: Handoff, failed: dict[str, A
     except StoreError as exc:
         log.warning("handoff %s of task %r: its hold stays in the store until it lapses: %s", handoff.id,
                     handoff.task, exc)
-    _end_elsewhere(tasks, handoff)
-    _tell(hub, handoff, [handoff.requester, handoff.owner, handoff.target], failed)
+    if failed is not None:
+        _end_elsewhere(tasks, handoff)
+        _tell(hub, handoff, [handoff.requester, handoff.owner, handoff.target], failed)
 
 
 def _on_timeout(tasks: Tasks, handoff: Handoff, stage: str) -> None:
