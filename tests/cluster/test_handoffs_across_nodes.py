@@ -4,8 +4,10 @@ handoff holds the task. Devices: the phone on n0, the laptop on n1, the tablet o
 """
 
 import asyncio
+import contextlib
 
 import pytest
+from clusters import running_cluster
 
 from rccs.client import (
     HandoffBusy,
@@ -179,6 +181,39 @@ async def test_the_targets_node_dying_fails_the_handoff_on_the_coordinating_node
         await asyncio.wait_for(handing, 25)  # noticed within NODE_TTL (10 s) and a heartbeat (2 s)
     assert failed.value.reason == "target_disconnected"
     await phone.state_patch("user/agent", {"step": 2}, task="agent", epoch=lease.epoch)  # still the owner's
+
+
+async def test_a_handoff_whose_coordinating_node_died_lapses_and_the_owner_keeps_the_task(tmp_path):
+    async with running_cluster(tmp_path, RCCS_HANDOFF_PREPARE_TIMEOUT="2") as cluster:
+        phone = await cluster.connect(0, "alice", "alice-phone", reconnect=False)  # the requester: n0 coordinates
+        laptop = await cluster.connect(1, "alice", "alice-laptop")
+        tablet = await cluster.connect(2, "alice", "alice-tablet")
+        await until_online(phone, "alice-laptop", "alice-tablet")
+        lease = await laptop.task_claim("agent", ttl=600)
+        preparing = asyncio.Event()
+
+        async def prepare(request: HandoffPrepare):
+            preparing.set()
+            await asyncio.Event().wait()  # pauses, never answers
+
+        laptop.on_handoff_prepare(prepare)
+        handing = asyncio.create_task(phone.handoff("agent", "alice-tablet", timeout=30))
+        await asyncio.wait_for(preparing.wait(), 10)
+        cluster.nodes[0].kill()  # SIGKILL: nobody hears handoff.failed
+        with contextlib.suppress(Exception):
+            await handing
+        # The handoff still holds the task, as stored, until the prepare deadline (2 s) plus 2 s...
+        with pytest.raises(HandoffBusy):
+            await tablet.task_claim("agent")
+        # ...then it lapses: the lease is the owner's at the same epoch, and the owner writes with it.
+        deadline = asyncio.get_running_loop().time() + 10
+        while (status := (await tablet.task_list("agent"))[0]).handoff is not None:
+            assert asyncio.get_running_loop().time() < deadline, "the dead coordinator's handoff did not lapse"
+            await asyncio.sleep(0.1)  # polling the listing: the interval between looks, not synchronisation
+        assert (status.owner, status.epoch) == ("alice-laptop", lease.epoch)
+        with pytest.raises(TaskConflict):
+            await tablet.task_claim("agent")
+        await laptop.state_patch("user/agent", {"step": 2}, task="agent", epoch=lease.epoch)
 
 
 async def until(condition, timeout: float = 10.0) -> None:
