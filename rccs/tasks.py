@@ -543,13 +543,11 @@ def _open_handoff(tasks: Tasks, user: str | None, device: str | None, handoff_id
     return handoff
 
 
-async def _run_step(tasks: Tasks, user: str, device: str, header: dict[str, Any], op: str) -> None:
+async def _run_step(tasks: Tasks, user: str, device: str, handoff_id: str, op: str, act: Act) -> None:
     """A step of a handoff this node coordinates, from ``device`` (connected here or to another node), under
     the user's lock: in order with the sender's earlier task ops (a fenced write sent before ``prepared`` is
     judged before it), and never in the middle of a commit."""
-    party, stage, make = _STEPS[op]
-    handoff_id = _handoff_id(header)
-    act = make(tasks, header)
+    party, stage, _ = _STEPS[op]
 
     async def work(leases: dict[str, TaskLease], book: _Book) -> None:
         await act(_open_handoff(tasks, user, device, handoff_id, party, stage), leases, book)
@@ -559,13 +557,14 @@ async def _run_step(tasks: Tasks, user: str, device: str, header: dict[str, Any]
 
 def _step(tasks: Tasks, session: Conn, header: dict[str, Any], op: str) -> None:
     handoff_id = _handoff_id(header)
-    _STEPS[op][2](tasks, header)  # a malformed step is refused here, before anything is sent anywhere
+    act = _STEPS[op][2](tasks, header)  # a malformed step is refused here, before anything is sent anywhere
     coordinator = tasks.coordinator_elsewhere(handoff_id)
     if coordinator is not None:
         _forward(tasks, session, header, op, handoff_id, coordinator)
         return
     assert session.user is not None and session.device is not None
-    session.run_request(header, functools.partial(_run_step, tasks, session.user, session.device, header, op))
+    session.run_request(header, functools.partial(_run_step, tasks, session.user, session.device, handoff_id, op,
+                                                  act))
 
 
 def _checkpoint_size(checkpoint: Any) -> int:
@@ -951,7 +950,8 @@ def _on_forwarded_step(tasks: Tasks, token: str, origin: str, user: str, device:
         try:
             if op not in _STEPS:
                 raise ProtocolError(ErrorCode.BAD_REQUEST, f"{op!r} is not a step of a handoff")
-            await _run_step(tasks, user, device, header, op)
+            handoff_id = _handoff_id(header)
+            await _run_step(tasks, user, device, handoff_id, op, _STEPS[op][2](tasks, header))
         except ProtocolError as exc:
             extra = dict(exc.extra)
             if exc.retry_after is not None:
