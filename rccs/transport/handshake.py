@@ -166,10 +166,12 @@ class HandshakeGuard(asyncio.Protocol):
 async def create_ws_server(listener_factory: Callable[[Any], Any], host: str | None, port: int | None, *,
                            max_frame_size: int, read_buffer_init_size: int, websocket_handshake_timeout: float,
                            auto_ping_idle_timeout: float, auto_ping_reply_timeout: float, logger_name: str,
-                           backlog: int, on_refused: Callable[[str], None], **server_options: Any) -> asyncio.Server:
+                           backlog: int, on_refused: Callable[[str], None], use_aiofastnet: bool = True,
+                           **server_options: Any) -> asyncio.Server:
     """What ``picows.ws_create_server`` builds (auto-ping when idle, auto-pong), each connection behind a guard.
 
-    ``on_refused`` is told why an upgrade request was refused (431 or 408). ``server_options`` go to the
+    ``on_refused`` is told why an upgrade request was refused (431 or 408). ``use_aiofastnet``: False for
+    uvloop's own transport (setting ``socket_transport``). ``server_options`` go to the
     loop's (or aiofastnet's) ``create_server``: ``ssl`` and ``ssl_handshake_timeout``.
     """
     logger = logging.getLogger(f"picows.{logger_name}")  # the name picows gives a logger_name
@@ -194,6 +196,8 @@ async def create_ws_server(listener_factory: Callable[[Any], Any], host: str | N
         return HandshakeGuard(ws_protocol, websocket_handshake_timeout, on_refused)
 
     loop = asyncio.get_running_loop()
-    create_server = loop.create_server if aiofastnet is None else partial(aiofastnet.create_server, loop)
+    # aiofastnet's transport (picows' default) unless the operator chose uvloop's own (socket_transport)
+    create_server = (partial(aiofastnet.create_server, loop) if use_aiofastnet and aiofastnet is not None
+                     else loop.create_server)
     server: asyncio.Server = await create_server(guard, host, port, backlog=backlog, **server_options)
     return server
