@@ -50,12 +50,15 @@ ERR_UTF8 = "invalid UTF-8 in a msgpack string"
 ERR_EXT_IN_HEADER = "ext types are only allowed inside body"
 ERR_HEADER_MAP_KEY = "map keys outside body must be strings"
 ERR_BIN_IN_HEADER = "binary values are only allowed inside body"
+ERR_TIMESTAMP = "invalid msgpack timestamp in body"
 
 cdef enum:
     C_MAX_DEPTH = 32
     KIND_NONE = 0
     KIND_MAP = 1
     KIND_ARRAY = 2
+    TIMESTAMP_TYPE = 0xFF  # ext type -1
+    MAX_NANOSECONDS = 999999999
 
 ctypedef const unsigned char* cbuf
 
@@ -278,6 +281,22 @@ cdef inline bint _is_one_byte_value(unsigned char b) noexcept nogil:
 
 # ---- validation (body) ------------------------------------------------------
 
+cdef int _check_timestamp(cbuf payload, Py_ssize_t n) except -1:
+    """``codec.py``'s ``_check_timestamp`` on an ext -1 payload ``payload[0:n]`` (known to be there)."""
+    cdef uint64_t nanoseconds = 0
+    if n == 4:
+        return 0
+    if n == 8:
+        nanoseconds = _be(payload, 4) >> 2
+    elif n == 12:
+        nanoseconds = _be(payload, 4)
+    else:
+        _fail(f"{ERR_TIMESTAMP}: ext -1 of {n} bytes (a timestamp has 4, 8 or 12)")
+    if nanoseconds > MAX_NANOSECONDS:
+        _fail(f"{ERR_TIMESTAMP}: {nanoseconds} nanoseconds (at most {MAX_NANOSECONDS})")
+    return 0
+
+
 cdef Py_ssize_t skip_raw(cbuf data, Py_ssize_t size, Py_ssize_t pos, int depth) except -1:
     cdef unsigned char b
     cdef Py_ssize_t p, n, items, i
@@ -328,10 +347,14 @@ cdef Py_ssize_t skip_raw(cbuf data, Py_ssize_t size, Py_ssize_t pos, int depth) 
         _need(size, pos, width)
         n = <Py_ssize_t>_be(data + pos, width)
         _need(size, pos + width, n + 1)
+        if data[pos + width] == TIMESTAMP_TYPE:
+            _check_timestamp(data + pos + width + 1, n)
         return pos + width + 1 + n
     if 0xD4 <= b <= 0xD8:
         n = 1 << (b - 0xD4)
         _need(size, pos, n + 1)
+        if data[pos] == TIMESTAMP_TYPE:
+            _check_timestamp(data + pos + 1, n)
         return pos + 1 + n
     if b == 0xCA or b == 0xCE or b == 0xD2:
         n = 4

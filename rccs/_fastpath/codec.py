@@ -31,6 +31,10 @@ ERR_UTF8 = "invalid UTF-8 in a msgpack string"
 ERR_EXT_IN_HEADER = "ext types are only allowed inside body"
 ERR_HEADER_MAP_KEY = "map keys outside body must be strings"
 ERR_BIN_IN_HEADER = "binary values are only allowed inside body"
+ERR_TIMESTAMP = "invalid msgpack timestamp in body"
+
+_TIMESTAMP_TYPE = 0xFF  # ext type -1
+_MAX_NANOSECONDS = 999_999_999
 
 
 def _invalid_byte(b: int) -> str:
@@ -85,6 +89,25 @@ def _read_str(data: bytes, pos: int, n: int) -> str:
         raise EnvelopeError(ERR_UTF8) from None
 
 
+def _check_timestamp(data: bytes, pos: int, n: int) -> None:
+    """Refuse an ext -1 payload ``data[pos:pos + n]`` (known to be there) that is no msgpack timestamp.
+
+    Bodies are forwarded byte for byte, and standard msgpack decoders refuse a whole message holding an
+    invalid timestamp: the receiver would lose the envelope, and an ack:true one would be redelivered until
+    dead-lettered. So the sender is told instead.
+    """
+    if n == 4:
+        return
+    if n == 8:
+        nanoseconds = int.from_bytes(data[pos:pos + 4], "big") >> 2
+    elif n == 12:
+        nanoseconds = int.from_bytes(data[pos:pos + 4], "big")
+    else:
+        raise EnvelopeError(f"{ERR_TIMESTAMP}: ext -1 of {n} bytes (a timestamp has 4, 8 or 12)")
+    if nanoseconds > _MAX_NANOSECONDS:
+        raise EnvelopeError(f"{ERR_TIMESTAMP}: {nanoseconds} nanoseconds (at most {_MAX_NANOSECONDS})")
+
+
 def skip_value(data: bytes, pos: int, depth: int) -> int:
     """Validate the msgpack value at ``pos`` (nested ``depth`` levels deep) and return the position after it."""
     if type(data) is not bytes:
@@ -121,10 +144,14 @@ def _skip(data: bytes, pos: int, depth: int) -> int:
         width = 1 << (b - 0xC7)
         n = _uint(data, pos, width)
         _need(data, pos + width, n + 1)
+        if data[pos + width] == _TIMESTAMP_TYPE:
+            _check_timestamp(data, pos + width + 1, n)
         return pos + width + 1 + n
     if 0xD4 <= b <= 0xD8:
         n = 1 << (b - 0xD4)
         _need(data, pos, n + 1)
+        if data[pos] == _TIMESTAMP_TYPE:
+            _check_timestamp(data, pos + 1, n)
         return pos + 1 + n
     if b in (0xCA, 0xCE, 0xD2):
         _need(data, pos, 4)

@@ -67,6 +67,7 @@ EXT = "ext types are only allowed inside body"
 HEADER_MAP_KEY = "map keys outside body must be strings"
 BIN = "binary values are only allowed inside body"
 BAD_C1 = "invalid msgpack type byte 0xc1"
+TIMESTAMP = "invalid msgpack timestamp in body"
 
 
 def h(text):
@@ -111,7 +112,7 @@ def expect(fn, args, expected):
 
 CODEC_CONSTANTS = [
     "MAX_DEPTH", "ERR_TRUNCATED", "ERR_DEPTH", "ERR_TRAILING", "ERR_NOT_MAP", "ERR_KEY_TYPE", "ERR_UTF8",
-    "ERR_EXT_IN_HEADER", "ERR_HEADER_MAP_KEY", "ERR_BIN_IN_HEADER",
+    "ERR_EXT_IN_HEADER", "ERR_HEADER_MAP_KEY", "ERR_BIN_IN_HEADER", "ERR_TIMESTAMP",
 ]
 CODEC_FUNCTIONS = ["decode_envelope", "skip_value", "encode_msg_prefix", "encode_msg", "append_seq"]
 ROUTING_CONSTANTS = [
@@ -327,6 +328,79 @@ ENVELOPE_ERRORS = [
 @pytest.mark.parametrize(("data_hex", "message"), ENVELOPE_ERRORS)
 def test_decode_errors(codec, data_hex, message):
     expect(codec.decode_envelope, (h(data_hex),), (EnvelopeError, message))
+
+
+# ---- timestamps in the body (ext -1): standard msgpack decoders refuse an invalid one ------------------------------
+
+def _seconds_nanos_8(nanoseconds, seconds=0):
+    return ((nanoseconds << 34) | seconds).to_bytes(8, "big").hex()
+
+
+def _seconds_nanos_12(nanoseconds, seconds=-1):
+    return nanoseconds.to_bytes(4, "big").hex() + seconds.to_bytes(8, "big", signed=True).hex()
+
+
+def _length_of(n):
+    return f"{TIMESTAMP}: ext -1 of {n} bytes (a timestamp has 4, 8 or 12)"
+
+
+def _nanoseconds(n):
+    return f"{TIMESTAMP}: {n} nanoseconds (at most 999999999)"
+
+
+# (body hex, error message): every form of ext -1 whose payload is no timestamp, also deep inside the body
+BAD_TIMESTAMPS = [
+    ("c7 03 ff 01 02 03", _length_of(3)), ("c7 00 ff", _length_of(0)), ("c8 00 05 ff" + " 00" * 5, _length_of(5)),
+    ("c9 00 00 00 10 ff" + " 00" * 16, _length_of(16)), ("d4 ff 00", _length_of(1)), ("d5 ff 00 00", _length_of(2)),
+    ("d8 ff" + " 00" * 16, _length_of(16)), ("c7 0d ff" + " 00" * 13, _length_of(13)),
+    ("d7 ff" + _seconds_nanos_8(10**9), _nanoseconds(10**9)), ("d7 ff" + "ff" * 8, _nanoseconds(2**30 - 1)),
+    ("c7 08 ff" + _seconds_nanos_8(10**9), _nanoseconds(10**9)),
+    ("c7 0c ff" + _seconds_nanos_12(10**9), _nanoseconds(10**9)),
+    ("c7 0c ff ff ff ff ff" + " 00" * 7 + " 01", _nanoseconds(2**32 - 1)),
+    ("c9 00 00 00 0c ff" + _seconds_nanos_12(10**9), _nanoseconds(10**9)),
+    ("93 01 a1 61 c7 03 ff 01 02 03", _length_of(3)),  # in an array
+    ("81 a1 74 d7 ff" + _seconds_nanos_8(10**9), _nanoseconds(10**9)),  # a map value
+    ("81 c7 03 ff 01 02 03 c0", _length_of(3)),  # a map key
+    ("91" * 30 + " 81 a1 74 d4 ff 00", _length_of(1)),  # as deep as a body goes
+]
+
+# Valid timestamps in every form, and ext types other than -1 of any length: accepted as before
+GOOD_EXTS = [
+    "d6 ff 00 00 00 00", "d6 ff ff ff ff ff", "c7 04 ff 00 00 00 01", "c8 00 04 ff 00 00 00 01",
+    "d7 ff" + _seconds_nanos_8(10**9 - 1, 2**34 - 1), "c7 08 ff" + _seconds_nanos_8(0, 1),
+    "c7 0c ff" + _seconds_nanos_12(10**9 - 1), "c9 00 00 00 0c ff" + _seconds_nanos_12(0, -(2**63)),
+    "c7 03 fe 01 02 03", "c7 03 01 01 02 03", "d4 7f 00", "d4 80 00", "d8 fe" + " ff" * 16, "c7 00 05",
+    "d7 fe" + " ff" * 8, "c7 0c 00" + " ff" * 12,
+    "93 d6 ff 00 00 00 01 c7 03 02 01 02 03 81 a1 74 d7 ff" + _seconds_nanos_8(5, 5),
+    "81 d6 ff 00 00 00 01 c0", "91" * 30 + " 81 a1 74 c7 0c ff" + _seconds_nanos_12(1),
+]
+
+
+@CODECS
+@pytest.mark.parametrize(("body_hex", "message"), BAD_TIMESTAMPS)
+def test_an_invalid_timestamp_in_the_body_is_refused(codec, body_hex, message):
+    body = h(body_hex)
+    with pytest.raises(ValueError, match=r"timestamp|nanoseconds"):  # what a receiver's msgpack library does with it
+        msgpack.unpackb(body, strict_map_key=False)
+    expect(codec.decode_envelope, (h(BODY_PREFIX) + body,), (EnvelopeError, message))
+    expect(codec.decode_envelope, (h("82 a4 62 6f 64 79") + body + h("a2 6f 70 a1 78"),), (EnvelopeError, message))
+    expect(codec.skip_value, (body, 0, 1), (EnvelopeError, message))
+
+
+@CODECS
+@pytest.mark.parametrize("body_hex", GOOD_EXTS)
+def test_valid_timestamps_and_other_ext_types_pass_the_body_check(codec, body_hex):
+    body = h(body_hex)
+    msgpack.unpackb(body, strict_map_key=False, ext_hook=lambda code, data: (code, data))  # any code: -2 too
+    data = h(BODY_PREFIX) + body
+    expect(codec.decode_envelope, (data,), ({"op": "x"}, 11, len(data)))
+    expect(codec.skip_value, (body, 0, 1), len(body))
+
+
+@CODECS
+def test_a_cut_timestamp_is_truncated_not_invalid(codec):
+    for body_hex in ("c7 03 ff 01 02", "d7 ff 00", "c7 0c ff" + _seconds_nanos_12(10**9)[:-2]):
+        expect(codec.decode_envelope, (h(BODY_PREFIX + body_hex),), (EnvelopeError, TRUNCATED))
 
 
 @CODECS

@@ -20,7 +20,8 @@ SHORT = settings(max_examples=int(os.environ.get("RCCS_FUZZ_EXAMPLES", "1000")),
                  suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 REGRESSIONS = [  # inputs the fuzzers found, kept
-    bytes.fromhex("81a4626f6479c703ff010203"),  # a 3-byte timestamp in the body
+    bytes.fromhex("81a4626f6479c703ff010203"),  # a 3-byte timestamp in the body: refused by both (issue 16)
+    bytes.fromhex("81a4626f6479d7ffee6b280000000000"),  # an 8-byte timestamp with 10**9 nanoseconds: refused
     bytes.fromhex("81a4626f6479d48007"),  # ext type -128
     bytes.fromhex("81a4626f647981920102a161"),  # an array as a map key
     bytes.fromhex("81a4626f64798201a161c3a162"),  # keys 1 and true

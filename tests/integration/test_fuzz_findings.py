@@ -75,11 +75,10 @@ def envelope_with_body(fields, body):
 
 # ---- msgpack bodies for a JSON receiver (section 6) ------------------------------------------------------------
 
-TWELVE_BYTE_TIMESTAMP = b"\xff\xff\xff\xff" + b"\x00" * 7 + b"\x01"  # nanoseconds over 999,999,999
+TWELVE_BYTE_TIMESTAMP = (10**9 - 1).to_bytes(4, "big") + (-1).to_bytes(8, "big", signed=True)
 
 
 @pytest.mark.parametrize(("body", "converted"), [
-    (b"\xc7\x03\xff\x01\x02\x03", {"$ext": -1, "data": "AQID"}),
     (b"\xc7\x0c\xff" + TWELVE_BYTE_TIMESTAMP, {"$ext": -1, "data": base64.b64encode(TWELVE_BYTE_TIMESTAMP).decode()}),
     (b"\xd4\x80\x07", {"$ext": -128, "data": "Bw=="}),
     (b"\x81\x92\x01\x02\xa1a", {"[1,2]": "a"}),
@@ -87,7 +86,7 @@ TWELVE_BYTE_TIMESTAMP = b"\xff\xff\xff\xff" + b"\x00" * 7 + b"\x01"  # nanosecon
     (b"\x82\x01\xa1a\xc3\xa1b", {"1": "a", "true": "b"}),
     # nil and NaN keys both say "null" in JSON: one map cannot hold both
     (b"\x83\xc0\x01\xcb\x7f\xf8\x00\x00\x00\x00\x00\x00\x02\xc4\x01\xff\x03", "unconvertible"),
-], ids=["timestamp-3-bytes", "timestamp-12-bytes-bad-nanos", "ext-minus-128", "array-key", "map-key",
+], ids=["timestamp-12-bytes", "ext-minus-128", "array-key", "map-key",
         "int-and-true-keys", "nil-nan-bin-keys"])
 async def test_msgpack_bodies_reach_a_json_device_converted(server, body, converted):
     sender = await raw_device(server, "conv", "conv-mp", text=False)
@@ -104,6 +103,48 @@ async def test_msgpack_bodies_reach_a_json_device_converted(server, body, conver
         assert (await sender.next())["status"] == "routed"
     await sender.still_answers()
     await receiver.still_answers()
+
+
+# ---- timestamps in a msgpack body (ext -1) -----------------------------------------------------------------------
+
+NANOSECONDS_OVER = "invalid msgpack timestamp in body: 1000000000 nanoseconds (at most 999999999)"
+
+
+@pytest.mark.parametrize(("body", "message"), [
+    (b"\xc7\x03\xff\x01\x02\x03", "invalid msgpack timestamp in body: ext -1 of 3 bytes (a timestamp has 4, 8 or 12)"),
+    (b"\xd7\xff" + (10**9 << 34).to_bytes(8, "big"), NANOSECONDS_OVER),
+    (b"\xc7\x0c\xff" + (10**9).to_bytes(4, "big") + b"\x00" * 8, NANOSECONDS_OVER),
+    (b"\x92\x01\x81\xa1t\xc7\x03\xff\x01\x02\x03",
+     "invalid msgpack timestamp in body: ext -1 of 3 bytes (a timestamp has 4, 8 or 12)"),
+], ids=["3-bytes", "8-bytes-bad-nanos", "12-bytes-bad-nanos", "nested"])
+@pytest.mark.parametrize("receiver_text", [False, True], ids=["msgpack-receiver", "json-receiver"])
+async def test_an_invalid_timestamp_in_a_body_is_refused_at_the_sender(server, body, message, receiver_text):
+    # Forwarded as it is, it would be a msg frame no standard msgpack decoder reads: the receiver loses the whole
+    # envelope, and an ack:true one would come back until dead-lettered.
+    sender = await raw_device(server, "ts", "ts-sender", text=False)
+    receiver = await raw_device(server, "ts", "ts-receiver", text=receiver_text)
+    sender.write(masked_frame(envelope_with_body(
+        {"op": "send", "id": "m", "to": {"device": "ts-receiver"}, "type": "t", "ack": True}, body)))
+    assert await sender.next() == {"op": "error", "code": "bad_request",
+                                   "message": f"malformed msgpack envelope: {message}"}
+    await sender.still_answers()
+    await receiver.still_answers()  # its next frame is the pong: no msg came before it
+    assert server.hub.errors_sent["internal"] == 0
+
+
+async def test_a_valid_timestamp_still_arrives_byte_for_byte(server):
+    sender = await raw_device(server, "ts", "ts-sender", text=False)
+    receiver = await raw_device(server, "ts", "ts-receiver", text=False)
+    body = b"\x92\xd7\xff" + ((10**9 - 1) << 34 | 1_700_000_000).to_bytes(8, "big") + b"\xd6\xff" + bytes(4)
+    sender.write(masked_frame(envelope_with_body(
+        {"op": "send", "id": "m", "to": {"device": "ts-receiver"}, "type": "t"}, body)))
+    while True:
+        _, payload = await asyncio.wait_for(read_frame(receiver.reader), 5)
+        if msgpack.unpackb(payload)["op"] == "msg":
+            break
+    assert body in payload
+    assert msgpack.unpackb(payload)["body"] == [msgpack.Timestamp(1_700_000_000, 10**9 - 1), msgpack.Timestamp(0)]
+    await sender.still_answers()  # no error came before the pong
 
 
 async def test_map_keys_that_meet_in_json_make_the_body_unconvertible(server):
