@@ -34,7 +34,7 @@ from .clock import now_ms
 from .config import Settings
 from .errors import CloseCode, ReceiptReason
 from .events import EventBus, Webhooks
-from .inbox import RING_BOTH, Deliveries, queued_from_frame
+from .inbox import RING_BOTH, RING_RECEIPTS, Deliveries, queued_from_frame
 from .registry import Registry
 from .router import DEVICE_CHANGED, STATUS_REVOKED, Router
 from .store import (
@@ -61,6 +61,7 @@ COUNTER_FLUSH_EVERY = 5  # flush intervals between writes of session counters
 CHANGE_POLL_INTERVAL = 0.25  # revocations made by the CLI reach live connections within this (plus a flush)
 FLUSH_SLICE = 500  # sessions snapshotted per event-loop turn when flushing
 MAX_CHANGE_RETRIES = 40  # polls (10 s) before a change that keeps failing is skipped
+RECEIPT_SWEEP_EVERY = 2  # flush intervals between looks for kept receipts of devices held here (several nodes)
 CLEANUP_EVERY = 60  # flush intervals between deletions of stale sessions and pairing codes
 
 
@@ -504,12 +505,22 @@ class Hub:
                         if session.counters_changed():
                             self._dirty_sessions.add(session.id)
                 await self.flush()
+                if ticks % RECEIPT_SWEEP_EVERY == 0 and self.broker.spans_nodes:
+                    await self._look_for_kept_receipts()
                 if ticks % CLEANUP_EVERY == 0:
                     await self.store.delete_stale_sessions(now, int(self.settings.session_grace * 1000))
                     await self.store.delete_pairing_codes_before(now)
                     self.deliveries.sweep_ids(now)
             except Exception:
                 log.exception("session maintenance failed; retrying next interval")
+
+    async def _look_for_kept_receipts(self) -> None:
+        """Several nodes: a receipt kept in Redis for a device held here is written to it even when its
+        doorbell was lost (Redis is the truth; a doorbell only saves the wait for this sweep)."""
+        for device in await self.store.devices_with_kept_receipts():
+            record = self.router.registry.get(device)
+            if record is not None and self.router.online(record.user, device) is not None:
+                self.deliveries.ring([record.user, device, RING_RECEIPTS])
 
     def expire_sessions(self, now: int) -> None:
         expiries = self._expiries

@@ -491,6 +491,11 @@ class Store(abc.ABC):
     async def take_receipts(self, device_id: str, limit: int = 10000) -> list[dict[str, Any]]:
         """Delete and return a device's kept receipts, oldest first."""
 
+    @abc.abstractmethod
+    async def devices_with_kept_receipts(self) -> list[str]:
+        """The devices that have kept receipts now, sorted (nodes of a cluster look for the ones they hold,
+        in case a doorbell was lost)."""
+
     async def welcome_reads(self, device_ids: Sequence[str], now: int,
                             limit: int) -> list[tuple[list[dict[str, Any]], list[QueuedMessage]]]:
         """What the hellos of one loop turn read, per device in order: its kept receipts, taken as

@@ -526,6 +526,9 @@ class MemoryStore(Store):
             del self._receipts[device_id]
         return [unpack_receipt(envelope) for envelope in taken]
 
+    async def devices_with_kept_receipts(self) -> list[str]:
+        return sorted(self._receipts)
+
     async def kept_receipts(self, device_id: str) -> list[dict[str, Any]]:
         return [unpack_receipt(envelope) for envelope in self._receipts.get(device_id, [])]
 

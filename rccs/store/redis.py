@@ -85,6 +85,7 @@ key                                    type         contents; who deletes it
 ``P dead``, ``P dead-device:<d>``,     zset         dead letter ids (score: id); as above
 ``P dead-user:<u>``
 ``P receipts:<device>``                list         msgpack receipts, oldest first; ``take_receipts``
+``P receipts-waiting``                 set          devices whose ``receipts:`` list is not empty; ``take_receipts``
 ``P message-ids``                      hash         msgpack [device, id] -> msgpack [at, digest]: the ids nodes
                                                     remembered in memory, saved at their shutdowns (merged);
                                                     expired ones deleted by ``load_message_ids``
@@ -743,7 +744,10 @@ return #ids
 
 # ARGV: device, then packed receipts (all of one call's batch for this device).
 SCRIPTS["add_receipts"] = """
-for i = 2, #ARGV, 2 do redis.call('RPUSH', P .. 'receipts:' .. ARGV[i], ARGV[i + 1]) end
+for i = 2, #ARGV, 2 do
+  redis.call('RPUSH', P .. 'receipts:' .. ARGV[i], ARGV[i + 1])
+  redis.call('SADD', P .. 'receipts-waiting', ARGV[i])
+end
 return 1
 """
 
@@ -751,6 +755,7 @@ SCRIPTS["take_receipts"] = """
 local key, limit = P .. 'receipts:' .. ARGV[2], tonumber(ARGV[3])
 local taken = redis.call('LRANGE', key, 0, limit - 1)
 if #taken > 0 then redis.call('LTRIM', key, limit, -1) end
+if redis.call('EXISTS', key) == 0 then redis.call('SREM', P .. 'receipts-waiting', ARGV[2]) end
 return taken
 """
 
@@ -1404,6 +1409,9 @@ class RedisStore(Store):
         if limit <= 0:
             return []
         return [unpack_receipt(envelope) for envelope in await self._run("take_receipts", device_id, limit)]
+
+    async def devices_with_kept_receipts(self) -> list[str]:
+        return sorted(_text(device) for device in await self._command("SMEMBERS", self._key("receipts-waiting")))
 
     async def kept_receipts(self, device_id: str) -> list[dict[str, Any]]:
         key = self._key(f"receipts:{device_id}")

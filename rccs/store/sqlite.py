@@ -1116,6 +1116,12 @@ class SqliteStore(Store):
 
         await self._write(work)
 
+    async def devices_with_kept_receipts(self) -> list[str]:
+        def work(db: sqlite3.Connection) -> list[str]:
+            return [row[0] for row in db.execute("SELECT DISTINCT device FROM receipts ORDER BY device")]
+
+        return await self._read(work)
+
     async def take_receipts(self, device_id: str, limit: int = 10000) -> list[dict[str, Any]]:
         if limit <= 0:
             return []

@@ -22,6 +22,7 @@ import pytest
 from clusters import running_cluster
 
 from rccs.client import ClientError, ConnectionClosed, StaleEpoch, TaskConflict, pair
+from rccs.store import open_store
 from rccs.testing import child_environment
 
 
@@ -37,6 +38,20 @@ async def test_an_acked_message_crosses_nodes_with_its_receipts(cluster):
     assert [(r.status, r.device) for r in receipts] == [("queued", "alice-laptop")]
     delivered = await asyncio.wait_for(phone.receipts.get(), 10)
     assert (delivered.id, delivered.status, delivered.device) == (receipts[0].id, "delivered", "alice-laptop")
+
+
+async def test_a_receipt_kept_in_redis_reaches_its_connected_sender_without_a_doorbell(cluster):
+    phone = await cluster.connect(0, "alice", "alice-phone")
+    # As a node that kept it and whose doorbell was lost (Redis is the truth): written straight to Redis.
+    store = open_store(cluster.redis_url, "")
+    await store.open()
+    try:
+        await store.add_receipts([("alice-phone", {"op": "receipt", "id": "lost-bell", "status": "delivered",
+                                                   "device": "alice-laptop"})])
+    finally:
+        await store.close()
+    receipt = await asyncio.wait_for(phone.receipts.get(), 10)  # within a few of its node's sweeps
+    assert (receipt.id, receipt.status, receipt.device) == ("lost-bell", "delivered", "alice-laptop")
 
 
 async def test_live_messages_cross_nodes_by_name_and_by_selector(cluster):

@@ -1235,6 +1235,17 @@ async def test_receipts_are_kept_per_device_and_taken_oldest_first_once(store):
     assert await store.take_receipts("nobody") == []
 
 
+async def test_the_devices_with_kept_receipts_are_those_whose_receipts_are_not_all_taken(store):
+    assert await store.devices_with_kept_receipts() == []
+    await store.add_receipts([("phone", {"id": 1}), ("laptop", {"id": 2}), ("phone", {"id": 3})])
+    assert await store.devices_with_kept_receipts() == ["laptop", "phone"]
+    await store.take_receipts("phone", limit=1)
+    assert await store.devices_with_kept_receipts() == ["laptop", "phone"]  # one is still kept
+    await store.take_receipts("phone")
+    await store.take_receipts("laptop")
+    assert await store.devices_with_kept_receipts() == []
+
+
 async def test_kept_receipts_are_read_oldest_first_and_stay_kept(store):
     await store.add_receipts([("phone", {"id": "m-1", "extra": {3: b"\x00"}}), ("tablet", {"id": 2})])
     await store.add_receipts([("phone", {"id": 2**64 - 1})])
