@@ -24,10 +24,13 @@ class Cluster:
         self.tokens = tokens
         self.clients: list[Client] = []
 
-    async def connect(self, node: int, user: str, device: str, **options) -> Client:
+    async def connect(self, node: int, user: str, device: str, prepare=None, **options) -> Client:
+        """A connected client; ``prepare(client)`` runs before it connects (handlers for what its hello brings)."""
         client = Client(self.nodes[node].ws_url, self.tokens.issue(user, device, 600), {"type": "desktop"},
                         **options)
         self.clients.append(client)
+        if prepare is not None:
+            prepare(client)
         await client.connect()
         return client
 

@@ -70,8 +70,9 @@ async def test_a_handoff_between_three_nodes_commits_and_fences_the_old_owner(cl
     # The new owner reconnects to a third node (neither the coordinator nor its own) before using the lease:
     # the committed notice comes again there.
     again: list[HandoffResult] = []
-    moved = await cluster.connect(1, "alice", "alice-tablet")
-    moved.on_task_gained(again.append)
+    # (The handler is set before the hello: the notice may come right behind the welcome.)
+    moved = await cluster.connect(1, "alice", "alice-tablet",
+                                  prepare=lambda client: client.on_task_gained(again.append))
     await until(lambda: again)
     assert [(g.handoff, g.owner, g.epoch) for g in again] == [(result.handoff, "alice-tablet", epoch + 1)]
     written = await moved.state_patch("user/agent", {"step": 4}, task="agent", epoch=epoch + 1)
