@@ -21,6 +21,7 @@ becomes a dead letter and its sender gets ``failed``/``undeliverable``.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import random
 from collections.abc import Awaitable
@@ -29,7 +30,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 from ._fastpath import EnvelopeError, RememberedIds, decode_envelope
 from .errors import ErrorCode, ProtocolError, ReceiptReason
 from .outgoing import Outgoing
-from .protocol import NIL, json_loads, json_value_to_msgpack, receipt
+from .protocol import NIL, Selector, json_loads, json_value_to_msgpack, receipt
 from .store.base import IdMemory, QueuedMessage, StoreError
 
 if TYPE_CHECKING:
@@ -56,6 +57,7 @@ class ToKeep(NamedTuple):
     status: str  # the sender's receipt once it is stored
     new_send: bool  # from a send just now: a store shared by several nodes checks its id
     from_device: str | None  # a pick-one message moving from that device: its receipt is moved
+    replaces: int | None = None  # ... and the inbox id it moves from, removed once this one is stored
 
 
 class ToRemember(NamedTuple):
@@ -225,7 +227,11 @@ class Deliveries:
         (``failed``/``unavailable``, final for that device) with its id forgotten, so that sending the same
         message again is not taken for a repeat."""
         log.warning("store unavailable: %d inbox writes refused (%s)", len(batch), exc)
-        for message, *_ in batch:
+        for message, *_, replaces in batch:
+            if replaces is not None:
+                # A pick-one message moving on: it stays in the inbox it was to leave, and is written there again.
+                self._acked.discard(replaces)
+                continue
             self.stats["rejected"] += 1
             self.forget_id(message.sender_device, message.msg_id)
             self.send_receipt(message.user, message.sender_device,
@@ -242,17 +248,21 @@ class Deliveries:
         if repeats:
             self._answer_repeats(outcome.repeated, outcome.conflicting)
         stored = iter(outcome.stored)
-        for message, status, _, from_device in batch:
+        for message, status, _, from_device, replaces in batch:
             key = (message.device, message.sender_device, message.msg_id)
             if key in repeats:
                 continue  # answered once per send above
             if key in rejected:
+                if replaces is not None:
+                    self._acked.discard(replaces)  # it stays with the device it was to leave (written again)
                 self.stats["rejected"] += 1
                 self.send_receipt(message.user, message.sender_device,
                                   receipt(message.msg_id, "failed", message.device, ReceiptReason.INBOX_FULL.value))
                 continue
             kept = next(stored)
             self.stats["enqueued"] += 1
+            if replaces is not None:
+                self._to_remove.append(replaces)  # (still in ``_acked``: no inbox read writes it again)
             kept_receipt = receipt(kept.msg_id, status, kept.device)
             if from_device is not None:
                 kept_receipt["from_device"] = from_device
@@ -392,6 +402,24 @@ class Deliveries:
         if session.retry is None:
             session.retry = {}
         session.retry[seq] = [self.core.now() + int(self.backoff(message.attempts) * 1000), message.attempts]
+        if message.work is not None and self.router.broker.spans_nodes:
+            session.track(seq, InboxWorkItem(self, message))
+
+    def move_on(self, session: LiveSession, seq: int, message: QueuedMessage, device: str) -> None:
+        """A pick-one message written from ``session``'s inbox (``seq``) and not acked moves to ``device``:
+        taken back from this one (``retract``; a late ack is ignored), kept in ``device``'s inbox (its node
+        writes it from there), then removed from this device's inbox; the sender gets ``moved``."""
+        inbox_id = session.inbox_ids.pop(seq, None) if session.inbox_ids else None
+        assert inbox_id is not None and message.work is not None and session.device is not None
+        session.withdraw(seq, message.msg_id, message.sender_device)
+        self.in_flight.pop(inbox_id, None)
+        self._acked.add(inbox_id)  # not written again from the inbox it leaves (unless the move fails)
+        kind, value, include_self, order, tried = message.work
+        moving = dataclasses.replace(message, device=device, attempts=0, id=0,
+                                     work=[kind, value, include_self, order, sorted({*tried, device})])
+        self._to_enqueue.append(ToKeep(moving, "moved", False, session.device, inbox_id))
+        self._schedule()
+        self.core.events["work_moved"] += 1
 
     def on_online(self, session: LiveSession) -> None:
         """A device said welcome: its kept receipts, then its inbox. The devices welcomed in one loop turn
@@ -610,6 +638,34 @@ class Deliveries:
             self.in_flight.pop(message.id, None)
             self.send_receipt(message.user, message.sender_device, receipt(message.msg_id, "failed", device,
                                                                            reason.value))
+
+
+class InboxWorkItem:
+    """Several nodes: a pick-one message written from its device's inbox (it came from another node, or moved
+    here through an inbox). If its device does not ack in time it moves on, as on one node: to a matching
+    device not tried yet, online here or on another node (``Router.next_pick``), through that device's inbox."""
+
+    __slots__ = ("deliveries", "message")
+
+    def __init__(self, deliveries: Deliveries, message: QueuedMessage):
+        self.deliveries = deliveries
+        self.message = message
+
+    def acked(self, session: LiveSession) -> None:
+        """The ack path sends ``delivered`` and removes it from the inbox."""
+
+    def overdue(self, session: LiveSession, seq: int) -> bool:
+        """Move on (True), or False (written again to this device) when no other device can take it."""
+        message = self.message
+        assert message.work is not None
+        kind, value, include_self, order, tried = message.work
+        selector = Selector(kind, value, True, include_self)
+        chosen = self.deliveries.router.next_pick(message.user, selector, order, {*tried, session.device or ""},
+                                                 None if include_self else message.sender_device)
+        if chosen is None:
+            return False
+        self.deliveries.move_on(session, seq, message, chosen)
+        return True
 
 
 def queued_from_frame(frame: bytes, text: bool, device: str, user: str, expires_at: int | None) -> QueuedMessage | None:

@@ -53,7 +53,7 @@ from .router import selector_matches
 from .store.base import QueuedMessage, StoreError
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Coroutine
+    from collections.abc import Callable, Coroutine, Iterable
 
     from .config import Settings
     from .contracts import Conn, Core, Handler, LiveSession, Sender
@@ -170,8 +170,12 @@ class Messaging:
             else:
                 online = []
             if offline:
+                work = None
+                if selector.pick_one and router.broker.spans_nodes and router.broker.holder(user, offline[0].id):
+                    # Online on another node: there it moves on, if not acked in time (InboxWorkItem).
+                    work = stored_work(selector, order, {offline[0].id})
                 self._enqueue(user, device, outgoing, offline, ttl, priority, "accepted" if durable else "queued",
-                              failures)
+                              failures, work)
             offline = offline + online
         self._write(sender, outgoing, selector, order, first_ack, targets, failures, offline, [], started)
 
@@ -376,7 +380,7 @@ class Messaging:
         return True
 
     def _enqueue(self, user: str, device: str, outgoing: Outgoing, devices: list[Any], ttl: float, priority: int,
-                 status: str, failures: list[tuple[str | None, ReceiptReason]]) -> None:
+                 status: str, failures: list[tuple[str | None, ReceiptReason]], work: list[Any] | None = None) -> None:
         """Keep the message in these devices' inboxes; receipts follow once it is committed."""
         try:
             body = outgoing.body_raw if outgoing.body_raw is not None else json_value_to_msgpack(outgoing.body_json)
@@ -388,7 +392,7 @@ class Messaging:
             self.deliveries.enqueue(QueuedMessage(
                 device=record.id, user=user, sender_device=device, msg_id=outgoing.msg_id,
                 type=outgoing.app_type, body=body, ts=outgoing.ts, priority=priority, expires_at=expires_at,
-                receipt=True), status, new_send=True)
+                receipt=True, work=work), status, new_send=True)
 
     # ---- ack --------------------------------------------------------------------
 
@@ -512,6 +516,12 @@ class FirstAckGroup:
         return False  # each copy is written again like any unacked message
 
 
+def stored_work(selector: Selector, order: str, tried: Iterable[str | None]) -> list[Any]:
+    """What a pick-one message carries into an inbox on several nodes (``QueuedMessage.work``): the node that
+    writes it to its device moves it on if that device does not ack in time (``inbox.InboxWorkItem``)."""
+    return [selector.kind, selector.value, selector.include_self, order, sorted(name for name in tried if name)]
+
+
 class WorkItem:
     """A pick-one message with ack: if its device does not ack in time, it moves to the next suitable device."""
 
@@ -566,8 +576,8 @@ class WorkItem:
 
     def _move_elsewhere(self, session: LiveSession, seq: int, exclude: str | None) -> bool:
         """Several nodes, no candidate left on this one: a matching device online on another node gets it
-        through its inbox (its node writes it from there; it does not move again). ``moved`` follows the
-        inbox write."""
+        through its inbox (its node writes it from there and moves it on if it is not acked in time:
+        ``InboxWorkItem``). ``moved`` follows the inbox write."""
         messaging = self.messaging
         router = messaging.router
         user = self.sender_user
@@ -592,7 +602,8 @@ class WorkItem:
             messaging.deliveries.enqueue(QueuedMessage(
                 device=name, user=user, sender_device=self.sender_device, msg_id=outgoing.msg_id,
                 type=outgoing.app_type, body=body, ts=outgoing.ts, expires_at=messaging.deliveries.kept_expiry(),
-                receipt=True), "moved", from_device=session.device)
+                receipt=True, work=stored_work(self.selector, self.order, self.tried)), "moved",
+                from_device=session.device)
             session.withdraw(seq, outgoing.msg_id, self.sender_device)
             messaging.core.events["work_moved"] += 1
             return True

@@ -248,6 +248,33 @@ class Router:
                 return name
         return None
 
+    def next_pick(self, user: str, selector: Selector, order: str, tried: set[str], exclude: str | None) -> str | None:
+        """Several nodes: where a pick-one message that came through an inbox moves next: a matching device
+        not in ``tried``, online here (the most recently active; with ``order`` "listed" the first listed) or
+        else connected to another node; None when there is none."""
+        names: list[str]
+        if selector.kind in ("device", "devices"):
+            names = [selector.value] if selector.kind == "device" else list(selector.value)
+        else:
+            names = [record.id for record in self.registry.user_devices(user) if selector_matches(record, selector)]
+        here: list[str] = []
+        elsewhere: list[str] = []
+        for name in names:
+            record = self.registry.get(name)
+            if name in tried or name == exclude or record is None or record.revoked_at is not None:
+                continue
+            if self.online(user, name) is not None:
+                here.append(name)
+            elif self.broker.holder(user, name) is not None:
+                elsewhere.append(name)
+            else:
+                continue
+            if order == "listed":
+                return name
+        if here:
+            return cast("LiveSession", self.routing.most_recent(user, here)).device or None
+        return elsewhere[0] if elsewhere else None
+
     def online_matching(self, user: str, selector: Selector) -> list[str]:
         """The devices a selector names (in its order for ``device``/``devices``) or matches online now."""
         if selector.kind in ("device", "devices"):

@@ -76,7 +76,8 @@ key                                    type         contents; who deletes it
 ``P {user}:pairing``                   set          the user's codes; as above
 ``P queued-seq``                       string       the last inbox id handed out; kept
 ``P msg:<id>``                         hash         a queued message: device, user, prio, size, exp, attempts,
-                                                    blob (msgpack: sender, msg id, type, body, ts, receipt);
+                                                    blob (msgpack: sender, msg id, type, body, ts, receipt[,
+                                                    work: a pick-one message's selector, order, devices tried]);
                                                     ack, expiry, drop, purge (renamed to ``dead:<id>``)
 ``P inbox:<device>``                   zset         ids in delivery order: score (4 - priority) * 2**48 + id
 ``P inbox-bytes:<device>``             string       the inbox's byte total; deleted with its last message
@@ -940,8 +941,11 @@ def _pairing_record(fields: Mapping[str, bytes]) -> PairingCode:
 
 
 def _queued_arguments(message: QueuedMessage) -> list[Any]:
-    blob = msgpack.packb([message.sender_device, message.msg_id, message.type, bytes(message.body), message.ts,
-                          message.receipt], use_bin_type=True)
+    fields: list[Any] = [message.sender_device, message.msg_id, message.type, bytes(message.body), message.ts,
+                         message.receipt]
+    if message.work is not None:
+        fields.append(message.work)  # (older nodes' blobs have six fields: read as no work)
+    blob = msgpack.packb(fields, use_bin_type=True)
     return [message.device, message.user, message.priority, message.size,
             "" if message.expires_at is None else message.expires_at, message.attempts, blob]
 
@@ -962,11 +966,11 @@ def _id_key(msg_id: str | int) -> str:
 
 def _queued_record(reply: Sequence[Any]) -> QueuedMessage:
     queued_id, device, user, priority, expires, attempts, blob = reply
-    sender_device, msg_id, message_type, body, ts, receipt = msgpack.unpackb(blob, raw=False)
+    sender_device, msg_id, message_type, body, ts, receipt, *work = msgpack.unpackb(blob, raw=False)
     return QueuedMessage(device=_text(device), user=_text(user), sender_device=sender_device, msg_id=msg_id,
                          type=message_type, body=body, ts=ts, priority=int(priority),
                          expires_at=None if expires is None else int(expires), receipt=receipt,
-                         attempts=int(attempts), id=int(queued_id))
+                         attempts=int(attempts), id=int(queued_id), work=work[0] if work else None)
 
 
 def _by_id(messages: list[QueuedMessage]) -> list[QueuedMessage]:

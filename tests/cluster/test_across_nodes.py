@@ -246,6 +246,43 @@ async def test_a_pick_one_message_moves_to_a_device_of_another_node_when_its_dev
         assert retract["id"] == "job-1"
 
 
+async def test_a_pick_one_message_moves_on_again_from_a_device_of_another_node_that_does_not_ack(tmp_path):
+    async with running_cluster(tmp_path, RCCS_ACK_TIMEOUT="1") as cluster:
+        phone = await cluster.connect(0, "alice", "alice-phone")
+        laptop = await cluster.connect(1, "alice", "alice-laptop", auto_ack=False)  # both take, neither acks
+        tablet = await cluster.connect(2, "alice", "alice-tablet", auto_ack=False)
+        online: set[str] = set()
+        while online != {"alice-laptop", "alice-tablet"}:  # then the phone's node knows where both are
+            event = await asyncio.wait_for(phone.events.get(), 10)
+            if event.get("op") == "presence" and event["status"] == "online":
+                online.add(event["device"])
+        # No device of node 0 matches: the message goes to one of the others through its inbox, and from there,
+        # unacked, on to the other node's device (either may be first: both are online elsewhere).
+        receipts = await phone.send({"devices": ["alice-laptop", "alice-tablet"], "pick": "one"}, "job",
+                                    {"n": 3}, ack=True, id="job-3", timeout=10)
+        [(status, first_name)] = [(r.status, r.device) for r in receipts if r.status != "routed"]
+        assert status == "queued"
+        first, second = (laptop, tablet) if first_name == "alice-laptop" else (tablet, laptop)
+        second_name = "alice-tablet" if first_name == "alice-laptop" else "alice-laptop"
+        assert (await first.next_message(timeout=10)).id == "job-3"
+        moved = await second.next_message(timeout=30)
+        assert (moved.id, moved.sender, moved.body) == ("job-3", "alice-phone", {"n": 3})
+        assert (await first.next_event("retract", timeout=10))["id"] == "job-3"
+        receipt = await asyncio.wait_for(phone.receipts.get(), 10)
+        assert (receipt.id, receipt.status, receipt.device, receipt.from_device) == (
+            "job-3", "moved", second_name, first_name)
+        await second.ack(moved.seq)  # every device tried: it stays with the last one, which acks now
+        receipt = await asyncio.wait_for(phone.receipts.get(), 10)
+        assert (receipt.id, receipt.status, receipt.device) == ("job-3", "delivered", second_name)
+        # Removed from both inboxes: a reconnect of either device brings nothing again.
+        store = open_store(cluster.redis_url, "")
+        await store.open()
+        try:
+            assert await store.inbox("alice-laptop", 0) == await store.inbox("alice-tablet", 0) == []
+        finally:
+            await store.close()
+
+
 async def test_a_pick_one_message_prefers_a_device_online_elsewhere_to_one_offline_everywhere(cluster):
     phone = await cluster.connect(0, "alice", "alice-phone")
     tablet = await cluster.connect(1, "alice", "alice-tablet")

@@ -1659,3 +1659,15 @@ async def test_welcome_reads_take_each_devices_receipts_and_read_its_inbox(store
         ([receipt], []), ([], ["m-2"]), ([], []), ([], [])]
     assert await store.take_receipts("phone") == []  # taken means deleted
     assert await msg_ids_in(store) == ["m-2", "m-1"]  # read, not taken
+
+
+async def test_a_shared_inbox_keeps_a_pick_one_messages_plan_for_the_node_that_writes_it(store):
+    # Several nodes (protocol.md 12): a pick-one message's selector, order and devices tried travel with it, so
+    # whichever node writes it to its device can move it on. A store for one node need not keep them.
+    plan = ["devices", ["laptop", "tablet"], False, "listed", ["laptop"]]
+    await enqueue(store, queued("job", work=plan), queued("plain"))
+    by_id = {message.msg_id: message.work for message in await store.inbox("laptop", NOW)}
+    if store.shared_by_nodes:
+        assert by_id == {"job": plan, "plain": None}
+    else:
+        assert by_id["plain"] is None
