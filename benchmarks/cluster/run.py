@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import csv
 import itertools
 import json
 import os
@@ -163,6 +164,21 @@ class Cluster:
             await client.config_set("appendfsync", policy)
         finally:
             await client.aclose()
+
+    async def redis_stalls(self, reset: bool) -> list[dict[str, Any]]:
+        """Redis's own latency monitor (events of 100 ms or more: ``aof-fsync-always``, ``command``, ...): reset
+        before a Locust run, read after it, so that a stall of Redis shows up next to the failures it caused."""
+        client = aioredis.Redis.from_url(self.redis.url, socket_timeout=5)
+        try:
+            if reset:
+                await client.config_set("latency-monitor-threshold", 100)
+                await client.execute_command("LATENCY", "RESET")
+                return []
+            latest = await client.execute_command("LATENCY", "LATEST")
+        finally:
+            await client.aclose()
+        return [{"event": row[0].decode() if isinstance(row[0], bytes) else row[0], "at": int(row[1]),
+                 "latest_ms": int(row[2]), "max_ms": int(row[3])} for row in latest]
 
     async def stop_node(self, name: str) -> None:
         node = self.nodes.pop(name)
@@ -445,11 +461,12 @@ async def locust_run(cluster: Cluster, args: argparse.Namespace, placement: str)
            "-t", f"{duration}s", "--host", urls[0], "--rccs-hosts", ",".join(urls), "--only-summary",
            "--stop-timeout", "5", "--exit-code-on-error", "1", "--min-devices", str(2 * users),
            "--settle", str(SETTLE), "--rccs-placement", placement,
-           "--user-prefix", f"lt{placement}"]
+           "--user-prefix", f"lt{placement}", "--csv", "locust", "--csv-full-history"]
     env = dict(os.environ)
     env["PYTHONPATH"] = str(REPO)
     env["RCCS_TOKEN_SECRET"] = cluster.secret
     await cluster.quiet()
+    await cluster.redis_stalls(reset=True)
     workdir = cluster.root / f"locust-{placement}"
     workdir.mkdir()
     log = workdir / "locust.log"
@@ -469,6 +486,7 @@ async def locust_run(cluster: Cluster, args: argparse.Namespace, placement: str)
     wall = time.monotonic() - wall0
     cpu1 = {pid: cpu_seconds(pid) for pid in cpu0}
     cluster.check_alive()
+    stalls = await cluster.redis_stalls(reset=False)
     text = log.read_text(errors="replace")
     match = LOCUST_LINE.search(text)
     verdict = next((line for line in text.splitlines() if "=> PASS" in line or "=> FAIL" in line), "")
@@ -487,7 +505,30 @@ async def locust_run(cluster: Cluster, args: argparse.Namespace, placement: str)
         "wall_seconds": wall,
         "nodes_cpu_util": sum(cpu1[p] - cpu0[p] for p in pids) / wall,
         "redis_cpu_util": (cpu1[cluster.redis_pid] - cpu0[cluster.redis_pid]) / wall,
+        "redis_stalls": stalls,
+        "failure_seconds": failure_seconds(workdir / "locust_stats_history.csv"),
     }
+
+
+def failure_seconds(history: Path) -> list[list[int]]:
+    """When round trips failed: [second of the run, failures counted in it] from Locust's per-second history
+    (the aggregated row), so that failures bunched in one stall tell apart from failures spread out."""
+    seen: list[list[int]] = []
+    try:
+        rows = list(csv.DictReader(history.open()))
+    except OSError:
+        return seen
+    first: int | None = None
+    previous = 0
+    for row in rows:
+        if row.get("Name") != "Aggregated":
+            continue
+        stamp, failures = int(row["Timestamp"]), int(row["Total Failure Count"])
+        first = stamp if first is None else first
+        if failures > previous:
+            seen.append([stamp - first, failures - previous])
+        previous = failures
+    return seen
 
 
 # ---- the whole benchmark ------------------------------------------------------------------
@@ -595,7 +636,11 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                 print(f"  {placement}: {lrun['verdict']}\n  send+delivered n={lrun['roundtrips']} p50/p95/p99 "
                       f"{lrun['roundtrip_ms']['p50']}/{lrun['roundtrip_ms']['p95']}/{lrun['roundtrip_ms']['p99']} ms; "
                       f"hello p99 {lrun['hello_ms']['p99']} ms; nodes CPU {lrun['nodes_cpu_util']:.0%}, "
-                      f"redis {lrun['redis_cpu_util']:.0%}" + "".join(f"\n    {e}" for e in lrun["errors"]), flush=True)
+                      f"redis {lrun['redis_cpu_util']:.0%}" + "".join(f"\n    {e}" for e in lrun["errors"])
+                      + (f"\n    failed [second, count]: {lrun['failure_seconds']}" if lrun["failure_seconds"] else "")
+                      + "".join(f"\n    Redis stall: {s['event']} up to {s['max_ms']} ms"
+                                for s in lrun["redis_stalls"]),
+                      flush=True)
     finally:
         await cluster.stop()
         if not args.keep:
