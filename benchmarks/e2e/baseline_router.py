@@ -9,7 +9,13 @@ unknown connection are dropped.
 This is the floor rccs is compared against in ``run.py``: same event loop,
 same WebSocket library, one dict lookup and one ``send`` per message.
 
-    python benchmarks/e2e/baseline_router.py --port 9000
+With ``--welcome`` it is instead the floor of a connect: it answers the first
+frame of every connection (the ``hello``, not even decoded) with a fixed
+msgpack ``{"op": "welcome"}`` and ignores the rest. ``scale.py connect`` opens
+its storm against it to show how many connects per second the generator itself
+can make on this machine.
+
+    python benchmarks/e2e/baseline_router.py --port 9000 [--welcome]
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import asyncio
 import itertools
 import signal
 
+import msgpack
 import uvloop
 from picows import WSCloseCode, WSFrame, WSListener, WSMsgType, WSTransport, ws_create_server
 
@@ -26,12 +33,18 @@ _BINARY = WSMsgType.BINARY
 _CLOSE = WSMsgType.CLOSE
 
 
+_WELCOME = msgpack.packb({"op": "welcome"})
+
+
 class Router:
-    def __init__(self) -> None:
+    def __init__(self, welcome: bool = False) -> None:
         self.connections: dict[int, WSTransport] = {}
         self._numbers = itertools.count()
+        self.welcome = welcome
 
-    def listener(self, _request: object) -> RouterConnection:
+    def listener(self, _request: object) -> WSListener:
+        if self.welcome:
+            return WelcomeConnection(self, next(self._numbers))
         return RouterConnection(self, next(self._numbers))
 
 
@@ -62,8 +75,24 @@ class RouterConnection(WSListener):
         self.connections.pop(self.number, None)
 
 
-async def serve(host: str, port: int) -> None:
-    router = Router()
+class WelcomeConnection(RouterConnection):
+    """``--welcome``: the first frame is answered with a welcome; nothing else is routed."""
+
+    def on_ws_connected(self, transport: WSTransport) -> None:
+        self.connections[self.number] = transport
+        self.welcomed = False
+
+    def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
+        if frame.msg_type is _CLOSE:
+            transport.send_close(WSCloseCode.OK)
+            transport.disconnect()
+        elif not self.welcomed:
+            self.welcomed = True
+            transport.send(_BINARY, _WELCOME)
+
+
+async def serve(host: str, port: int, welcome: bool) -> None:
+    router = Router(welcome)
     server = await ws_create_server(router.listener, host, port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -81,8 +110,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--welcome", action="store_true", help="answer each connection's first frame with a welcome")
     args = parser.parse_args()
-    uvloop.run(serve(args.host, args.port))
+    uvloop.run(serve(args.host, args.port, args.welcome))
 
 
 if __name__ == "__main__":

@@ -91,8 +91,9 @@ def open_fds(pid: int) -> int:
 def record(args: argparse.Namespace, out: Path) -> None:
     with tempfile.TemporaryDirectory(prefix="rccs-profile-connect-") as tmp:
         scale = subprocess.Popen(
-            [sys.executable, str(HERE / "scale.py"), "connect", "--connect-rounds", "1", "--users", str(args.users),
-             "--devices", str(args.devices), "--out", str(Path(tmp) / "scale.json"), "--plot", ""])
+            [sys.executable, str(HERE / "scale.py"), "connect", "--connect-rounds", "1", "--generator-rounds", "0",
+             "--connect-per-user", str(max(1, args.devices // args.users)), "--devices", str(args.devices),
+             "--out", str(Path(tmp) / "scale.json"), "--plot", ""])
         try:
             deadline = time.monotonic() + 60
             server = None

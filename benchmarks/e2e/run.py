@@ -50,7 +50,7 @@ STOP_GRACE = 5.0
 @dataclass(frozen=True)
 class Scenario:
     name: str
-    server: str  # "baseline" or "rccs"
+    server: str  # "baseline", "welcome-only" (baseline_router.py --welcome) or "rccs"
     ack: bool = False
     pure_python: bool = False
     description: str = ""
@@ -137,6 +137,8 @@ class Server:
     def command(self, port: int, http_port: int) -> list[str]:
         if self.scenario.server == "baseline":
             return [sys.executable, str(ROUTER), "--port", str(port)]
+        if self.scenario.server == "welcome-only":  # the floor of a connect (scale.py connect)
+            return [sys.executable, str(ROUTER), "--port", str(port), "--welcome"]
         # RCCS_BENCH_SERVE_ARGS: more `rccs serve` flags for every rccs server (an A/B of a setting)
         return [sys.executable, "-m", "rccs", "serve", "--port", str(port), "--http-port", str(http_port),
                 "--data-dir", str(self.workdir / "data"), "--max-connections", str(self.max_connections),

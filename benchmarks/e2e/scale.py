@@ -46,6 +46,8 @@ WORKER = HERE / "scale_worker.py"
 DEFAULT_OUT = HERE / "scale-results.json"
 DEFAULT_PLOT = REPO / "docs" / "scaling.png"
 RCCS = Scenario("rccs", "rccs", description="rccs, default fast path")
+WELCOME_ONLY = Scenario("welcome-only", "welcome-only",
+                        description="bare picows server answering every hello with a fixed welcome")
 PARTS = ("connect", "latency", "fanout", "scaling")
 SELECTORS = {"all": {"all": True}, "type": {"type": "rx"}, "capability": {"capability": "fan"}}
 
@@ -211,12 +213,12 @@ class Generators:
 class Bench:
     """A fresh rccs server plus generator processes, stopped on exit (also on errors and cancellation)."""
 
-    def __init__(self, name: str, max_connections: int, workers: int):
+    def __init__(self, name: str, max_connections: int, workers: int, scenario: Scenario = RCCS):
         self.name = name
         self.max_connections = max_connections
         self.workers = workers
         self.workdir = Path(tempfile.mkdtemp(prefix=f"rccs-scale-{name}-"))
-        self.server = Server(RCCS, self.workdir, secrets.token_hex(32), max_connections)
+        self.server = Server(scenario, self.workdir, secrets.token_hex(32), max_connections)
         self.gens = Generators(workers, self.server, self.workdir)
 
     @property
@@ -401,14 +403,28 @@ async def open_loop(bench: Bench, pairs: list[list[list[str]]], rate: float, war
 
 
 async def part_connect(args: argparse.Namespace) -> dict[str, Any]:
+    """The storm at each ``--connect-per-user`` (default 5 and 190 devices per user), then the generator's own
+    ceiling: the same storm against a server that only answers hellos (``baseline_router.py --welcome``)."""
+    result: dict[str, Any] = {"per_user": {}}
+    for per_user in [int(x) for x in args.connect_per_user.split(",")]:
+        users = max(1, args.devices // per_user)
+        result["per_user"][str(per_user)] = await connect_storms(args, users, RCCS, args.connect_rounds)
+    if args.generator_rounds > 0:
+        result["generator_floor"] = await connect_storms(args, max(1, args.devices // 5), WELCOME_ONLY,
+                                                         args.generator_rounds)
+    return result
+
+
+async def connect_storms(args: argparse.Namespace, users: int, scenario: Scenario, rounds_wanted: int
+                         ) -> dict[str, Any]:
     concurrency = max(1, args.concurrency // args.workers)
-    print(f"[connect] {args.devices} devices of {args.users} users, {args.workers} generator processes x "
-          f"{concurrency} concurrent connects, source addresses "
-          f"{', '.join(local_addrs(args.source_addrs)) or '127.0.0.1'}; {args.connect_rounds} rounds, fresh server "
+    print(f"[connect] {scenario.name}: {args.devices} devices of {users} users, {args.workers} generator processes "
+          f"x {concurrency} concurrent connects, source addresses "
+          f"{', '.join(local_addrs(args.source_addrs)) or '127.0.0.1'}; {rounds_wanted} rounds, fresh server "
           f"each", flush=True)
     rounds = []
-    for round_no in range(args.connect_rounds):
-        run = await connect_round(args, concurrency)
+    for round_no in range(rounds_wanted):
+        run = await connect_round(args, concurrency, users, scenario)
         rounds.append(run)
         print(f"[connect] round {round_no}: {run['devices_per_s']:,.0f} devices/s, "
               f"{run['rss_bytes_per_device'] / 1024:.2f} KiB per device, server CPU {run['server_cpu_util']:.0%}, "
@@ -417,7 +433,7 @@ async def part_connect(args: argparse.Namespace) -> dict[str, Any]:
             "server_us_per_device", "server_user_us_per_device", "server_sys_us_per_device", "generator_cpu_util",
             "generator_us_per_device", "machine_busy")
     median = {key: statistics.median(r[key] for r in rounds) for key in keys}
-    result = {"devices": args.devices, "users": args.users, "generator_processes": args.workers,
+    result = {"server": scenario.name, "devices": args.devices, "users": users, "generator_processes": args.workers,
               "concurrency_per_process": concurrency, "rounds": rounds, "median": median,
               "devices_per_s_range": [min(r["devices_per_s"] for r in rounds), max(r["devices_per_s"] for r in rounds)],
               "goals": {"rss_bytes_per_device_max": 6 * 1024, "devices_per_s_min": 5000}}
@@ -425,12 +441,13 @@ async def part_connect(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
-async def connect_round(args: argparse.Namespace, concurrency: int) -> dict[str, Any]:
-    """One fresh server, ``--devices`` idle devices connected at once; memory and timing."""
+async def connect_round(args: argparse.Namespace, concurrency: int, users: int, scenario: Scenario
+                        ) -> dict[str, Any]:
+    """One fresh server, ``--devices`` idle devices of ``users`` users connected at once; memory and timing."""
     n, workers = args.devices, args.workers
-    names = [(f"user{k % args.users:03d}", f"c{k}") for k in range(n)]
+    names = [(f"user{k % users:03d}", f"c{k}") for k in range(n)]
     specs = deal([device_spec(u, d, idle=True) for u, d in names], workers)
-    async with Bench("connect", n + 100, workers) as bench:
+    async with Bench("connect", n + 100, workers, scenario) as bench:
         mint = await bench.prepare(specs)
         await asyncio.sleep(0.5)
         before = memory_kib(bench.pid)
@@ -468,7 +485,7 @@ async def connect_round(args: argparse.Namespace, concurrency: int) -> dict[str,
 
 
 def connect_table(r: dict[str, Any]) -> str:
-    lines = ["", f"Part 1: connect ({r['devices']:,} devices of {r['users']} users per round, "
+    lines = ["", f"Part 1: connect to {r['server']} ({r['devices']:,} devices of {r['users']} users per round, "
                  f"{r['generator_processes']} generator processes x {r['concurrency_per_process']} concurrent "
                  f"connects; medians of {len(r['rounds'])} rounds)", "-" * 118,
              f"{'round':<8}{'RSS/device':>12}{'anon':>8}{'devices/s':>11}{'seconds':>9}{'srv us/dev':>11}"
@@ -850,6 +867,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p1.add_argument("--devices", type=int, default=19000, help="devices to connect (default 19000)")
     p1.add_argument("--workers", type=int, default=4, help="generator processes (default 4)")
     p1.add_argument("--connect-rounds", type=int, default=3, help="rounds, each on a fresh server (default 3)")
+    p1.add_argument("--connect-per-user", default="5,190",
+                    help="devices per user, one storm series each (default 5,190; --users is for the other parts)")
+    p1.add_argument("--generator-rounds", type=int, default=2,
+                    help="rounds against a server that only answers hellos: the generator's ceiling (default 2)")
     p2 = parser.add_argument_group("part 2: latency")
     p2.add_argument("--idle", type=int, default=10000, help="idle devices (default 10000)")
     p2.add_argument("--pairs", type=int, default=200, help="active pairs (default 200)")
