@@ -263,6 +263,7 @@ class Deliveries:
             self.stats["enqueued"] += 1
             if replaces is not None:
                 self._to_remove.append(replaces)  # (still in ``_acked``: no inbox read writes it again)
+                self._schedule()
             kept_receipt = receipt(kept.msg_id, status, kept.device)
             if from_device is not None:
                 kept_receipt["from_device"] = from_device
