@@ -254,7 +254,9 @@ class Deliveries:
                 continue  # answered once per send above
             if key in rejected:
                 if replaces is not None:
-                    self._acked.discard(replaces)  # it stays with the device it was to leave (written again)
+                    # It stays with the device it was to leave, whose copy was taken back: written to it again.
+                    self._acked.discard(replaces)
+                    self.ring([message.user, from_device, RING_MESSAGES])
                 self.stats["rejected"] += 1
                 self.send_receipt(message.user, message.sender_device,
                                   receipt(message.msg_id, "failed", message.device, ReceiptReason.INBOX_FULL.value))
