@@ -58,6 +58,9 @@ class ToKeep(NamedTuple):
     new_send: bool  # from a send just now: a store shared by several nodes checks its id
     from_device: str | None  # a pick-one message moving from that device: its receipt is moved
     replaces: int | None = None  # ... and the inbox id it moves from, removed once this one is stored
+    # ... and what puts it back where it was when the move is refused (None: the next device's inbox is
+    # full) or the store failed (the error): the sender was never told of the device it did not reach.
+    undo: Callable[[BaseException | None], None] | None = None
 
 
 class ToRemember(NamedTuple):
@@ -106,6 +109,9 @@ class Deliveries:
         self._welcomed: list[LiveSession] = []  # welcomed this loop turn: their inboxes are not read yet
         self._store_retry = STORE_RETRY_FIRST
         self.in_flight: dict[int, LiveSession] = {}  # inbox id -> the connection it was last written to
+        # Pick-one messages in an inbox whose move to a device was refused (its inbox full): inbox id -> those
+        # devices, passed over by the next move (the message in the store still lists what it tried before).
+        self._refused_moves: dict[int, set[str]] = {}
         # Idempotency: per sender device, recent ack:true message ids (key, time, body digest).
         self.ids = RememberedIds(self.settings)
         self.stats = {"enqueued": 0, "rejected": 0, "dropped": 0, "expired": 0, "dead_lettered": 0,
@@ -227,10 +233,9 @@ class Deliveries:
         (``failed``/``unavailable``, final for that device) with its id forgotten, so that sending the same
         message again is not taken for a repeat."""
         log.warning("store unavailable: %d inbox writes refused (%s)", len(batch), exc)
-        for message, *_, replaces in batch:
-            if replaces is not None:
-                # A pick-one message moving on: it stays in the inbox it was to leave, and is written there again.
-                self._acked.discard(replaces)
+        for message, *_, undo in batch:
+            if undo is not None:
+                undo(exc)  # a pick-one message moving on stays where it was
                 continue
             self.stats["rejected"] += 1
             self.forget_id(message.sender_device, message.msg_id)
@@ -248,15 +253,14 @@ class Deliveries:
         if repeats:
             self._answer_repeats(outcome.repeated, outcome.conflicting)
         stored = iter(outcome.stored)
-        for message, status, _, from_device, replaces in batch:
+        for message, status, _, from_device, replaces, undo in batch:
             key = (message.device, message.sender_device, message.msg_id)
             if key in repeats:
                 continue  # answered once per send above
+            if key in rejected and undo is not None:
+                undo(None)  # a pick-one message moving on stays where it was; the next move passes this device
+                continue
             if key in rejected:
-                if replaces is not None:
-                    # It stays with the device it was to leave, whose copy was taken back: written to it again.
-                    self._acked.discard(replaces)
-                    self.ring([message.user, from_device, RING_MESSAGES])
                 self.stats["rejected"] += 1
                 self.send_receipt(message.user, message.sender_device,
                                   receipt(message.msg_id, "failed", message.device, ReceiptReason.INBOX_FULL.value))
@@ -265,7 +269,10 @@ class Deliveries:
             self.stats["enqueued"] += 1
             if replaces is not None:
                 self._to_remove.append(replaces)  # (still in ``_acked``: no inbox read writes it again)
+                self._refused_moves.pop(replaces, None)
                 self._schedule()
+            if from_device is not None:
+                self.core.events["work_moved"] += 1
             kept_receipt = receipt(kept.msg_id, status, kept.device)
             if from_device is not None:
                 kept_receipt["from_device"] = from_device
@@ -379,6 +386,14 @@ class Deliveries:
         self._to_enqueue.append(ToKeep(message, status, new_send, from_device))
         self._schedule()
 
+    def move(self, message: QueuedMessage, from_device: str | None,
+             undo: Callable[[BaseException | None], None]) -> None:
+        """A pick-one message taken back from ``from_device`` (not in an inbox) for ``message.device``'s inbox;
+        ``undo`` puts it back if that inbox refuses it or the store fails (the sender hears ``moved`` only
+        once it is kept)."""
+        self._to_enqueue.append(ToKeep(message, "moved", False, from_device, None, undo))
+        self._schedule()
+
     def deliver(self, session: LiveSession, message: QueuedMessage) -> None:
         """Write an inbox message to its device's connection (once per connection until acked)."""
         if (message.id in self.in_flight and self.in_flight[message.id] is session) or message.id in self._acked:
@@ -419,10 +434,26 @@ class Deliveries:
         self._acked.add(inbox_id)  # not written again from the inbox it leaves (unless the move fails)
         kind, value, include_self, order, tried = message.work
         moving = dataclasses.replace(message, device=device, attempts=0, id=0,
-                                     work=[kind, value, include_self, order, sorted({*tried, device})])
-        self._to_enqueue.append(ToKeep(moving, "moved", False, session.device, inbox_id))
+                                     work=[kind, value, include_self, order, sorted({*tried, session.device, device})])
+        doorbell = [message.user, session.device, RING_MESSAGES]
+
+        def stay(failure: BaseException | None) -> None:
+            self._acked.discard(inbox_id)
+            if failure is None:  # refused by the device's full inbox: the next move passes it over
+                self._refused_moves.setdefault(inbox_id, set()).add(device)
+                self.ring(doorbell)
+            else:  # the store: read again once it may answer
+                asyncio.get_running_loop().call_later(self._store_retry, self.ring, doorbell)
+
+        self._to_enqueue.append(ToKeep(moving, "moved", False, session.device, inbox_id, stay))
         self._schedule()
-        self.core.events["work_moved"] += 1
+        if session.inbox_more and not session.inbox_ids:  # as after an ack: the next page
+            session.inbox_more = False
+            self.core.spawn(self._load_after_flush(session))
+
+    def refused_moves(self, session: LiveSession, seq: int) -> set[str]:
+        inbox_id = session.inbox_ids.get(seq) if session.inbox_ids else None
+        return self._refused_moves.get(inbox_id, set()) if inbox_id is not None else set()
 
     def on_online(self, session: LiveSession) -> None:
         """A device said welcome: its kept receipts, then its inbox. The devices welcomed in one loop turn
@@ -514,6 +545,7 @@ class Deliveries:
 
     def on_acked(self, session: LiveSession, inbox_id: int) -> None:
         self.in_flight.pop(inbox_id, None)
+        self._refused_moves.pop(inbox_id, None)
         self._acked.add(inbox_id)
         self._to_remove.append(inbox_id)
         self._schedule()
@@ -660,14 +692,19 @@ class InboxWorkItem:
     def overdue(self, session: LiveSession, seq: int) -> bool:
         """Move on (True), or False (written again to this device) when no other device can take it."""
         message = self.message
+        deliveries = self.deliveries
         assert message.work is not None
+        if not deliveries.router.broker.available or (
+                message.expires_at is not None and message.expires_at <= deliveries.core.now()):
+            return False  # written again here: a move needs the store, and an expired message goes nowhere
         kind, value, include_self, order, tried = message.work
         selector = Selector(kind, value, True, include_self)
-        chosen = self.deliveries.router.next_pick(message.user, selector, order, {*tried, session.device or ""},
-                                                 None if include_self else message.sender_device)
+        passed = {*tried, session.device or "", *deliveries.refused_moves(session, seq)}
+        chosen = deliveries.router.next_pick(message.user, selector, order, passed,
+                                             None if include_self else message.sender_device)
         if chosen is None:
             return False
-        self.deliveries.move_on(session, seq, message, chosen)
+        deliveries.move_on(session, seq, message, chosen)
         return True
 
 

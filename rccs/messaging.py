@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
+import functools
 import time
 import weakref
 from typing import TYPE_CHECKING, Any
@@ -599,15 +601,30 @@ class WorkItem:
                 body = outgoing.body_raw if outgoing.body_raw is not None else json_value_to_msgpack(outgoing.body_json)
             except ProtocolError:
                 return False  # no msgpack form: it stays where it is
-            messaging.deliveries.enqueue(QueuedMessage(
+            moving = QueuedMessage(
                 device=name, user=user, sender_device=self.sender_device, msg_id=outgoing.msg_id,
                 type=outgoing.app_type, body=body, ts=outgoing.ts, expires_at=messaging.deliveries.kept_expiry(),
-                receipt=True, work=stored_work(self.selector, self.order, self.tried)), "moved",
-                from_device=session.device)
+                receipt=True, work=stored_work(self.selector, self.order, self.tried))
             session.withdraw(seq, outgoing.msg_id, self.sender_device)
-            messaging.core.events["work_moved"] += 1
+            messaging.deliveries.move(moving, session.device, functools.partial(self._stay, session, moving))
             return True
         return False
+
+    def _stay(self, session: LiveSession, moving: QueuedMessage, failure: BaseException | None) -> None:
+        """The move to another node's device was refused (its inbox full) or not written (the store): the
+        message goes back to the device it left, written again on its connection if that is still open, else
+        kept in its inbox as a live message is when its session ends (``queued``)."""
+        messaging = self.messaging
+        if session.state_is_open():
+            try:
+                session.deliver(self.outgoing, self.sender_user)
+            except ProtocolError:
+                pass  # (it could take it before; a closing connection) kept in its inbox below
+            else:
+                session.track(session.next_seq - 1, self)
+                return
+        assert session.device is not None
+        messaging.deliveries.enqueue(dataclasses.replace(moving, device=session.device), "queued")
 
 
 class SharedFirstAck:

@@ -149,7 +149,7 @@ class QueuedMessage:
     attempts: int = 0  # deliveries so far that were not acked
     id: int = 0  # assigned by the store: increasing, unique across the store, never reused
     # Several nodes: a pick-one message that moves on from this device if it does not ack in time
-    # (messaging.WorkPlan.to_stored: selector, order, devices tried). Kept by the stores nodes share (Redis)
+    # (``messaging.stored_work``: selector, order, devices tried). Kept by the stores nodes share (Redis)
     # and by the memory store; SQLite serves one node, where the sender's node moves it itself.
     work: list[Any] | None = None
 

@@ -295,6 +295,35 @@ async def test_a_pick_one_message_moves_on_again_from_a_device_of_another_node_t
             await store.close()
 
 
+async def test_a_pick_one_message_refused_by_the_full_inbox_of_another_nodes_device_stays_with_its_device(tmp_path):
+    async with running_cluster(tmp_path, RCCS_ACK_TIMEOUT="1", RCCS_INBOX_MAX_MESSAGES="2") as cluster:
+        phone = await cluster.connect(0, "alice", "alice-phone")
+        laptop = await cluster.connect(0, "alice", "alice-laptop", auto_ack=False)
+        tablet = await cluster.connect(1, "alice", "alice-tablet", auto_ack=False)
+        while (await asyncio.wait_for(phone.events.get(), 10))["device"] != "alice-tablet":
+            pass  # once the phone heard of the tablet, its node knows where the tablet is
+        # The tablet takes two messages and acks neither: its inbox (two messages at most) is full.
+        for filler in ("filler-1", "filler-2"):
+            await phone.send({"device": "alice-tablet"}, "note", {"n": 0}, ack=True, id=filler, timeout=10)
+            assert (await tablet.next_message(timeout=10)).id == filler
+        sending = asyncio.create_task(phone.send({"devices": ["alice-laptop", "alice-tablet"], "pick": "one"},
+                                                 "job", {"n": 4}, ack=True, id="job-4", timeout=30))
+        first = await laptop.next_message(timeout=10)  # this node's own candidate first
+        assert first.id == "job-4"
+        # Not acked in time, it is taken back to move to the tablet, whose inbox refuses it: it comes back,
+        # under a new seq (the client counts it as a repeat of what its application already took).
+        assert (await laptop.next_event("retract", timeout=10))["id"] == "job-4"
+        deadline = asyncio.get_running_loop().time() + 10
+        while laptop.duplicates == 0:
+            assert asyncio.get_running_loop().time() < deadline, "the message did not come back"
+            await asyncio.sleep(0.05)  # polling the client's counter, bounded by the deadline
+        assert laptop.last_seq > first.seq
+        await laptop.ack(laptop.last_seq)
+        receipts = await sending
+        # Nothing about the tablet it never reached: not moved, not failed.
+        assert [(r.status, r.device) for r in receipts] == [("delivered", "alice-laptop")]
+
+
 async def test_a_pick_one_message_prefers_a_device_online_elsewhere_to_one_offline_everywhere(cluster):
     phone = await cluster.connect(0, "alice", "alice-phone")
     tablet = await cluster.connect(1, "alice", "alice-tablet")
