@@ -644,6 +644,8 @@ class Deliveries:
             if attempts > self.settings.max_delivery_attempts:
                 del session.pending[seq]
                 del retry[seq]
+                if work is not None:
+                    session.work.pop(seq, None)  # type: ignore[union-attr]
                 if inbox_id is not None:
                     del session.inbox_ids[seq]  # type: ignore[union-attr]
                     self.dead_letter_ids([inbox_id], entry, session.device)
