@@ -566,6 +566,7 @@ class Deliveries:
         """Inbox messages (written from the inbox, ``entry`` their pending tuple) that were never acked."""
         for inbox_id in ids:
             self.in_flight.pop(inbox_id, None)
+            self._refused_moves.pop(inbox_id, None)
         self.stats["dead_lettered"] += len(ids)
         self.core.bus.emit("message.dead_lettered", user=entry[0], sender=entry[1], id=entry[2], device=device)
         self.send_receipt(entry[0], entry[1], receipt(entry[2], "failed", device, ReceiptReason.UNDELIVERABLE.value))
