@@ -156,7 +156,8 @@ class QueuedMessage:
     @property
     def size(self) -> int:
         """What the message costs against an inbox's byte cap."""
-        return len(self.body) + len(self.type) + len(str(self.msg_id)) + len(self.sender_device)
+        plan = len(str(self.work)) if self.work is not None else 0  # a pick-one plan (up to 256 device ids)
+        return len(self.body) + len(self.type) + len(str(self.msg_id)) + len(self.sender_device) + plan
 
 
 @dataclasses.dataclass
