@@ -179,7 +179,6 @@ from .base import (
     pack_receipt,
     parse_redis_url,
     plan_state_patch,
-    session_is_stale,
     state_patch_text,
     unpack_receipt,
     url_without_password,
@@ -192,6 +191,7 @@ COMMAND_TIMEOUT = 5.0  # seconds: a hung Redis fails a call after this
 CHANGE_FEED_KEEP = 100_000
 ID_REPEATED, ID_CONFLICTING = -1, -2  # the enqueue script's answers for a message whose id was used recently
 STATE_PATCH_ATTEMPTS = 50  # optimistic retries of one patch before giving up under contention
+STALE_SCAN_PAGE = 500  # session ids per SSCAN page and script call of delete_stale_sessions
 
 try:
     from redis.maint_notifications import MaintNotificationsConfig
@@ -445,17 +445,21 @@ change('session', ARGV[2])
 return 1
 """
 
-# ARGV per session: id, then connected_at, expires_at, revoked_at, disconnected_at as read ('' for none):
-# deleted only if still so, the staleness rule itself stays in Python (session_is_stale).
-SCRIPTS["delete_sessions_if_unchanged"] = """
+# ARGV: cutoff, grace (ms), then session ids (one SSCAN page): the staleness rule of session_is_stale, applied
+# where the sessions are, so that a node never reads every session of the cluster to find the stale ones.
+SCRIPTS["delete_stale_sessions"] = """
+local cutoff, grace = tonumber(ARGV[2]), tonumber(ARGV[3])
 local deleted = 0
-for i = 2, #ARGV, 5 do
-  local key = P .. 'session:' .. ARGV[i]
-  local f = redis.call('HMGET', key, 'connected_at', 'expires_at', 'revoked_at', 'disconnected_at')
-  if redis.call('EXISTS', key) == 1 and (f[1] or '') == ARGV[i + 1] and (f[2] or '') == ARGV[i + 2]
-      and (f[3] or '') == ARGV[i + 3] and (f[4] or '') == ARGV[i + 4] then
-    delete_session(ARGV[i])
-    deleted = deleted + 1
+for i = 4, #ARGV do
+  local f = redis.call('HMGET', P .. 'session:' .. ARGV[i], 'connected_at', 'expires_at', 'revoked_at',
+                       'disconnected_at')
+  local connected = f[1] and f[1] ~= ''
+  if f[2] and not connected then
+    local revoked, gone = tonumber(f[3] or ''), tonumber(f[4] or '')
+    if tonumber(f[2]) < cutoff or (revoked and revoked < cutoff) or (gone and gone + grace < cutoff) then
+      delete_session(ARGV[i])
+      deleted = deleted + 1
+    end
   end
 end
 return deleted
@@ -1252,16 +1256,16 @@ class RedisStore(Store):
         return bool(await self._run("revoke_session", session_id, now))
 
     async def delete_stale_sessions(self, now: int, grace_ms: int) -> int:
-        stale = [session for session in await self._sessions(self._key("sessions"))
-                 if session_is_stale(session, now, grace_ms)]
-        if not stale:
-            return 0
-        arguments: list[Any] = []
-        for session in stale:
-            arguments += [session.id, *("" if value is None else value for value in (
-                session.connected_at, session.expires_at, session.revoked_at, session.disconnected_at))]
-        deleted: int = await self._run("delete_sessions_if_unchanged", *arguments)
-        return deleted
+        # A page of ids at a time, judged and deleted in Redis: every node runs this each minute, and reading
+        # every session of the cluster (pending messages included) stalled a node's store for seconds.
+        deleted = 0
+        cursor: Any = 0
+        while True:
+            cursor, page = await self._command("SSCAN", self._key("sessions"), cursor, "COUNT", STALE_SCAN_PAGE)
+            if page:
+                deleted += int(await self._run("delete_stale_sessions", now, grace_ms, *(_text(i) for i in page)))
+            if int(cursor) == 0:
+                return deleted
 
     async def reset_live_state(self, now: int) -> None:
         await self._run("reset_live_state", now)

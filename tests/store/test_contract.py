@@ -1671,3 +1671,12 @@ async def test_a_shared_inbox_keeps_a_pick_one_messages_plan_for_the_node_that_w
         assert by_id == {"job": plan, "plain": None}
     else:
         assert by_id["plain"] is None
+
+
+async def test_stale_sessions_are_found_among_many_pages_of_sessions(store):
+    # More sessions than one page of the Redis store's scan (STALE_SCAN_PAGE): every stale one goes.
+    stale = [make_session(f"gone-{n}", disconnected_at=NOW - GRACE - 1) for n in range(1_100)]
+    kept = [make_session(f"here-{n}", connected_at=NOW - 5) for n in range(3)]
+    await store.put_sessions(stale + kept)
+    assert await store.delete_stale_sessions(NOW, GRACE) == 1_100
+    assert sorted(await ids_of_sessions(store)) == sorted(session.id for session in kept)
