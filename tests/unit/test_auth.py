@@ -29,6 +29,32 @@ def test_expired_and_forged_are_refused():
         authority.verify(forged)
 
 
+def test_a_remembered_token_is_still_refused_once_it_expires(monkeypatch):
+    authority = TokenAuthority(b"k" * 32)
+    token = authority.issue("alice", "alice-phone", 60)
+    first = authority.verify(token)
+    assert authority.verify(token) == first and authority.remembered == 1  # answered from memory
+    # Past its exp (PyJWT's rule: expired once exp <= now), memory does not make it valid.
+    monkeypatch.setattr("rccs.auth.time.time", lambda: float(first.expires_at))
+    with pytest.raises(TokenError, match="expired"):
+        authority.verify(token)
+    assert authority.remembered == 0
+
+
+def test_only_tokens_that_verified_are_remembered_and_at_most_so_many():
+    authority = TokenAuthority(b"k" * 32, verified_tokens=3)
+    forged = TokenAuthority(b"x" * 32).issue("alice", "d", 60)
+    for _ in range(2):  # refused every time, never remembered
+        with pytest.raises(TokenError, match="invalid"):
+            authority.verify(forged)
+    assert authority.remembered == 0
+    tokens = [authority.issue("alice", f"d{n}", 60) for n in range(5)]
+    for token in tokens:
+        authority.verify(token)
+    assert authority.remembered == 3
+    assert [authority.verify(token).device for token in tokens] == [f"d{n}" for n in range(5)]  # all still valid
+
+
 @pytest.mark.parametrize(("user", "device"), [("", "d"), ("a b", "d"), ("a", "x" * 129), ("a", "d/evil")])
 def test_invalid_ids_cannot_be_issued(user, device):
     with pytest.raises(ValueError, match="invalid"):
