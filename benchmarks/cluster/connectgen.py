@@ -7,8 +7,9 @@ without stickiness would). Each phase connects every device (``--concurrency`` c
 each one TCP connect + WebSocket upgrade + ``hello`` -> ``welcome``) and reports the wall time from the first
 connect to the last ``welcome`` and the CPU seconds of the ``--watch-pid`` processes (the nodes, Redis) over
 that time. Phase ``first``: the devices are new (the node registers them); phase ``again``: the same devices
-connect once more after all were closed. One JSON line on stdout. Tokens are minted with
-``RCCS_TOKEN_SECRET``. Connects to 127.0.0.0/8 URLs only (the runner gives them).
+connect once more after all were closed, each with the token it had the first time (as a device that
+reconnects after a network blip). One JSON line on stdout. Tokens are minted with ``RCCS_TOKEN_SECRET``
+before the first phase. Connects to 127.0.0.0/8 URLs only (the runner gives them).
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ def cpu(pids: list[int]) -> dict[str, float]:
     return {str(pid): sum(server_cpu_times(pid)) for pid in pids}
 
 
-async def phase(name: str, names: list[tuple[str, str]], urls: list[str], authority: TokenAuthority,
+async def phase(name: str, names: list[tuple[str, str]], urls: list[str], tokens: dict[str, str],
                 args: argparse.Namespace) -> tuple[dict[str, Any], list[RccsDevice]]:
     shared = Shared()
     queue = list(enumerate(names))
@@ -52,9 +53,8 @@ async def phase(name: str, names: list[tuple[str, str]], urls: list[str], author
 
     async def connector() -> None:
         while queue:
-            i, (user, device) = queue.pop()
-            token = authority.issue(user, device, 3600)
-            factory = functools.partial(RccsDevice, shared, device, token, False)
+            i, (_, device) = queue.pop()
+            factory = functools.partial(RccsDevice, shared, device, tokens[device], False)
             try:
                 _, listener = await ws_connect(factory, urls[i % len(urls)], websocket_handshake_timeout=20)
                 assert isinstance(listener, RccsDevice)
@@ -97,12 +97,14 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         raise SystemExit("connectgen: set RCCS_TOKEN_SECRET to the nodes' token secret")
     authority = TokenAuthority(secret.encode())
     names = [(f"{args.prefix}-u{i // args.per_user}", f"{args.prefix}-d{i}") for i in range(args.devices)]
+    # One token per device for both phases, as a real device keeps its token when it reconnects.
+    tokens = {device: authority.issue(user, device, 3600) for user, device in names}
     phases = []
-    first, devices = await phase("first", names, args.url, authority, args)
+    first, devices = await phase("first", names, args.url, tokens, args)
     phases.append(first)
     await close_all(devices)
     await asyncio.sleep(args.pause)  # the nodes finish with the closes (session and presence writes)
-    again, devices = await phase("again", names, args.url, authority, args)
+    again, devices = await phase("again", names, args.url, tokens, args)
     phases.append(again)
     await close_all(devices)
     return {"phases": phases}

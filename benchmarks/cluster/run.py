@@ -467,6 +467,7 @@ async def locust_run(cluster: Cluster, args: argparse.Namespace, placement: str)
     env["RCCS_TOKEN_SECRET"] = cluster.secret
     await cluster.quiet()
     await cluster.redis_stalls(reset=True)
+    log_sizes = {n: cluster.nodes[n].log_path.stat().st_size for n in HIREDIS_NODES}
     workdir = cluster.root / f"locust-{placement}"
     workdir.mkdir()
     log = workdir / "locust.log"
@@ -507,7 +508,21 @@ async def locust_run(cluster: Cluster, args: argparse.Namespace, placement: str)
         "redis_cpu_util": (cpu1[cluster.redis_pid] - cpu0[cluster.redis_pid]) / wall,
         "redis_stalls": stalls,
         "failure_seconds": failure_seconds(workdir / "locust_stats_history.csv"),
+        "node_warnings": node_warnings(cluster, log_sizes),
     }
+
+
+def node_warnings(cluster: Cluster, since: dict[str, int]) -> list[str]:
+    """The nodes' WARNING and ERROR log lines written during a run (the first 20), so that a failing run shows
+    what its nodes complained of (a Pub/Sub reconnect, a store that did not answer, ...)."""
+    found: list[str] = []
+    for name, offset in since.items():
+        with cluster.nodes[name].log_path.open("rb") as log:
+            log.seek(offset)
+            for line in log.read().decode(errors="replace").splitlines():
+                if '"level": "WARNING"' in line or '"level": "ERROR"' in line:
+                    found.append(f"{name}: {line[:300]}")
+    return found[:20]
 
 
 def failure_seconds(history: Path) -> list[list[int]]:
@@ -639,7 +654,8 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                       f"redis {lrun['redis_cpu_util']:.0%}" + "".join(f"\n    {e}" for e in lrun["errors"])
                       + (f"\n    failed [second, count]: {lrun['failure_seconds']}" if lrun["failure_seconds"] else "")
                       + "".join(f"\n    Redis stall: {s['event']} up to {s['max_ms']} ms"
-                                for s in lrun["redis_stalls"]),
+                                for s in lrun["redis_stalls"])
+                      + "".join(f"\n    {line}" for line in lrun["node_warnings"]),
                       flush=True)
     finally:
         await cluster.stop()
