@@ -585,30 +585,23 @@ class WorkItem:
         user = self.sender_user
         if not router.broker.spans_nodes:
             return False
-        if self.selector.kind in ("device", "devices"):
-            names = [self.selector.value] if self.selector.kind == "device" else list(self.selector.value)
-        else:
-            names = [record.id for record in router.registry.user_devices(user)
-                     if selector_matches(record, self.selector)]
+        # Every matching device of this node was tried by ``overdue``: what is left is on other nodes.
+        name = router.next_pick(user, self.selector, self.order, self.tried, exclude)
+        if name is None:
+            return False
         outgoing = self.outgoing
-        for name in names:
-            record = router.registry.get(name)
-            if (name in self.tried or name == exclude or record is None or record.revoked_at is not None
-                    or router.online(user, name) is not None or router.broker.holder(user, name) is None):
-                continue
-            self.tried.add(name)
-            try:
-                body = outgoing.body_raw if outgoing.body_raw is not None else json_value_to_msgpack(outgoing.body_json)
-            except ProtocolError:
-                return False  # no msgpack form: it stays where it is
-            moving = QueuedMessage(
-                device=name, user=user, sender_device=self.sender_device, msg_id=outgoing.msg_id,
-                type=outgoing.app_type, body=body, ts=outgoing.ts, expires_at=messaging.deliveries.kept_expiry(),
-                receipt=True, work=stored_work(self.selector, self.order, self.tried))
-            session.withdraw(seq, outgoing.msg_id, self.sender_device)
-            messaging.deliveries.move(moving, session.device, functools.partial(self._stay, session, moving))
-            return True
-        return False
+        self.tried.add(name)
+        try:
+            body = outgoing.body_raw if outgoing.body_raw is not None else json_value_to_msgpack(outgoing.body_json)
+        except ProtocolError:
+            return False  # no msgpack form: it stays where it is
+        moving = QueuedMessage(
+            device=name, user=user, sender_device=self.sender_device, msg_id=outgoing.msg_id,
+            type=outgoing.app_type, body=body, ts=outgoing.ts, expires_at=messaging.deliveries.kept_expiry(),
+            receipt=True, work=stored_work(self.selector, self.order, self.tried))
+        session.withdraw(seq, outgoing.msg_id, self.sender_device)
+        messaging.deliveries.move(moving, session.device, functools.partial(self._stay, session, moving))
+        return True
 
     def _stay(self, session: LiveSession, moving: QueuedMessage, failure: BaseException | None) -> None:
         """The move to another node's device was refused (its inbox full) or not written (the store): the

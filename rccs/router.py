@@ -23,6 +23,8 @@ from .registry import Registry
 from .store import STATUS_OFFLINE, DeviceRecord, UserRecord
 
 if TYPE_CHECKING:
+    from collections.abc import Collection
+
     from .broker import Broker
     from .contracts import Core, LiveSession
 
@@ -248,10 +250,11 @@ class Router:
                 return name
         return None
 
-    def next_pick(self, user: str, selector: Selector, order: str, tried: set[str], exclude: str | None) -> str | None:
-        """Several nodes: where a pick-one message that came through an inbox moves next: a matching device
-        not in ``tried``, online here (the most recently active; with ``order`` "listed" the first listed) or
-        else connected to another node; None when there is none."""
+    def next_pick(self, user: str, selector: Selector, order: str, tried: Collection[str | None],
+                  exclude: str | None) -> str | None:
+        """Several nodes: where a pick-one message moves next: a matching device not in ``tried``, online here
+        (the most recently active; with ``order`` "listed" the first listed) or else connected to another
+        node; None when there is none."""
         names: list[str]
         if selector.kind in ("device", "devices"):
             names = [selector.value] if selector.kind == "device" else list(selector.value)
