@@ -112,8 +112,8 @@ def _add_arguments(parser: Any) -> None:
                        help="with --rccs-hosts: the two devices of a user on different nodes, so every round trip "
                             "crosses nodes (cross, default), or on the same node (within)")
     group.add_argument("--settle", type=float, default=0.0, env_var="LOCUST_SETTLE",
-                       help="seconds to wait after (re)connecting before the next round trip; several nodes: a device "
-                            "is known to the other nodes a moment after its hello (default 0)")
+                       help="seconds to wait after (re)connecting before the next round trip (default 0; the "
+                            "round trips send ack:true messages, which reach a device from its welcome on)")
     group.add_argument("--wire-encoding", choices=["msgpack", "json"], default="msgpack",
                        env_var="LOCUST_WIRE_ENCODING", help="envelope encoding of every connection (default msgpack)")
 

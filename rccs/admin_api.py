@@ -42,7 +42,7 @@ from .clock import now_ms
 from .errors import ErrorCode, ProtocolError
 from .messaging import SERVER_SENDER
 from .protocol import MAX_ID_CHARS, check_message_id, json_loads
-from .store import DeviceRecord, SessionRecord
+from .store import DeviceRecord, SessionRecord, StoreError
 from .transport.http import Request, Response, json_error, json_response
 
 if TYPE_CHECKING:
@@ -229,6 +229,15 @@ class AdminAPI:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(CATCH_UP_TIMEOUT):
                 await self.hub.catch_up()
+
+    async def _stored_user(self, user: str) -> bool:
+        """Several nodes: a user this node has not heard of may have registered on another node a moment ago."""
+        if not self.hub.broker.spans_nodes:
+            return False
+        try:
+            return await self.hub.store.get_user(user) is not None
+        except StoreError:
+            raise ApiError(ErrorCode.UNAVAILABLE, "the store cannot be reached; nothing was sent", 503) from None
 
     async def _known_user(self, user: str) -> bool:
         """A user that exists, or existed (its revoked devices outlive it)."""
@@ -479,7 +488,7 @@ class AdminAPI:
         if not isinstance(user, str):
             raise ApiError(ErrorCode.BAD_REQUEST, "'user' must be a user id")
         _check_id("user", user)
-        if user not in hub.registry.users and not hub.registry.user_devices(user):
+        if user not in hub.registry.users and not hub.registry.user_devices(user) and not await self._stored_user(user):
             raise ApiError(ErrorCode.NOT_FOUND, f"unknown user {user!r}")
         if self.receipts.owns_server_device(user):
             raise ApiError(ErrorCode.FORBIDDEN, f"user {user!r} has a device named {SERVER_SENDER!r}, the sender id "
@@ -499,6 +508,12 @@ class AdminAPI:
             raise ApiError(exc.code, exc.message) from None
         header: dict[str, Any] = {"op": "send", "id": msg_id}
         header.update((key, value) for key, value in body.items() if key not in ("user", "id"))
+        looked_up = self.messaging.unknown_devices(header)
+        if looked_up:  # registered on another node a moment ago: in the shared store
+            try:
+                await hub.router.look_up_devices(looked_up)
+            except StoreError:
+                raise ApiError(ErrorCode.UNAVAILABLE, "the store cannot be reached; nothing was sent", 503) from None
         key = (user, msg_id)
         collected: list[dict[str, Any]] = []
         if ack is True and key not in self.receipts.waiting:

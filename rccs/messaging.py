@@ -107,7 +107,28 @@ class Messaging:
 
     def op_send(self, conn: Conn, header: dict[str, Any]) -> None:
         is_text, raw = conn.frame_body()
-        self.send(conn, header, raw, is_text, conn.run_request)
+        unknown = self.unknown_devices(header)
+        if not unknown:
+            self.send(conn, header, raw, is_text, conn.run_request)
+            return
+
+        async def look_up_then_send() -> None:
+            await self.router.look_up_devices(unknown)
+            answers: list[Callable[[], Coroutine[Any, Any, None]]] = []
+            # This connection is held already: what the send waits for (a first_ack id check) is awaited here.
+            self.send(conn, header, raw, is_text, lambda _header, work: answers.append(work))
+            for answer in answers:
+                await answer()
+
+        conn.run_request(header, look_up_then_send)
+
+    def unknown_devices(self, header: dict[str, Any]) -> list[str]:
+        """Several nodes: the devices an ``ack: true`` send names by id that this node has not heard of. One
+        that registered on another node a moment ago is in the shared store before its welcome, and must not
+        be answered ``offline`` here: ``send`` waits until they were looked up there."""
+        if header.get("ack") is not True or not self.router.broker.spans_nodes:
+            return []
+        return self.router.unknown_devices(header.get("to"))
 
     def send(self, sender: Sender, header: dict[str, Any], raw_body: bytes | None, is_text: bool,
              hold: RequestRunner | None = None) -> None:

@@ -20,7 +20,7 @@ from ._fastpath import routing as fast_routing
 from .errors import ErrorCode, ProtocolError, ReceiptReason
 from .protocol import Selector
 from .registry import Registry
-from .store import STATUS_OFFLINE, DeviceRecord, UserRecord
+from .store import STATUS_OFFLINE, DeviceRecord, StoreError, UserRecord
 
 if TYPE_CHECKING:
     from collections.abc import Collection
@@ -65,6 +65,11 @@ class Router:
         self._users_to_add: list[UserRecord] = []
         self._devices_to_write: dict[str, None] = {}
         self._registry_write_scheduled = False
+        # Several nodes: what the next registry write answers (None: written; else the StoreError), by device id,
+        # so that a hello waits for its device to be in the shared store before its welcome (``registry_written``).
+        self._next_registry_write: asyncio.Future[StoreError | None] | None = None
+        self._registry_writes: dict[str, asyncio.Future[StoreError | None]] = {}
+        self._unwritten: set[str] = set()  # devices whose last write found the store unreachable
         # One write at a time: a store that answers a batch call by call (Redis) would otherwise interleave two
         # batches, and a device could reach it before its user, still waiting in the earlier batch.
         self._registry_write_lock = asyncio.Lock()
@@ -121,9 +126,10 @@ class Router:
         if user not in self.registry.users:
             self.registry.users.add(user)
             self._users_to_add.append(UserRecord(id=user, created=now))
-            self._schedule_registry_write()
         record = DeviceRecord(id=device_id, user=user, type="", created=now, last_seen=now)
         self.registry.put(record)
+        self._devices_to_write[device_id] = None
+        self._schedule_registry_write(device_id)
         self.core.bus.emit("device.registered", user=user, device=device_id, via="token")
         return record
 
@@ -137,13 +143,27 @@ class Router:
         if "type" in changed or "capabilities" in changed:
             self.reindex(device)
         self._devices_to_write[device.id] = None
-        self._schedule_registry_write()
+        self._schedule_registry_write(device.id)
         return True
 
-    def _schedule_registry_write(self) -> None:
+    def _schedule_registry_write(self, device_id: str) -> None:
+        if self.broker.spans_nodes:
+            if self._next_registry_write is None:
+                self._next_registry_write = asyncio.get_running_loop().create_future()
+            self._registry_writes[device_id] = self._next_registry_write
         if not self._registry_write_scheduled:
             self._registry_write_scheduled = True
             self.core.spawn(self._write_registry())
+
+    def registry_written(self, device_id: str) -> asyncio.Future[StoreError | None] | None:
+        """Several nodes: the device's record waits to be written to the shared store (it registered or changed
+        just now, or its last write found the store unreachable: written again now): what that write will
+        answer (None: written, else the StoreError). None if nothing waits."""
+        if device_id in self._unwritten:
+            self._unwritten.discard(device_id)
+            self._devices_to_write[device_id] = None
+            self._schedule_registry_write(device_id)
+        return self._registry_writes.get(device_id)
 
     async def _write_registry(self) -> None:
         """The users and devices registered or changed since the last write, in one store call (users
@@ -151,15 +171,49 @@ class Router:
         self._registry_write_scheduled = False
         users, self._users_to_add = self._users_to_add, []
         device_ids, self._devices_to_write = list(self._devices_to_write), {}
+        written, self._next_registry_write = self._next_registry_write, None
+        outcome: StoreError | None = None
         async with self._registry_write_lock:
             try:
                 await self.core.store.register(users, [self.registry.snapshot(device_id)
                                                        for device_id in device_ids])
+            except StoreError as exc:
+                if type(exc) is StoreError:  # unreachable, not a refusal: written again at the device's next hello
+                    outcome = exc
+                    self._users_to_add[:0] = users
+                    if self.broker.spans_nodes:
+                        self._unwritten.update(device_ids)
+                raise
             finally:
                 # Also after a refusal: the store kept the other devices (a refused one reads back as before).
                 if self.broker.spans_nodes:
                     for device_id in device_ids:  # other nodes read them again from the shared store
                         self.broker.publish(DEVICE_CHANGED, device_id)
+                        if self._registry_writes.get(device_id) is written:
+                            del self._registry_writes[device_id]
+                if written is not None and not written.done():
+                    written.set_result(outcome)
+
+    async def look_up_devices(self, device_ids: Collection[str]) -> None:
+        """Several nodes: devices this node has not heard of (registered on another node a moment ago, before
+        its notice arrived here) are read from the shared store, which has every device whose hello was
+        answered. Raises StoreError."""
+        records = await asyncio.gather(*(self.core.store.get_device(device_id) for device_id in device_ids))
+        for record in records:
+            if record is not None and record.revoked_at is None and self.registry.get(record.id) is None:
+                self.registry.users.add(record.user)
+                self.registry.put(record)
+                self.reindex(record)
+
+    def unknown_devices(self, names: Any) -> list[str]:
+        """Of the device ids a ``device``/``devices`` selector names (as sent: anything), those this node's
+        registry does not know; [] for other selectors and malformed ones (``send`` answers those)."""
+        if not isinstance(names, dict) or len(names) != 1:
+            return []
+        value = names.get("device", names.get("devices"))
+        listed = [value] if isinstance(value, str) else value if isinstance(value, list) else []
+        return [name for name in dict.fromkeys(listed)
+                if isinstance(name, str) and name and self.registry.get(name) is None]
 
     # ---- resolving selectors ---------------------------------------------------------
 

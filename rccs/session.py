@@ -61,6 +61,8 @@ from .protocol import (
 from .store import STATUS_OFFLINE, STATUS_ONLINE, DeviceRecord, PendingMessage, SessionRecord, StoreError
 
 if TYPE_CHECKING:
+    import asyncio
+
     from .hub import Hub
 
 __all__ = ["AWAIT_APPROVAL", "AWAIT_HELLO", "CLOSED", "OPEN", "Session", "Sink"]
@@ -388,26 +390,38 @@ class Session:
             self.hub.spawn(self._hello_after_lookup(header, is_text, missing.credential_hash))
             return
         hub = self.hub
-        if (resume is not None and hub.broker.spans_nodes and resume[0] not in hub.live
-                and resume[0] not in hub.detached):
-            self.state = AWAIT_APPROVAL  # as above, while the store says where the session was
-            hub.spawn(self._resume_from_elsewhere(header, is_text, device, auth_expires_at, resume))
-            return
+        if hub.broker.spans_nodes:
+            registering = hub.router.registry_written(device.id)
+            if registering is not None or (resume is not None and resume[0] not in hub.live
+                                           and resume[0] not in hub.detached):
+                self.state = AWAIT_APPROVAL  # as above, while the store answers
+                hub.spawn(self._open_from_store(header, is_text, device, auth_expires_at, resume, registering))
+                return
         self.open(device, auth_expires_at, resume)
 
-    async def _resume_from_elsewhere(self, header: dict[str, Any], is_text: bool, device: DeviceRecord,
-                                     auth_expires_at: int, resume: tuple[str, int]) -> None:
-        """Several nodes: a session this node does not hold, perhaps dropped on another node: its record is
-        in the shared store."""
-        try:
-            record = await self.hub.store.get_session(resume[0])
-        except StoreError as exc:
-            self._store_unavailable_at_hello(header, is_text, exc)
+    async def _open_from_store(self, header: dict[str, Any], is_text: bool, device: DeviceRecord,
+                               auth_expires_at: int, resume: tuple[str, int] | None,
+                               registering: asyncio.Future[StoreError | None] | None) -> None:
+        """Several nodes: a device that registered (or changed) with this hello is in the shared store before
+        its welcome, so that a send from any node finds it from then on; a session this node does not hold,
+        perhaps dropped on another node, is read from the store."""
+        hub = self.hub
+        failure = await registering if registering is not None else None
+        if failure is not None:
+            self._store_unavailable_at_hello(header, is_text, failure)
             return
+        if resume is not None and resume[0] not in hub.live and resume[0] not in hub.detached:
+            try:
+                record = await hub.store.get_session(resume[0])
+            except StoreError as exc:
+                self._store_unavailable_at_hello(header, is_text, exc)
+                return
+            if self.state == CLOSED:
+                return
+            if record is not None and record.device == device.id:
+                hub.adopt_resumable(record, now_ms())
         if self.state == CLOSED:
             return
-        if record is not None and record.device == device.id:
-            self.hub.adopt_resumable(record, now_ms())
         self.state = AWAIT_HELLO
         self.open(device, auth_expires_at, resume)
 

@@ -70,8 +70,8 @@ CONNECTGEN = HERE / "connectgen.py"
 CLIENT = HERE / "client.py"
 LOCUSTFILE = REPO / "loadtest" / "locustfile.py"
 PARTS = ("routing", "client", "nodes", "connect", "locust")
-# A device is known to the other nodes a moment after its hello (presence goes through Redis Pub/Sub): a send to it
-# from another node before that is answered offline / no_route. The generators wait this long after connecting.
+# A live (ack:false) message reaches a device of another node once that node's announcement arrived (Redis Pub/Sub):
+# before that it is answered no_route. The routing generators wait this long after connecting.
 SETTLE = 1.0
 QUIET_CPU = 0.15  # fraction of one core: below it, the cluster counts as idle between runs
 QUIET_TIMEOUT = 30.0
@@ -460,7 +460,7 @@ async def locust_run(cluster: Cluster, args: argparse.Namespace, placement: str)
     cmd = [str(locust), "-f", str(LOCUSTFILE), "--headless", "-u", str(users), "-r", f"{rate:g}",
            "-t", f"{duration}s", "--host", urls[0], "--rccs-hosts", ",".join(urls), "--only-summary",
            "--stop-timeout", "5", "--exit-code-on-error", "1", "--min-devices", str(2 * users),
-           "--settle", str(SETTLE), "--rccs-placement", placement,
+           "--settle", "0", "--rccs-placement", placement,  # ack:true sends reach a device from its welcome on
            "--user-prefix", f"lt{placement}", "--csv", "locust", "--csv-full-history"]
     env = dict(os.environ)
     env["PYTHONPATH"] = str(REPO)

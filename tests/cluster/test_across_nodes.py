@@ -40,6 +40,41 @@ async def test_an_acked_message_crosses_nodes_with_its_receipts(cluster):
     assert (delivered.id, delivered.status, delivered.device) == (receipts[0].id, "delivered", "alice-laptop")
 
 
+async def test_a_device_new_to_the_cluster_gets_what_any_node_sends_it_from_its_welcome_on(tmp_path):
+    # Registered by their first hello (not before the nodes started, as alice's devices are): the other nodes
+    # hear of such a device only a moment after its welcome. A send or a backend publish from them right after
+    # the welcome must reach it, not be answered `offline` (nor its new user `not_found`).
+    async with running_cluster(tmp_path, RCCS_ADMIN_KEY="cluster-admin-key-0123456789") as cluster:
+        phone = await cluster.connect(0, "bob", "bob-phone")
+        for n in range(4):
+            laptop = await cluster.connect(1 + n % 2, "bob", f"bob-laptop-{n}")
+            receipts, message = await asyncio.gather(
+                phone.send({"device": f"bob-laptop-{n}"}, "note", {"n": n}, ack=True, timeout=10),
+                laptop.next_message(timeout=10))
+            assert [(r.status, r.device) for r in receipts] == [("queued", f"bob-laptop-{n}")]
+            assert (message.sender, message.body) == ("bob-phone", {"n": n})
+            delivered = await asyncio.wait_for(phone.receipts.get(), 10)
+            assert (delivered.status, delivered.device) == ("delivered", f"bob-laptop-{n}")
+
+        for n in range(2):  # a new user's first device, and a backend publishing through another node at once
+            watch = await cluster.connect(1, f"carol-{n}", f"carol-{n}-watch")
+
+            def publish(n: int = n) -> dict:
+                request = urllib.request.Request(
+                    cluster.nodes[2].http_url + "/admin/publish", method="POST",
+                    data=json.dumps({"user": f"carol-{n}", "id": f"srv-{n}", "to": {"device": f"carol-{n}-watch"},
+                                     "type": "note", "body": {"n": n}, "ack": True}).encode(),
+                    headers={"Authorization": "Bearer cluster-admin-key-0123456789",
+                             "Content-Type": "application/json"})
+                with urllib.request.urlopen(request, timeout=10) as response:
+                    return json.loads(response.read())
+
+            answer = await asyncio.to_thread(publish)
+            assert answer["queued"] == [f"carol-{n}-watch"] and not answer["failed"]
+            message = await watch.next_message(timeout=10)
+            assert (message.id, message.body) == (f"srv-{n}", {"n": n})
+
+
 async def test_a_receipt_kept_in_redis_reaches_its_connected_sender_without_a_doorbell(cluster):
     phone = await cluster.connect(0, "alice", "alice-phone")
     # As a node that kept it and whose doorbell was lost (Redis is the truth): written straight to Redis.

@@ -46,8 +46,18 @@ async def test_while_redis_is_down_sends_are_refused_retryably_and_nothing_accep
     with pytest.raises(ClientError) as refused:  # any request that needs the store
         await phone.state_patch("user/draft", {"line": 1})
     assert refused.value.code == "unavailable"
+    # A device new to the cluster is welcomed only once its record is in Redis (any node may send to it then).
+    with pytest.raises(ConnectionClosed) as closed:
+        await cluster.connect(1, "alice", "alice-watch", reconnect=False)
+    assert closed.value.code == 1013
     await cluster.redis.start(port=port)
     await cluster.until_readiness(200)  # every node recovers by itself, without a restart
+    watch = await cluster.connect(1, "alice", "alice-watch")  # written now, at its next hello
+    receipts, message = await asyncio.gather(
+        phone.send({"device": "alice-watch"}, "note", {"n": 3}, ack=True, id="new", timeout=20),
+        watch.next_message(timeout=20))
+    assert [(r.status, r.device) for r in receipts] == [("queued", "alice-watch")]
+    assert (message.id, message.body) == ("new", {"n": 3})
     laptop = await cluster.connect(1, "alice", "alice-laptop")
     message = await laptop.next_message(timeout=20)
     assert (message.id, message.body) == ("before", {"n": 1})
