@@ -168,12 +168,17 @@ class Router:
     async def _write_registry(self) -> None:
         """The users and devices registered or changed since the last write, in one store call (users
         first: a device needs its user). Runs one loop turn after the first change, as a task per change did."""
-        self._registry_write_scheduled = False
-        users, self._users_to_add = self._users_to_add, []
-        device_ids, self._devices_to_write = list(self._devices_to_write), {}
-        written, self._next_registry_write = self._next_registry_write, None
-        outcome: StoreError | None = None
         async with self._registry_write_lock:
+            # Taken once the previous write is done: what came while it ran is written together (hellos wait).
+            self._registry_write_scheduled = False
+            users, self._users_to_add = self._users_to_add, []
+            device_ids, self._devices_to_write = list(self._devices_to_write), {}
+            written, self._next_registry_write = self._next_registry_write, None
+            outcome: StoreError | None = None
+            if not users and not device_ids:  # an earlier write took them
+                if written is not None and not written.done():
+                    written.set_result(None)
+                return
             try:
                 await self.core.store.register(users, [self.registry.snapshot(device_id)
                                                        for device_id in device_ids])

@@ -395,6 +395,8 @@ class Session:
             if registering is not None or (resume is not None and resume[0] not in hub.live
                                            and resume[0] not in hub.detached):
                 self.state = AWAIT_APPROVAL  # as above, while the store answers
+                if self.held is None:
+                    self.held = deque()  # what the device sends meanwhile is handled after its welcome, in order
                 hub.spawn(self._open_from_store(header, is_text, device, auth_expires_at, resume, registering))
                 return
         self.open(device, auth_expires_at, resume)
@@ -406,24 +408,27 @@ class Session:
         its welcome, so that a send from any node finds it from then on; a session this node does not hold,
         perhaps dropped on another node, is read from the store."""
         hub = self.hub
-        failure = await registering if registering is not None else None
-        if failure is not None:
-            self._store_unavailable_at_hello(header, is_text, failure)
-            return
-        if resume is not None and resume[0] not in hub.live and resume[0] not in hub.detached:
-            try:
-                record = await hub.store.get_session(resume[0])
-            except StoreError as exc:
-                self._store_unavailable_at_hello(header, is_text, exc)
+        try:
+            failure = await registering if registering is not None else None
+            if failure is not None:
+                self._store_unavailable_at_hello(header, is_text, failure)
                 return
+            if resume is not None and resume[0] not in hub.live and resume[0] not in hub.detached:
+                try:
+                    record = await hub.store.get_session(resume[0])
+                except StoreError as exc:
+                    self._store_unavailable_at_hello(header, is_text, exc)
+                    return
+                if self.state == CLOSED:
+                    return
+                if record is not None and record.device == device.id:
+                    hub.adopt_resumable(record, now_ms())
             if self.state == CLOSED:
                 return
-            if record is not None and record.device == device.id:
-                hub.adopt_resumable(record, now_ms())
-        if self.state == CLOSED:
-            return
-        self.state = AWAIT_HELLO
-        self.open(device, auth_expires_at, resume)
+            self.state = AWAIT_HELLO
+            self.open(device, auth_expires_at, resume)
+        finally:
+            self._release_held()
 
     def _store_unavailable_at_hello(self, header: dict[str, Any], is_text: bool, exc: StoreError) -> None:
         if self.state != CLOSED:

@@ -1167,6 +1167,18 @@ class RedisStore(Store):
         if not await self._run("add_user", user.id, user.created):
             raise AlreadyExists(f"user {user.id!r} already exists")
 
+    async def register(self, users: Sequence[UserRecord], devices: Sequence[DeviceRecord]) -> None:
+        # The contract's calls one by one cost a round trip each, and several nodes' hellos wait for this write:
+        # all are asked for at once instead (one pipeline; users first, so each device finds its user).
+        outcomes = await asyncio.gather(*(self.add_user(user) for user in users),
+                                        *(self.put_device(device) for device in devices), return_exceptions=True)
+        for outcome in outcomes[:len(users)]:
+            if isinstance(outcome, BaseException) and not isinstance(outcome, AlreadyExists):
+                raise outcome
+        refusal = next((outcome for outcome in outcomes[len(users):] if isinstance(outcome, BaseException)), None)
+        if refusal is not None:
+            raise refusal
+
     async def get_user(self, user_id: str) -> UserRecord | None:
         created = await self._command("HGET", self._key("users"), user_id)
         return None if created is None else UserRecord(id=user_id, created=int(created))

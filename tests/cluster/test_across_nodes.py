@@ -20,6 +20,7 @@ import urllib.request
 
 import pytest
 from clusters import running_cluster
+from rawws import masked_frame, open_raw, read_frame
 
 from rccs.client import ClientError, ConnectionClosed, StaleEpoch, TaskConflict, pair
 from rccs.store import open_store
@@ -55,6 +56,9 @@ async def test_a_device_new_to_the_cluster_gets_what_any_node_sends_it_from_its_
             assert (message.sender, message.body) == ("bob-phone", {"n": n})
             delivered = await asyncio.wait_for(phone.receipts.get(), 10)
             assert (delivered.status, delivered.device) == ("delivered", f"bob-laptop-{n}")
+        # A device that exists nowhere is looked up too, and answered as on one node.
+        receipts = await phone.send({"device": "bob-nowhere"}, "note", {}, ack=True, timeout=10)
+        assert [(r.status, r.device, r.reason) for r in receipts] == [("failed", "bob-nowhere", "offline")]
 
         for n in range(2):  # a new user's first device, and a backend publishing through another node at once
             watch = await cluster.connect(1, f"carol-{n}", f"carol-{n}-watch")
@@ -73,6 +77,27 @@ async def test_a_device_new_to_the_cluster_gets_what_any_node_sends_it_from_its_
             assert answer["queued"] == [f"carol-{n}-watch"] and not answer["failed"]
             message = await watch.next_message(timeout=10)
             assert (message.id, message.body) == (f"srv-{n}", {"n": n})
+
+
+async def test_what_a_new_device_sends_before_its_welcome_is_handled_after_it_in_order(cluster):
+    # Its hello waits for the store (the device is written to Redis first): envelopes sent right behind the
+    # hello wait too, and are answered after the welcome, not refused.
+    phone = await cluster.connect(0, "bob", "bob-phone")
+    reader, writer = await open_raw(cluster.nodes[1].ws_url)
+    hello = {"op": "hello", "token": cluster.tokens.issue("bob", "bob-watch", 600), "device": {"type": "watch"}}
+    send = {"op": "send", "id": "early", "to": {"device": "bob-phone"}, "type": "note", "body": {"n": 1}, "ack": True}
+    writer.write(masked_frame(json.dumps(hello).encode(), 0x1) + masked_frame(json.dumps(send).encode(), 0x1))
+    try:
+        answers = []
+        while len(answers) < 2:
+            _, data = await asyncio.wait_for(read_frame(reader), 10)
+            answers.append(json.loads(data))
+        assert answers[0]["op"] == "welcome"
+        assert (answers[1]["op"], answers[1]["id"], answers[1]["status"]) == ("receipt", "early", "routed")
+        message = await phone.next_message(timeout=10)
+        assert (message.id, message.sender) == ("early", "bob-watch")
+    finally:
+        writer.close()
 
 
 async def test_a_receipt_kept_in_redis_reaches_its_connected_sender_without_a_doorbell(cluster):
