@@ -49,6 +49,11 @@ class AlreadyExists(StoreError):
     """A record with this id exists already (users, pairing codes)."""
 
 
+class DeviceRefused(StoreError):
+    """``put_device`` refused the record (its user is unknown, the device is revoked, or its credential is
+    another device's): the store answered, unlike a plain StoreError, which may mean it could not be reached."""
+
+
 class TaskRaced(StoreError):
     """``put_task(..., if_unchanged=True)``: the stored lease is no longer the one the caller read (another
     node changed it meanwhile); nothing was written."""

@@ -31,6 +31,7 @@ from .base import (
     Change,
     DeadLetter,
     DeviceRecord,
+    DeviceRefused,
     EnqueueOutcome,
     FenceMoved,
     IdMemory,
@@ -228,14 +229,14 @@ class MemoryStore(Store):
 
     async def put_device(self, device: DeviceRecord) -> None:
         if device.user not in self._users and device.revoked_at is None:
-            raise StoreError(f"cannot store device {device.id!r}: unknown user {device.user!r}")
+            raise DeviceRefused(f"cannot store device {device.id!r}: unknown user {device.user!r}")
         existing = self._devices.get(device.id)
         if existing is not None and existing.revoked_at is not None:
-            raise StoreError(f"device {device.id!r} is revoked and cannot be replaced")
+            raise DeviceRefused(f"device {device.id!r} is revoked and cannot be replaced")
         if device.credential_hash is not None:
             holder = self._device_by_credential.get(device.credential_hash)
             if holder is not None and holder != device.id:
-                raise StoreError(f"cannot store device {device.id!r}: its credential belongs to another device")
+                raise DeviceRefused(f"cannot store device {device.id!r}: its credential belongs to another device")
         stored = _device_in(device)
         if existing is not None and existing.credential_hash is not None:
             del self._device_by_credential[existing.credential_hash]

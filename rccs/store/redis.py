@@ -157,6 +157,7 @@ from .base import (
     Change,
     DeadLetter,
     DeviceRecord,
+    DeviceRefused,
     EnqueueOutcome,
     FenceMoved,
     IdMemory,
@@ -1198,11 +1199,11 @@ class RedisStore(Store):
         outcome = _text(await self._run("put_device", device.id, device.user, device.credential_hash or "",
                                         int(device.revoked_at is not None), *fields))
         if outcome == "unknown user":
-            raise StoreError(f"cannot store device {device.id!r}: unknown user {device.user!r}")
+            raise DeviceRefused(f"cannot store device {device.id!r}: unknown user {device.user!r}")
         if outcome == "revoked":
-            raise StoreError(f"device {device.id!r} is revoked and cannot be replaced")
+            raise DeviceRefused(f"device {device.id!r} is revoked and cannot be replaced")
         if outcome == "credential taken":
-            raise StoreError(f"cannot store device {device.id!r}: its credential belongs to another device")
+            raise DeviceRefused(f"cannot store device {device.id!r}: its credential belongs to another device")
 
     async def get_device(self, device_id: str) -> DeviceRecord | None:
         [fields] = await self._hashes([self._key(f"device:{device_id}")])

@@ -46,6 +46,7 @@ from .base import (
     Change,
     DeadLetter,
     DeviceRecord,
+    DeviceRefused,
     EnqueueOutcome,
     FenceMoved,
     IdMemory,
@@ -373,15 +374,15 @@ def _add_user_if_missing(db: sqlite3.Connection, user: UserRecord) -> bool:
 def _put_device(db: sqlite3.Connection, device: DeviceRecord, row: tuple[Any, ...]) -> None:
     if device.revoked_at is None and \
             db.execute("SELECT 1 FROM users WHERE id = ?", (device.user,)).fetchone() is None:
-        raise StoreError(f"cannot store device {device.id!r}: unknown user {device.user!r}")
+        raise DeviceRefused(f"cannot store device {device.id!r}: unknown user {device.user!r}")
     existing = db.execute("SELECT revoked_at FROM devices WHERE id = ?", (device.id,)).fetchone()
     if existing is not None and existing[0] is not None:
-        raise StoreError(f"device {device.id!r} is revoked and cannot be replaced")
+        raise DeviceRefused(f"device {device.id!r} is revoked and cannot be replaced")
     if device.credential_hash is not None:
         holder = db.execute("SELECT id FROM devices WHERE credential_hash = ? AND id != ?",
                             (device.credential_hash, device.id)).fetchone()
         if holder is not None:
-            raise StoreError(f"cannot store device {device.id!r}: its credential belongs to another device")
+            raise DeviceRefused(f"cannot store device {device.id!r}: its credential belongs to another device")
     db.execute(UPSERT_DEVICE, row)
     db.execute(INSERT_CHANGE, (CHANGE_DEVICE, device.id))
 

@@ -24,6 +24,7 @@ from rccs.store import (
     AlreadyExists,
     DeadLetter,
     DeviceRecord,
+    DeviceRefused,
     FenceMoved,
     MemoryStore,
     OpenHandoff,
@@ -203,10 +204,10 @@ async def test_device_ids_of_a_removed_user_stay_dead(store):
     await add_users(store, "alice")
     await store.put_device(make_device("laptop"))
     await store.remove_user("alice", NOW)
-    with pytest.raises(StoreError):
+    with pytest.raises(DeviceRefused):
         await store.put_device(make_device("laptop"))  # no such user any more
     await add_users(store, "alice")
-    with pytest.raises(StoreError):
+    with pytest.raises(DeviceRefused):
         await store.put_device(make_device("laptop"))  # the user is back, the device id is still revoked
     assert (await store.get_device("laptop")).revoked_at == NOW
 
@@ -246,7 +247,7 @@ async def test_a_revoked_device_of_an_unknown_user_is_kept_as_a_tombstone(store)
     await store.put_device(tombstone)
     assert await store.get_device("laptop") == tombstone
     assert await store.list_devices(include_revoked=True) == [tombstone]
-    with pytest.raises(StoreError):
+    with pytest.raises(DeviceRefused):
         await store.put_device(make_device("laptop", user="gone"))
 
 
@@ -277,7 +278,7 @@ async def test_a_revoked_device_cannot_be_replaced(store):
 async def test_a_credential_cannot_belong_to_two_devices(store):
     await add_users(store, "alice")
     await store.put_device(make_device("laptop", credential_hash="shared"))
-    with pytest.raises(StoreError):
+    with pytest.raises(DeviceRefused):
         await store.put_device(make_device("phone", credential_hash="shared"))
     assert await store.get_device("phone") is None
     assert (await store.find_device_by_credential("shared")).id == "laptop"
