@@ -583,9 +583,7 @@ class Hub:
         if current is not None:
             stored.status = current.status
             stored.last_seen = max(stored.last_seen, current.last_seen)
-        self.registry.put(stored)
-        self.registry.users.add(stored.user)
-        self.router.reindex(stored)
+        self.router.adopt(stored)
 
     async def _reload_session(self, session_id: str) -> None:
         stored = await self.store.get_session(session_id)

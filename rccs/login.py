@@ -116,8 +116,7 @@ class Login:
             return
         known = hub.registry.get(device.id) if device is not None else None
         if device is not None and device.revoked_at is None and (known is None or known.revoked_at is None):
-            hub.registry.users.add(device.user)
-            hub.registry.put(device)
+            hub.router.adopt(device)
 
     # ---- refresh ------------------------------------------------------------------------
 

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, cast
 from ._fastpath import RouteStats, RoutingTable
 from ._fastpath import routing as fast_routing
 from .errors import ErrorCode, ProtocolError, ReceiptReason
-from .protocol import Selector
+from .protocol import Selector, parse_selector
 from .registry import Registry
 from .store import STATUS_OFFLINE, DeviceRecord, StoreError, UserRecord
 
@@ -206,19 +206,25 @@ class Router:
         records = await asyncio.gather(*(self.core.store.get_device(device_id) for device_id in device_ids))
         for record in records:
             if record is not None and record.revoked_at is None and self.registry.get(record.id) is None:
-                self.registry.users.add(record.user)
-                self.registry.put(record)
-                self.reindex(record)
+                self.adopt(record)
 
-    def unknown_devices(self, names: Any) -> list[str]:
-        """Of the device ids a ``device``/``devices`` selector names (as sent: anything), those this node's
+    def adopt(self, record: DeviceRecord) -> None:
+        """A device record read from the store joins this node's registry (with its user) and routing indexes."""
+        self.registry.put(record)
+        self.registry.users.add(record.user)
+        self.reindex(record)
+
+    def unknown_devices(self, to: Any) -> list[str]:
+        """Of the device ids a send's ``to`` names (a ``device``/``devices`` selector), those this node's
         registry does not know; [] for other selectors and malformed ones (``send`` answers those)."""
-        if not isinstance(names, dict) or len(names) != 1:
+        try:
+            selector = parse_selector(to)
+        except ProtocolError:
             return []
-        value = names.get("device", names.get("devices"))
-        listed = [value] if isinstance(value, str) else value if isinstance(value, list) else []
-        return [name for name in dict.fromkeys(listed)
-                if isinstance(name, str) and name and self.registry.get(name) is None]
+        if selector.kind not in ("device", "devices"):
+            return []
+        names = [selector.value] if selector.kind == "device" else selector.value
+        return [name for name in dict.fromkeys(names) if self.registry.get(name) is None]
 
     # ---- resolving selectors ---------------------------------------------------------
 
